@@ -1,0 +1,408 @@
+//! The bundle manifest (`manifest.json`), format version 1.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BundleError, Result};
+
+/// The manifest format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Path of the manifest inside a bundle.
+pub const MANIFEST_PATH: &str = "manifest.json";
+
+/// Path of the detached signature inside a bundle.
+pub const SIGNATURE_PATH: &str = "manifest.sig";
+
+/// What a bundle holds and promises: identity, files with their hashes, the tensor API, limits.
+///
+/// Unknown fields are refused, so a manifest written for a newer format never half-loads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format version; see [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Model name: `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
+    /// Model version (semver).
+    pub version: semver::Version,
+    /// Monotonic anti-rollback counter: a device refuses a bundle whose counter is below the
+    /// highest it has accepted for this name.
+    pub security_counter: u64,
+    /// The WebAssembly guest module.
+    pub guest: FileEntry,
+    /// ONNX models the host runs for the guest, by name.
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    /// The tensor API the device endpoint exposes for this model.
+    #[serde(default)]
+    pub api: Api,
+    /// Resources the guest needs per request.
+    #[serde(default)]
+    pub limits: ResourceLimits,
+    /// Expected distribution of drift features, if the guest reports any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
+    /// Class labels, for guests that return them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Free-form metadata (training run, dataset, owner, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// A file inside the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Relative path inside the archive.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex sha256 of the contents.
+    pub sha256: String,
+}
+
+/// An ONNX model in the bundle and its tensor signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// Name the guest uses to call the model.
+    pub name: String,
+    /// Relative path inside the archive.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex sha256 of the contents.
+    pub sha256: String,
+    /// Input tensors.
+    #[serde(default)]
+    pub inputs: Vec<TensorSpec>,
+    /// Output tensors.
+    #[serde(default)]
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl ModelEntry {
+    /// The model's file as a [`FileEntry`].
+    pub fn file(&self) -> FileEntry {
+        FileEntry {
+            path: self.path.clone(),
+            size: self.size,
+            sha256: self.sha256.clone(),
+        }
+    }
+}
+
+/// A named tensor with its element type and shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    /// Tensor name.
+    pub name: String,
+    /// Element type, named as in the Open Inference Protocol.
+    pub datatype: DataType,
+    /// Dimensions; a symbolic dimension (a string such as `"batch"`) takes any size.
+    pub shape: Vec<Dim>,
+}
+
+/// A tensor element type, with the names the Open Inference Protocol uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum DataType {
+    #[serde(rename = "BOOL")]
+    Bool,
+    #[serde(rename = "UINT8")]
+    U8,
+    #[serde(rename = "UINT16")]
+    U16,
+    #[serde(rename = "UINT32")]
+    U32,
+    #[serde(rename = "UINT64")]
+    U64,
+    #[serde(rename = "INT8")]
+    I8,
+    #[serde(rename = "INT16")]
+    I16,
+    #[serde(rename = "INT32")]
+    I32,
+    #[serde(rename = "INT64")]
+    I64,
+    #[serde(rename = "FP16")]
+    F16,
+    #[serde(rename = "FP32")]
+    F32,
+    #[serde(rename = "FP64")]
+    F64,
+    #[serde(rename = "BYTES")]
+    Bytes,
+}
+
+impl DataType {
+    /// Size of one element in bytes (`None` for variable-length `BYTES`).
+    pub fn element_size(self) -> Option<usize> {
+        Some(match self {
+            DataType::Bool | DataType::U8 | DataType::I8 => 1,
+            DataType::U16 | DataType::I16 | DataType::F16 => 2,
+            DataType::U32 | DataType::I32 | DataType::F32 => 4,
+            DataType::U64 | DataType::I64 | DataType::F64 => 8,
+            DataType::Bytes => return None,
+        })
+    }
+
+    /// The Open Inference Protocol name (`FP32`, `INT64`, ...).
+    pub fn oip_name(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::U8 => "UINT8",
+            DataType::U16 => "UINT16",
+            DataType::U32 => "UINT32",
+            DataType::U64 => "UINT64",
+            DataType::I8 => "INT8",
+            DataType::I16 => "INT16",
+            DataType::I32 => "INT32",
+            DataType::I64 => "INT64",
+            DataType::F16 => "FP16",
+            DataType::F32 => "FP32",
+            DataType::F64 => "FP64",
+            DataType::Bytes => "BYTES",
+        }
+    }
+}
+
+/// One dimension of a tensor shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(u64),
+    /// A named dimension of any size (`"batch"`).
+    Symbolic(String),
+}
+
+/// The public tensor API of the model's endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    /// Inputs a client sends.
+    #[serde(default)]
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs the endpoint returns.
+    #[serde(default)]
+    pub outputs: Vec<TensorSpec>,
+    /// Content types the raw endpoint accepts (`image/png`, `application/json`, ...);
+    /// empty when the guest takes tensors only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raw_content_types: Vec<String>,
+}
+
+/// Resources the guest may use per request. The device may lower them, never raise them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourceLimits {
+    /// Maximum linear memory of the guest, in bytes.
+    pub memory_bytes: u64,
+    /// Deadline for one request, in milliseconds.
+    pub timeout_ms: u64,
+    /// Largest tensor, in bytes, the guest may pass to or ask from the host.
+    pub max_tensor_bytes: u64,
+}
+
+impl Default for ResourceLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            timeout_ms: 1_000,
+            max_tensor_bytes: 16 << 20,
+        }
+    }
+}
+
+/// The expected distribution of each drift feature the guest observes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Baseline {
+    /// One entry per feature name.
+    pub features: Vec<FeatureBaseline>,
+}
+
+/// Histogram of one feature on the training data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureBaseline {
+    /// Feature name, as the guest passes it to `observe`.
+    pub name: String,
+    /// `n + 1` ascending bin edges; values outside fall into the first or last bin.
+    pub edges: Vec<f64>,
+    /// `n` expected proportions, summing to 1.
+    pub proportions: Vec<f64>,
+}
+
+/// Whether `name` is a valid model name: `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn is_valid_model_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+impl Manifest {
+    /// Parses manifest bytes: the format version first (so a newer format gets its own error),
+    /// then the whole document with unknown fields refused, then [`Manifest::validate`].
+    pub fn from_slice(bytes: &[u8]) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u64,
+        }
+        let v: Version = serde_json::from_slice(bytes).map_err(BundleError::ManifestSyntax)?;
+        if v.format_version != u64::from(FORMAT_VERSION) {
+            return Err(BundleError::UnsupportedFormatVersion {
+                found: v.format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(BundleError::ManifestSyntax)?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Serializes the manifest as the pretty JSON stored in bundles.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// Every file the manifest lists: the guest first, then the models in order.
+    pub fn files(&self) -> Vec<FileEntry> {
+        std::iter::once(self.guest.clone())
+            .chain(self.models.iter().map(ModelEntry::file))
+            .collect()
+    }
+
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |msg: String| Err(BundleError::InvalidManifest(msg));
+        if self.format_version != FORMAT_VERSION {
+            return Err(BundleError::UnsupportedFormatVersion {
+                found: u64::from(self.format_version),
+                supported: FORMAT_VERSION,
+            });
+        }
+        if !is_valid_model_name(&self.name) {
+            return invalid(format!(
+                "model name `{}` must match [a-z0-9][a-z0-9-]{{0,62}}",
+                self.name
+            ));
+        }
+        let mut paths = BTreeSet::new();
+        for file in self.files() {
+            crate::tar::validate_path(file.path.as_bytes())?;
+            if file.path == MANIFEST_PATH || file.path == SIGNATURE_PATH {
+                return invalid(format!("`{}` is a reserved path", file.path));
+            }
+            if !paths.insert(file.path.clone()) {
+                return invalid(format!("`{}` is listed twice", file.path));
+            }
+            if file.sha256.len() != 64
+                || !file
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return invalid(format!(
+                    "sha256 of `{}` must be 64 lower-case hex digits",
+                    file.path
+                ));
+            }
+        }
+        let mut models = BTreeSet::new();
+        for model in &self.models {
+            if !is_valid_model_name(&model.name) {
+                return invalid(format!(
+                    "ONNX model name `{}` must match [a-z0-9][a-z0-9-]{{0,62}}",
+                    model.name
+                ));
+            }
+            if !models.insert(model.name.as_str()) {
+                return invalid(format!("ONNX model `{}` is listed twice", model.name));
+            }
+            check_tensors(&model.inputs, &format!("inputs of model `{}`", model.name))?;
+            check_tensors(
+                &model.outputs,
+                &format!("outputs of model `{}`", model.name),
+            )?;
+        }
+        check_tensors(&self.api.inputs, "api inputs")?;
+        check_tensors(&self.api.outputs, "api outputs")?;
+        let l = self.limits;
+        if l.memory_bytes == 0 || l.timeout_ms == 0 || l.max_tensor_bytes == 0 {
+            return invalid("limits must be positive".into());
+        }
+        if let Some(baseline) = &self.baseline {
+            let mut names = BTreeSet::new();
+            for f in &baseline.features {
+                if !names.insert(f.name.as_str()) {
+                    return invalid(format!("baseline feature `{}` is listed twice", f.name));
+                }
+                let ascending = f.edges.windows(2).all(|w| w[0] < w[1]);
+                let finite = f.edges.iter().chain(&f.proportions).all(|x| x.is_finite());
+                let sum: f64 = f.proportions.iter().sum();
+                if f.edges.len() < 2
+                    || f.proportions.len() + 1 != f.edges.len()
+                    || !ascending
+                    || !finite
+                    || f.proportions.iter().any(|&p| p < 0.0)
+                    || (sum - 1.0).abs() > 1e-3
+                {
+                    return invalid(format!(
+                        "baseline feature `{}` needs n+1 ascending finite edges and n non-negative proportions summing to 1",
+                        f.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_tensors(tensors: &[TensorSpec], what: &str) -> Result<()> {
+    let mut names = BTreeSet::new();
+    for t in tensors {
+        if t.name.is_empty() || !names.insert(t.name.as_str()) {
+            return Err(BundleError::InvalidManifest(format!(
+                "{what}: tensor names must be non-empty and unique (`{}`)",
+                t.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names() {
+        for ok in ["digits", "a", "sensor-anomaly-2", "0abc"] {
+            assert!(is_valid_model_name(ok), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in ["", "-a", "Digits", "a_b", "a.b", long.as_str()] {
+            assert!(!is_valid_model_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dims_are_numbers_or_names() {
+        let t: TensorSpec =
+            serde_json::from_str(r#"{"name":"x","datatype":"FP32","shape":["batch",64]}"#).unwrap();
+        assert_eq!(t.shape, vec![Dim::Symbolic("batch".into()), Dim::Fixed(64)]);
+        assert_eq!(t.datatype, DataType::F32);
+    }
+}

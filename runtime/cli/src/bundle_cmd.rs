@@ -1,0 +1,291 @@
+//! `outpost bundle`: build, sign, verify and inspect bundles.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use outpost_bundle::manifest::{Api, Baseline, Dim, ResourceLimits, TensorSpec};
+use outpost_bundle::{
+    BuildInput, Bundle, ModelInput, ReadLimits, SecretKey, TrustStore, sha256_hex,
+};
+use serde::Deserialize;
+
+use crate::util;
+
+/// Bundle subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum BundleCommand {
+    /// Build an unsigned bundle from a spec file (TOML; see `examples/*/bundle.toml`).
+    Build {
+        /// The spec file. Paths inside it are relative to its directory.
+        spec: PathBuf,
+        /// Where to write the bundle.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Sign a bundle with a secret key (replaces any previous signature).
+    Sign {
+        /// The bundle to sign.
+        bundle: PathBuf,
+        /// The secret key file (NAME.key from `outpost key generate`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Write the signed bundle here instead of replacing the input.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Verify a bundle against a trust store: structure, hashes, signer, signature, counter.
+    Verify {
+        /// The bundle to verify.
+        bundle: PathBuf,
+        /// Trust store (TOML) saying which keys may sign which model names.
+        #[arg(long)]
+        trust: PathBuf,
+        /// Highest security counter already accepted for this model (anti-rollback).
+        #[arg(long, value_name = "N")]
+        min_security_counter: Option<u64>,
+    },
+    /// Show what a bundle holds. Checks structure and hashes, not the signature.
+    Inspect {
+        /// The bundle to inspect.
+        bundle: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn run(cmd: BundleCommand) -> Result<()> {
+    match cmd {
+        BundleCommand::Build { spec, out } => {
+            let bundle = build_from_spec(&spec)?;
+            util::write_atomic(&out, &bundle.to_bytes(), false)?;
+            let m = bundle.manifest();
+            println!(
+                "built {} {} -> {} (unsigned; sign it with `outpost bundle sign`)",
+                m.name,
+                m.version,
+                out.display()
+            );
+            Ok(())
+        }
+        BundleCommand::Sign { bundle, key, out } => {
+            let key = SecretKey::from_file_str(&util::read_string(&key)?)
+                .with_context(|| format!("cannot load key `{}`", key.display()))?;
+            let mut b = read(&bundle)?;
+            b.sign(&key);
+            let target = out.as_ref().unwrap_or(&bundle);
+            util::write_atomic(target, &b.to_bytes(), false)?;
+            println!(
+                "signed {} {} with key {} -> {}",
+                b.manifest().name,
+                b.manifest().version,
+                key.id(),
+                target.display()
+            );
+            Ok(())
+        }
+        BundleCommand::Verify {
+            bundle,
+            trust,
+            min_security_counter,
+        } => {
+            let store = TrustStore::from_toml_str(&util::read_string(&trust)?)
+                .with_context(|| format!("cannot load trust store `{}`", trust.display()))?;
+            let file = open(&bundle)?;
+            let v =
+                Bundle::read_verified(file, &ReadLimits::default(), &store, min_security_counter)
+                    .with_context(|| format!("`{}` failed verification", bundle.display()))?;
+            let m = v.manifest();
+            println!(
+                "verified {} {} (security counter {}), signed by key {}",
+                m.name,
+                m.version,
+                m.security_counter,
+                v.signer()
+            );
+            Ok(())
+        }
+        BundleCommand::Inspect { bundle, json } => {
+            let bytes = util::read(&bundle)?;
+            let b = Bundle::read(&bytes[..], &ReadLimits::default())
+                .with_context(|| format!("cannot read bundle `{}`", bundle.display()))?;
+            if json {
+                let doc = serde_json::json!({
+                    "file": { "size": bytes.len(), "sha256": sha256_hex(&bytes) },
+                    "signature": b.signature().map(|s| serde_json::json!({
+                        "algorithm": s.algorithm, "key_id": s.key_id, "checked": false,
+                    })),
+                    "manifest": b.manifest(),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", describe(&b, &bytes));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<BufReader<File>> {
+    let f = File::open(path).with_context(|| format!("cannot open `{}`", path.display()))?;
+    Ok(BufReader::new(f))
+}
+
+fn read(path: &Path) -> Result<Bundle> {
+    Bundle::read(open(path)?, &ReadLimits::default())
+        .with_context(|| format!("cannot read bundle `{}`", path.display()))
+}
+
+fn describe(b: &Bundle, bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let m = b.manifest();
+    let mut s = String::new();
+    let tensors = |ts: &[TensorSpec]| -> String {
+        ts.iter()
+            .map(|t| {
+                let dims: Vec<String> = t
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => n.to_string(),
+                        Dim::Symbolic(n) => n.clone(),
+                    })
+                    .collect();
+                format!("{} {}[{}]", t.name, t.datatype.oip_name(), dims.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        s,
+        "bundle    {} {} (format {}, security counter {})",
+        m.name, m.version, m.format_version, m.security_counter
+    );
+    let _ = writeln!(
+        s,
+        "file      {} bytes, sha256 {}",
+        bytes.len(),
+        sha256_hex(bytes)
+    );
+    match b.signature() {
+        Some(sig) => {
+            let _ = writeln!(
+                s,
+                "signed    by key {} (not checked here; use `outpost bundle verify`)",
+                sig.key_id
+            );
+        }
+        None => {
+            let _ = writeln!(s, "signed    no");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "guest     {}  {} bytes  sha256 {}",
+        m.guest.path, m.guest.size, m.guest.sha256
+    );
+    for model in &m.models {
+        let _ = writeln!(
+            s,
+            "model     {}  {}  {} bytes  sha256 {}",
+            model.name, model.path, model.size, model.sha256
+        );
+        let _ = writeln!(s, "            inputs   {}", tensors(&model.inputs));
+        let _ = writeln!(s, "            outputs  {}", tensors(&model.outputs));
+    }
+    let _ = writeln!(s, "api       inputs   {}", tensors(&m.api.inputs));
+    let _ = writeln!(s, "          outputs  {}", tensors(&m.api.outputs));
+    if !m.api.raw_content_types.is_empty() {
+        let _ = writeln!(
+            s,
+            "          raw      {}",
+            m.api.raw_content_types.join(", ")
+        );
+    }
+    let l = m.limits;
+    let _ = writeln!(
+        s,
+        "limits    memory {} bytes, timeout {} ms, largest tensor {} bytes",
+        l.memory_bytes, l.timeout_ms, l.max_tensor_bytes
+    );
+    if let Some(baseline) = &m.baseline {
+        let names: Vec<&str> = baseline.features.iter().map(|f| f.name.as_str()).collect();
+        let _ = writeln!(s, "baseline  {}", names.join(", "));
+    }
+    if !m.labels.is_empty() {
+        let _ = writeln!(s, "labels    {}", m.labels.join(" "));
+    }
+    for (k, v) in &m.metadata {
+        let _ = writeln!(s, "meta      {k} = {v}");
+    }
+    s
+}
+
+/// The bundle spec file: what `outpost bundle build` reads.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
+    name: String,
+    version: semver::Version,
+    security_counter: u64,
+    guest: PathBuf,
+    #[serde(default)]
+    model: Vec<SpecModel>,
+    #[serde(default)]
+    api: Api,
+    #[serde(default)]
+    limits: ResourceLimits,
+    #[serde(default)]
+    baseline: Option<Baseline>,
+    #[serde(default)]
+    labels: Vec<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecModel {
+    name: String,
+    path: PathBuf,
+    #[serde(default)]
+    inputs: Vec<TensorSpec>,
+    #[serde(default)]
+    outputs: Vec<TensorSpec>,
+}
+
+fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
+    let text = util::read_string(spec_path)?;
+    let spec: Spec = toml::from_str(&text)
+        .with_context(|| format!("invalid bundle spec `{}`", spec_path.display()))?;
+    let dir = spec_path.parent().unwrap_or(Path::new("."));
+    let guest = util::read(&dir.join(&spec.guest)).context("cannot read the guest module")?;
+    let mut models = Vec::new();
+    for m in spec.model {
+        let bytes = util::read(&dir.join(&m.path))
+            .with_context(|| format!("cannot read ONNX model `{}`", m.name))?;
+        models.push(ModelInput {
+            name: m.name,
+            bytes,
+            inputs: m.inputs,
+            outputs: m.outputs,
+        });
+    }
+    let bundle = Bundle::build(BuildInput {
+        name: spec.name,
+        version: spec.version,
+        security_counter: spec.security_counter,
+        guest,
+        models,
+        api: spec.api,
+        limits: spec.limits,
+        baseline: spec.baseline,
+        labels: spec.labels,
+        metadata: spec.metadata,
+    })
+    .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
+    Ok(bundle)
+}
