@@ -83,10 +83,15 @@ impl SignatureEntry {
     }
 
     fn signature(&self) -> Result<Signature> {
+        let malformed = || {
+            BundleError::MalformedSignature("signature must be 128 lower-case hex digits".into())
+        };
+        // Lower case only: hex decoding accepts both cases, which would make the entry malleable.
+        if self.signature.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(malformed());
+        }
         let mut raw = [0u8; 64];
-        hex::decode_to_slice(&self.signature, &mut raw).map_err(|_| {
-            BundleError::MalformedSignature("signature must be 128 hex digits".into())
-        })?;
+        hex::decode_to_slice(&self.signature, &mut raw).map_err(|_| malformed())?;
         Ok(Signature::from_bytes(&raw))
     }
 }

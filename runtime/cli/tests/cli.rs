@@ -1,0 +1,296 @@
+//! The real `outpost` binary, driven as an operator would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn outpost(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run outpost")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = outpost(dir, args);
+    assert!(
+        out.status.success(),
+        "outpost {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr after checking it is a clean error.
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = outpost(dir, args);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "outpost {args:?} succeeded");
+    assert!(
+        !stderr.contains("panicked"),
+        "outpost {args:?} panicked:\n{stderr}"
+    );
+    assert!(
+        stderr.starts_with("error"),
+        "no error line for {args:?}:\n{stderr}"
+    );
+    stderr
+}
+
+struct Workspace {
+    dir: PathBuf,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A directory with a key pair, a trust store, a spec and its files.
+fn workspace(name: &str) -> Workspace {
+    let dir = std::env::temp_dir().join(format!("outpost-cli-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("guest.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    fs::write(dir.join("model.onnx"), [1u8, 2, 3, 4]).unwrap();
+    fs::write(
+        dir.join("bundle.toml"),
+        r#"
+name = "digits"
+version = "0.3.0"
+security_counter = 7
+guest = "guest.wasm"
+labels = ["0", "1"]
+
+[[model]]
+name = "classifier"
+path = "model.onnx"
+inputs = [{ name = "input", datatype = "FP32", shape = ["batch", 64] }]
+outputs = [{ name = "probabilities", datatype = "FP32", shape = ["batch", 10] }]
+
+[limits]
+timeout_ms = 250
+
+[metadata]
+dataset = "test"
+"#,
+    )
+    .unwrap();
+    ok(&dir, &["key", "generate", "--out", "signer"]);
+    let trust = ok(&dir, &["key", "trust", "signer.pub", "--models", "digits"]);
+    fs::write(dir.join("trust.toml"), trust).unwrap();
+    Workspace { dir }
+}
+
+fn build_and_sign(dir: &Path) {
+    ok(
+        dir,
+        &["bundle", "build", "bundle.toml", "--out", "digits.opb"],
+    );
+    ok(
+        dir,
+        &["bundle", "sign", "digits.opb", "--key", "signer.key"],
+    );
+}
+
+#[test]
+fn build_sign_verify_inspect() {
+    let ws = workspace("round-trip");
+    let dir = &ws.dir;
+    build_and_sign(dir);
+    let out = ok(
+        dir,
+        &["bundle", "verify", "digits.opb", "--trust", "trust.toml"],
+    );
+    assert!(
+        out.starts_with("verified digits 0.3.0 (security counter 7)"),
+        "{out}"
+    );
+
+    let text = ok(dir, &["bundle", "inspect", "digits.opb"]);
+    assert!(text.contains("bundle    digits 0.3.0"), "{text}");
+    assert!(text.contains("inputs   input FP32[batch, 64]"), "{text}");
+    assert!(text.contains("timeout 250 ms"), "{text}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(dir, &["bundle", "inspect", "digits.opb", "--json"])).unwrap();
+    assert_eq!(json["manifest"]["name"], "digits");
+    assert_eq!(json["manifest"]["models"][0]["size"], 4);
+    assert_eq!(json["signature"]["checked"], false);
+    assert_eq!(
+        json["file"]["size"],
+        fs::metadata(dir.join("digits.opb")).unwrap().len()
+    );
+
+    // Ordinary tools can read it.
+    let listing = Command::new("tar")
+        .arg("tf")
+        .arg(dir.join("digits.opb"))
+        .output();
+    if let Ok(listing) = listing {
+        let names = String::from_utf8_lossy(&listing.stdout);
+        assert_eq!(
+            names.lines().collect::<Vec<_>>(),
+            [
+                "manifest.json",
+                "manifest.sig",
+                "guest.wasm",
+                "models/classifier.onnx"
+            ]
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn secret_key_is_private_and_never_overwritten() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = workspace("keys");
+    let mode = fs::metadata(ws.dir.join("signer.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let before = fs::read(ws.dir.join("signer.key")).unwrap();
+    let err = fails(&ws.dir, &["key", "generate", "--out", "signer"]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(fs::read(ws.dir.join("signer.key")).unwrap(), before);
+}
+
+#[test]
+fn verify_rejections_exit_non_zero_with_a_reason() {
+    let ws = workspace("rejections");
+    let dir = &ws.dir;
+    build_and_sign(dir);
+
+    let err = fails(
+        dir,
+        &[
+            "bundle",
+            "verify",
+            "digits.opb",
+            "--trust",
+            "trust.toml",
+            "--min-security-counter",
+            "8",
+        ],
+    );
+    assert!(err.contains("rollback refused"), "{err}");
+
+    ok(dir, &["key", "generate", "--out", "other"]);
+    let other = ok(dir, &["key", "trust", "other.pub", "--models", "*"]);
+    fs::write(dir.join("other-trust.toml"), other).unwrap();
+    let err = fails(
+        dir,
+        &[
+            "bundle",
+            "verify",
+            "digits.opb",
+            "--trust",
+            "other-trust.toml",
+        ],
+    );
+    assert!(err.contains("unknown key"), "{err}");
+
+    let wrong = ok(dir, &["key", "trust", "signer.pub", "--models", "sensor-*"]);
+    fs::write(dir.join("wrong-trust.toml"), wrong).unwrap();
+    let err = fails(
+        dir,
+        &[
+            "bundle",
+            "verify",
+            "digits.opb",
+            "--trust",
+            "wrong-trust.toml",
+        ],
+    );
+    assert!(err.contains("not allowed to sign model `digits`"), "{err}");
+
+    let mut bytes = fs::read(dir.join("digits.opb")).unwrap();
+    let last_data = bytes.len() - 1024 - 512 + 1; // inside the model's data block
+    bytes[last_data] ^= 1;
+    fs::write(dir.join("tampered.opb"), &bytes).unwrap();
+    let err = fails(
+        dir,
+        &["bundle", "verify", "tampered.opb", "--trust", "trust.toml"],
+    );
+    assert!(err.contains("does not match its sha256"), "{err}");
+
+    ok(
+        dir,
+        &["bundle", "build", "bundle.toml", "--out", "unsigned.opb"],
+    );
+    let err = fails(
+        dir,
+        &["bundle", "verify", "unsigned.opb", "--trust", "trust.toml"],
+    );
+    assert!(err.contains("not signed"), "{err}");
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let ws = workspace("bad-inputs");
+    let dir = &ws.dir;
+    fs::write(dir.join("garbage.opb"), b"this is not a bundle").unwrap();
+    fs::write(dir.join("empty.opb"), b"").unwrap();
+    for f in ["garbage.opb", "empty.opb", "missing.opb", "trust.toml"] {
+        fails(dir, &["bundle", "inspect", f]);
+        fails(dir, &["bundle", "verify", f, "--trust", "trust.toml"]);
+        fails(dir, &["bundle", "sign", f, "--key", "signer.key"]);
+    }
+    build_and_sign(dir);
+    fails(
+        dir,
+        &["bundle", "verify", "digits.opb", "--trust", "garbage.opb"],
+    );
+    fails(
+        dir,
+        &["bundle", "sign", "digits.opb", "--key", "signer.pub"],
+    );
+    fails(
+        dir,
+        &["bundle", "sign", "digits.opb", "--key", "trust.toml"],
+    );
+    fails(
+        dir,
+        &["key", "trust", "signer.pub", "--models", "Not A Name"],
+    );
+
+    fs::write(dir.join("bad.toml"), "name = \"digits\"\nsurprise = 1\n").unwrap();
+    let err = fails(dir, &["bundle", "build", "bad.toml", "--out", "x.opb"]);
+    assert!(err.contains("invalid bundle spec"), "{err}");
+    let spec = fs::read_to_string(dir.join("bundle.toml")).unwrap();
+    fs::write(
+        dir.join("badname.toml"),
+        spec.replace("\"digits\"", "\"Digits\""),
+    )
+    .unwrap();
+    let err = fails(dir, &["bundle", "build", "badname.toml", "--out", "x.opb"]);
+    assert!(err.contains("must match [a-z0-9]"), "{err}");
+    assert!(!dir.join("x.opb").exists());
+}
+
+#[test]
+fn every_command_has_help() {
+    let dir = std::env::temp_dir();
+    for cmd in [
+        &[][..],
+        &["key"],
+        &["key", "generate"],
+        &["key", "trust"],
+        &["bundle"],
+        &["bundle", "build"],
+        &["bundle", "sign"],
+        &["bundle", "verify"],
+        &["bundle", "inspect"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let out = ok(&dir, &args);
+        assert!(out.contains("Usage: outpost"), "{args:?}: {out}");
+    }
+}
