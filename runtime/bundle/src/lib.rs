@@ -38,6 +38,7 @@ mod bundle;
 mod error;
 mod keys;
 pub mod manifest;
+pub mod spec;
 mod tar;
 
 pub use bundle::{

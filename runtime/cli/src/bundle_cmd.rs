@@ -1,16 +1,13 @@
 //! `outpost bundle`: build, sign, verify and inspect bundles.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use outpost_bundle::manifest::{Api, Baseline, Dim, ResourceLimits, TensorSpec};
-use outpost_bundle::{
-    BuildInput, Bundle, ModelInput, ReadLimits, SecretKey, TrustStore, sha256_hex,
-};
-use serde::Deserialize;
+use outpost_bundle::manifest::{Dim, TensorSpec};
+use outpost_bundle::spec::Spec;
+use outpost_bundle::{Bundle, ReadLimits, SecretKey, TrustStore, sha256_hex};
 
 use crate::util;
 
@@ -224,68 +221,13 @@ fn describe(b: &Bundle, bytes: &[u8]) -> String {
     s
 }
 
-/// The bundle spec file: what `outpost bundle build` reads.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Spec {
-    name: String,
-    version: semver::Version,
-    security_counter: u64,
-    guest: PathBuf,
-    #[serde(default)]
-    model: Vec<SpecModel>,
-    #[serde(default)]
-    api: Api,
-    #[serde(default)]
-    limits: ResourceLimits,
-    #[serde(default)]
-    baseline: Option<Baseline>,
-    #[serde(default)]
-    labels: Vec<String>,
-    #[serde(default)]
-    metadata: BTreeMap<String, serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpecModel {
-    name: String,
-    path: PathBuf,
-    #[serde(default)]
-    inputs: Vec<TensorSpec>,
-    #[serde(default)]
-    outputs: Vec<TensorSpec>,
-}
-
 fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
     let text = util::read_string(spec_path)?;
-    let spec: Spec = toml::from_str(&text)
-        .with_context(|| format!("invalid bundle spec `{}`", spec_path.display()))?;
     let dir = spec_path.parent().unwrap_or(Path::new("."));
-    let guest = util::read(&dir.join(&spec.guest)).context("cannot read the guest module")?;
-    let mut models = Vec::new();
-    for m in spec.model {
-        let bytes = util::read(&dir.join(&m.path))
-            .with_context(|| format!("cannot read ONNX model `{}`", m.name))?;
-        models.push(ModelInput {
-            name: m.name,
-            bytes,
-            inputs: m.inputs,
-            outputs: m.outputs,
-        });
-    }
-    let bundle = Bundle::build(BuildInput {
-        name: spec.name,
-        version: spec.version,
-        security_counter: spec.security_counter,
-        guest,
-        models,
-        api: spec.api,
-        limits: spec.limits,
-        baseline: spec.baseline,
-        labels: spec.labels,
-        metadata: spec.metadata,
-    })
-    .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
+    let input = Spec::parse(&text)
+        .and_then(|spec| spec.load(dir, |p| std::fs::read(p)))
+        .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
+    let bundle = Bundle::build(input)
+        .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     Ok(bundle)
 }
