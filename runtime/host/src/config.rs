@@ -1,0 +1,199 @@
+//! Device configuration: a raw TOML form with a doc line per field, validated into [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{HostError, Result};
+
+/// The default configuration file, printed by `outpost device default-config`.
+pub const DEFAULT_CONFIG: &str = r#"# Outpost device configuration (TOML). Every field is optional; these are the defaults.
+
+# Where installed bundles, active versions, security counters and compiled modules live (sled).
+data_dir = "/var/lib/outpost"
+
+# The inference endpoint (Open Inference Protocol v2, raw endpoint, /metrics).
+listen = "127.0.0.1:8080"
+
+# The admin endpoint (install, activate, remove, status). It is served only when a token is
+# configured, and never on the public listener. Clients send `Authorization: Bearer TOKEN`.
+admin_listen = "127.0.0.1:8081"
+# admin_token_file = "/etc/outpost/admin-token"
+
+# Which keys may sign which model names (see `outpost key trust`).
+trust_store = "/etc/outpost/trust.toml"
+
+# Guest calls running at once; further requests are answered 503 at once.
+max_concurrent_requests = 8
+
+# Largest inference request body, in bytes (413 above it, before reading the body).
+max_request_bytes = 8388608
+
+# Largest bundle accepted for install, in bytes.
+max_bundle_bytes = 268435456
+
+# Device-wide caps: a bundle's own limits are lowered to these, never raised.
+[guest_caps]
+memory_bytes = 268435456
+timeout_ms = 10000
+max_tensor_bytes = 67108864
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    admin_token: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    trust_store: Option<PathBuf>,
+    max_concurrent_requests: Option<usize>,
+    max_request_bytes: Option<u64>,
+    max_bundle_bytes: Option<u64>,
+    #[serde(default)]
+    guest_caps: RawCaps,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCaps {
+    memory_bytes: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_tensor_bytes: Option<u64>,
+}
+
+/// Upper bounds on what any bundle's guest may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestCaps {
+    /// Largest guest linear memory, in bytes.
+    pub memory_bytes: u64,
+    /// Longest request deadline, in milliseconds.
+    pub timeout_ms: u64,
+    /// Largest tensor a guest may pass to or get from the host, in bytes.
+    pub max_tensor_bytes: u64,
+}
+
+impl Default for GuestCaps {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            timeout_ms: 10_000,
+            max_tensor_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A validated device configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// sled database directory.
+    pub data_dir: PathBuf,
+    /// Public listener address.
+    pub listen: SocketAddr,
+    /// Admin listener address, if the admin API is enabled.
+    pub admin_listen: Option<SocketAddr>,
+    /// Admin bearer token, if the admin API is enabled.
+    pub admin_token: Option<String>,
+    /// Trust store file.
+    pub trust_store: PathBuf,
+    /// Guest calls running at once.
+    pub max_concurrent_requests: usize,
+    /// Largest inference request body.
+    pub max_request_bytes: u64,
+    /// Largest bundle upload.
+    pub max_bundle_bytes: u64,
+    /// Device-wide guest caps.
+    pub guest_caps: GuestCaps,
+}
+
+impl Config {
+    /// Parses and validates TOML text; relative paths are taken relative to `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| HostError::Config(e.to_string()))?;
+        let addr = |field: &str, value: &str| -> Result<SocketAddr> {
+            value.parse().map_err(|_| {
+                HostError::Config(format!("`{field}` = {value:?} is not an address like 127.0.0.1:8080"))
+            })
+        };
+        let defaults = GuestCaps::default();
+        let caps = GuestCaps {
+            memory_bytes: raw.guest_caps.memory_bytes.unwrap_or(defaults.memory_bytes),
+            timeout_ms: raw.guest_caps.timeout_ms.unwrap_or(defaults.timeout_ms),
+            max_tensor_bytes: raw.guest_caps.max_tensor_bytes.unwrap_or(defaults.max_tensor_bytes),
+        };
+        if caps.memory_bytes == 0 || caps.timeout_ms == 0 || caps.max_tensor_bytes == 0 {
+            return Err(HostError::Config("guest_caps must be positive".into()));
+        }
+        let admin_token = match (raw.admin_token, &raw.admin_token_file) {
+            (Some(t), None) => Some(t),
+            (None, Some(path)) => {
+                let path = base.join(path);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    HostError::Config(format!("cannot read admin_token_file `{}`: {e}", path.display()))
+                })?;
+                Some(text.trim().to_owned())
+            }
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(HostError::Config(
+                    "set admin_token or admin_token_file, not both".into(),
+                ));
+            }
+        };
+        if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(HostError::Config("the admin token must be at least 16 characters".into()));
+        }
+        let admin_listen = match raw.admin_listen.as_deref() {
+            Some("") => None,
+            Some(a) => Some(addr("admin_listen", a)?),
+            None => Some(addr("admin_listen", "127.0.0.1:8081")?),
+        };
+        let max_concurrent_requests = raw.max_concurrent_requests.unwrap_or(8);
+        if max_concurrent_requests == 0 {
+            return Err(HostError::Config("max_concurrent_requests must be at least 1".into()));
+        }
+        Ok(Self {
+            data_dir: base.join(raw.data_dir.unwrap_or_else(|| "/var/lib/outpost".into())),
+            listen: addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:8080"))?,
+            admin_listen: admin_listen.filter(|_| admin_token.is_some()),
+            admin_token,
+            trust_store: base.join(raw.trust_store.unwrap_or_else(|| "/etc/outpost/trust.toml".into())),
+            max_concurrent_requests,
+            max_request_bytes: raw.max_request_bytes.unwrap_or(8 << 20),
+            max_bundle_bytes: raw.max_bundle_bytes.unwrap_or(256 << 20),
+            guest_caps: caps,
+        })
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| HostError::Config(format!("cannot read `{}`: {e}", path.display())))?;
+        Self::from_toml(&text, path.parent().unwrap_or(Path::new(".")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_to_the_defaults() {
+        let c = Config::from_toml(DEFAULT_CONFIG, Path::new("/")).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen, None, "no token, no admin listener");
+        assert_eq!(c.guest_caps, GuestCaps::default());
+        assert_eq!(c.max_concurrent_requests, 8);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        assert!(Config::from_toml("surprise = 1", Path::new("/")).is_err());
+        assert!(Config::from_toml("listen = \"nowhere\"", Path::new("/")).is_err());
+        assert!(Config::from_toml("admin_token = \"short\"", Path::new("/")).is_err());
+        assert!(Config::from_toml("max_concurrent_requests = 0", Path::new("/")).is_err());
+    }
+}

@@ -1,0 +1,413 @@
+//! The device: installed bundles, loaded versions, activation with warm-up and atomic swap,
+//! and request execution under a concurrency limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use outpost_bundle::manifest::{DataType, Dim, Manifest};
+use outpost_bundle::{Bundle, ReadLimits, TrustStore, sha256_hex};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, GuestCaps};
+use crate::engine::{CallLimits, CallOutput, Engine, Guest, GuestContext, Payload};
+use crate::error::{HostError, InferError, Result};
+use crate::metrics::Metrics;
+use crate::onnx::OnnxModel;
+use crate::state::{InstalledRecord, State};
+use crate::tensor::Tensor;
+
+/// One loaded version of a model: verified, compiled, its ONNX models optimised.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// The install record.
+    pub record: InstalledRecord,
+    guest: Guest,
+    context: Arc<GuestContext>,
+}
+
+impl Loaded {
+    /// The model version as text.
+    pub fn version(&self) -> &str {
+        &self.record.version
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    active: Option<Arc<Loaded>>,
+    resident: BTreeMap<String, Arc<Loaded>>,
+}
+
+/// The device runtime. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct Device {
+    engine: Engine,
+    state: State,
+    trust: TrustStore,
+    caps: GuestCaps,
+    read_limits: ReadLimits,
+    slots: RwLock<HashMap<String, Slot>>,
+    /// Serialises activations and removals so two never interleave.
+    admin: std::sync::Mutex<()>,
+    permits: Arc<Semaphore>,
+    max_concurrent: usize,
+    /// Request metrics.
+    pub metrics: Metrics,
+}
+
+/// One model's status, as the admin API and `outpost device status` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    /// Model name.
+    pub name: String,
+    /// Active version, if any.
+    pub active: Option<String>,
+    /// Versions loaded in memory.
+    pub resident: Vec<String>,
+    /// Installed versions.
+    pub installed: Vec<InstalledRecord>,
+    /// Highest security counter accepted.
+    pub highest_security_counter: Option<u64>,
+}
+
+impl Device {
+    /// Opens the state in `config.data_dir`, reads the trust store, and loads the active
+    /// version of every model. A version that fails to load is logged and skipped, so one bad
+    /// model never keeps the others from serving.
+    pub fn open(config: &Config) -> Result<Self> {
+        let trust_text = std::fs::read_to_string(&config.trust_store).map_err(|e| {
+            HostError::Config(format!(
+                "cannot read trust store `{}`: {e}",
+                config.trust_store.display()
+            ))
+        })?;
+        let trust = TrustStore::from_toml_str(&trust_text)?;
+        Self::with_trust(config, trust)
+    }
+
+    /// Like [`Device::open`] with a trust store given directly.
+    pub fn with_trust(config: &Config, trust: TrustStore) -> Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let state = State::open(&config.data_dir)?;
+        let engine = Engine::new().map_err(|e| HostError::Config(format!("cannot start the engine: {e:#}")))?;
+        let device = Self {
+            engine,
+            state,
+            trust,
+            caps: config.guest_caps,
+            read_limits: ReadLimits {
+                max_file_bytes: config.max_bundle_bytes,
+                max_total_bytes: config.max_bundle_bytes,
+                ..ReadLimits::default()
+            },
+            slots: RwLock::new(HashMap::new()),
+            admin: std::sync::Mutex::new(()),
+            permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            max_concurrent: config.max_concurrent_requests,
+            metrics: Metrics::default(),
+        };
+        for (name, version) in device.state.active()? {
+            match device.load(&name, &version) {
+                Ok(loaded) => {
+                    let mut slots = device.slots.write().map_err(|_| poisoned())?;
+                    let slot = slots.entry(name.clone()).or_default();
+                    slot.resident.insert(version.clone(), Arc::clone(&loaded));
+                    slot.active = Some(loaded);
+                    tracing::info!(model = %name, %version, "serving");
+                }
+                Err(e) => tracing::error!(model = %name, %version, error = %e, "cannot load the active version"),
+            }
+        }
+        Ok(device)
+    }
+
+    /// Verifies a bundle and records it; does not activate it. The device is untouched when
+    /// verification fails.
+    pub fn install(&self, bytes: &[u8]) -> Result<InstalledRecord> {
+        let opened = Bundle::read(bytes, &self.read_limits)?;
+        let name = opened.manifest().name.clone();
+        let highest = self.state.highest_counter(&name)?;
+        let verified = opened.verify(&self.trust, highest)?;
+        let m = verified.manifest();
+        let record = self.state.install(
+            &m.name,
+            &m.version.to_string(),
+            m.security_counter,
+            verified.signer(),
+            &sha256_hex(bytes),
+            bytes,
+        )?;
+        tracing::info!(model = %record.name, version = %record.version, digest = %record.digest, "installed");
+        Ok(record)
+    }
+
+    /// Installs a bundle and activates it.
+    pub fn install_and_activate(&self, bytes: &[u8]) -> Result<InstalledRecord> {
+        let record = self.install(bytes)?;
+        self.activate(&record.name, &record.version)?;
+        Ok(record)
+    }
+
+    /// Loads a version (if it is not resident), answers a warm-up request with it, then makes
+    /// it the active version in one atomic swap. Requests in flight finish on the version they
+    /// started with.
+    pub fn activate(&self, name: &str, version: &str) -> Result<()> {
+        let _guard = self.admin.lock().map_err(|_| poisoned())?;
+        let resident = self
+            .slots
+            .read()
+            .map_err(|_| poisoned())?
+            .get(name)
+            .and_then(|s| s.resident.get(version).cloned());
+        let loaded = match resident {
+            Some(l) => l,
+            None => self.load(name, version)?,
+        };
+        self.warm_up(&loaded)?;
+        self.state.set_active(name, version)?;
+        let mut slots = self.slots.write().map_err(|_| poisoned())?;
+        let slot = slots.entry(name.to_owned()).or_default();
+        slot.resident.insert(version.to_owned(), Arc::clone(&loaded));
+        // Keep the previous active version resident for a fast rollback; drop the others.
+        let previous = slot.active.replace(loaded).map(|l| l.record.version.clone());
+        slot.resident
+            .retain(|v, _| v == version || previous.as_deref() == Some(v.as_str()));
+        tracing::info!(model = %name, %version, ?previous, "activated");
+        Ok(())
+    }
+
+    /// Removes an installed version that is not active.
+    pub fn remove(&self, name: &str, version: &str) -> Result<()> {
+        let _guard = self.admin.lock().map_err(|_| poisoned())?;
+        self.state.remove(name, version)?;
+        if let Some(slot) = self.slots.write().map_err(|_| poisoned())?.get_mut(name) {
+            slot.resident.remove(version);
+        }
+        tracing::info!(model = %name, %version, "removed");
+        Ok(())
+    }
+
+    fn load(&self, name: &str, version: &str) -> Result<Arc<Loaded>> {
+        let record = self.state.record(name, version)?.ok_or_else(|| {
+            if self.state.active().ok().is_some_and(|a| a.iter().any(|(n, _)| n == name))
+                || self.state.installed().ok().is_some_and(|i| i.iter().any(|r| r.name == name))
+            {
+                HostError::UnknownVersion {
+                    model: name.into(),
+                    version: version.into(),
+                }
+            } else {
+                HostError::UnknownModel(name.into())
+            }
+        })?;
+        let bytes = self
+            .state
+            .bundle_bytes(&record.digest)?
+            .ok_or_else(|| HostError::Corrupt(format!("bytes of {name} {version} are missing")))?;
+        let highest = self.state.highest_counter(name)?;
+        if let Some(h) = highest.filter(|&h| record.security_counter < h) {
+            return Err(HostError::Revoked {
+                model: name.into(),
+                version: version.into(),
+                counter: record.security_counter,
+                highest: h,
+            });
+        }
+        // Verified again on every load: the trust store may have changed since the install.
+        let verified = Bundle::read_verified(&bytes[..], &self.read_limits, &self.trust, highest)?;
+        let manifest = verified.manifest().clone();
+        let guest_error = |reason: String| HostError::Guest {
+            model: name.into(),
+            version: version.into(),
+            reason,
+        };
+        let fingerprint = self.engine.fingerprint();
+        let cached = self.state.compiled(&record.digest, &fingerprint)?;
+        let guest = match cached.map(|artifact| self.engine.load_compiled(&artifact)) {
+            Some(Ok(guest)) => guest,
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!(model = %name, %version, error = %e, "compiled guest unusable; recompiling");
+                }
+                let (guest, artifact) = self
+                    .engine
+                    .compile(verified.guest())
+                    .map_err(|e| guest_error(format!("{e:#}")))?;
+                self.state.put_compiled(&record.digest, &fingerprint, &artifact)?;
+                guest
+            }
+        };
+        let mut models = HashMap::new();
+        for entry in &manifest.models {
+            let bytes = verified.model(&entry.name).unwrap_or_default();
+            let model = OnnxModel::load(bytes).map_err(|reason| HostError::Onnx {
+                model: name.into(),
+                version: version.into(),
+                onnx: entry.name.clone(),
+                reason,
+            })?;
+            models.insert(entry.name.clone(), model);
+        }
+        let l = manifest.limits;
+        let context = GuestContext {
+            label: format!("{name} {version}"),
+            models,
+            metadata: manifest.metadata.clone(),
+            limits: CallLimits {
+                memory_bytes: l.memory_bytes.min(self.caps.memory_bytes),
+                timeout_ms: l.timeout_ms.min(self.caps.timeout_ms),
+                max_tensor_bytes: l.max_tensor_bytes.min(self.caps.max_tensor_bytes),
+            },
+        };
+        Ok(Arc::new(Loaded {
+            manifest,
+            record,
+            guest,
+            context: Arc::new(context),
+        }))
+    }
+
+    /// Calls the guest once with zero inputs shaped like its API (symbolic dimensions as 1).
+    /// Refusing the input counts as an answer; a trap, a deadline or an internal error does not.
+    fn warm_up(&self, loaded: &Loaded) -> Result<()> {
+        let api = &loaded.manifest.api;
+        let payload = if api.inputs.is_empty() && !api.raw_content_types.is_empty() {
+            Payload::Raw {
+                content_type: api.raw_content_types[0].clone(),
+                body: Vec::new(),
+            }
+        } else {
+            Payload::Tensors(
+                api.inputs
+                    .iter()
+                    .map(|spec| {
+                        let shape: Vec<u64> = spec
+                            .shape
+                            .iter()
+                            .map(|d| match d {
+                                Dim::Fixed(n) => *n,
+                                Dim::Symbolic(_) => 1,
+                            })
+                            .collect();
+                        let n: u64 = shape.iter().product();
+                        let size = spec.datatype.element_size().unwrap_or(4) as u64;
+                        let data = match spec.datatype {
+                            DataType::Bytes => (0..n).flat_map(|_| 0u32.to_le_bytes()).collect(),
+                            _ => vec![0u8; (n * size).min(1 << 20) as usize],
+                        };
+                        Tensor {
+                            name: spec.name.clone(),
+                            datatype: spec.datatype,
+                            shape,
+                            data,
+                        }
+                    })
+                    .collect(),
+            )
+        };
+        match self.engine.call(&loaded.guest, &loaded.context, payload) {
+            Ok(_) | Err(InferError::InvalidInput(_)) => Ok(()),
+            Err(e) => Err(HostError::WarmUp {
+                model: loaded.record.name.clone(),
+                version: loaded.record.version.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// The loaded version that serves `name` (the active one, or `version` if given).
+    pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<Arc<Loaded>, InferError> {
+        let slots = self
+            .slots
+            .read()
+            .map_err(|_| InferError::Internal("state lock poisoned".into()))?;
+        let slot = slots
+            .get(name)
+            .filter(|s| s.active.is_some())
+            .ok_or_else(|| InferError::UnknownModel(name.into()))?;
+        match version {
+            None => slot.active.clone().ok_or_else(|| InferError::UnknownModel(name.into())),
+            Some(v) => slot.resident.get(v).cloned().ok_or_else(|| InferError::UnknownVersion {
+                model: name.into(),
+                version: v.into(),
+            }),
+        }
+    }
+
+    /// Runs one request on the serving version of `name`. At most `max_concurrent_requests`
+    /// run at once; beyond that the request is refused at once with [`InferError::Busy`].
+    pub async fn infer(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        payload: Payload,
+    ) -> Result<(Arc<Loaded>, CallOutput), InferError> {
+        let loaded = self.resolve(name, version)?;
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            self.metrics.record_busy();
+            return Err(InferError::Busy(self.max_concurrent));
+        };
+        let started = Instant::now();
+        let engine = self.engine.clone();
+        let target = Arc::clone(&loaded);
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            engine.call(&target.guest, &target.context, payload)
+        })
+        .await
+        .unwrap_or_else(|e| Err(InferError::Trap(format!("request task failed: {e}"))));
+        let (error, observations) = match &result {
+            Ok(out) => (None, out.observations.as_slice()),
+            Err(e) => (Some(e.kind()), &[][..]),
+        };
+        self.metrics.record(name, loaded.version(), started.elapsed(), error, observations);
+        if let Err(e) = &result {
+            tracing::debug!(model = %name, version = %loaded.version(), error = %e, "request failed");
+        }
+        result.map(|out| (loaded, out))
+    }
+
+    /// The active version of every model that has one.
+    pub fn active_models(&self) -> Vec<Arc<Loaded>> {
+        let Ok(slots) = self.slots.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = slots.values().filter_map(|s| s.active.clone()).collect();
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        out
+    }
+
+    /// Every installed bundle.
+    pub fn installed(&self) -> Result<Vec<InstalledRecord>> {
+        self.state.installed()
+    }
+
+    /// Status of every model known to the device.
+    pub fn status(&self) -> Result<Vec<ModelStatus>> {
+        let installed = self.state.installed()?;
+        let slots = self.slots.read().map_err(|_| poisoned())?;
+        let mut names: Vec<String> = installed.iter().map(|r| r.name.clone()).collect();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| {
+                let slot = slots.get(&name);
+                Ok(ModelStatus {
+                    active: slot.and_then(|s| s.active.as_ref()).map(|l| l.record.version.clone()),
+                    resident: slot.map(|s| s.resident.keys().cloned().collect()).unwrap_or_default(),
+                    installed: installed.iter().filter(|r| r.name == name).cloned().collect(),
+                    highest_security_counter: self.state.highest_counter(&name)?,
+                    name,
+                })
+            })
+            .collect()
+    }
+}
+
+fn poisoned() -> HostError {
+    HostError::Corrupt("a lock was poisoned by a panic".into())
+}

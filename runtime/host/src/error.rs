@@ -1,0 +1,163 @@
+//! Errors: [`HostError`] for the operator (install, activate, start-up), [`InferError`] for
+//! one request, mapped to an HTTP status by the API.
+
+use outpost_bundle::BundleError;
+
+/// Why an operation on the device failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A bundle was rejected.
+    #[error("bundle rejected: {0}")]
+    Bundle(#[from] BundleError),
+    /// The state database failed.
+    #[error("state database error: {0}")]
+    Store(#[from] sled::Error),
+    /// The state database holds something it should not.
+    #[error("state database is inconsistent: {0}")]
+    Corrupt(String),
+    /// The guest module does not compile or does not fit the contract.
+    #[error("guest of {model} {version} cannot be loaded: {reason}")]
+    Guest {
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+    /// An ONNX model cannot be loaded by tract.
+    #[error("ONNX model `{onnx}` of {model} {version} cannot be loaded: {reason}")]
+    Onnx {
+        /// Bundle model name.
+        model: String,
+        /// Bundle version.
+        version: String,
+        /// ONNX model name in the bundle.
+        onnx: String,
+        /// tract's reason.
+        reason: String,
+    },
+    /// The warm-up request failed, so the version was not activated.
+    #[error("{model} {version} failed its warm-up request: {reason}")]
+    WarmUp {
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+    /// No such model is installed.
+    #[error("model `{0}` is not installed")]
+    UnknownModel(String),
+    /// No such version of the model is installed.
+    #[error("version {version} of model `{model}` is not installed")]
+    UnknownVersion {
+        /// Model name.
+        model: String,
+        /// Version asked for.
+        version: String,
+    },
+    /// The version's security counter is below the highest accepted for the model.
+    #[error(
+        "{model} {version} has security counter {counter}, below {highest} (already accepted): it may not run again"
+    )]
+    Revoked {
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+        /// Its counter.
+        counter: u64,
+        /// Highest accepted.
+        highest: u64,
+    },
+    /// The active version cannot be removed.
+    #[error("{model} {version} is active; activate another version first")]
+    RemoveActive {
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = HostError> = std::result::Result<T, E>;
+
+/// Why one inference request failed. Each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InferError {
+    /// No such model (404).
+    #[error("model `{0}` not found")]
+    UnknownModel(String),
+    /// No such version (404).
+    #[error("version {version} of model `{model}` not found")]
+    UnknownVersion {
+        /// Model name.
+        model: String,
+        /// Version asked for.
+        version: String,
+    },
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is larger than allowed (413).
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(u64),
+    /// Too many requests are running (503).
+    #[error("busy: {0} requests are running; retry later")]
+    Busy(usize),
+    /// The guest refused the input (400).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The guest reported an error (500).
+    #[error("model error: {0}")]
+    Internal(String),
+    /// The guest exceeded its deadline (500).
+    #[error("model exceeded its deadline of {0} ms")]
+    Deadline(u64),
+    /// The guest exceeded its memory limit (500).
+    #[error("model exceeded its memory limit of {0} bytes")]
+    Memory(u64),
+    /// The guest trapped (500).
+    #[error("model trapped: {0}")]
+    Trap(String),
+}
+
+impl InferError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            InferError::UnknownModel(_) | InferError::UnknownVersion { .. } => 404,
+            InferError::BadRequest(_) | InferError::InvalidInput(_) => 400,
+            InferError::TooLarge(_) => 413,
+            InferError::Busy(_) => 503,
+            InferError::Internal(_)
+            | InferError::Deadline(_)
+            | InferError::Memory(_)
+            | InferError::Trap(_) => 500,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InferError::UnknownModel(_) | InferError::UnknownVersion { .. } => "not_found",
+            InferError::BadRequest(_) | InferError::InvalidInput(_) => "invalid_input",
+            InferError::TooLarge(_) => "too_large",
+            InferError::Busy(_) => "busy",
+            InferError::Internal(_) => "internal",
+            InferError::Deadline(_) => "deadline",
+            InferError::Memory(_) => "memory",
+            InferError::Trap(_) => "trap",
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Request counters, error counters, latency histograms and drift observations per model and
+//! version, rendered in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Series {
+    requests: u64,
+    errors: BTreeMap<&'static str, u64>,
+    buckets: [u64; BUCKETS.len()],
+    sum: f64,
+    observations: BTreeMap<String, (u64, f64)>,
+}
+
+/// Metrics for every model version that served a request.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    series: Mutex<BTreeMap<(String, String), Series>>,
+    rejected_busy: Mutex<u64>,
+}
+
+/// A snapshot of one model version's counters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SeriesSnapshot {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Requests served (successful or not).
+    pub requests: u64,
+    /// Failed requests by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Latency histogram: counts per bucket (cumulative), with the bucket bounds in seconds.
+    pub latency_buckets: Vec<(f64, u64)>,
+    /// Sum of latencies in seconds.
+    pub latency_sum: f64,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// Records one request that reached a model version.
+    pub fn record(
+        &self,
+        model: &str,
+        version: &str,
+        elapsed: Duration,
+        error: Option<&'static str>,
+        observations: &[(String, f64)],
+    ) {
+        let Ok(mut all) = self.series.lock() else {
+            return;
+        };
+        let s = all.entry((model.to_owned(), version.to_owned())).or_default();
+        s.requests += 1;
+        if let Some(kind) = error {
+            *s.errors.entry(kind).or_default() += 1;
+        }
+        let secs = elapsed.as_secs_f64();
+        s.sum += secs;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                s.buckets[i] += 1;
+            }
+        }
+        for (feature, value) in observations {
+            if s.observations.len() < 64 || s.observations.contains_key(feature) {
+                let o = s.observations.entry(feature.clone()).or_default();
+                o.0 += 1;
+                o.1 += value;
+            }
+        }
+    }
+
+    /// Counts a request refused because the device was busy.
+    pub fn record_busy(&self) {
+        if let Ok(mut n) = self.rejected_busy.lock() {
+            *n += 1;
+        }
+    }
+
+    /// Snapshots of every series.
+    pub fn snapshot(&self) -> Vec<SeriesSnapshot> {
+        let Ok(all) = self.series.lock() else {
+            return Vec::new();
+        };
+        all.iter()
+            .map(|((model, version), s)| SeriesSnapshot {
+                model: model.clone(),
+                version: version.clone(),
+                requests: s.requests,
+                errors: s.errors.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+                latency_buckets: BUCKETS.iter().copied().zip(s.buckets.iter().copied()).collect(),
+                latency_sum: s.sum,
+            })
+            .collect()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let all = match self.series.lock() {
+            Ok(all) => all.clone(),
+            Err(_) => BTreeMap::new(),
+        };
+        let _ = writeln!(out, "# HELP outpost_requests_total Inference requests per model version.");
+        let _ = writeln!(out, "# TYPE outpost_requests_total counter");
+        for ((m, v), s) in &all {
+            let _ = writeln!(out, "outpost_requests_total{{model=\"{}\",version=\"{}\"}} {}", escape(m), escape(v), s.requests);
+        }
+        let _ = writeln!(out, "# HELP outpost_request_errors_total Failed inference requests per model version and kind.");
+        let _ = writeln!(out, "# TYPE outpost_request_errors_total counter");
+        for ((m, v), s) in &all {
+            for (kind, n) in &s.errors {
+                let _ = writeln!(
+                    out,
+                    "outpost_request_errors_total{{model=\"{}\",version=\"{}\",kind=\"{kind}\"}} {n}",
+                    escape(m),
+                    escape(v)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP outpost_request_duration_seconds Inference latency per model version.");
+        let _ = writeln!(out, "# TYPE outpost_request_duration_seconds histogram");
+        for ((m, v), s) in &all {
+            let labels = format!("model=\"{}\",version=\"{}\"", escape(m), escape(v));
+            for (bound, n) in BUCKETS.iter().zip(s.buckets) {
+                let _ = writeln!(out, "outpost_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(out, "outpost_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", s.requests);
+            let _ = writeln!(out, "outpost_request_duration_seconds_sum{{{labels}}} {}", s.sum);
+            let _ = writeln!(out, "outpost_request_duration_seconds_count{{{labels}}} {}", s.requests);
+        }
+        let _ = writeln!(out, "# HELP outpost_feature_observations_total Drift feature observations per model version.");
+        let _ = writeln!(out, "# TYPE outpost_feature_observations_total counter");
+        for ((m, v), s) in &all {
+            for (f, (n, _)) in &s.observations {
+                let _ = writeln!(
+                    out,
+                    "outpost_feature_observations_total{{model=\"{}\",version=\"{}\",feature=\"{}\"}} {n}",
+                    escape(m),
+                    escape(v),
+                    escape(f)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP outpost_feature_mean Mean observed value of each drift feature.");
+        let _ = writeln!(out, "# TYPE outpost_feature_mean gauge");
+        for ((m, v), s) in &all {
+            for (f, (n, sum)) in &s.observations {
+                let _ = writeln!(
+                    out,
+                    "outpost_feature_mean{{model=\"{}\",version=\"{}\",feature=\"{}\"}} {}",
+                    escape(m),
+                    escape(v),
+                    escape(f),
+                    sum / *n as f64
+                );
+            }
+        }
+        let busy = self.rejected_busy.lock().map_or(0, |n| *n);
+        let _ = writeln!(out, "# HELP outpost_rejected_busy_total Requests refused because the device was at its concurrency limit.");
+        let _ = writeln!(out, "# TYPE outpost_rejected_busy_total counter");
+        let _ = writeln!(out, "outpost_rejected_busy_total {busy}");
+        out
+    }
+}

@@ -1,0 +1,244 @@
+//! Durable device state in sled: installed bundles (content-addressed), the active version per
+//! model, the highest security counter per model, and compiled guests.
+//!
+//! Every change is one sled transaction followed by a flush, so a `kill -9` at any point
+//! leaves either the state before the change or the state after it.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::error::{HostError, Result};
+
+/// What the device knows about one installed bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledRecord {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// sha256 of the bundle file: the key of its bytes.
+    pub digest: String,
+    /// The bundle's security counter.
+    pub security_counter: u64,
+    /// Key id of the signer.
+    pub signer: String,
+    /// Bundle size in bytes.
+    pub size: u64,
+    /// When it was installed (seconds since the Unix epoch).
+    pub installed_at: u64,
+}
+
+/// The device's state database.
+#[derive(Debug, Clone)]
+pub struct State {
+    db: sled::Db,
+    blobs: sled::Tree,
+    installed: sled::Tree,
+    active: sled::Tree,
+    counters: sled::Tree,
+    compiled: sled::Tree,
+}
+
+fn key(name: &str, version: &str) -> Vec<u8> {
+    format!("{name}/{version}").into_bytes()
+}
+
+fn corrupt(what: impl std::fmt::Display) -> HostError {
+    HostError::Corrupt(what.to_string())
+}
+
+fn abort(e: TransactionError<HostError>) -> HostError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => HostError::Store(e),
+    }
+}
+
+impl State {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => HostError::Config(format!(
+                "`{}` is in use by another outpost process (stop it, or use its admin API)",
+                dir.display()
+            )),
+            other => HostError::Store(other),
+        })?;
+        Ok(Self {
+            blobs: db.open_tree("blobs")?,
+            installed: db.open_tree("installed")?,
+            active: db.open_tree("active")?,
+            counters: db.open_tree("counters")?,
+            compiled: db.open_tree("compiled")?,
+            db,
+        })
+    }
+
+    /// The highest security counter accepted for `name`.
+    pub fn highest_counter(&self, name: &str) -> Result<Option<u64>> {
+        self.counters
+            .get(name)?
+            .map(|v| {
+                <[u8; 8]>::try_from(v.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| corrupt(format!("counter of `{name}`")))
+            })
+            .transpose()
+    }
+
+    /// Records a verified bundle: its bytes, its record, and the raised counter, atomically.
+    /// Installing the same bytes again is a no-op; other bytes under the same version are
+    /// refused.
+    pub fn install(
+        &self,
+        name: &str,
+        version: &str,
+        security_counter: u64,
+        signer: &str,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<InstalledRecord> {
+        let record = InstalledRecord {
+            name: name.into(),
+            version: version.into(),
+            digest: digest.into(),
+            security_counter,
+            signer: signer.into(),
+            size: bytes.len() as u64,
+            installed_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let encoded = serde_json::to_vec(&record).map_err(|e| corrupt(e))?;
+        let k = key(name, version);
+        let result = (&self.blobs, &self.installed, &self.counters).transaction(
+            |(blobs, installed, counters)| {
+                if let Some(existing) = installed.get(&k)? {
+                    let existing: InstalledRecord = serde_json::from_slice(&existing)
+                        .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
+                    if existing.digest == digest {
+                        return Ok(existing);
+                    }
+                    return Err(ConflictableTransactionError::Abort(HostError::Corrupt(format!(
+                        "{name} {version} is already installed with different contents; \
+                         publish a new version instead"
+                    ))));
+                }
+                blobs.insert(digest.as_bytes(), bytes)?;
+                installed.insert(k.as_slice(), encoded.as_slice())?;
+                let highest = counters
+                    .get(name)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u64::from_be_bytes);
+                counters.insert(name, &highest.max(security_counter).to_be_bytes())?;
+                Ok(record.clone())
+            },
+        );
+        let record = result.map_err(abort)?;
+        self.db.flush()?;
+        Ok(record)
+    }
+
+    /// One installed bundle's record.
+    pub fn record(&self, name: &str, version: &str) -> Result<Option<InstalledRecord>> {
+        self.installed
+            .get(key(name, version))?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(e)))
+            .transpose()
+    }
+
+    /// Every installed bundle, ordered by name and version text.
+    pub fn installed(&self) -> Result<Vec<InstalledRecord>> {
+        self.installed
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv?;
+                serde_json::from_slice(&v).map_err(|e| corrupt(e))
+            })
+            .collect()
+    }
+
+    /// A bundle's bytes by digest.
+    pub fn bundle_bytes(&self, digest: &str) -> Result<Option<sled::IVec>> {
+        Ok(self.blobs.get(digest)?)
+    }
+
+    /// Makes `version` the active version of `name`.
+    pub fn set_active(&self, name: &str, version: &str) -> Result<()> {
+        self.active.insert(name, version)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The active version of each model.
+    pub fn active(&self) -> Result<Vec<(String, String)>> {
+        self.active
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    String::from_utf8(k.to_vec()).map_err(|e| corrupt(e))?,
+                    String::from_utf8(v.to_vec()).map_err(|e| corrupt(e))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Removes an installed version (not the active one), and its bytes and compiled guest when
+    /// no other version shares them.
+    pub fn remove(&self, name: &str, version: &str) -> Result<()> {
+        let k = key(name, version);
+        let result = (&self.blobs, &self.installed, &self.active, &self.compiled).transaction(
+            |(blobs, installed, active, compiled)| {
+                let Some(raw) = installed.remove(k.as_slice())? else {
+                    return Err(ConflictableTransactionError::Abort(HostError::UnknownVersion {
+                        model: name.into(),
+                        version: version.into(),
+                    }));
+                };
+                if active.get(name)?.is_some_and(|v| v.as_ref() == version.as_bytes()) {
+                    return Err(ConflictableTransactionError::Abort(HostError::RemoveActive {
+                        model: name.into(),
+                        version: version.into(),
+                    }));
+                }
+                let record: InstalledRecord = serde_json::from_slice(&raw)
+                    .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
+                let shared = self.installed.iter().values().any(|v| {
+                    v.ok().and_then(|v| serde_json::from_slice::<InstalledRecord>(&v).ok()).is_some_and(|r| {
+                        r.digest == record.digest && (r.name != name || r.version != version)
+                    })
+                });
+                if !shared {
+                    blobs.remove(record.digest.as_bytes())?;
+                    compiled.remove(record.digest.as_bytes())?;
+                }
+                Ok(())
+            },
+        );
+        result.map_err(abort)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The compiled guest cached for a bundle digest under an engine fingerprint.
+    pub fn compiled(&self, digest: &str, fingerprint: &str) -> Result<Option<sled::IVec>> {
+        Ok(self.compiled.get(digest)?.and_then(|v| {
+            let (fp, artifact) = v.split_at(v.len().min(16));
+            (fp == fingerprint.as_bytes()).then(|| sled::IVec::from(artifact))
+        }))
+    }
+
+    /// Caches a compiled guest.
+    pub fn put_compiled(&self, digest: &str, fingerprint: &str, artifact: &[u8]) -> Result<()> {
+        let mut value = fingerprint.as_bytes().to_vec();
+        value.extend_from_slice(artifact);
+        self.compiled.insert(digest, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
