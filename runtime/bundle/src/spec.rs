@@ -162,7 +162,8 @@ impl Spec {
         let mut metadata = BTreeMap::new();
         if let Some(rel) = &self.metadata_file {
             let bytes = read_file("metadata file".into(), rel)?;
-            let extra: BTreeMap<String, serde_json::Value> = parse_json("metadata file", &dir.join(rel), &bytes)?;
+            let extra: BTreeMap<String, serde_json::Value> =
+                parse_json("metadata file", &dir.join(rel), &bytes)?;
             metadata.extend(extra);
         }
         metadata.extend(self.metadata);

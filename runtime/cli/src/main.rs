@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod bundle_cmd;
+mod demo_cmd;
+mod device_cmd;
 mod key_cmd;
 mod util;
 
@@ -24,6 +26,23 @@ enum Command {
     /// Build, sign, verify and inspect model bundles (`*.opb`).
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCommand),
+    /// Run a device: serve installed bundles over HTTP.
+    #[command(subcommand)]
+    Device(device_cmd::DeviceCommand),
+    /// Start a local device with the example bundles built, signed and installed.
+    Demo(demo_cmd::DemoArgs),
+}
+
+/// Logs to stderr; the level comes from `OUTPOST_LOG` (error, warn, info, debug, trace).
+fn init_logging() {
+    let level = std::env::var("OUTPOST_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -31,6 +50,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Key(cmd) => key_cmd::run(cmd),
         Command::Bundle(cmd) => bundle_cmd::run(cmd),
+        Command::Device(cmd) => device_cmd::run(cmd),
+        Command::Demo(args) => demo_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,18 +111,22 @@ pub struct Config {
 impl Config {
     /// Parses and validates TOML text; relative paths are taken relative to `base`.
     pub fn from_toml(text: &str, base: &Path) -> Result<Self> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| HostError::Config(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| HostError::Config(e.to_string()))?;
         let addr = |field: &str, value: &str| -> Result<SocketAddr> {
             value.parse().map_err(|_| {
-                HostError::Config(format!("`{field}` = {value:?} is not an address like 127.0.0.1:8080"))
+                HostError::Config(format!(
+                    "`{field}` = {value:?} is not an address like 127.0.0.1:8080"
+                ))
             })
         };
         let defaults = GuestCaps::default();
         let caps = GuestCaps {
             memory_bytes: raw.guest_caps.memory_bytes.unwrap_or(defaults.memory_bytes),
             timeout_ms: raw.guest_caps.timeout_ms.unwrap_or(defaults.timeout_ms),
-            max_tensor_bytes: raw.guest_caps.max_tensor_bytes.unwrap_or(defaults.max_tensor_bytes),
+            max_tensor_bytes: raw
+                .guest_caps
+                .max_tensor_bytes
+                .unwrap_or(defaults.max_tensor_bytes),
         };
         if caps.memory_bytes == 0 || caps.timeout_ms == 0 || caps.max_tensor_bytes == 0 {
             return Err(HostError::Config("guest_caps must be positive".into()));
@@ -132,7 +136,10 @@ impl Config {
             (None, Some(path)) => {
                 let path = base.join(path);
                 let text = std::fs::read_to_string(&path).map_err(|e| {
-                    HostError::Config(format!("cannot read admin_token_file `{}`: {e}", path.display()))
+                    HostError::Config(format!(
+                        "cannot read admin_token_file `{}`: {e}",
+                        path.display()
+                    ))
                 })?;
                 Some(text.trim().to_owned())
             }
@@ -144,7 +151,9 @@ impl Config {
             }
         };
         if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
-            return Err(HostError::Config("the admin token must be at least 16 characters".into()));
+            return Err(HostError::Config(
+                "the admin token must be at least 16 characters".into(),
+            ));
         }
         let admin_listen = match raw.admin_listen.as_deref() {
             Some("") => None,
@@ -153,14 +162,19 @@ impl Config {
         };
         let max_concurrent_requests = raw.max_concurrent_requests.unwrap_or(8);
         if max_concurrent_requests == 0 {
-            return Err(HostError::Config("max_concurrent_requests must be at least 1".into()));
+            return Err(HostError::Config(
+                "max_concurrent_requests must be at least 1".into(),
+            ));
         }
         Ok(Self {
             data_dir: base.join(raw.data_dir.unwrap_or_else(|| "/var/lib/outpost".into())),
             listen: addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:8080"))?,
             admin_listen: admin_listen.filter(|_| admin_token.is_some()),
             admin_token,
-            trust_store: base.join(raw.trust_store.unwrap_or_else(|| "/etc/outpost/trust.toml".into())),
+            trust_store: base.join(
+                raw.trust_store
+                    .unwrap_or_else(|| "/etc/outpost/trust.toml".into()),
+            ),
             max_concurrent_requests,
             max_request_bytes: raw.max_request_bytes.unwrap_or(8 << 20),
             max_bundle_bytes: raw.max_bundle_bytes.unwrap_or(256 << 20),

@@ -93,7 +93,8 @@ impl Device {
     pub fn with_trust(config: &Config, trust: TrustStore) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir)?;
         let state = State::open(&config.data_dir)?;
-        let engine = Engine::new().map_err(|e| HostError::Config(format!("cannot start the engine: {e:#}")))?;
+        let engine = Engine::new()
+            .map_err(|e| HostError::Config(format!("cannot start the engine: {e:#}")))?;
         let device = Self {
             engine,
             state,
@@ -119,7 +120,9 @@ impl Device {
                     slot.active = Some(loaded);
                     tracing::info!(model = %name, %version, "serving");
                 }
-                Err(e) => tracing::error!(model = %name, %version, error = %e, "cannot load the active version"),
+                Err(e) => {
+                    tracing::error!(model = %name, %version, error = %e, "cannot load the active version")
+                }
             }
         }
         Ok(device)
@@ -171,9 +174,13 @@ impl Device {
         self.state.set_active(name, version)?;
         let mut slots = self.slots.write().map_err(|_| poisoned())?;
         let slot = slots.entry(name.to_owned()).or_default();
-        slot.resident.insert(version.to_owned(), Arc::clone(&loaded));
+        slot.resident
+            .insert(version.to_owned(), Arc::clone(&loaded));
         // Keep the previous active version resident for a fast rollback; drop the others.
-        let previous = slot.active.replace(loaded).map(|l| l.record.version.clone());
+        let previous = slot
+            .active
+            .replace(loaded)
+            .map(|l| l.record.version.clone());
         slot.resident
             .retain(|v, _| v == version || previous.as_deref() == Some(v.as_str()));
         tracing::info!(model = %name, %version, ?previous, "activated");
@@ -193,8 +200,16 @@ impl Device {
 
     fn load(&self, name: &str, version: &str) -> Result<Arc<Loaded>> {
         let record = self.state.record(name, version)?.ok_or_else(|| {
-            if self.state.active().ok().is_some_and(|a| a.iter().any(|(n, _)| n == name))
-                || self.state.installed().ok().is_some_and(|i| i.iter().any(|r| r.name == name))
+            if self
+                .state
+                .active()
+                .ok()
+                .is_some_and(|a| a.iter().any(|(n, _)| n == name))
+                || self
+                    .state
+                    .installed()
+                    .ok()
+                    .is_some_and(|i| i.iter().any(|r| r.name == name))
             {
                 HostError::UnknownVersion {
                     model: name.into(),
@@ -237,7 +252,8 @@ impl Device {
                     .engine
                     .compile(verified.guest())
                     .map_err(|e| guest_error(format!("{e:#}")))?;
-                self.state.put_compiled(&record.digest, &fingerprint, &artifact)?;
+                self.state
+                    .put_compiled(&record.digest, &fingerprint, &artifact)?;
                 guest
             }
         };
@@ -330,11 +346,18 @@ impl Device {
             .filter(|s| s.active.is_some())
             .ok_or_else(|| InferError::UnknownModel(name.into()))?;
         match version {
-            None => slot.active.clone().ok_or_else(|| InferError::UnknownModel(name.into())),
-            Some(v) => slot.resident.get(v).cloned().ok_or_else(|| InferError::UnknownVersion {
-                model: name.into(),
-                version: v.into(),
-            }),
+            None => slot
+                .active
+                .clone()
+                .ok_or_else(|| InferError::UnknownModel(name.into())),
+            Some(v) => slot
+                .resident
+                .get(v)
+                .cloned()
+                .ok_or_else(|| InferError::UnknownVersion {
+                    model: name.into(),
+                    version: v.into(),
+                }),
         }
     }
 
@@ -364,7 +387,13 @@ impl Device {
             Ok(out) => (None, out.observations.as_slice()),
             Err(e) => (Some(e.kind()), &[][..]),
         };
-        self.metrics.record(name, loaded.version(), started.elapsed(), error, observations);
+        self.metrics.record(
+            name,
+            loaded.version(),
+            started.elapsed(),
+            error,
+            observations,
+        );
         if let Err(e) = &result {
             tracing::debug!(model = %name, version = %loaded.version(), error = %e, "request failed");
         }
@@ -397,9 +426,17 @@ impl Device {
             .map(|name| {
                 let slot = slots.get(&name);
                 Ok(ModelStatus {
-                    active: slot.and_then(|s| s.active.as_ref()).map(|l| l.record.version.clone()),
-                    resident: slot.map(|s| s.resident.keys().cloned().collect()).unwrap_or_default(),
-                    installed: installed.iter().filter(|r| r.name == name).cloned().collect(),
+                    active: slot
+                        .and_then(|s| s.active.as_ref())
+                        .map(|l| l.record.version.clone()),
+                    resident: slot
+                        .map(|s| s.resident.keys().cloned().collect())
+                        .unwrap_or_default(),
+                    installed: installed
+                        .iter()
+                        .filter(|r| r.name == name)
+                        .cloned()
+                        .collect(),
                     highest_security_counter: self.state.highest_counter(&name)?,
                     name,
                 })

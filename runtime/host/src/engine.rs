@@ -22,8 +22,8 @@ mod bindings {
     });
 }
 
-use bindings::outpost::model::{bundle, inference, log, telemetry, types};
 pub(crate) use bindings::ModelPre;
+use bindings::outpost::model::{bundle, inference, log, telemetry, types};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(5);
@@ -83,7 +83,12 @@ struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _: usize,
+        desired: usize,
+        _: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.memory_denied = true;
             return Err(wasmtime::format_err!("memory limit exceeded"));
@@ -91,7 +96,12 @@ impl ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _: usize,
+        desired: usize,
+        _: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -265,7 +275,9 @@ impl Engine {
     ) -> Result<CallOutput, InferError> {
         let limits = context.limits;
         let mut wasi = WasiCtx::builder();
-        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -284,10 +296,11 @@ impl Engine {
         store.epoch_deadline_trap();
 
         let input = payload_into_wit(payload);
-        let result = guest
-            .pre
-            .instantiate(&mut store)
-            .and_then(|model| model.outpost_model_handler().call_handle(&mut store, &input));
+        let result = guest.pre.instantiate(&mut store).and_then(|model| {
+            model
+                .outpost_model_handler()
+                .call_handle(&mut store, &input)
+        });
         let result = match result {
             Ok(r) => r,
             Err(e) => {
@@ -395,14 +408,20 @@ fn tensor_into_wit(t: Tensor) -> types::Tensor {
 
 fn payload_into_wit(p: Payload) -> types::Payload {
     match p {
-        Payload::Tensors(ts) => types::Payload::Tensors(ts.into_iter().map(tensor_into_wit).collect()),
-        Payload::Raw { content_type, body } => types::Payload::Raw(types::Raw { content_type, body }),
+        Payload::Tensors(ts) => {
+            types::Payload::Tensors(ts.into_iter().map(tensor_into_wit).collect())
+        }
+        Payload::Raw { content_type, body } => {
+            types::Payload::Raw(types::Raw { content_type, body })
+        }
     }
 }
 
 fn payload_from_wit(p: types::Payload) -> Payload {
     match p {
-        types::Payload::Tensors(ts) => Payload::Tensors(ts.into_iter().map(tensor_from_wit).collect()),
+        types::Payload::Tensors(ts) => {
+            Payload::Tensors(ts.into_iter().map(tensor_from_wit).collect())
+        }
         types::Payload::Raw(r) => Payload::Raw {
             content_type: r.content_type,
             body: r.body,

@@ -5,15 +5,17 @@
 //! them over HTTP (the Open Inference Protocol v2, a raw endpoint, Prometheus metrics, and a
 //! token-protected admin API on its own listener).
 
+pub mod api;
 pub mod config;
 pub mod device;
 pub mod engine;
 mod error;
 pub mod metrics;
+pub mod oip;
 pub mod onnx;
 pub mod state;
 pub mod tensor;
 
 pub use config::{Config, DEFAULT_CONFIG, GuestCaps};
-pub use error::{HostError, InferError, Result};
 pub use device::Device;
+pub use error::{HostError, InferError, Result};

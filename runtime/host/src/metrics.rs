@@ -45,7 +45,9 @@ pub struct SeriesSnapshot {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -61,7 +63,9 @@ impl Metrics {
         let Ok(mut all) = self.series.lock() else {
             return;
         };
-        let s = all.entry((model.to_owned(), version.to_owned())).or_default();
+        let s = all
+            .entry((model.to_owned(), version.to_owned()))
+            .or_default();
         s.requests += 1;
         if let Some(kind) = error {
             *s.errors.entry(kind).or_default() += 1;
@@ -99,8 +103,16 @@ impl Metrics {
                 model: model.clone(),
                 version: version.clone(),
                 requests: s.requests,
-                errors: s.errors.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
-                latency_buckets: BUCKETS.iter().copied().zip(s.buckets.iter().copied()).collect(),
+                errors: s
+                    .errors
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), *v))
+                    .collect(),
+                latency_buckets: BUCKETS
+                    .iter()
+                    .copied()
+                    .zip(s.buckets.iter().copied())
+                    .collect(),
                 latency_sum: s.sum,
             })
             .collect()
@@ -113,12 +125,24 @@ impl Metrics {
             Ok(all) => all.clone(),
             Err(_) => BTreeMap::new(),
         };
-        let _ = writeln!(out, "# HELP outpost_requests_total Inference requests per model version.");
+        let _ = writeln!(
+            out,
+            "# HELP outpost_requests_total Inference requests per model version."
+        );
         let _ = writeln!(out, "# TYPE outpost_requests_total counter");
         for ((m, v), s) in &all {
-            let _ = writeln!(out, "outpost_requests_total{{model=\"{}\",version=\"{}\"}} {}", escape(m), escape(v), s.requests);
+            let _ = writeln!(
+                out,
+                "outpost_requests_total{{model=\"{}\",version=\"{}\"}} {}",
+                escape(m),
+                escape(v),
+                s.requests
+            );
         }
-        let _ = writeln!(out, "# HELP outpost_request_errors_total Failed inference requests per model version and kind.");
+        let _ = writeln!(
+            out,
+            "# HELP outpost_request_errors_total Failed inference requests per model version and kind."
+        );
         let _ = writeln!(out, "# TYPE outpost_request_errors_total counter");
         for ((m, v), s) in &all {
             for (kind, n) in &s.errors {
@@ -130,18 +154,39 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(out, "# HELP outpost_request_duration_seconds Inference latency per model version.");
+        let _ = writeln!(
+            out,
+            "# HELP outpost_request_duration_seconds Inference latency per model version."
+        );
         let _ = writeln!(out, "# TYPE outpost_request_duration_seconds histogram");
         for ((m, v), s) in &all {
             let labels = format!("model=\"{}\",version=\"{}\"", escape(m), escape(v));
             for (bound, n) in BUCKETS.iter().zip(s.buckets) {
-                let _ = writeln!(out, "outpost_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "outpost_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
+                );
             }
-            let _ = writeln!(out, "outpost_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", s.requests);
-            let _ = writeln!(out, "outpost_request_duration_seconds_sum{{{labels}}} {}", s.sum);
-            let _ = writeln!(out, "outpost_request_duration_seconds_count{{{labels}}} {}", s.requests);
+            let _ = writeln!(
+                out,
+                "outpost_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                s.requests
+            );
+            let _ = writeln!(
+                out,
+                "outpost_request_duration_seconds_sum{{{labels}}} {}",
+                s.sum
+            );
+            let _ = writeln!(
+                out,
+                "outpost_request_duration_seconds_count{{{labels}}} {}",
+                s.requests
+            );
         }
-        let _ = writeln!(out, "# HELP outpost_feature_observations_total Drift feature observations per model version.");
+        let _ = writeln!(
+            out,
+            "# HELP outpost_feature_observations_total Drift feature observations per model version."
+        );
         let _ = writeln!(out, "# TYPE outpost_feature_observations_total counter");
         for ((m, v), s) in &all {
             for (f, (n, _)) in &s.observations {
@@ -154,7 +199,10 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(out, "# HELP outpost_feature_mean Mean observed value of each drift feature.");
+        let _ = writeln!(
+            out,
+            "# HELP outpost_feature_mean Mean observed value of each drift feature."
+        );
         let _ = writeln!(out, "# TYPE outpost_feature_mean gauge");
         for ((m, v), s) in &all {
             for (f, (n, sum)) in &s.observations {
@@ -169,7 +217,10 @@ impl Metrics {
             }
         }
         let busy = self.rejected_busy.lock().map_or(0, |n| *n);
-        let _ = writeln!(out, "# HELP outpost_rejected_busy_total Requests refused because the device was at its concurrency limit.");
+        let _ = writeln!(
+            out,
+            "# HELP outpost_rejected_busy_total Requests refused because the device was at its concurrency limit."
+        );
         let _ = writeln!(out, "# TYPE outpost_rejected_busy_total counter");
         let _ = writeln!(out, "outpost_rejected_busy_total {busy}");
         out

@@ -4,9 +4,11 @@
 use outpost_bundle::manifest::DataType;
 use std::sync::Arc;
 
+use tract_onnx::tract_hir::infer::Factoid;
+
 use tract_onnx::prelude::{
-    Datum, DatumType, Framework, InferenceModelExt, IntoRunnable, IntoTValue, TDim, TValue, TVec,
-    Tensor as TractTensor, TypedRunnableModel, f16,
+    Datum, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TDim,
+    TValue, TVec, Tensor as TractTensor, TypedRunnableModel, f16,
 };
 
 use crate::tensor::Tensor;
@@ -57,17 +59,43 @@ fn dims(shape: impl Iterator<Item = TDim>) -> Vec<Option<u64>> {
 impl OnnxModel {
     /// Loads, type-checks and optimises a model from its bytes.
     pub fn load(bytes: &[u8]) -> Result<Self, String> {
-        let model = tract_onnx::onnx()
+        let mut model = tract_onnx::onnx()
             .with_ignore_output_shapes(true)
             .with_ignore_value_info(true)
             .model_for_read(&mut &bytes[..])
             .map_err(|e| format!("{e:#}"))?;
+        // Pin every input's fact: a named or unknown dimension becomes a symbol, so one
+        // optimised plan serves any batch size.
+        let symbols = model.symbols.clone();
+        for i in 0..model.input_outlets().map_err(|e| format!("{e:#}"))?.len() {
+            let fact = model.input_fact(i).map_err(|e| format!("{e:#}"))?.clone();
+            let dt = fact
+                .datum_type
+                .concretize()
+                .ok_or_else(|| format!("input {i} has no element type"))?;
+            if fact.shape.is_open() {
+                return Err(format!("input {i} has no fixed rank"));
+            }
+            let dims: TVec<TDim> = fact
+                .shape
+                .dims()
+                .enumerate()
+                .map(|(j, d)| {
+                    d.concretize()
+                        .unwrap_or_else(|| symbols.sym(&format!("in{i}_{j}")).into())
+                })
+                .collect();
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(dt, dims))
+                .map_err(|e| format!("{e:#}"))?;
+        }
         let typed = model.into_typed().map_err(|e| format!("{e:#}"))?;
         let port = |outlet: tract_onnx::prelude::OutletId, name: String| -> Result<Port, String> {
             let fact = typed.outlet_fact(outlet).map_err(|e| format!("{e:#}"))?;
             Ok(Port {
-                datatype: datatype(fact.datum_type)
-                    .ok_or_else(|| format!("`{name}` has unsupported type {:?}", fact.datum_type))?,
+                datatype: datatype(fact.datum_type).ok_or_else(|| {
+                    format!("`{name}` has unsupported type {:?}", fact.datum_type)
+                })?,
                 shape: dims(fact.shape.iter().cloned()),
                 name,
             })
@@ -112,7 +140,11 @@ impl OnnxModel {
             return Err(format!(
                 "model takes {} inputs ({}), got {}",
                 self.inputs.len(),
-                self.inputs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                self.inputs
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 inputs.len()
             ));
         }
@@ -145,7 +177,10 @@ impl OnnxModel {
                 ));
             }
             let fits = t.shape.len() == port.shape.len()
-                && t.shape.iter().zip(&port.shape).all(|(d, p)| p.is_none_or(|p| p == *d));
+                && t.shape
+                    .iter()
+                    .zip(&port.shape)
+                    .all(|(d, p)| p.is_none_or(|p| p == *d));
             if !fits {
                 let want: Vec<String> = port
                     .shape
@@ -209,7 +244,10 @@ fn to_tract(t: &Tensor) -> Result<TractTensor, String> {
         DataType::F16 => decode(t, |b: [u8; 2]| f16::from_bits(u16::from_le_bytes(b))),
         DataType::F32 => decode(t, f32::from_le_bytes),
         DataType::F64 => decode(t, f64::from_le_bytes),
-        DataType::Bytes => Err(format!("input `{}`: BYTES tensors cannot feed an ONNX model", t.name)),
+        DataType::Bytes => Err(format!(
+            "input `{}`: BYTES tensors cannot feed an ONNX model",
+            t.name
+        )),
     }
 }
 

@@ -62,10 +62,12 @@ impl State {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => HostError::Config(format!(
-                "`{}` is in use by another outpost process (stop it, or use its admin API)",
-                dir.display()
-            )),
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                HostError::Config(format!(
+                    "`{}` is in use by another outpost process (stop it, or use its admin API)",
+                    dir.display()
+                ))
+            }
             other => HostError::Store(other),
         })?;
         Ok(Self {
@@ -123,10 +125,12 @@ impl State {
                     if existing.digest == digest {
                         return Ok(existing);
                     }
-                    return Err(ConflictableTransactionError::Abort(HostError::Corrupt(format!(
-                        "{name} {version} is already installed with different contents; \
+                    return Err(ConflictableTransactionError::Abort(HostError::Corrupt(
+                        format!(
+                            "{name} {version} is already installed with different contents; \
                          publish a new version instead"
-                    ))));
+                        ),
+                    )));
                 }
                 blobs.insert(digest.as_bytes(), bytes)?;
                 installed.insert(k.as_slice(), encoded.as_slice())?;
@@ -195,23 +199,32 @@ impl State {
         let result = (&self.blobs, &self.installed, &self.active, &self.compiled).transaction(
             |(blobs, installed, active, compiled)| {
                 let Some(raw) = installed.remove(k.as_slice())? else {
-                    return Err(ConflictableTransactionError::Abort(HostError::UnknownVersion {
-                        model: name.into(),
-                        version: version.into(),
-                    }));
+                    return Err(ConflictableTransactionError::Abort(
+                        HostError::UnknownVersion {
+                            model: name.into(),
+                            version: version.into(),
+                        },
+                    ));
                 };
-                if active.get(name)?.is_some_and(|v| v.as_ref() == version.as_bytes()) {
-                    return Err(ConflictableTransactionError::Abort(HostError::RemoveActive {
-                        model: name.into(),
-                        version: version.into(),
-                    }));
+                if active
+                    .get(name)?
+                    .is_some_and(|v| v.as_ref() == version.as_bytes())
+                {
+                    return Err(ConflictableTransactionError::Abort(
+                        HostError::RemoveActive {
+                            model: name.into(),
+                            version: version.into(),
+                        },
+                    ));
                 }
                 let record: InstalledRecord = serde_json::from_slice(&raw)
                     .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
                 let shared = self.installed.iter().values().any(|v| {
-                    v.ok().and_then(|v| serde_json::from_slice::<InstalledRecord>(&v).ok()).is_some_and(|r| {
-                        r.digest == record.digest && (r.name != name || r.version != version)
-                    })
+                    v.ok()
+                        .and_then(|v| serde_json::from_slice::<InstalledRecord>(&v).ok())
+                        .is_some_and(|r| {
+                            r.digest == record.digest && (r.name != name || r.version != version)
+                        })
                 });
                 if !shared {
                     blobs.remove(record.digest.as_bytes())?;

@@ -18,7 +18,9 @@ pub struct Tensor {
 impl Tensor {
     /// Number of elements the shape describes, if it fits in `u64`.
     pub fn element_count(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// Checks that `data` holds exactly the elements the shape describes and is within `cap`.
@@ -30,17 +32,23 @@ impl Tensor {
                 self.data.len()
             ));
         }
-        let count = self
-            .element_count()
-            .ok_or_else(|| format!("tensor `{}`: shape {:?} is too large", self.name, self.shape))?;
+        let count = self.element_count().ok_or_else(|| {
+            format!(
+                "tensor `{}`: shape {:?} is too large",
+                self.name, self.shape
+            )
+        })?;
         match self.datatype.element_size() {
             Some(size) => {
-                let want = count.checked_mul(size as u64).filter(|&b| b <= cap).ok_or_else(|| {
-                    format!(
-                        "tensor `{}`: shape {:?} needs more than the limit of {cap} bytes",
-                        self.name, self.shape
-                    )
-                })?;
+                let want = count
+                    .checked_mul(size as u64)
+                    .filter(|&b| b <= cap)
+                    .ok_or_else(|| {
+                        format!(
+                            "tensor `{}`: shape {:?} needs more than the limit of {cap} bytes",
+                            self.name, self.shape
+                        )
+                    })?;
                 if want != self.data.len() as u64 {
                     return Err(format!(
                         "tensor `{}`: shape {:?} of {} needs {want} bytes, got {}",

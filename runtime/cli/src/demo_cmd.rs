@@ -1,0 +1,78 @@
+//! `outpost demo`: a device with the example bundles, built, signed and installed, in one
+//! command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use outpost_bundle::{Bundle, SecretKey, TrustStore};
+use outpost_examples::Example;
+use outpost_host::{Config, Device};
+
+/// Arguments of `outpost demo`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DemoArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Address of the admin API (a token is generated and printed).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    admin_listen: SocketAddr,
+    /// Keep state here instead of a temporary directory removed on exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: DemoArgs) -> Result<()> {
+    crate::init_logging();
+    let temporary = args.data_dir.is_none();
+    let data_dir = args.data_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("outpost-demo-{}", std::process::id()))
+    });
+    let result = run_in(&data_dir, args.listen, args.admin_listen);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    result
+}
+
+fn run_in(data_dir: &std::path::Path, listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
+    let key = SecretKey::generate()?;
+    let mut trust = TrustStore::new();
+    trust.allow(key.public(), ["digits", "sensor-anomaly"]);
+    let token = SecretKey::generate()?.id().to_owned() + SecretKey::generate()?.id();
+    let config_text = format!(
+        "data_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\nadmin_token = \"{token}\"\n",
+        data_dir.display().to_string()
+    );
+    let config = Config::from_toml(&config_text, data_dir)?;
+    let device = Device::with_trust(&config, trust)?;
+    for example in Example::ALL {
+        let mut bundle = Bundle::build(example.build_input()?)?;
+        bundle.sign(&key);
+        let record = device
+            .install_and_activate(&bundle.to_bytes())
+            .with_context(|| format!("cannot install the {example:?} example"))?;
+        eprintln!("installed and activated {} {}", record.name, record.version);
+    }
+    let url = format!("http://{listen}");
+    println!(
+        r#"
+Outpost demo device: serving on {url} (state in {dir})
+
+Try:
+  curl {url}/v2/models/digits
+  curl -X POST {url}/v2/models/digits/infer -H 'Content-Type: application/json' \
+    -d '{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]}}]}}'
+  curl -X POST {url}/v2/models/sensor-anomaly/raw -H 'Content-Type: application/json' \
+    -d '{{"readings":[{readings}]}}'
+  curl {url}/metrics
+  curl -H 'Authorization: Bearer {token}' http://{admin_listen}/admin/status
+
+Ctrl-C stops it."#,
+        dir = data_dir.display(),
+        readings = vec!["[43.0,0.45,3.5]"; 16].join(","),
+    );
+    crate::device_cmd::serve(Arc::new(device), &config, Some(token))
+}

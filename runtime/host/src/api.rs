@@ -1,0 +1,556 @@
+//! The HTTP API: the public router (Open Inference Protocol v2, raw endpoint, metrics) and the
+//! admin router (token-protected, on its own listener).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::device::{Device, Loaded};
+use crate::engine::Payload;
+use crate::error::{HostError, InferError};
+use crate::oip;
+
+/// Limits the routers enforce before handing a request to the device.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Largest inference request body.
+    pub max_request_bytes: u64,
+    /// Largest bundle upload.
+    pub max_bundle_bytes: u64,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    device: Arc<Device>,
+    limits: ApiLimits,
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({ "error": msg.to_string() }))).into_response()
+}
+
+impl IntoResponse for InferError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = error(status, &self);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+fn host_error(e: HostError) -> Response {
+    let status = match &e {
+        HostError::Bundle(_) => StatusCode::BAD_REQUEST,
+        HostError::UnknownModel(_) | HostError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
+        HostError::Revoked { .. } | HostError::RemoveActive { .. } => StatusCode::CONFLICT,
+        HostError::Guest { .. } | HostError::Onnx { .. } | HostError::WarmUp { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::error!(error = %e, "admin request failed");
+    }
+    error(status, e)
+}
+
+/// Reads a body up to `limit` bytes: a declared length above the limit is refused before any
+/// byte is read, and a chunked body is cut off at the limit.
+async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Vec<u8>, InferError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(InferError::TooLarge(limit));
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    axum::body::to_bytes(body, limit_usize)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|_| InferError::TooLarge(limit))
+}
+
+/// The public router: inference, health, metadata, metrics.
+pub fn public_router(device: Arc<Device>, limits: ApiLimits) -> Router {
+    Router::new()
+        .route(
+            "/v2/health/live",
+            get(|| async { axum::Json(json!({ "live": true })) }),
+        )
+        .route(
+            "/v2/health/ready",
+            get(|| async { axum::Json(json!({ "ready": true })) }),
+        )
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(model_version_metadata),
+        )
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_version_ready),
+        )
+        .route("/v2/models/{name}/infer", post(infer))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(infer_version),
+        )
+        .route("/v2/models/{name}/raw", post(raw))
+        .route(
+            "/v2/models/{name}/versions/{version}/raw",
+            post(raw_version),
+        )
+        .route("/v2/repository/index", post(repository_index))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(Ctx { device, limits })
+}
+
+async fn server_metadata() -> impl IntoResponse {
+    axum::Json(json!({
+        "name": "outpost",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_repository", "outpost_raw"],
+    }))
+}
+
+fn tensor_specs(specs: &[outpost_bundle::manifest::TensorSpec]) -> Vec<serde_json::Value> {
+    specs
+        .iter()
+        .map(|t| {
+            let shape: Vec<i64> = t
+                .shape
+                .iter()
+                .map(|d| match d {
+                    outpost_bundle::manifest::Dim::Fixed(n) => i64::try_from(*n).unwrap_or(-1),
+                    outpost_bundle::manifest::Dim::Symbolic(_) => -1,
+                })
+                .collect();
+            json!({ "name": t.name, "datatype": t.datatype.oip_name(), "shape": shape })
+        })
+        .collect()
+}
+
+fn metadata_of(device: &Device, loaded: &Loaded) -> serde_json::Value {
+    let m = &loaded.manifest;
+    let versions: Vec<String> = device
+        .installed()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.name == m.name)
+        .map(|r| r.version)
+        .collect();
+    json!({
+        "name": m.name,
+        "versions": versions,
+        "platform": "outpost_wasm",
+        "inputs": tensor_specs(&m.api.inputs),
+        "outputs": tensor_specs(&m.api.outputs),
+        "parameters": {
+            "version": loaded.version(),
+            "raw_content_types": m.api.raw_content_types,
+            "labels": m.labels,
+        },
+    })
+}
+
+async fn model_metadata(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
+    match ctx.device.resolve(&name, None) {
+        Ok(l) => axum::Json(metadata_of(&ctx.device, &l)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn model_version_metadata(
+    State(ctx): State<Ctx>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    match ctx.device.resolve(&name, Some(&version)) {
+        Ok(l) => axum::Json(metadata_of(&ctx.device, &l)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn model_ready(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
+    match ctx.device.resolve(&name, None) {
+        Ok(_) => axum::Json(json!({ "name": name, "ready": true })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn model_version_ready(
+    State(ctx): State<Ctx>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    match ctx.device.resolve(&name, Some(&version)) {
+        Ok(_) => {
+            axum::Json(json!({ "name": name, "version": version, "ready": true })).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn infer(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_infer(ctx, name, None, headers, body).await
+}
+
+async fn infer_version(
+    State(ctx): State<Ctx>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_infer(ctx, name, Some(version), headers, body).await
+}
+
+async fn run_infer(
+    ctx: Ctx,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        // Resolve first so an unknown model is a 404 whatever the body.
+        ctx.device.resolve(&name, version.as_deref())?;
+        let bytes = read_body(&headers, body, ctx.limits.max_request_bytes).await?;
+        let json_len = headers
+            .get(oip::HEADER_LENGTH)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        InferError::BadRequest(
+                            "Inference-Header-Content-Length must be a number".into(),
+                        )
+                    })
+            })
+            .transpose()?;
+        let request = oip::decode_request(&bytes, json_len, ctx.limits.max_request_bytes)?;
+        let (loaded, out) = ctx
+            .device
+            .infer(&name, version.as_deref(), Payload::Tensors(request.inputs))
+            .await?;
+        Ok::<_, InferError>((
+            loaded,
+            out.payload,
+            request.id,
+            request.outputs,
+            request.binary_output,
+        ))
+    }
+    .await;
+    let (loaded, payload, id, requested, binary_output) = match result {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match payload {
+        Payload::Tensors(outputs) => {
+            match oip::encode_response(
+                &name,
+                loaded.version(),
+                id.as_deref(),
+                &outputs,
+                &requested,
+                binary_output,
+            ) {
+                Ok((json, binary)) if binary.is_empty() => {
+                    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
+                }
+                Ok((json, binary)) => {
+                    let len = json.len().to_string();
+                    let mut body = json;
+                    body.extend_from_slice(&binary);
+                    (
+                        [
+                            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                            (header::HeaderName::from_static(oip::HEADER_LENGTH), len),
+                        ],
+                        body,
+                    )
+                        .into_response()
+                }
+                Err(e) => e.into_response(),
+            }
+        }
+        Payload::Raw { content_type, body } => raw_response(content_type, body),
+    }
+}
+
+fn raw_response(content_type: String, body: Vec<u8>) -> Response {
+    let ct = HeaderValue::from_str(&content_type)
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    ([(header::CONTENT_TYPE, ct)], body).into_response()
+}
+
+async fn raw(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_raw(ctx, name, None, headers, body).await
+}
+
+async fn raw_version(
+    State(ctx): State<Ctx>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_raw(ctx, name, Some(version), headers, body).await
+}
+
+async fn run_raw(
+    ctx: Ctx,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        ctx.device.resolve(&name, version.as_deref())?;
+        let bytes = read_body(&headers, body, ctx.limits.max_request_bytes).await?;
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_owned();
+        ctx.device
+            .infer(
+                &name,
+                version.as_deref(),
+                Payload::Raw {
+                    content_type,
+                    body: bytes,
+                },
+            )
+            .await
+    }
+    .await;
+    match result {
+        Ok((loaded, out)) => match out.payload {
+            Payload::Raw { content_type, body } => raw_response(content_type, body),
+            Payload::Tensors(outputs) => {
+                match oip::encode_response(&name, loaded.version(), None, &outputs, &[], false) {
+                    Ok((json, _)) => {
+                        ([(header::CONTENT_TYPE, "application/json")], json).into_response()
+                    }
+                    Err(e) => e.into_response(),
+                }
+            }
+        },
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn repository_index(State(ctx): State<Ctx>) -> Response {
+    let installed = match ctx.device.installed() {
+        Ok(i) => i,
+        Err(e) => return host_error(e),
+    };
+    let list: Vec<_> = installed
+        .into_iter()
+        .map(|r| {
+            let ready = ctx.device.resolve(&r.name, Some(&r.version)).is_ok();
+            json!({
+                "name": r.name,
+                "version": r.version,
+                "state": if ready { "READY" } else { "UNAVAILABLE" },
+                "reason": if ready { "" } else { "installed, not loaded" },
+            })
+        })
+        .collect();
+    axum::Json(list).into_response()
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.device.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The admin router. Every request needs `Authorization: Bearer TOKEN`.
+pub fn admin_router(device: Arc<Device>, limits: ApiLimits, token: String) -> Router {
+    let token = Arc::new(token);
+    Router::new()
+        .route("/admin/status", get(admin_status))
+        .route("/admin/bundles", get(admin_bundles).post(admin_install))
+        .route("/admin/models/{name}/activate", post(admin_activate))
+        .route(
+            "/admin/models/{name}/versions/{version}",
+            delete(admin_remove),
+        )
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let token = Arc::clone(&token);
+                async move {
+                    let given = req
+                        .headers()
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .unwrap_or("");
+                    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                        next.run(req).await
+                    } else {
+                        error(StatusCode::UNAUTHORIZED, "missing or wrong admin token")
+                    }
+                }
+            },
+        ))
+        .with_state(Ctx { device, limits })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn admin_status(State(ctx): State<Ctx>) -> Response {
+    match ctx.device.status() {
+        Ok(models) => axum::Json(json!({
+            "runtime_version": env!("CARGO_PKG_VERSION"),
+            "architecture": std::env::consts::ARCH,
+            "models": models,
+            "metrics": ctx.device.metrics.snapshot(),
+        }))
+        .into_response(),
+        Err(e) => host_error(e),
+    }
+}
+
+async fn admin_bundles(State(ctx): State<Ctx>) -> Response {
+    match ctx.device.installed() {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(e) => host_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct InstallQuery {
+    #[serde(default)]
+    activate: bool,
+}
+
+async fn admin_install(
+    State(ctx): State<Ctx>,
+    Query(q): Query<InstallQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let bytes = match read_body(&headers, body, ctx.limits.max_bundle_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let device = Arc::clone(&ctx.device);
+    let result = tokio::task::spawn_blocking(move || {
+        if q.activate {
+            device.install_and_activate(&bytes)
+        } else {
+            device.install(&bytes)
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(record)) => (StatusCode::CREATED, axum::Json(record)).into_response(),
+        Ok(Err(e)) => host_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ActivateBody {
+    version: String,
+}
+
+async fn admin_activate(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: ActivateBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"version\": \"...\"}}: {e}"),
+            );
+        }
+    };
+    let device = Arc::clone(&ctx.device);
+    let version = req.version.clone();
+    let n = name.clone();
+    match tokio::task::spawn_blocking(move || device.activate(&n, &version)).await {
+        Ok(Ok(())) => axum::Json(json!({ "name": name, "active": req.version })).into_response(),
+        Ok(Err(e)) => host_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn admin_remove(
+    State(ctx): State<Ctx>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    let device = Arc::clone(&ctx.device);
+    match tokio::task::spawn_blocking(move || device.remove(&name, &version)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => host_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Serves the public router on `public` (and the admin router on `admin`, if given) until
+/// `shutdown` completes; in-flight requests finish first.
+pub async fn serve(
+    device: Arc<Device>,
+    limits: ApiLimits,
+    public: TcpListener,
+    admin: Option<(TcpListener, String)>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let public_server = axum::serve(public, public_router(Arc::clone(&device), limits))
+        .with_graceful_shutdown(wait(rx.clone()));
+    match admin {
+        Some((listener, token)) => {
+            let admin_server = axum::serve(listener, admin_router(device, limits, token))
+                .with_graceful_shutdown(wait(rx));
+            let (a, b) = tokio::join!(public_server, admin_server);
+            a.and(b)
+        }
+        None => public_server.await,
+    }
+}
