@@ -131,6 +131,7 @@ impl Device {
     /// Verifies a bundle and records it; does not activate it. The device is untouched when
     /// verification fails.
     pub fn install(&self, bytes: &[u8]) -> Result<InstalledRecord> {
+        let _guard = self.admin.lock().map_err(|_| poisoned())?;
         let opened = Bundle::read(bytes, &self.read_limits)?;
         let name = opened.manifest().name.clone();
         let highest = self.state.highest_counter(&name)?;

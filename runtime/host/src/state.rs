@@ -195,17 +195,21 @@ impl State {
     /// Removes an installed version (not the active one), and its bytes and compiled guest when
     /// no other version shares them.
     pub fn remove(&self, name: &str, version: &str) -> Result<()> {
+        let record = self
+            .record(name, version)?
+            .ok_or_else(|| HostError::UnknownVersion {
+                model: name.into(),
+                version: version.into(),
+            })?;
+        // sled transactions cannot iterate, so look for other users of the bytes first; an
+        // install racing with this removal is excluded by the device's admin lock.
+        let shared = self
+            .installed()?
+            .iter()
+            .any(|r| r.digest == record.digest && (r.name != name || r.version != version));
         let k = key(name, version);
         let result = (&self.blobs, &self.installed, &self.active, &self.compiled).transaction(
             |(blobs, installed, active, compiled)| {
-                let Some(raw) = installed.remove(k.as_slice())? else {
-                    return Err(ConflictableTransactionError::Abort(
-                        HostError::UnknownVersion {
-                            model: name.into(),
-                            version: version.into(),
-                        },
-                    ));
-                };
                 if active
                     .get(name)?
                     .is_some_and(|v| v.as_ref() == version.as_bytes())
@@ -217,15 +221,7 @@ impl State {
                         },
                     ));
                 }
-                let record: InstalledRecord = serde_json::from_slice(&raw)
-                    .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
-                let shared = self.installed.iter().values().any(|v| {
-                    v.ok()
-                        .and_then(|v| serde_json::from_slice::<InstalledRecord>(&v).ok())
-                        .is_some_and(|r| {
-                            r.digest == record.digest && (r.name != name || r.version != version)
-                        })
-                });
+                installed.remove(k.as_slice())?;
                 if !shared {
                     blobs.remove(record.digest.as_bytes())?;
                     compiled.remove(record.digest.as_bytes())?;
