@@ -1,5 +1,8 @@
 //! Builds the example guests (`examples/`) and the test guests (`tests/guests/`) for
 //! `wasm32-wasip2` once, with their own target directory, so the crate can embed them.
+//! A build script reports failure by panicking, so `expect` is the error path here.
+
+#![allow(clippy::expect_used)]
 
 use std::env;
 use std::path::{Path, PathBuf};

@@ -168,7 +168,10 @@ impl Device {
             .get(name)
             .and_then(|s| s.resident.get(version).cloned());
         let loaded = match resident {
-            Some(l) => l,
+            Some(l) => {
+                self.check_not_revoked(&l.record)?;
+                l
+            }
             None => self.load(name, version)?,
         };
         self.warm_up(&loaded)?;
@@ -224,15 +227,8 @@ impl Device {
             .state
             .bundle_bytes(&record.digest)?
             .ok_or_else(|| HostError::Corrupt(format!("bytes of {name} {version} are missing")))?;
+        self.check_not_revoked(&record)?;
         let highest = self.state.highest_counter(name)?;
-        if let Some(h) = highest.filter(|&h| record.security_counter < h) {
-            return Err(HostError::Revoked {
-                model: name.into(),
-                version: version.into(),
-                counter: record.security_counter,
-                highest: h,
-            });
-        }
         // Verified again on every load: the trust store may have changed since the install.
         let verified = Bundle::read_verified(&bytes[..], &self.read_limits, &self.trust, highest)?;
         let manifest = verified.manifest().clone();
@@ -286,6 +282,18 @@ impl Device {
             guest,
             context: Arc::new(context),
         }))
+    }
+
+    fn check_not_revoked(&self, record: &InstalledRecord) -> Result<()> {
+        match self.state.highest_counter(&record.name)? {
+            Some(highest) if record.security_counter < highest => Err(HostError::Revoked {
+                model: record.name.clone(),
+                version: record.version.clone(),
+                counter: record.security_counter,
+                highest,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Calls the guest once with zero inputs shaped like its API (symbolic dimensions as 1).

@@ -132,10 +132,16 @@ impl inference::Host for HostState {
         model: String,
         inputs: Vec<types::Tensor>,
     ) -> Result<Vec<types::Tensor>, types::Error> {
+        let inputs: Vec<Tensor> = inputs.into_iter().map(tensor_from_wit).collect();
+        // Sizes first: a tensor's claimed shape is checked against its data and the cap
+        // before anything else looks at it.
+        let cap = self.context.limits.max_tensor_bytes;
+        for t in &inputs {
+            t.check(cap).map_err(types::Error::InvalidInput)?;
+        }
         let onnx = self.context.models.get(&model).ok_or_else(|| {
             types::Error::InvalidInput(format!("the bundle has no ONNX model `{model}`"))
         })?;
-        let inputs = inputs.into_iter().map(tensor_from_wit).collect();
         let outputs = onnx
             .run(inputs, self.context.limits.max_tensor_bytes)
             .map_err(|e| types::Error::InvalidInput(format!("model `{model}`: {e}")))?;

@@ -115,7 +115,7 @@ impl State {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        let encoded = serde_json::to_vec(&record).map_err(|e| corrupt(e))?;
+        let encoded = serde_json::to_vec(&record).map_err(corrupt)?;
         let k = key(name, version);
         let result = (&self.blobs, &self.installed, &self.counters).transaction(
             |(blobs, installed, counters)| {
@@ -151,7 +151,7 @@ impl State {
     pub fn record(&self, name: &str, version: &str) -> Result<Option<InstalledRecord>> {
         self.installed
             .get(key(name, version))?
-            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(e)))
+            .map(|v| serde_json::from_slice(&v).map_err(corrupt))
             .transpose()
     }
 
@@ -161,7 +161,7 @@ impl State {
             .iter()
             .map(|kv| {
                 let (_, v) = kv?;
-                serde_json::from_slice(&v).map_err(|e| corrupt(e))
+                serde_json::from_slice(&v).map_err(corrupt)
             })
             .collect()
     }
@@ -185,8 +185,8 @@ impl State {
             .map(|kv| {
                 let (k, v) = kv?;
                 Ok((
-                    String::from_utf8(k.to_vec()).map_err(|e| corrupt(e))?,
-                    String::from_utf8(v.to_vec()).map_err(|e| corrupt(e))?,
+                    String::from_utf8(k.to_vec()).map_err(corrupt)?,
+                    String::from_utf8(v.to_vec()).map_err(corrupt)?,
                 ))
             })
             .collect()
