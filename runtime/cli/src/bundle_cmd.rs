@@ -7,7 +7,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use outpost_bundle::manifest::{Dim, TensorSpec};
 use outpost_bundle::spec::Spec;
-use outpost_bundle::{Bundle, ReadLimits, SecretKey, TrustStore, sha256_hex};
+use outpost_bundle::{BuildInput, Bundle, ReadLimits, SecretKey, TrustStore, sha256_hex};
+use outpost_host::engine::Engine;
+use outpost_host::onnx::OnnxModel;
+
+/// A spec with its files read.
+struct Loaded {
+    guest_path: std::path::PathBuf,
+    build: BuildInput,
+}
 
 use crate::util;
 
@@ -224,10 +232,31 @@ fn describe(b: &Bundle, bytes: &[u8]) -> String {
 fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
     let text = util::read_string(spec_path)?;
     let dir = spec_path.parent().unwrap_or(Path::new("."));
-    let input = Spec::parse(&text)
-        .and_then(|spec| spec.load(dir, |p| std::fs::read(p)))
+    let spec = Spec::parse(&text)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
-    let bundle = Bundle::build(input)
+    let guest_path = dir.join(&spec.guest);
+    let build = spec
+        .load(dir, |p| std::fs::read(p))
+        .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
+    let input = Loaded { guest_path, build };
+    // Refuse what a device could not load: a guest wasmtime cannot compile or that does not
+    // fit the host contract, an ONNX model tract cannot load.
+    let engine = Engine::new().context("cannot start the WebAssembly engine")?;
+    engine
+        .compile(&input.build.guest)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .with_context(|| {
+            format!(
+                "the guest module `{}` cannot be loaded",
+                input.guest_path.display()
+            )
+        })?;
+    for m in &input.build.models {
+        OnnxModel::load(&m.bytes)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("ONNX model `{}` cannot be loaded by tract", m.name))?;
+    }
+    let bundle = Bundle::build(input.build)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     Ok(bundle)
 }

@@ -55,8 +55,8 @@ fn workspace(name: &str) -> Workspace {
     let dir = std::env::temp_dir().join(format!("outpost-cli-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("guest.wasm"), b"\0asm\x01\0\0\0").unwrap();
-    fs::write(dir.join("model.onnx"), [1u8, 2, 3, 4]).unwrap();
+    fs::write(dir.join("guest.wasm"), outpost_examples::DIGITS_GUEST).unwrap();
+    fs::write(dir.join("model.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
     fs::write(
         dir.join("bundle.toml"),
         r#"
@@ -119,7 +119,10 @@ fn build_sign_verify_inspect() {
     let json: serde_json::Value =
         serde_json::from_str(&ok(dir, &["bundle", "inspect", "digits.opb", "--json"])).unwrap();
     assert_eq!(json["manifest"]["name"], "digits");
-    assert_eq!(json["manifest"]["models"][0]["size"], 4);
+    assert_eq!(
+        json["manifest"]["models"][0]["size"],
+        outpost_examples::DIGITS_ONNX.len()
+    );
     assert_eq!(json["signature"]["checked"], false);
     assert_eq!(
         json["file"]["size"],
@@ -211,8 +214,8 @@ fn verify_rejections_exit_non_zero_with_a_reason() {
     assert!(err.contains("not allowed to sign model `digits`"), "{err}");
 
     let mut bytes = fs::read(dir.join("digits.opb")).unwrap();
-    let last_data = bytes.len() - 1024 - 512 + 1; // inside the model's data block
-    bytes[last_data] ^= 1;
+    let inside_model = bytes.len() - 1024 - 5000; // in the last file, the ONNX model
+    bytes[inside_model] ^= 1;
     fs::write(dir.join("tampered.opb"), &bytes).unwrap();
     let err = fails(
         dir,
@@ -275,6 +278,29 @@ fn bad_inputs_fail_cleanly() {
 }
 
 #[test]
+fn build_refuses_what_a_device_could_not_load() {
+    let ws = workspace("engine-checks");
+    let dir = &ws.dir;
+    fs::write(dir.join("model.onnx"), b"not an onnx model").unwrap();
+    let err = fails(dir, &["bundle", "build", "bundle.toml", "--out", "x.opb"]);
+    assert!(
+        err.contains("ONNX model `classifier` cannot be loaded by tract"),
+        "{err}"
+    );
+    fs::write(dir.join("model.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
+    // A core module, not a component of the model world.
+    fs::write(dir.join("guest.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    let err = fails(dir, &["bundle", "build", "bundle.toml", "--out", "x.opb"]);
+    assert!(
+        err.contains("the guest module") && err.contains("cannot be loaded"),
+        "{err}"
+    );
+    fs::write(dir.join("guest.wasm"), b"\0asm garbage").unwrap();
+    fails(dir, &["bundle", "build", "bundle.toml", "--out", "x.opb"]);
+    assert!(!dir.join("x.opb").exists());
+}
+
+#[test]
 fn every_command_has_help() {
     let dir = std::env::temp_dir();
     for cmd in [
@@ -287,6 +313,12 @@ fn every_command_has_help() {
         &["bundle", "sign"],
         &["bundle", "verify"],
         &["bundle", "inspect"],
+        &["device"],
+        &["device", "run"],
+        &["device", "install"],
+        &["device", "status"],
+        &["device", "default-config"],
+        &["demo"],
     ] {
         let mut args = cmd.to_vec();
         args.push("--help");

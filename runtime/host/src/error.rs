@@ -12,10 +12,10 @@ pub enum HostError {
     Config(String),
     /// A bundle was rejected.
     #[error("bundle rejected: {0}")]
-    Bundle(#[from] BundleError),
+    Bundle(BundleError),
     /// The state database failed.
     #[error("state database error: {0}")]
-    Store(#[from] sled::Error),
+    Store(sled::Error),
     /// The state database holds something it should not.
     #[error("state database is inconsistent: {0}")]
     Corrupt(String),
@@ -86,7 +86,27 @@ pub enum HostError {
     },
     /// Reading or writing a file failed.
     #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+// The wrapped error's text is part of each message (the HTTP API shows only the message), so
+// these are not `#[source]`s: a printed error chain would repeat them.
+impl From<BundleError> for HostError {
+    fn from(e: BundleError) -> Self {
+        HostError::Bundle(e)
+    }
+}
+
+impl From<sled::Error> for HostError {
+    fn from(e: sled::Error) -> Self {
+        HostError::Store(e)
+    }
+}
+
+impl From<std::io::Error> for HostError {
+    fn from(e: std::io::Error) -> Self {
+        HostError::Io(e)
+    }
 }
 
 /// Result alias for this crate.

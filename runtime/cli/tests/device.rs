@@ -1,0 +1,250 @@
+//! `outpost device` as a real process: offline installs, `kill -9` in the middle of one, and
+//! serving the last active deployment after a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = bin().args(args).current_dir(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "outpost {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A device directory: key, trust store, config, and two signed digits bundles.
+fn setup(tag: &str) -> Dir {
+    let dir = std::env::temp_dir().join(format!("outpost-device-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("guest.wasm"), outpost_examples::DIGITS_GUEST).unwrap();
+    fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
+    for v in ["1.0.0", "2.0.0"] {
+        fs::write(
+            dir.join(format!("{v}.toml")),
+            format!(
+                "name = \"digits\"\nversion = \"{v}\"\nsecurity_counter = 1\nguest = \"guest.wasm\"\n\
+                 [[model]]\nname = \"classifier\"\npath = \"digits.onnx\"\n\
+                 [api]\ninputs = [{{ name = \"pixels\", datatype = \"FP32\", shape = [1, 64] }}]\n"
+            ),
+        )
+        .unwrap();
+    }
+    ok(&dir, &["key", "generate", "--out", "signer"]);
+    let trust = ok(&dir, &["key", "trust", "signer.pub", "--models", "digits"]);
+    fs::write(dir.join("trust.toml"), trust).unwrap();
+    for v in ["1.0.0", "2.0.0"] {
+        ok(
+            &dir,
+            &[
+                "bundle",
+                "build",
+                &format!("{v}.toml"),
+                "--out",
+                &format!("{v}.opb"),
+            ],
+        );
+        ok(
+            &dir,
+            &["bundle", "sign", &format!("{v}.opb"), "--key", "signer.key"],
+        );
+    }
+    fs::write(
+        dir.join("device.toml"),
+        "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\ntrust_store = \"trust.toml\"\n",
+    )
+    .unwrap();
+    Dir(dir)
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(dir, &["device", "status", "--config", "device.toml"])).unwrap()
+}
+
+/// Starts `outpost device run` and returns it with the address it serves on.
+fn run(dir: &Path) -> (Child, String) {
+    let mut child = bin()
+        .args(["device", "run", "--config", "device.toml"])
+        .current_dir(dir)
+        .env("OUTPOST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Some(i) = line.find("serving addr=") {
+            let addr: String = line[i + 13..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            return (child, format!("http://{addr}"));
+        }
+    }
+    panic!("the device never said where it serves");
+}
+
+fn infer_version(url: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let body = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![1.0; 64]}]});
+    let mut r = agent
+        .post(&format!("{url}/v2/models/digits/infer"))
+        .header("content-type", "application/json")
+        .send(body.to_string().as_bytes())
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    v["model_version"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn kill_9_during_install_leaves_a_consistent_device_and_the_install_can_be_retried() {
+    let d = setup("kill9");
+    let dir = &d.0;
+    ok(
+        dir,
+        &[
+            "device",
+            "install",
+            "1.0.0.opb",
+            "--config",
+            "device.toml",
+            "--activate",
+        ],
+    );
+    let mut outcomes = Vec::new();
+    for delay_ms in [0u64, 10, 30, 60, 100, 150, 250, 400] {
+        let mut child = bin()
+            .args([
+                "device",
+                "install",
+                "2.0.0.opb",
+                "--config",
+                "device.toml",
+                "--activate",
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // The state opens, loads its active version, and says which one it is.
+        let s = status(dir);
+        let model = &s[0];
+        let active = model["active"].as_str().unwrap().to_owned();
+        let installed: Vec<&str> = model["installed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["version"].as_str().unwrap())
+            .collect();
+        assert!(installed.contains(&"1.0.0"), "{s}");
+        assert!(
+            installed.contains(&active.as_str()),
+            "active {active} is not installed: {s}"
+        );
+        outcomes.push(format!(
+            "{delay_ms}ms: active {active}, installed {installed:?}"
+        ));
+        if active == "2.0.0" {
+            break;
+        }
+    }
+    eprintln!("{}", outcomes.join("\n"));
+    // Retrying completes the install, whatever the kill left.
+    ok(
+        dir,
+        &[
+            "device",
+            "install",
+            "2.0.0.opb",
+            "--config",
+            "device.toml",
+            "--activate",
+        ],
+    );
+    assert_eq!(status(dir)[0]["active"], "2.0.0");
+
+    let (mut device, url) = run(dir);
+    assert_eq!(infer_version(&url), "2.0.0");
+    device.kill().unwrap();
+    device.wait().unwrap();
+}
+
+#[test]
+fn device_run_serves_the_last_active_deployment_and_refuses_a_second_process() {
+    let d = setup("run");
+    let dir = &d.0;
+    ok(
+        dir,
+        &[
+            "device",
+            "install",
+            "1.0.0.opb",
+            "--config",
+            "device.toml",
+            "--activate",
+        ],
+    );
+    ok(
+        dir,
+        &["device", "install", "2.0.0.opb", "--config", "device.toml"],
+    );
+    let (mut device, url) = run(dir);
+    assert_eq!(
+        infer_version(&url),
+        "1.0.0",
+        "installing alone does not activate"
+    );
+    let out = bin()
+        .args(["device", "status", "--config", "device.toml"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another outpost process"), "{err}");
+    device.kill().unwrap();
+    device.wait().unwrap();
+
+    let out = bin()
+        .args([
+            "device",
+            "install",
+            "tampered.opb",
+            "--config",
+            "device.toml",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let cfg = bin().args(["device", "default-config"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&cfg.stdout).contains("max_concurrent_requests = 8"));
+}
