@@ -101,6 +101,8 @@ fn run(dir: &Path) -> (Child, String) {
             return (child, format!("http://{addr}"));
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the device never said where it serves");
 }
 
