@@ -1,0 +1,164 @@
+//! Serving benchmark: prints, from one run, raw in-process tract latency for each example
+//! model against end-to-end HTTP latency through the guest (the ratio), the guest call
+//! overhead, the time from process start to the first served request, idle RSS, and the size
+//! of the `outpost` binary this profile built.
+//!
+//! Run with: `cargo bench -p outpost-cli --bench serving` (release profile), or add
+//! `--profile dev` for the development profile the tests use.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_bundle::manifest::DataType;
+use outpost_bundle::{Bundle, SecretKey, TrustStore};
+use outpost_examples::Example;
+use outpost_host::engine::Payload;
+use outpost_host::onnx::OnnxModel;
+use outpost_host::tensor::Tensor;
+use outpost_host::{Config, Device};
+
+const ITERATIONS: usize = 2000;
+
+/// Median of `n` timed runs of `f`, in microseconds.
+fn median_us(n: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let mut samples: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[n / 2]
+}
+
+fn f32_tensor(name: &str, shape: Vec<u64>, value: f32) -> Tensor {
+    let n: u64 = shape.iter().product();
+    Tensor {
+        name: name.into(),
+        datatype: DataType::F32,
+        shape,
+        data: (0..n).flat_map(|_| value.to_le_bytes()).collect(),
+    }
+}
+
+fn main() {
+    let profile = if cfg!(debug_assertions) { "dev" } else { "release" };
+    let dir = std::env::temp_dir().join(format!("outpost-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Raw tract, in process.
+    let digits_model = OnnxModel::load(outpost_examples::DIGITS_ONNX).unwrap();
+    let sensor_model = OnnxModel::load(outpost_examples::SENSOR_ONNX).unwrap();
+    let raw_digits = median_us(ITERATIONS, || {
+        digits_model.run(vec![f32_tensor("input", vec![1, 64], 0.5)], 1 << 20).unwrap();
+    });
+    let raw_sensor = median_us(ITERATIONS, || {
+        sensor_model.run(vec![f32_tensor("input", vec![1, 48], 0.1)], 1 << 20).unwrap();
+    });
+
+    // A device with the examples, written to disk so a process can start from it.
+    let key = SecretKey::from_seed(&[3; 32]);
+    let mut trust = TrustStore::new();
+    trust.allow(key.public(), ["*"]);
+    std::fs::write(dir.join("trust.toml"), trust.to_toml_string()).unwrap();
+    std::fs::write(
+        dir.join("device.toml"),
+        "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\ntrust_store = \"trust.toml\"\nmax_concurrent_requests = 4\n",
+    )
+    .unwrap();
+    let config = Config::load(&dir.join("device.toml")).unwrap();
+    let mut hostile = Example::Digits.build_input().unwrap();
+    hostile.name = "echo".into();
+    hostile.guest = outpost_examples::HOSTILE_GUEST.to_vec();
+    hostile.api = Default::default();
+    hostile.baseline = None;
+    {
+        let device = Arc::new(Device::with_trust(&config, trust.clone()).unwrap());
+        for input in [Example::Digits.build_input().unwrap(), Example::Sensor.build_input().unwrap(), hostile] {
+            let mut b = Bundle::build(input).unwrap();
+            b.sign(&key);
+            device.install_and_activate(&b.to_bytes()).unwrap();
+        }
+        // Guest call overhead: a guest that echoes its input, no model, through the device.
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let echo = median_us(ITERATIONS, || {
+            let payload = Payload::Raw {
+                content_type: "text/plain".into(),
+                body: b"ping".to_vec(),
+            };
+            rt.block_on(device.infer("echo", None, payload)).unwrap();
+        });
+        let through_guest = median_us(ITERATIONS, || {
+            let payload = Payload::Tensors(vec![f32_tensor("pixels", vec![1, 64], 8.0)]);
+            rt.block_on(device.infer("digits", None, payload)).unwrap();
+        });
+        println!("profile                              {profile}");
+        println!("raw tract, digits MLP                {raw_digits:>9.1} µs");
+        println!("raw tract, sensor autoencoder        {raw_sensor:>9.1} µs");
+        println!("guest call (instantiate + echo)      {echo:>9.1} µs");
+        println!("digits through the guest, in process {through_guest:>9.1} µs  ({:.2}× raw tract)", through_guest / raw_digits);
+    }
+
+    // A real process: start to first served request, HTTP latency, idle RSS.
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_outpost"));
+    let started = Instant::now();
+    let mut child = Command::new(&bin)
+        .args(["device", "run", "--config", "device.toml"])
+        .current_dir(&dir)
+        .env("OUTPOST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("device exited").unwrap();
+        if let Some(i) = line.find("serving addr=") {
+            break line[i + 13..].split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
+    let digits_body = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![8.0; 64]}]}).to_string();
+    let sensor_body = serde_json::json!({"inputs": [{"name": "readings", "shape": [16, 3], "datatype": "FP32", "data": vec![[43.0, 0.45, 3.5]; 16]}]}).to_string();
+    let post = |model: &str, body: &str| {
+        let mut r = agent
+            .post(&format!("http://{addr}/v2/models/{model}/infer"))
+            .header("content-type", "application/json")
+            .send(body.as_bytes())
+            .unwrap();
+        r.body_mut().read_to_vec().unwrap();
+    };
+    post("digits", &digits_body);
+    let first_request = started.elapsed();
+    let http_digits = median_us(ITERATIONS, || post("digits", &digits_body));
+    let http_sensor = median_us(ITERATIONS, || post("sensor-anomaly", &sensor_body));
+    std::thread::sleep(Duration::from_secs(1));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+
+    println!("HTTP end to end, digits              {http_digits:>9.1} µs  ({:.2}× raw tract)", http_digits / raw_digits);
+    println!("HTTP end to end, sensor              {http_sensor:>9.1} µs  ({:.2}× raw tract)", http_sensor / raw_sensor);
+    println!("process start to first served request {:>8.1} ms  (compiled guests cached)", first_request.as_secs_f64() * 1e3);
+    println!("idle RSS after serving, 3 models     {:>9.1} MB", rss_kb as f64 / 1024.0);
+    println!("outpost binary ({profile})              {:>9.1} MB", size as f64 / 1e6);
+    let _ = std::fs::remove_dir_all(&dir);
+}
