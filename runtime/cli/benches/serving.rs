@@ -51,7 +51,11 @@ fn f32_tensor(name: &str, shape: Vec<u64>, value: f32) -> Tensor {
 }
 
 fn main() {
-    let profile = if cfg!(debug_assertions) { "dev" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
     let dir = std::env::temp_dir().join(format!("outpost-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -60,10 +64,14 @@ fn main() {
     let digits_model = OnnxModel::load(outpost_examples::DIGITS_ONNX).unwrap();
     let sensor_model = OnnxModel::load(outpost_examples::SENSOR_ONNX).unwrap();
     let raw_digits = median_us(ITERATIONS, || {
-        digits_model.run(vec![f32_tensor("input", vec![1, 64], 0.5)], 1 << 20).unwrap();
+        digits_model
+            .run(vec![f32_tensor("input", vec![1, 64], 0.5)], 1 << 20)
+            .unwrap();
     });
     let raw_sensor = median_us(ITERATIONS, || {
-        sensor_model.run(vec![f32_tensor("input", vec![1, 48], 0.1)], 1 << 20).unwrap();
+        sensor_model
+            .run(vec![f32_tensor("input", vec![1, 48], 0.1)], 1 << 20)
+            .unwrap();
     });
 
     // A device with the examples, written to disk so a process can start from it.
@@ -84,13 +92,20 @@ fn main() {
     hostile.baseline = None;
     {
         let device = Arc::new(Device::with_trust(&config, trust.clone()).unwrap());
-        for input in [Example::Digits.build_input().unwrap(), Example::Sensor.build_input().unwrap(), hostile] {
+        for input in [
+            Example::Digits.build_input().unwrap(),
+            Example::Sensor.build_input().unwrap(),
+            hostile,
+        ] {
             let mut b = Bundle::build(input).unwrap();
             b.sign(&key);
             device.install_and_activate(&b.to_bytes()).unwrap();
         }
         // Guest call overhead: a guest that echoes its input, no model, through the device.
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let echo = median_us(ITERATIONS, || {
             let payload = Payload::Raw {
                 content_type: "text/plain".into(),
@@ -106,7 +121,10 @@ fn main() {
         println!("raw tract, digits MLP                {raw_digits:>9.1} µs");
         println!("raw tract, sensor autoencoder        {raw_sensor:>9.1} µs");
         println!("guest call (instantiate + echo)      {echo:>9.1} µs");
-        println!("digits through the guest, in process {through_guest:>9.1} µs  ({:.2}× raw tract)", through_guest / raw_digits);
+        println!(
+            "digits through the guest, in process {through_guest:>9.1} µs  ({:.2}× raw tract)",
+            through_guest / raw_digits
+        );
     }
 
     // A real process: start to first served request, HTTP latency, idle RSS.
@@ -128,7 +146,10 @@ fn main() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
     let digits_body = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![8.0; 64]}]}).to_string();
     let sensor_body = serde_json::json!({"inputs": [{"name": "readings", "shape": [16, 3], "datatype": "FP32", "data": vec![[43.0, 0.45, 3.5]; 16]}]}).to_string();
     let post = |model: &str, body: &str| {
@@ -144,7 +165,8 @@ fn main() {
     let http_digits = median_us(ITERATIONS, || post("digits", &digits_body));
     let http_sensor = median_us(ITERATIONS, || post("sensor-anomaly", &sensor_body));
     std::thread::sleep(Duration::from_secs(1));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
     let rss_kb: u64 = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -155,10 +177,25 @@ fn main() {
     let _ = child.wait();
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
 
-    println!("HTTP end to end, digits              {http_digits:>9.1} µs  ({:.2}× raw tract)", http_digits / raw_digits);
-    println!("HTTP end to end, sensor              {http_sensor:>9.1} µs  ({:.2}× raw tract)", http_sensor / raw_sensor);
-    println!("process start to first served request {:>8.1} ms  (compiled guests cached)", first_request.as_secs_f64() * 1e3);
-    println!("idle RSS after serving, 3 models     {:>9.1} MB", rss_kb as f64 / 1024.0);
-    println!("outpost binary ({profile})              {:>9.1} MB", size as f64 / 1e6);
+    println!(
+        "HTTP end to end, digits              {http_digits:>9.1} µs  ({:.2}× raw tract)",
+        http_digits / raw_digits
+    );
+    println!(
+        "HTTP end to end, sensor              {http_sensor:>9.1} µs  ({:.2}× raw tract)",
+        http_sensor / raw_sensor
+    );
+    println!(
+        "process start to first served request {:>8.1} ms  (compiled guests cached)",
+        first_request.as_secs_f64() * 1e3
+    );
+    println!(
+        "idle RSS after serving, 3 models     {:>9.1} MB",
+        rss_kb as f64 / 1024.0
+    );
+    println!(
+        "outpost binary ({profile})              {:>9.1} MB",
+        size as f64 / 1e6
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

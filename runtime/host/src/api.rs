@@ -98,25 +98,16 @@ pub fn public_router(device: Arc<Device>, limits: ApiLimits) -> Router {
         )
         .route("/v2", get(server_metadata))
         .route("/v2/models/{name}", get(model_metadata))
-        .route(
-            "/v2/models/{name}/versions/{version}",
-            get(model_version_metadata),
-        )
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route(
             "/v2/models/{name}/versions/{version}/ready",
-            get(model_version_ready),
+            get(model_ready),
         )
         .route("/v2/models/{name}/infer", post(infer))
-        .route(
-            "/v2/models/{name}/versions/{version}/infer",
-            post(infer_version),
-        )
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v2/models/{name}/raw", post(raw))
-        .route(
-            "/v2/models/{name}/versions/{version}/raw",
-            post(raw_version),
-        )
+        .route("/v2/models/{name}/versions/{version}/raw", post(raw))
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -171,58 +162,36 @@ fn metadata_of(device: &Device, loaded: &Loaded) -> serde_json::Value {
     })
 }
 
-async fn model_metadata(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
-    match ctx.device.resolve(&name, None) {
+/// A model path: `/v2/models/{name}` or `/v2/models/{name}/versions/{version}`.
+#[derive(Deserialize)]
+struct ModelRef {
+    name: String,
+    #[serde(default)]
+    version: Option<String>,
+}
+
+async fn model_metadata(State(ctx): State<Ctx>, Path(m): Path<ModelRef>) -> Response {
+    match ctx.device.resolve(&m.name, m.version.as_deref()) {
         Ok(l) => axum::Json(metadata_of(&ctx.device, &l)).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn model_version_metadata(
-    State(ctx): State<Ctx>,
-    Path((name, version)): Path<(String, String)>,
-) -> Response {
-    match ctx.device.resolve(&name, Some(&version)) {
-        Ok(l) => axum::Json(metadata_of(&ctx.device, &l)).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn model_ready(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
-    match ctx.device.resolve(&name, None) {
-        Ok(_) => axum::Json(json!({ "name": name, "ready": true })).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn model_version_ready(
-    State(ctx): State<Ctx>,
-    Path((name, version)): Path<(String, String)>,
-) -> Response {
-    match ctx.device.resolve(&name, Some(&version)) {
-        Ok(_) => {
-            axum::Json(json!({ "name": name, "version": version, "ready": true })).into_response()
-        }
+async fn model_ready(State(ctx): State<Ctx>, Path(m): Path<ModelRef>) -> Response {
+    match ctx.device.resolve(&m.name, m.version.as_deref()) {
+        Ok(l) => axum::Json(json!({ "name": m.name, "version": l.version(), "ready": true }))
+            .into_response(),
         Err(e) => e.into_response(),
     }
 }
 
 async fn infer(
     State(ctx): State<Ctx>,
-    Path(name): Path<String>,
+    Path(m): Path<ModelRef>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(ctx, name, None, headers, body).await
-}
-
-async fn infer_version(
-    State(ctx): State<Ctx>,
-    Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    run_infer(ctx, name, Some(version), headers, body).await
+    run_infer(ctx, m.name, m.version, headers, body).await
 }
 
 async fn run_infer(
@@ -308,20 +277,11 @@ fn raw_response(content_type: String, body: Vec<u8>) -> Response {
 
 async fn raw(
     State(ctx): State<Ctx>,
-    Path(name): Path<String>,
+    Path(m): Path<ModelRef>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_raw(ctx, name, None, headers, body).await
-}
-
-async fn raw_version(
-    State(ctx): State<Ctx>,
-    Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    run_raw(ctx, name, Some(version), headers, body).await
+    run_raw(ctx, m.name, m.version, headers, body).await
 }
 
 async fn run_raw(
