@@ -57,6 +57,14 @@ fn run_in(data_dir: &std::path::Path, listen: SocketAddr, admin_listen: SocketAd
         eprintln!("installed and activated {} {}", record.name, record.version);
     }
     let url = format!("http://{listen}");
+    // Inputs the training scripts recorded, so the printed requests give the recorded answers.
+    let digits: serde_json::Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED)?;
+    let sensor: serde_json::Value = serde_json::from_str(outpost_examples::SENSOR_EXPECTED)?;
+    let pixels = &digits["cases"][0]["pixels"];
+    let readings = &sensor["cases"][0]["readings"];
+    let digits_request = serde_json::json!({
+        "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": pixels}]
+    });
     println!(
         r#"
 Outpost demo device: serving on {url} (state in {dir})
@@ -64,15 +72,17 @@ Outpost demo device: serving on {url} (state in {dir})
 Try:
   curl {url}/v2/models/digits
   curl -X POST {url}/v2/models/digits/infer -H 'Content-Type: application/json' \
-    -d '{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]}}]}}'
+    -d '{digits_request}'
   curl -X POST {url}/v2/models/sensor-anomaly/raw -H 'Content-Type: application/json' \
-    -d '{{"readings":[{readings}]}}'
+    -d '{{"readings":{readings}}}'
   curl {url}/metrics
   curl -H 'Authorization: Bearer {token}' http://{admin_listen}/admin/status
 
+A digit image from the repository: curl -X POST {url}/v2/models/digits/raw \
+    -H 'Content-Type: image/png' --data-binary @models/digits/samples/digit.png
+
 Ctrl-C stops it."#,
         dir = data_dir.display(),
-        readings = vec!["[43.0,0.45,3.5]"; 16].join(","),
     );
     crate::device_cmd::serve(Arc::new(device), &config, Some(token))
 }
