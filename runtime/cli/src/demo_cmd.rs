@@ -56,17 +56,26 @@ fn run_in(data_dir: &std::path::Path, listen: SocketAddr, admin_listen: SocketAd
             .with_context(|| format!("cannot install the {example:?} example"))?;
         eprintln!("installed and activated {} {}", record.name, record.version);
     }
-    let url = format!("http://{listen}");
     // Inputs the training scripts recorded, so the printed requests give the recorded answers.
     let digits: serde_json::Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED)?;
     let sensor: serde_json::Value = serde_json::from_str(outpost_examples::SENSOR_EXPECTED)?;
-    let pixels = &digits["cases"][0]["pixels"];
-    let readings = &sensor["cases"][0]["readings"];
-    let digits_request = serde_json::json!({
-        "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": pixels}]
-    });
-    println!(
-        r#"
+    let pixels = digits["cases"][0]["pixels"].clone();
+    let readings = sensor["cases"][0]["readings"].clone();
+    let dir = data_dir.display().to_string();
+    let admin_token = token.clone();
+    crate::device_cmd::serve(
+        Arc::new(device),
+        &config,
+        Some(token),
+        move |listen, admin| {
+            let token = admin_token;
+            let admin_listen = admin.map_or_else(|| "(admin off)".to_owned(), |a| a.to_string());
+            let url = format!("http://{listen}");
+            let digits_request = serde_json::json!({
+                "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": pixels}]
+            });
+            println!(
+                r#"
 Outpost demo device: serving on {url} (state in {dir})
 
 Try:
@@ -81,8 +90,8 @@ Try:
 A digit image from the repository: curl -X POST {url}/v2/models/digits/raw \
     -H 'Content-Type: image/png' --data-binary @models/digits/samples/digit.png
 
-Ctrl-C stops it."#,
-        dir = data_dir.display(),
-    );
-    crate::device_cmd::serve(Arc::new(device), &config, Some(token))
+Ctrl-C stops it."#
+            );
+        },
+    )
 }

@@ -78,16 +78,17 @@ pub(crate) fn run(cmd: DeviceCommand) -> Result<()> {
             crate::init_logging();
             let config = Config::load(&config)?;
             let device = Arc::new(Device::open(&config)?);
-            serve(device, &config, config.admin_token.clone())
+            serve(device, &config, config.admin_token.clone(), |_, _| {})
         }
     }
 }
 
-/// Runs the HTTP servers until Ctrl-C or SIGTERM.
+/// Runs the HTTP servers until Ctrl-C or SIGTERM; `on_ready` gets the bound addresses.
 pub(crate) fn serve(
     device: Arc<Device>,
     config: &Config,
     admin_token: Option<String>,
+    on_ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
 ) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -108,6 +109,8 @@ pub(crate) fn serve(
             _ => None,
         };
         tracing::info!(addr = %public.local_addr()?, "serving");
+        let admin_addr = admin.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        on_ready(public.local_addr()?, admin_addr);
         let limits = ApiLimits {
             max_request_bytes: config.max_request_bytes,
             max_bundle_bytes: config.max_bundle_bytes,

@@ -250,3 +250,47 @@ fn device_run_serves_the_last_active_deployment_and_refuses_a_second_process() {
     let cfg = bin().args(["device", "default-config"]).output().unwrap();
     assert!(String::from_utf8_lossy(&cfg.stdout).contains("max_concurrent_requests = 8"));
 }
+
+#[test]
+fn demo_serves_the_examples_and_stops_cleanly_on_ctrl_c() {
+    let mut child = bin()
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("OUTPOST_LOG", "warn")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (url, state) = loop {
+        let Some(line) = lines.next() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the demo exited before serving");
+        };
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("Outpost demo device: serving on ") {
+            let (url, state) = rest.split_once(" (state in ").unwrap();
+            break (url.to_owned(), PathBuf::from(state.trim_end_matches(')')));
+        }
+    };
+    assert!(state.exists());
+    assert_eq!(infer_version(&url), "1.0.0");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!state.exists(), "the temporary state was left behind");
+}
