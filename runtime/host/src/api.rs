@@ -187,17 +187,7 @@ async fn model_ready(State(ctx): State<Ctx>, Path(m): Path<ModelRef>) -> Respons
 
 async fn infer(
     State(ctx): State<Ctx>,
-    Path(m): Path<ModelRef>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    run_infer(ctx, m.name, m.version, headers, body).await
-}
-
-async fn run_infer(
-    ctx: Ctx,
-    name: String,
-    version: Option<String>,
+    Path(ModelRef { name, version }): Path<ModelRef>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -277,17 +267,7 @@ fn raw_response(content_type: String, body: Vec<u8>) -> Response {
 
 async fn raw(
     State(ctx): State<Ctx>,
-    Path(m): Path<ModelRef>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    run_raw(ctx, m.name, m.version, headers, body).await
-}
-
-async fn run_raw(
-    ctx: Ctx,
-    name: String,
-    version: Option<String>,
+    Path(ModelRef { name, version }): Path<ModelRef>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
