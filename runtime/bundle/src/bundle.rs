@@ -3,8 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 
-use ed25519_dalek::Signature;
-use ed25519_dalek::Signer as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -82,7 +80,7 @@ impl SignatureEntry {
         Ok(entry)
     }
 
-    fn signature(&self) -> Result<Signature> {
+    fn signature(&self) -> Result<[u8; 64]> {
         let malformed = || {
             BundleError::MalformedSignature("signature must be 128 lower-case hex digits".into())
         };
@@ -92,7 +90,7 @@ impl SignatureEntry {
         }
         let mut raw = [0u8; 64];
         hex::decode_to_slice(&self.signature, &mut raw).map_err(|_| malformed())?;
-        Ok(Signature::from_bytes(&raw))
+        Ok(raw)
     }
 }
 
@@ -247,13 +245,11 @@ impl Bundle {
         let m = &self.manifest;
         let sig = self.signature.as_ref().ok_or(BundleError::Unsigned)?;
         let key = trust.authorize(&sig.key_id, &m.name)?;
-        let mut message = SIGNING_CONTEXT.to_vec();
-        message.extend_from_slice(&self.manifest_bytes);
-        key.verifying_key()
-            .verify_strict(&message, &sig.signature()?)
-            .map_err(|_| BundleError::BadSignature {
+        if !key.verify(SIGNING_CONTEXT, &self.manifest_bytes, &sig.signature()?) {
+            return Err(BundleError::BadSignature {
                 key_id: sig.key_id.clone(),
-            })?;
+            });
+        }
         if let Some(highest) = highest_accepted.filter(|&h| m.security_counter < h) {
             return Err(BundleError::SecurityCounterRollback {
                 name: m.name.clone(),
@@ -266,13 +262,11 @@ impl Bundle {
 
     /// Signs the manifest with `key`, replacing any previous signature.
     pub fn sign(&mut self, key: &SecretKey) {
-        let mut message = SIGNING_CONTEXT.to_vec();
-        message.extend_from_slice(&self.manifest_bytes);
-        let signature = key.signing_key().sign(&message);
+        let signature = key.sign(SIGNING_CONTEXT, &self.manifest_bytes);
         self.signature = Some(SignatureEntry {
             algorithm: "ed25519".into(),
             key_id: key.id().into(),
-            signature: hex::encode(signature.to_bytes()),
+            signature: hex::encode(signature),
         });
     }
 

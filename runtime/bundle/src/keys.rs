@@ -72,8 +72,14 @@ impl SecretKey {
         }
     }
 
-    pub(crate) fn signing_key(&self) -> &SigningKey {
-        &self.key
+    /// Signs `context || message`. Each kind of signed Outpost message has its own context,
+    /// so a signature made for one kind is never valid for another.
+    pub fn sign(&self, context: &[u8], message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer as _;
+        let mut m = Vec::with_capacity(context.len() + message.len());
+        m.extend_from_slice(context);
+        m.extend_from_slice(message);
+        self.key.sign(&m).to_bytes()
     }
 
     /// The key file text (JSON). Keep it private: it signs bundles.
@@ -138,8 +144,14 @@ impl PublicKey {
         hex::encode(self.key.as_bytes())
     }
 
-    pub(crate) fn verifying_key(&self) -> &VerifyingKey {
-        &self.key
+    /// Checks a signature made by [`SecretKey::sign`] (`verify_strict`).
+    pub fn verify(&self, context: &[u8], message: &[u8], signature: &[u8; 64]) -> bool {
+        let mut m = Vec::with_capacity(context.len() + message.len());
+        m.extend_from_slice(context);
+        m.extend_from_slice(message);
+        self.key
+            .verify_strict(&m, &ed25519_dalek::Signature::from_bytes(signature))
+            .is_ok()
     }
 
     /// The public key file text (JSON).
