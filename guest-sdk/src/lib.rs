@@ -193,22 +193,38 @@ impl Tensor {
         }
         let c = self.data.chunks_exact(size);
         Ok(match self.datatype {
-            DataType::F32 => c.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            DataType::F64 => c
-                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+            DataType::F32 => c
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
-            DataType::I32 => c.map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
-            DataType::U32 => c.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
+            DataType::F64 => c
+                .map(|b| {
+                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                })
+                .collect(),
+            DataType::I32 => c
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+                .collect(),
+            DataType::U32 => c
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+                .collect(),
             DataType::I64 => c
-                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                .map(|b| {
+                    i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                })
                 .collect(),
             DataType::U64 => c
-                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                .map(|b| {
+                    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                })
                 .collect(),
             DataType::U8 | DataType::Bool => c.map(|b| f32::from(b[0])).collect(),
             DataType::I8 => c.map(|b| f32::from(b[0] as i8)).collect(),
-            DataType::U16 => c.map(|b| f32::from(u16::from_le_bytes([b[0], b[1]]))).collect(),
-            DataType::I16 => c.map(|b| f32::from(i16::from_le_bytes([b[0], b[1]]))).collect(),
+            DataType::U16 => c
+                .map(|b| f32::from(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            DataType::I16 => c
+                .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])))
+                .collect(),
             DataType::F16 | DataType::Bytes => Vec::new(),
         })
     }
@@ -224,7 +240,8 @@ impl Tensor {
         let mut out = Vec::new();
         let mut rest = &self.data[..];
         while !rest.is_empty() {
-            let bad = || Error::invalid_input(format!("tensor `{}`: malformed BYTES data", self.name));
+            let bad =
+                || Error::invalid_input(format!("tensor `{}`: malformed BYTES data", self.name));
             let len = rest.get(..4).ok_or_else(bad)?;
             let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
             let item = rest.get(4..4 + len).ok_or_else(bad)?;
@@ -283,7 +300,9 @@ impl Payload {
 
     fn from_wit(p: wit::Payload) -> Self {
         match p {
-            wit::Payload::Tensors(ts) => Payload::Tensors(ts.into_iter().map(tensor_from_wit).collect()),
+            wit::Payload::Tensors(ts) => {
+                Payload::Tensors(ts.into_iter().map(tensor_from_wit).collect())
+            }
             wit::Payload::Raw(r) => Payload::Raw {
                 content_type: r.content_type,
                 body: r.body,
@@ -293,8 +312,12 @@ impl Payload {
 
     fn into_wit(self) -> wit::Payload {
         match self {
-            Payload::Tensors(ts) => wit::Payload::Tensors(ts.into_iter().map(tensor_into_wit).collect()),
-            Payload::Raw { content_type, body } => wit::Payload::Raw(wit::Raw { content_type, body }),
+            Payload::Tensors(ts) => {
+                wit::Payload::Tensors(ts.into_iter().map(tensor_into_wit).collect())
+            }
+            Payload::Raw { content_type, body } => {
+                wit::Payload::Raw(wit::Raw { content_type, body })
+            }
         }
     }
 }

@@ -68,8 +68,13 @@ fn build(manifest: &Path, target_dir: &Path) {
         .arg("--manifest-path")
         .arg(manifest)
         .env("CARGO_TARGET_DIR", target_dir);
-    // The outer build's settings are for the host; the guests get their own.
+    // The outer build's settings are for the host; the guests get their own (and under
+    // `cargo clippy`, the outer build's wrapper must not lint the guests with its flags).
     for var in [
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
+        "CLIPPY_CONF_DIR",
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_TARGET",

@@ -38,10 +38,8 @@ pub(crate) fn decode(content_type: &str, body: &[u8]) -> Result<Gray, Error> {
 
 fn decode_png(body: &[u8]) -> Result<Gray, Error> {
     let bad = |e: png::DecodingError| Error::invalid_input(format!("invalid PNG: {e}"));
-    let mut decoder = png::Decoder::new_with_limits(
-        std::io::Cursor::new(body),
-        png::Limits { bytes: 16 << 20 },
-    );
+    let mut decoder =
+        png::Decoder::new_with_limits(std::io::Cursor::new(body), png::Limits { bytes: 16 << 20 });
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(bad)?;
     let size = reader
@@ -54,7 +52,9 @@ fn decode_png(body: &[u8]) -> Result<Gray, Error> {
         png::ColorType::GrayscaleAlpha => 2,
         png::ColorType::Rgb => 3,
         png::ColorType::Rgba => 4,
-        png::ColorType::Indexed => return Err(Error::invalid_input("indexed PNG was not expanded")),
+        png::ColorType::Indexed => {
+            return Err(Error::invalid_input("indexed PNG was not expanded"));
+        }
     };
     let (width, height) = (info.width as usize, info.height as usize);
     let mut pixels = Vec::with_capacity(width * height);
@@ -118,7 +118,9 @@ fn decode_pgm(body: &[u8]) -> Result<Gray, Error> {
             let data = data.get(..n).ok_or_else(|| bad("pixel data is short"))?;
             data.iter().map(|&v| scale(usize::from(v))).collect()
         } else {
-            let data = data.get(..2 * n).ok_or_else(|| bad("pixel data is short"))?;
+            let data = data
+                .get(..2 * n)
+                .ok_or_else(|| bad("pixel data is short"))?;
             data.chunks(2)
                 .map(|b| scale(usize::from(u16::from_be_bytes([b[0], b[1]]))))
                 .collect()

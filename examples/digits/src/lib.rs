@@ -41,7 +41,7 @@ fn handle(request: Request) -> Result<Response, Error> {
 
 /// Classifies `N × 64` pixel values; returns N labels and N × 10 probabilities.
 fn classify(pixels: &[f32]) -> Result<(Vec<i64>, Vec<f32>), Error> {
-    if pixels.is_empty() || pixels.len() % PIXELS != 0 {
+    if pixels.is_empty() || !pixels.len().is_multiple_of(PIXELS) {
         return Err(Error::invalid_input(format!(
             "`pixels` must hold N × 64 values, got {}",
             pixels.len()
@@ -55,11 +55,18 @@ fn classify(pixels: &[f32]) -> Result<(Vec<i64>, Vec<f32>), Error> {
     let n = pixels.len() / PIXELS;
     let scaled: Vec<f32> = pixels.iter().map(|p| p / MAX_VALUE).collect();
     for row in scaled.chunks(PIXELS) {
-        outpost_guest::observe("mean_intensity", f64::from(row.iter().sum::<f32>() / PIXELS as f32));
+        outpost_guest::observe(
+            "mean_intensity",
+            f64::from(row.iter().sum::<f32>() / PIXELS as f32),
+        );
     }
     let outputs = outpost_guest::infer(
         "classifier",
-        vec![Tensor::from_f32("input", [n as u64, PIXELS as u64], &scaled)],
+        vec![Tensor::from_f32(
+            "input",
+            [n as u64, PIXELS as u64],
+            &scaled,
+        )],
     )?;
     let probs = outputs
         .iter()
@@ -77,7 +84,10 @@ fn classify(pixels: &[f32]) -> Result<(Vec<i64>, Vec<f32>), Error> {
         .map(|row| {
             row.iter()
                 .enumerate()
-                .fold((0, f32::MIN), |best, (i, &p)| if p > best.1 { (i, p) } else { best })
+                .fold(
+                    (0, f32::MIN),
+                    |best, (i, &p)| if p > best.1 { (i, p) } else { best },
+                )
                 .0 as i64
         })
         .collect();

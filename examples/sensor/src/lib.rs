@@ -31,15 +31,20 @@ fn params() -> Result<Params, Error> {
     let window = get("window")?
         .as_u64()
         .filter(|w| (1..=4096).contains(w))
-        .ok_or_else(|| Error::internal("metadata `window` must be 1..4096"))? as usize;
+        .ok_or_else(|| Error::internal("metadata `window` must be 1..4096"))?
+        as usize;
     let threshold = get("threshold")?
         .as_f64()
-        .ok_or_else(|| Error::internal("metadata `threshold` must be a number"))? as f32;
+        .ok_or_else(|| Error::internal("metadata `threshold` must be a number"))?
+        as f32;
     let channels: Vec<String> = serde_json::from_value(get("channels")?)
         .map_err(|e| Error::internal(format!("metadata `channels`: {e}")))?;
     let (mean, std) = (floats("channel_mean")?, floats("channel_std")?);
-    if mean.len() != channels.len() || std.len() != channels.len() || std.iter().any(|s| *s <= 0.0) {
-        return Err(Error::internal("metadata scaler does not match the channels"));
+    if mean.len() != channels.len() || std.len() != channels.len() || std.iter().any(|s| *s <= 0.0)
+    {
+        return Err(Error::internal(
+            "metadata scaler does not match the channels",
+        ));
     }
     Ok(Params {
         window,

@@ -39,9 +39,15 @@ fn handle(request: Request) -> Result<Response, Error> {
                 data: vec![0u8; 16],
             };
             let out = outpost_guest::infer("classifier", vec![claim])?;
-            Ok(Response::raw("text/plain", format!("host accepted a huge tensor: {} outputs", out.len())))
+            Ok(Response::raw(
+                "text/plain",
+                format!("host accepted a huge tensor: {} outputs", out.len()),
+            ))
         }
-        "attack/huge-output" => Ok(Response::raw("application/octet-stream", vec![7u8; 4 << 20])),
+        "attack/huge-output" => Ok(Response::raw(
+            "application/octet-stream",
+            vec![7u8; 4 << 20],
+        )),
         "attack/file" => match std::fs::read("/etc/passwd") {
             Ok(bytes) => Ok(Response::raw("text/plain", bytes)),
             Err(e) => Err(Error::internal(format!("file access denied: {e}"))),
