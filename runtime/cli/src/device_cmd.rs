@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use outpost_host::agent::Agent;
 use outpost_host::api::{self, ApiLimits};
 use outpost_host::{Config, DEFAULT_CONFIG, Device};
 
@@ -115,13 +116,31 @@ pub(crate) fn serve(
             max_request_bytes: config.max_request_bytes,
             max_bundle_bytes: config.max_bundle_bytes,
         };
-        api::serve(device, limits, public, admin, shutdown_signal()).await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let agent = match &config.fleet {
+            Some(fleet) => Some(Agent::start(
+                Arc::clone(&device),
+                fleet.clone(),
+                config.data_dir.join("downloads"),
+                config.max_bundle_bytes,
+                stop_rx,
+            )?),
+            None => None,
+        };
+        let shutdown = async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        };
+        api::serve(device, limits, public, admin, shutdown).await?;
+        if let Some(agent) = agent {
+            agent.stopped().await;
+        }
         tracing::info!("stopped");
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -7,6 +7,7 @@ use clap::Parser;
 mod bundle_cmd;
 mod demo_cmd;
 mod device_cmd;
+mod fleet_cmd;
 mod key_cmd;
 mod util;
 
@@ -29,6 +30,9 @@ enum Command {
     /// Run a device: serve installed bundles over HTTP.
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
+    /// Run a fleet manager, push bundles, deploy them, and watch devices and telemetry.
+    #[command(subcommand)]
+    Fleet(fleet_cmd::FleetCommand),
     /// Start a local device with the example bundles built, signed and installed.
     Demo(demo_cmd::DemoArgs),
 }
@@ -39,10 +43,24 @@ fn init_logging() {
         .ok()
         .and_then(|l| l.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::INFO);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The embedded broker logs every connection at info; keep it to warnings unless tracing.
+    let broker_level = if level == tracing::Level::TRACE {
+        level
+    } else {
+        tracing::Level::WARN
+    };
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_default(level)
+        .with_target("rumqttd", broker_level);
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
+        .with(filter)
         .try_init();
 }
 
@@ -52,6 +70,7 @@ fn main() -> ExitCode {
         Command::Key(cmd) => key_cmd::run(cmd),
         Command::Bundle(cmd) => bundle_cmd::run(cmd),
         Command::Device(cmd) => device_cmd::run(cmd),
+        Command::Fleet(cmd) => fleet_cmd::run(cmd),
         Command::Demo(args) => demo_cmd::run(args),
     };
     match result {

@@ -128,6 +128,11 @@ impl Device {
         Ok(device)
     }
 
+    /// The device's state database.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
     /// Verifies a bundle and records it; does not activate it. The device is untouched when
     /// verification fails.
     pub fn install(&self, bytes: &[u8]) -> Result<InstalledRecord> {

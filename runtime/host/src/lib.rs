@@ -5,6 +5,7 @@
 //! them over HTTP (the Open Inference Protocol v2, a raw endpoint, Prometheus metrics, and a
 //! token-protected admin API on its own listener).
 
+pub mod agent;
 pub mod api;
 pub mod config;
 pub mod device;
@@ -16,6 +17,6 @@ pub mod onnx;
 pub mod state;
 pub mod tensor;
 
-pub use config::{Config, DEFAULT_CONFIG, GuestCaps};
+pub use config::{Config, DEFAULT_CONFIG, FleetConfig, GuestCaps};
 pub use device::Device;
 pub use error::{HostError, InferError, Result};

@@ -83,6 +83,17 @@ impl State {
         })
     }
 
+    /// Another tree of the same database (the fleet agent keeps its outbox and desired state
+    /// here, so one flush covers everything the device knows).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     /// The highest security counter accepted for `name`.
     pub fn highest_counter(&self, name: &str) -> Result<Option<u64>> {
         self.counters

@@ -17,7 +17,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The topic prefix of this protocol version.
 pub const PREFIX: &str = "outpost/v1";
 
-/// Shared-subscription group the fleet replicas join, so each message reaches one of them.
+/// Shared-subscription group prefix the fleet replicas join, so each message reaches one of
+/// them. Each leaf gets its own group (`outpost-fleet-telemetry`, ...): some brokers (rumqttd)
+/// keep one delivery cursor per group name, so one group over two filters loses messages.
 pub const FLEET_GROUP: &str = "outpost-fleet";
 
 /// Signature context of desired-state envelopes.
@@ -85,7 +87,7 @@ impl Topics {
 
     /// What the fleet subscribes to for `leaf` across all devices, as a shared subscription.
     pub fn fleet_subscription(leaf: &str) -> String {
-        format!("$share/{FLEET_GROUP}/{PREFIX}/+/{leaf}")
+        format!("$share/{FLEET_GROUP}-{leaf}/{PREFIX}/+/{leaf}")
     }
 }
 
@@ -254,8 +256,10 @@ impl SignedDesired {
 }
 
 /// What a device reports about itself (retained on `reported`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Unknown fields are ignored and new fields default, so a fleet and its devices can be upgraded
+/// one after the other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedState {
     /// Protocol version.
     pub v: u32,
@@ -265,17 +269,79 @@ pub struct ReportedState {
     pub runtime_version: String,
     /// CPU architecture (`x86_64`, `aarch64`).
     pub arch: String,
-    /// Last desired-state generation applied.
+    /// Last desired-state generation applied completely.
     pub generation: Option<u64>,
+    /// Highest desired-state generation accepted (applied or being applied).
+    #[serde(default)]
+    pub accepted_generation: Option<u64>,
     /// Active version per model.
     pub active: BTreeMap<String, String>,
+    /// Installed bundles as `model@version`.
+    #[serde(default)]
+    pub installed: Vec<String>,
+    /// Groups this device belongs to, from its configuration.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// The last error, if the last reconcile failed.
     pub last_error: Option<String>,
+    /// Records waiting in the telemetry outbox.
+    #[serde(default)]
+    pub outbox_pending: u64,
+    /// Records the outbox quota dropped since the device was set up.
+    #[serde(default)]
+    pub outbox_dropped: u64,
+    /// How often the device sends telemetry (the fleet counts a device silent for several
+    /// intervals as offline, even when a broker lost its last will).
+    #[serde(default)]
+    pub telemetry_interval_ms: Option<u64>,
+}
+
+/// Online/offline, retained on `status` (the last will carries the offline one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Protocol version.
+    pub v: u32,
+    /// Whether the sender is connected.
+    pub online: bool,
+}
+
+impl Presence {
+    /// The JSON bytes of an online or offline presence message.
+    pub fn to_vec(online: bool) -> Vec<u8> {
+        serde_json::to_vec(&Presence {
+            v: PROTOCOL_VERSION,
+            online,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Whether a presence payload says online (anything unreadable counts as offline).
+    pub fn is_online(payload: &[u8]) -> bool {
+        serde_json::from_slice::<Presence>(payload).is_ok_and(|p| p.online)
+    }
+}
+
+/// The retained presence topic of one fleet replica. Devices hold telemetry in their outbox
+/// until at least one replica says it is online, so nothing is published into a broker that
+/// has no fleet subscription yet (a restarted broker without persistence has none).
+pub fn fleet_presence_topic(replica: &str) -> String {
+    format!("{PREFIX}/_fleet/{replica}/status")
+}
+
+/// What devices subscribe to for the presence of every fleet replica.
+pub const FLEET_PRESENCE_FILTER: &str = "outpost/v1/_fleet/+/status";
+
+/// The replica id in a fleet presence topic.
+pub fn parse_fleet_presence(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix(PREFIX)?
+        .strip_prefix("/_fleet/")?
+        .strip_suffix("/status")
+        .filter(|r| !r.is_empty() && !r.contains('/'))
 }
 
 /// One record of the store-and-forward telemetry stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TelemetryRecord {
     /// Per-device sequence number: the fleet de-duplicates on (device, seq).
     pub seq: u64,
@@ -287,7 +353,6 @@ pub struct TelemetryRecord {
 
 /// A batch of telemetry records (QoS 1 on `telemetry`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TelemetryBatch {
     /// Protocol version.
     pub v: u32,
@@ -295,7 +360,7 @@ pub struct TelemetryBatch {
     pub device: String,
     /// Records in sequence order.
     pub records: Vec<TelemetryRecord>,
-    /// Records dropped by the outbox quota since the last batch (never silent).
+    /// Records the outbox quota has dropped on this device so far (never silent).
     pub dropped: u64,
 }
 
@@ -328,8 +393,22 @@ mod tests {
         assert_eq!(Topics::parse("other/v1/a/b"), None);
         assert_eq!(
             Topics::fleet_subscription("telemetry"),
-            "$share/outpost-fleet/outpost/v1/+/telemetry"
+            "$share/outpost-fleet-telemetry/outpost/v1/+/telemetry"
         );
+        assert_eq!(fleet_presence_topic("r1"), "outpost/v1/_fleet/r1/status");
+        assert_eq!(
+            parse_fleet_presence("outpost/v1/_fleet/r1/status"),
+            Some("r1")
+        );
+        assert_eq!(parse_fleet_presence("outpost/v1/_fleet/a/b/status"), None);
+        assert_eq!(
+            Topics::parse("outpost/v1/_fleet/status"),
+            None,
+            "not a device"
+        );
+        assert!(Presence::is_online(&Presence::to_vec(true)));
+        assert!(!Presence::is_online(&Presence::to_vec(false)));
+        assert!(!Presence::is_online(b"garbage"));
         for bad in ["", "a/b", "+", "#", "-x", &"x".repeat(65)] {
             assert!(Topics::new(bad).is_err(), "{bad}");
         }

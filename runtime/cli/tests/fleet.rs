@@ -1,0 +1,991 @@
+//! The fleet end to end, as real processes on loopback: `outpost fleet serve` (embedded broker
+//! or Mosquitto), `outpost device run` agents, `outpost fleet push|deploy|status`, and the
+//! failure cases: broker outage under traffic, `kill -9` mid-download, forged, replayed and
+//! expired desired states, and a tampered artifact.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = bin().args(args).current_dir(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "outpost {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Waits for `f` to return `Some`, panicking with `what` after `secs`.
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn get_json(url: &str) -> (u16, Value) {
+    let mut r = http().get(url).call().unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A scratch directory removed on drop.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop, with its stderr kept for failure messages.
+struct Proc {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `outpost ARGS` in `dir`, waiting for a stderr line containing `marker`; returns
+    /// the process and the rest of that line after the marker.
+    fn start(dir: &Path, args: &[&str], marker: &str) -> (Self, String) {
+        let mut child = bin()
+            .args(args)
+            .current_dir(dir)
+            .env("OUTPOST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let wanted = marker.to_owned();
+        let log2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in stderr.lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find(&wanted) {
+                    let _ = tx.send(line[i + wanted.len()..].to_owned());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let mut p = Self { child, log };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(rest) => (p, rest),
+            Err(_) => {
+                let _ = p.child.kill();
+                panic!("`outpost {args:?}` never logged {marker:?}:\n{}", p.logs());
+            }
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- process log ---\n{}", self.logs());
+        }
+    }
+}
+
+fn first_word(s: &str) -> String {
+    s.chars().take_while(|c| !c.is_whitespace()).collect()
+}
+
+/// A running fleet manager.
+struct Fleet {
+    _proc: Proc,
+    api: String,
+    broker: String,
+}
+
+impl Fleet {
+    fn start(dir: &Path, broker: Option<&str>, public_url: Option<&str>) -> Self {
+        let mut args = vec![
+            "fleet",
+            "serve",
+            "--data-dir",
+            "fleet-data",
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ];
+        if let Some(b) = broker {
+            args.extend(["--broker", b]);
+        }
+        if let Some(u) = public_url {
+            args.extend(["--public-url", u]);
+        }
+        let (proc, rest) = Proc::start(dir, &args, "fleet ready api=");
+        let api = format!("http://{}", first_word(&rest));
+        let i = rest.find("broker=").unwrap();
+        let broker = first_word(&rest[i + 7..]);
+        Self {
+            _proc: proc,
+            api,
+            broker,
+        }
+    }
+
+    fn devices(&self) -> Vec<Value> {
+        get_json(&format!("{}/api/v1/devices", self.api))
+            .1
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn device(&self, id: &str) -> Option<Value> {
+        let (status, v) = get_json(&format!("{}/api/v1/devices/{id}", self.api));
+        (status == 200).then_some(v)
+    }
+
+    fn reported(&self, id: &str) -> Option<Value> {
+        self.device(id)
+            .map(|d| d["reported"].clone())
+            .filter(|r| !r.is_null())
+    }
+
+    fn records(&self, stream: &str, device: &str) -> Vec<Value> {
+        get_json(&format!(
+            "{}/api/v1/{stream}?device={device}&limit=100000",
+            self.api
+        ))
+        .1["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn cli(&self, dir: &Path, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend(["--fleet", &self.api]);
+        ok(dir, &all)
+    }
+}
+
+/// A test bed: signer key, trust store, signed digits bundles 1.0.0 and 2.0.0.
+fn bed(tag: &str) -> Dir {
+    let dir = std::env::temp_dir().join(format!("outpost-fleet-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("guest.wasm"), outpost_examples::DIGITS_GUEST).unwrap();
+    fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
+    ok(&dir, &["key", "generate", "--out", "signer"]);
+    let trust = ok(&dir, &["key", "trust", "signer.pub", "--models", "digits"]);
+    fs::write(dir.join("trust.toml"), trust).unwrap();
+    for v in ["1.0.0", "2.0.0"] {
+        fs::write(
+            dir.join(format!("{v}.toml")),
+            format!(
+                "name = \"digits\"\nversion = \"{v}\"\nsecurity_counter = 1\nguest = \"guest.wasm\"\n\
+                 [[model]]\nname = \"classifier\"\npath = \"digits.onnx\"\n\
+                 [api]\ninputs = [{{ name = \"pixels\", datatype = \"FP32\", shape = [1, 64] }}]\n"
+            ),
+        )
+        .unwrap();
+        let out = format!("digits-{v}.opb");
+        ok(
+            &dir,
+            &["bundle", "build", &format!("{v}.toml"), "--out", &out],
+        );
+        ok(&dir, &["bundle", "sign", &out, "--key", "signer.key"]);
+    }
+    Dir(dir)
+}
+
+/// Writes a device config and returns its file name.
+fn device_config(dir: &Path, id: &str, broker: &str, tags: &[&str]) -> String {
+    let name = format!("{id}.toml");
+    let tags: Vec<String> = tags.iter().map(|t| format!("{t:?}")).collect();
+    fs::write(
+        dir.join(&name),
+        format!(
+            "data_dir = \"{id}-state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\
+             trust_store = \"trust.toml\"\n\
+             [fleet]\nbroker = \"{broker}\"\nfleet_key_file = \"fleet-data/fleet.pub\"\n\
+             device_id = \"{id}\"\ntags = [{}]\ntelemetry_interval_ms = 100\n",
+            tags.join(", ")
+        ),
+    )
+    .unwrap();
+    name
+}
+
+/// A running device and the URL it serves on.
+struct Device {
+    proc: Proc,
+    url: String,
+}
+
+impl Device {
+    fn start(dir: &Path, config: &str) -> Self {
+        let (proc, rest) =
+            Proc::start(dir, &["device", "run", "--config", config], "serving addr=");
+        Self {
+            proc,
+            url: format!("http://{}", first_word(&rest)),
+        }
+    }
+
+    /// The digits version answering, or the HTTP status when none does.
+    fn digits(&self) -> Result<String, u16> {
+        digits(&self.url)
+    }
+}
+
+/// The digits version answering at `url`, or the HTTP status when none does.
+fn digits(url: &str) -> Result<String, u16> {
+    {
+        let body = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![1.0; 64]}]});
+        let mut r = http()
+            .post(&format!("{url}/v2/models/digits/infer"))
+            .header("content-type", "application/json")
+            .send(body.to_string().as_bytes())
+            .unwrap();
+        if r.status() != 200 {
+            return Err(r.status().as_u16());
+        }
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        Ok(v["model_version"].as_str().unwrap().to_owned())
+    }
+}
+
+fn online(fleet: &Fleet, ids: &[&str]) {
+    eventually(60, "devices online with reported state", || {
+        ids.iter()
+            .all(|id| {
+                fleet
+                    .device(id)
+                    .is_some_and(|d| d["online"] == true && !d["reported"].is_null())
+            })
+            .then_some(())
+    });
+}
+
+/// Push, deploy to two of three devices, check who serves what and what the fleet says.
+fn deploy_to_two_of_three(dir: &Path, fleet: &Fleet) {
+    let devices: Vec<Device> = [
+        ("dev-a", &["lab"][..]),
+        ("dev-b", &["lab"]),
+        ("dev-c", &["field"]),
+    ]
+    .iter()
+    .map(|(id, tags)| Device::start(dir, &device_config(dir, id, &fleet.broker, tags)))
+    .collect();
+    online(fleet, &["dev-a", "dev-b", "dev-c"]);
+    for d in &devices {
+        assert_eq!(d.digits(), Err(404), "nothing is installed yet");
+    }
+
+    let pushed = fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb", "--json"]);
+    let pushed: Value = serde_json::from_str(&pushed).unwrap();
+    assert_eq!(pushed["name"], "digits");
+    let out = fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.0.0",
+            "--tag",
+            "lab",
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    );
+    assert!(
+        out.contains("dev-a: applied") && out.contains("dev-b: applied"),
+        "{out}"
+    );
+    assert!(!out.contains("dev-c"), "{out}");
+
+    assert_eq!(devices[0].digits(), Ok("1.0.0".into()));
+    assert_eq!(devices[1].digits(), Ok("1.0.0".into()));
+    assert_eq!(devices[2].digits(), Err(404), "dev-c was not a target");
+
+    let status: Value =
+        serde_json::from_str(&fleet.cli(dir, &["fleet", "status", "--json"])).unwrap();
+    let by_id = |id: &str| {
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    for id in ["dev-a", "dev-b"] {
+        let d = by_id(id);
+        assert_eq!(d["reported"]["active"]["digits"], "1.0.0", "{d}");
+        assert_eq!(d["in_sync"], true, "{d}");
+        assert_eq!(d["online"], true);
+        assert_eq!(d["reported"]["arch"], std::env::consts::ARCH);
+        assert!(d["reported"]["last_error"].is_null(), "{d}");
+    }
+    let c = by_id("dev-c");
+    assert!(
+        c["reported"]["active"].as_object().unwrap().is_empty(),
+        "{c}"
+    );
+    assert!(c["desired_generation"].is_null(), "{c}");
+    // The human table says the same.
+    let table = fleet.cli(dir, &["fleet", "status"]);
+    let line = |id: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(line("dev-a").contains("digits@1.0.0"), "{table}");
+    assert!(!line("dev-c").contains("digits@"), "{table}");
+
+    // Events arrived: each target reported its activation.
+    eventually(30, "activation events", || {
+        ["dev-a", "dev-b"]
+            .iter()
+            .all(|id| {
+                fleet
+                    .records("events", id)
+                    .iter()
+                    .any(|r| r["body"]["event"] == "activated" && r["body"]["version"] == "1.0.0")
+            })
+            .then_some(())
+    });
+    // And telemetry, with per-model counters once a request was served.
+    eventually(30, "telemetry with model counters", || {
+        fleet
+            .records("telemetry", "dev-a")
+            .iter()
+            .rev()
+            .find_map(|r| {
+                let models = r["body"]["models"].as_array()?;
+                models
+                    .iter()
+                    .any(|m| m["model"] == "digits" && m["requests"].as_u64() >= Some(1))
+                    .then_some(())
+            })
+    });
+    // Offline when stopped: the last will, or the goodbye.
+    drop(devices);
+    let mut last = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        last = fleet.devices();
+        if last.iter().all(|d| d["online"] == false) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("devices still online: {last:?}");
+}
+
+#[test]
+fn embedded_broker_push_and_deploy_to_two_of_three() {
+    let d = bed("embedded");
+    let fleet = Fleet::start(&d.0, None, None);
+    let info = eventually(30, "the fleet connected to its broker", || {
+        let (status, info) = get_json(&format!("{}/api/v1/fleet", fleet.api));
+        (status == 200 && info["broker_connected"] == true).then_some(info)
+    });
+    assert_eq!(info["broker"], fleet.broker);
+    deploy_to_two_of_three(&d.0, &fleet);
+    let (_, metrics) = get_json(&format!("{}/metrics", fleet.api));
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(metrics.contains("outpost_fleet_devices 3"), "{metrics}");
+    drop(fleet);
+}
+
+/// A Mosquitto broker on a free loopback port (Debian's package), restartable on that port.
+struct Mosquitto {
+    port: u16,
+    conf: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let mut m = Self {
+            port,
+            conf,
+            child: None,
+        };
+        m.restart();
+        m
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is not installed (apt-get install mosquitto)");
+        self.child = Some(child);
+        eventually(20, "mosquitto listening", || {
+            TcpStream::connect(("127.0.0.1", self.port))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn mosquitto_push_and_deploy_to_two_of_three() {
+    let d = bed("mosquitto");
+    let broker = Mosquitto::start(&d.0);
+    let fleet = Fleet::start(&d.0, Some(&broker.url()), None);
+    assert_eq!(fleet.broker, broker.url());
+    deploy_to_two_of_three(&d.0, &fleet);
+}
+
+#[test]
+fn broker_outage_under_traffic_loses_and_duplicates_no_telemetry() {
+    let d = bed("outage");
+    let dir = &d.0;
+    let mut broker = Mosquitto::start(dir);
+    let fleet = Fleet::start(dir, Some(&broker.url()), None);
+    let config = device_config(dir, "dev-o", &broker.url(), &[]);
+    ok(
+        dir,
+        &[
+            "device",
+            "install",
+            "digits-1.0.0.opb",
+            "--config",
+            &config,
+            "--activate",
+        ],
+    );
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-o"]);
+
+    // Steady traffic for the whole test; every request must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = device.url.clone();
+    let stop2 = Arc::clone(&stop);
+    let traffic = std::thread::spawn(move || {
+        let mut served = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            assert_eq!(digits(&url), Ok("1.0.0".into()));
+            served += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        served
+    });
+
+    let seqs = |fleet: &Fleet| -> Vec<u64> {
+        fleet
+            .records("telemetry", "dev-o")
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let before = eventually(30, "telemetry before the outage", || {
+        let s = seqs(&fleet);
+        (s.len() >= 5).then(|| *s.last().unwrap())
+    });
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    // The device went on producing (and serving) during the outage.
+    broker.restart();
+    // At 10 records a second, 3 s of outage is about 30 records past `before`.
+    let last = eventually(90, "telemetry from the outage delivered", || {
+        let s = seqs(&fleet);
+        s.last().copied().filter(|&l| l >= before + 40)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let served = traffic.join().unwrap();
+    assert!(served > 50, "only {served} requests were served");
+
+    let all = seqs(&fleet);
+    let unique: BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(unique.len(), all.len(), "a record was stored twice");
+    // Events and telemetry share one sequence; every number is in exactly one stream.
+    let events: BTreeSet<u64> = fleet
+        .records("events", "dev-o")
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(unique.is_disjoint(&events));
+    let stored: BTreeSet<u64> = unique.union(&events).copied().collect();
+    let expected: BTreeSet<u64> = (1..=*unique.last().unwrap()).collect();
+    let missing: Vec<u64> = expected.difference(&stored).copied().collect();
+    assert!(
+        missing.is_empty(),
+        "lost records: {missing:?} (last {last})"
+    );
+    drop(device);
+}
+
+/// A slow HTTP proxy in front of the fleet's artifact store, recording each request's Range.
+fn slow_proxy(upstream: String) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&ranges);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let upstream = upstream.clone();
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap().to_owned();
+                let range = head
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                    .map(|l| l[6..].trim().to_owned());
+                seen.lock().unwrap().push(range.clone());
+                let mut request = http().get(&format!("{upstream}{path}"));
+                if let Some(r) = &range {
+                    request = request.header("Range", r);
+                }
+                let mut response = request.call().unwrap();
+                let status = response.status().as_u16();
+                let content_range = response
+                    .headers()
+                    .get("content-range")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body = response.body_mut().read_to_vec().unwrap();
+                let mut out = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
+                if let Some(cr) = content_range {
+                    out.push_str(&format!("Content-Range: {cr}\r\n"));
+                }
+                out.push_str("\r\n");
+                if stream.write_all(out.as_bytes()).is_err() {
+                    return;
+                }
+                // About 40 KB/s.
+                for chunk in body.chunks(2048) {
+                    if stream.write_all(chunk).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), ranges)
+}
+
+#[test]
+fn kill_9_mid_download_resumes_and_completes() {
+    let d = bed("resume");
+    let dir = &d.0;
+    // The fleet's API port is needed for the proxy before the fleet starts: pick it.
+    let port = free_port();
+    let upstream = format!("http://127.0.0.1:{port}");
+    let (proxy, ranges) = slow_proxy(upstream.clone());
+    let (proc, rest) = Proc::start(
+        dir,
+        &[
+            "fleet",
+            "serve",
+            "--data-dir",
+            "fleet-data",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--public-url",
+            &proxy,
+        ],
+        "fleet ready api=",
+    );
+    let i = rest.find("broker=").unwrap();
+    let fleet = Fleet {
+        _proc: proc,
+        api: upstream,
+        broker: first_word(&rest[i + 7..]),
+    };
+    let config = device_config(dir, "dev-r", &fleet.broker, &[]);
+    let mut device = Device::start(dir, &config);
+    online(&fleet, &["dev-r"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let size = fs::metadata(dir.join("digits-1.0.0.opb")).unwrap().len();
+    assert!(
+        size > 40_000,
+        "the bundle is too small to interrupt: {size}"
+    );
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@1.0.0", "--device", "dev-r"],
+    );
+
+    let downloads = dir.join("dev-r-state").join("downloads");
+    let partial = eventually(60, "a partial download", || {
+        let entry = fs::read_dir(&downloads).ok()?.flatten().next()?;
+        let len = entry.metadata().ok()?.len();
+        (len >= 8192 && len < size).then_some(len)
+    });
+    device.proc.kill9();
+    let after_kill = fs::read_dir(&downloads)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .metadata()
+        .unwrap()
+        .len();
+    assert!(after_kill >= partial && after_kill < size);
+
+    let device = Device::start(dir, &config);
+    let version = eventually(120, "the resumed deployment serving", || {
+        device.digits().ok()
+    });
+    assert_eq!(version, "1.0.0");
+    let ranges = ranges.lock().unwrap().clone();
+    assert_eq!(
+        ranges.first(),
+        Some(&None),
+        "the first request asks for everything"
+    );
+    let resumed: Vec<u64> = ranges
+        .iter()
+        .flatten()
+        .map(|r| {
+            r.trim_start_matches("bytes=")
+                .trim_end_matches('-')
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        resumed
+            .iter()
+            .any(|&from| from >= after_kill.min(partial) && from > 0),
+        "no resumed request from the partial length {after_kill}: {ranges:?}"
+    );
+    assert!(
+        fs::read_dir(&downloads).unwrap().next().is_none(),
+        "the partial file is removed after install"
+    );
+}
+
+/// Publishes a retained message with a plain MQTT client, as an attacker on the broker could.
+fn publish_retained(broker: &str, topic: &str, payload: Vec<u8>) {
+    let addr = broker.trim_start_matches("mqtt://");
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut options = rumqttc::MqttOptions::new(
+        format!("intruder-{}", free_port()),
+        host,
+        port.parse().unwrap(),
+    );
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        .unwrap();
+    for event in connection.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
+            break;
+        }
+        event.unwrap();
+    }
+    let _ = client.disconnect();
+}
+
+/// Reads the retained desired-state envelope of a device.
+fn retained(broker: &str, topic: &str) -> Vec<u8> {
+    let addr = broker.trim_start_matches("mqtt://");
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut options = rumqttc::MqttOptions::new(
+        format!("reader-{}", free_port()),
+        host,
+        port.parse().unwrap(),
+    );
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
+    for event in connection.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event {
+            let _ = client.disconnect();
+            return p.payload.to_vec();
+        }
+        event.unwrap();
+    }
+    panic!("no retained message on {topic}");
+}
+
+#[test]
+fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
+    let d = bed("refusals");
+    let dir = &d.0;
+    let fleet = Fleet::start(dir, None, None);
+    let config = device_config(dir, "dev-x", &fleet.broker, &[]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-x"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.0.0",
+            "--device",
+            "dev-x",
+            "--wait",
+        ],
+    );
+    assert_eq!(device.digits(), Ok("1.0.0".into()));
+    let topic = "outpost/v1/dev-x/desired";
+    let genuine = retained(&fleet.broker, topic);
+    let genuine_generation = {
+        let envelope: Value = serde_json::from_slice(&genuine).unwrap();
+        let payload: Value = serde_json::from_str(envelope["payload"].as_str().unwrap()).unwrap();
+        payload["generation"].as_u64().unwrap()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let state = |generation: u64, expires_at: u64| outpost_proto::DesiredState {
+        v: 1,
+        device: "dev-x".into(),
+        generation,
+        expires_at,
+        deployments: vec![],
+    };
+    let refusals = |fleet: &Fleet| -> Vec<String> {
+        fleet
+            .records("events", "dev-x")
+            .iter()
+            .filter(|r| r["body"]["event"] == "desired_refused")
+            .map(|r| r["body"]["reason"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let expect_refusal = |n: usize, needle: &str| {
+        let reasons = eventually(30, needle, || {
+            let r = refusals(&fleet);
+            (r.len() >= n).then_some(r)
+        });
+        assert!(reasons[n - 1].contains(needle), "{reasons:?}");
+        let reported = eventually(30, "last_error reported", || {
+            fleet
+                .reported("dev-x")
+                .filter(|r| r["last_error"].as_str().is_some_and(|e| e.contains(needle)))
+        });
+        assert_eq!(reported["active"]["digits"], "1.0.0");
+        assert_eq!(device.digits(), Ok("1.0.0".into()), "still serving");
+    };
+
+    // 1. Signed by another key (an empty deployment list would remove nothing anyway, but it
+    //    must not even be accepted).
+    let intruder = outpost_bundle::SecretKey::generate().unwrap();
+    let forged =
+        outpost_proto::SignedDesired::seal(&state(genuine_generation + 10, now + 3600), &intruder);
+    publish_retained(&fleet.broker, topic, forged.to_vec());
+    expect_refusal(1, "unknown key");
+
+    // 2. The genuine envelope replayed after a newer generation was applied.
+    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@2.0.0",
+            "--device",
+            "dev-x",
+            "--wait",
+        ],
+    );
+    assert_eq!(device.digits(), Ok("2.0.0".into()));
+    publish_retained(&fleet.broker, topic, genuine.clone());
+    expect_refusal_version(&fleet, &device, 2, "older than accepted", "2.0.0");
+
+    // 3. Signed by the fleet key, newest generation, but expired.
+    let fleet_key = outpost_bundle::SecretKey::from_file_str(
+        &fs::read_to_string(dir.join("fleet-data/fleet.key")).unwrap(),
+    )
+    .unwrap();
+    let expired = outpost_proto::SignedDesired::seal(&state(u64::MAX / 2, now - 60), &fleet_key);
+    publish_retained(&fleet.broker, topic, expired.to_vec());
+    expect_refusal_version(&fleet, &device, 3, "expired", "2.0.0");
+
+    // 4. A bundle tampered with on the artifact server: the digest check refuses it.
+    let v3 = dir.join("3.0.0.toml");
+    fs::write(
+        &v3,
+        fs::read_to_string(dir.join("2.0.0.toml"))
+            .unwrap()
+            .replace("2.0.0", "3.0.0"),
+    )
+    .unwrap();
+    ok(
+        dir,
+        &["bundle", "build", "3.0.0.toml", "--out", "digits-3.0.0.opb"],
+    );
+    ok(
+        dir,
+        &["bundle", "sign", "digits-3.0.0.opb", "--key", "signer.key"],
+    );
+    let pushed: Value =
+        serde_json::from_str(&fleet.cli(dir, &["fleet", "push", "digits-3.0.0.opb", "--json"]))
+            .unwrap();
+    let artifact = dir
+        .join("fleet-data/artifacts")
+        .join(pushed["digest"].as_str().unwrap());
+    let mut bytes = fs::read(&artifact).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&artifact, bytes).unwrap();
+    let out = bin()
+        .args([
+            "fleet",
+            "deploy",
+            "digits@3.0.0",
+            "--device",
+            "dev-x",
+            "--wait",
+            "--timeout",
+            "60",
+            "--fleet",
+            &fleet.api,
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a tampered deployment must not succeed"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("dev-x: failed") && stdout.contains("digest"),
+        "{stdout}"
+    );
+    let failed = eventually(30, "deployment_failed event", || {
+        fleet
+            .records("events", "dev-x")
+            .into_iter()
+            .find(|r| r["body"]["event"] == "deployment_failed" && r["body"]["version"] == "3.0.0")
+    });
+    assert!(
+        failed["body"]["error"].as_str().unwrap().contains("digest"),
+        "{failed}"
+    );
+    assert_eq!(
+        device.digits(),
+        Ok("2.0.0".into()),
+        "still serving the last good version"
+    );
+    let reported = fleet.reported("dev-x").unwrap();
+    assert!(
+        !reported["installed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "digits@3.0.0")
+    );
+}
+
+fn expect_refusal_version(fleet: &Fleet, device: &Device, n: usize, needle: &str, version: &str) {
+    let reasons = eventually(30, needle, || {
+        let r: Vec<String> = fleet
+            .records("events", "dev-x")
+            .iter()
+            .filter(|r| r["body"]["event"] == "desired_refused")
+            .map(|r| r["body"]["reason"].as_str().unwrap().to_owned())
+            .collect();
+        (r.len() >= n).then_some(r)
+    });
+    assert!(reasons[n - 1].contains(needle), "{reasons:?}");
+    eventually(30, "last_error reported", || {
+        fleet
+            .reported("dev-x")
+            .filter(|r| r["last_error"].as_str().is_some_and(|e| e.contains(needle)))
+    });
+    assert_eq!(device.digits(), Ok(version.into()), "still serving");
+}

@@ -1,0 +1,420 @@
+//! The fleet's REST API, artifact downloads (with Range) and `/metrics`.
+//!
+//! | Method | Path | |
+//! |---|---|---|
+//! | GET | `/healthz` | liveness |
+//! | GET | `/api/v1/fleet` | replica, broker, public key |
+//! | GET | `/api/v1/devices`, `/api/v1/devices/{id}` | registry with reported state |
+//! | GET, POST | `/api/v1/bundles` | list; push a signed bundle (body: the `.opb`) |
+//! | GET, POST | `/api/v1/deployments` | list; deploy (JSON [`DeployRequest`]) |
+//! | GET | `/api/v1/telemetry`, `/api/v1/events` | `?device=&after=&limit=` |
+//! | GET, HEAD | `/artifacts/{sha256}` | bundle bytes; `Range: bytes=` honoured |
+//! | GET | `/metrics` | Prometheus text |
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::store::{DeviceRecord, Stream, now_secs};
+use crate::{DeployRequest, Fleet, FleetError};
+
+type Shared = State<Arc<Fleet>>;
+
+impl IntoResponse for FleetError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            FleetError::Config(_) | FleetError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            FleetError::NotFound(_) => StatusCode::NOT_FOUND,
+            FleetError::Bundle(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(serde_json::json!({ "error": "missing or wrong bearer token" })),
+    )
+        .into_response()
+}
+
+fn authorized(fleet: &Fleet, headers: &HeaderMap) -> bool {
+    let Some(token) = &fleet.token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Constant-time comparison.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The router.
+pub fn router(fleet: Arc<Fleet>) -> axum::Router {
+    let api = axum::Router::new()
+        .route("/fleet", get(fleet_info))
+        .route("/devices", get(devices))
+        .route("/devices/{id}", get(device))
+        .route("/bundles", get(bundles).post(push))
+        .route("/deployments", get(deployments).post(deploy))
+        .route("/telemetry", get(telemetry))
+        .route("/events", get(events))
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(fleet.max_bundle_bytes).unwrap_or(usize::MAX),
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&fleet),
+            |State(fleet): Shared,
+             request: axum::extract::Request,
+             next: axum::middleware::Next| async move {
+                if authorized(&fleet, request.headers()) {
+                    next.run(request).await
+                } else {
+                    unauthorized()
+                }
+            },
+        ));
+    axum::Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/artifacts/{digest}", get(artifact).head(artifact))
+        .with_state(fleet)
+}
+
+async fn fleet_info(State(fleet): Shared) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "replica": fleet.replica,
+        "broker": format!("mqtt://{}:{}", fleet.broker.0, fleet.broker.1),
+        "public_key": fleet.key.public().to_hex(),
+        "key_id": fleet.key.id(),
+        "artifacts": fleet.artifact_base,
+        "broker_connected": fleet.metrics.broker_connected.load(Ordering::Relaxed),
+    }))
+}
+
+/// One device as the API shows it: registry, reported state and the fleet's desired state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// The registry record.
+    #[serde(flatten)]
+    pub record: DeviceRecord,
+    /// The generation the fleet last signed for it.
+    pub desired_generation: Option<u64>,
+    /// What the fleet wants on it: model → version.
+    pub desired: std::collections::BTreeMap<String, String>,
+    /// Whether it reports having applied the fleet's current generation.
+    pub in_sync: bool,
+}
+
+fn view(fleet: &Fleet, mut record: DeviceRecord) -> Result<DeviceView, FleetError> {
+    record.online = record.is_online(now_secs());
+    let desired = fleet.store.desired(&record.id)?;
+    let desired_generation = desired.as_ref().map(|d| d.generation);
+    let applied = record.reported.as_ref().and_then(|r| r.generation);
+    Ok(DeviceView {
+        in_sync: desired_generation.is_none() || applied == desired_generation,
+        desired_generation,
+        desired: desired
+            .map(|d| {
+                d.deployments
+                    .into_iter()
+                    .map(|x| (x.model, x.version))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        record,
+    })
+}
+
+async fn devices(State(fleet): Shared) -> Result<Json<Vec<DeviceView>>, FleetError> {
+    let mut out = Vec::new();
+    for record in fleet.store.devices()? {
+        out.push(view(&fleet, record)?);
+    }
+    Ok(Json(out))
+}
+
+async fn device(
+    State(fleet): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, FleetError> {
+    let record = fleet
+        .store
+        .device(&id)?
+        .ok_or_else(|| FleetError::NotFound(format!("device `{id}`")))?;
+    Ok(Json(view(&fleet, record)?))
+}
+
+async fn bundles(State(fleet): Shared) -> Result<impl IntoResponse, FleetError> {
+    Ok(Json(fleet.store.bundles()?))
+}
+
+async fn push(State(fleet): Shared, body: Bytes) -> Result<impl IntoResponse, FleetError> {
+    let fleet2 = Arc::clone(&fleet);
+    let record = tokio::task::spawn_blocking(move || fleet2.push(&body))
+        .await
+        .map_err(|e| FleetError::Corrupt(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(record)))
+}
+
+async fn deployments(State(fleet): Shared) -> Result<impl IntoResponse, FleetError> {
+    Ok(Json(fleet.store.deployments()?))
+}
+
+async fn deploy(
+    State(fleet): Shared,
+    body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, FleetError> {
+    let Json(request) = body.map_err(|e| FleetError::BadRequest(e.body_text()))?;
+    let response = fleet.deploy(&request)?;
+    Ok((StatusCode::CREATED, Json(response)))
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordQuery {
+    device: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn telemetry(
+    State(fleet): Shared,
+    Query(q): Query<RecordQuery>,
+) -> Result<impl IntoResponse, FleetError> {
+    records(&fleet, Stream::Telemetry, q)
+}
+
+async fn events(
+    State(fleet): Shared,
+    Query(q): Query<RecordQuery>,
+) -> Result<impl IntoResponse, FleetError> {
+    records(&fleet, Stream::Events, q)
+}
+
+fn records(fleet: &Fleet, stream: Stream, q: RecordQuery) -> Result<Response, FleetError> {
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let records = fleet
+        .store
+        .records(stream, q.device.as_deref(), q.after, limit)?;
+    Ok(Json(serde_json::json!({ "records": records })).into_response())
+}
+
+/// A parsed `Range` header against a file of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Range {
+    /// No usable range: send everything.
+    Full,
+    /// Bytes `start..=end`.
+    Part(u64, u64),
+    /// Cannot be satisfied.
+    Unsatisfiable,
+}
+
+fn parse_range(value: Option<&str>, size: u64) -> Range {
+    let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else {
+        return Range::Full;
+    };
+    if spec.contains(',') {
+        // Several ranges: allowed to answer with the whole file.
+        return Range::Full;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Range::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+        (Some(start), None) if b.is_empty() => Some((start, size.saturating_sub(1))),
+        (Some(start), Some(end)) if start <= end => Some((start, end.min(size.saturating_sub(1)))),
+        (None, Some(suffix)) if a.is_empty() && suffix > 0 => {
+            Some((size.saturating_sub(suffix), size.saturating_sub(1)))
+        }
+        _ => return Range::Full,
+    };
+    match range {
+        Some((start, end)) if start < size && start <= end => Range::Part(start, end),
+        _ => Range::Unsatisfiable,
+    }
+}
+
+async fn artifact(
+    State(fleet): Shared,
+    method: Method,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, FleetError> {
+    let path = fleet.store.artifact_path(&digest)?;
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(FleetError::NotFound(format!("artifact `{digest}`")));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let size = file.metadata().await?.len();
+    let range = parse_range(
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
+        size,
+    );
+    let (status, start, len) = match range {
+        Range::Full => (StatusCode::OK, 0, size),
+        Range::Part(start, end) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        Range::Unsatisfiable => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+            )
+                .into_response());
+        }
+    };
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/vnd.outpost.bundle")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
+    if status == StatusCode::PARTIAL_CONTENT {
+        builder = builder.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", start + len - 1),
+        );
+    }
+    if method == Method::HEAD {
+        return builder
+            .body(Body::empty())
+            .map_err(|e| FleetError::Corrupt(e.to_string()));
+    }
+    file.seek(std::io::SeekFrom::Start(start)).await?;
+    fleet
+        .metrics
+        .artifact_requests
+        .fetch_add(1, Ordering::Relaxed);
+    fleet
+        .metrics
+        .artifact_bytes
+        .fetch_add(len, Ordering::Relaxed);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 64 * 1024);
+    builder
+        .body(Body::from_stream(stream))
+        .map_err(|e| FleetError::Corrupt(e.to_string()))
+}
+
+async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
+    let devices = fleet.store.devices()?;
+    let now = now_secs();
+    let online = devices.iter().filter(|d| d.is_online(now)).count();
+    let mut out = String::new();
+    let m = &fleet.metrics;
+    let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    gauge(
+        "outpost_fleet_devices",
+        "Devices known to the fleet.",
+        "gauge",
+        devices.len().to_string(),
+    );
+    gauge(
+        "outpost_fleet_devices_online",
+        "Devices whose presence says online.",
+        "gauge",
+        online.to_string(),
+    );
+    gauge(
+        "outpost_fleet_broker_connected",
+        "Whether the fleet is connected to its MQTT broker.",
+        "gauge",
+        u8::from(m.broker_connected.load(Ordering::Relaxed)).to_string(),
+    );
+    gauge(
+        "outpost_fleet_records_total",
+        "Telemetry and event records stored.",
+        "counter",
+        m.records.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
+        "outpost_fleet_duplicate_records_total",
+        "Records received again after a lost acknowledgement and discarded.",
+        "counter",
+        m.duplicates.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
+        "outpost_fleet_artifact_requests_total",
+        "Artifact downloads served.",
+        "counter",
+        m.artifact_requests.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
+        "outpost_fleet_artifact_bytes_total",
+        "Artifact bytes served.",
+        "counter",
+        m.artifact_bytes.load(Ordering::Relaxed).to_string(),
+    );
+    out.push_str("# HELP outpost_fleet_device_last_seen_seconds Seconds since a device was last heard.\n# TYPE outpost_fleet_device_last_seen_seconds gauge\n");
+    for d in &devices {
+        if let Some(seen) = d.last_seen {
+            out.push_str(&format!(
+                "outpost_fleet_device_last_seen_seconds{{device=\"{}\"}} {}\n",
+                d.id,
+                now.saturating_sub(seen)
+            ));
+        }
+    }
+    out.push_str("# HELP outpost_fleet_device_dropped_records Records a device's outbox quota dropped.\n# TYPE outpost_fleet_device_dropped_records gauge\n");
+    for d in &devices {
+        out.push_str(&format!(
+            "outpost_fleet_device_dropped_records{{device=\"{}\"}} {}\n",
+            d.id, d.dropped
+        ));
+    }
+    let mut response = out.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 10), Range::Full);
+        assert_eq!(parse_range(Some("bytes=0-"), 10), Range::Part(0, 9));
+        assert_eq!(parse_range(Some("bytes=4-"), 10), Range::Part(4, 9));
+        assert_eq!(parse_range(Some("bytes=2-5"), 10), Range::Part(2, 5));
+        assert_eq!(parse_range(Some("bytes=2-50"), 10), Range::Part(2, 9));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Range::Part(7, 9));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Range::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Range::Full);
+        assert_eq!(parse_range(Some("items=0-1"), 10), Range::Full);
+        assert_eq!(parse_range(Some("bytes=5-2"), 10), Range::Full);
+    }
+}

@@ -1,0 +1,94 @@
+//! The embedded MQTT broker (rumqttd), so one command gives a working fleet on one machine.
+//!
+//! Devices and the fleet's own MQTT client connect to it over TCP exactly as they would to an
+//! external broker, so the embedded and external set-ups run the same code.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+use crate::error::{FleetError, Result};
+
+/// Largest MQTT payload the embedded broker accepts.
+const MAX_PAYLOAD: usize = 1 << 20;
+
+/// Starts the broker on `listen` (port 0 picks a free port) and returns the bound address.
+///
+/// The broker runs on its own threads for the life of the process.
+pub fn start(listen: SocketAddr) -> Result<SocketAddr> {
+    // rumqttd binds inside its own thread and only logs a failure, so the address is checked
+    // (and a port-0 request resolved) here first.
+    let probe = TcpListener::bind(listen)
+        .map_err(|e| FleetError::Config(format!("cannot listen on {listen} (MQTT): {e}")))?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+
+    let connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: MAX_PAYLOAD,
+        max_inflight_count: 256,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = ServerSettings {
+        name: "v4".to_owned(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 20_000,
+            max_outgoing_packet_count: 512,
+            max_segment_size: 4 << 20,
+            max_segment_count: 16,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("v4".to_owned(), server)])),
+        ..Config::default()
+    };
+    let mut broker = Broker::new(config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })?;
+    // Wait until it answers an MQTT CONNECT, so callers can connect at once.
+    for _ in 0..200 {
+        if probe_mqtt(addr).is_ok() {
+            return Ok(addr);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(FleetError::Config(format!(
+        "the embedded MQTT broker did not start on {addr}"
+    )))
+}
+
+/// Connects, sends an MQTT 3.1.1 CONNECT, expects CONNACK "accepted", disconnects.
+fn probe_mqtt(addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let client_id = b"outpost-broker-probe";
+    let mut packet = vec![0x10, (10 + 2 + client_id.len()) as u8];
+    packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
+    packet.extend_from_slice(&[0, client_id.len() as u8]);
+    packet.extend_from_slice(client_id);
+    stream.write_all(&packet)?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack)?;
+    stream.write_all(&[0xe0, 0])?;
+    if connack[0] == 0x20 && connack[3] == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("unexpected CONNACK"))
+    }
+}

@@ -1,0 +1,454 @@
+//! The Outpost fleet manager.
+//!
+//! `outpost fleet serve` runs [`serve`]: an embedded MQTT broker (or a connection to an
+//! external one), the device registry, the content-addressed artifact store, signed desired
+//! states, telemetry and event storage (each record once per device and sequence number), and
+//! a REST API with `/metrics`.
+
+pub mod api;
+pub mod broker;
+mod error;
+pub mod mqtt;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use outpost_bundle::{Bundle, ReadLimits, SecretKey, TrustStore};
+use outpost_proto::{DesiredState, PROTOCOL_VERSION, SignedDesired, Topics};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+pub use error::{FleetError, Result};
+use mqtt::Outbound;
+use store::{BundleRecord, DeploymentRecord, DesiredRecord, Store, now_secs};
+
+/// Where the fleet's MQTT broker is.
+#[derive(Debug, Clone)]
+pub enum BrokerChoice {
+    /// Run rumqttd in this process, listening here.
+    Embedded(SocketAddr),
+    /// Use an external broker at this host and port.
+    External(String, u16),
+}
+
+/// How to run a fleet manager.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// State directory (sled database, artifacts, fleet key).
+    pub data_dir: PathBuf,
+    /// REST API and artifact listener.
+    pub listen: SocketAddr,
+    /// The broker.
+    pub broker: BrokerChoice,
+    /// Base URL devices download artifacts from (default: the API's own address).
+    pub public_url: Option<String>,
+    /// Bearer token for `/api/v1`, if any.
+    pub token: Option<String>,
+    /// When set, pushed bundles must verify against it.
+    pub trust: Option<TrustStore>,
+    /// How long a signed desired state stays valid.
+    pub desired_ttl: Duration,
+    /// This replica's name (default: one generated and kept in the data directory).
+    pub replica: Option<String>,
+    /// Largest bundle accepted by `push`.
+    pub max_bundle_bytes: u64,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FleetMetrics {
+    /// Whether the MQTT client is connected.
+    pub broker_connected: AtomicBool,
+    /// Records stored.
+    pub records: AtomicU64,
+    /// Duplicate records discarded.
+    pub duplicates: AtomicU64,
+    /// Artifact bytes served.
+    pub artifact_bytes: AtomicU64,
+    /// Artifact requests served.
+    pub artifact_requests: AtomicU64,
+}
+
+impl FleetMetrics {
+    fn record_batch(&self, new: u64, duplicates: u64) {
+        self.records.fetch_add(new, Ordering::Relaxed);
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    }
+}
+
+/// A running fleet: its store, key and connections. Shared by the API and the MQTT task.
+#[derive(Debug)]
+pub struct Fleet {
+    /// State.
+    pub store: Store,
+    /// The desired-state signing key.
+    pub key: SecretKey,
+    /// This replica's name.
+    pub replica: String,
+    /// Broker host and port.
+    pub broker: (String, u16),
+    /// Base URL of `/artifacts/`.
+    pub artifact_base: String,
+    /// Bearer token for `/api/v1`.
+    pub token: Option<String>,
+    /// Trust store for pushed bundles.
+    pub trust: Option<TrustStore>,
+    /// Validity of desired states.
+    pub desired_ttl: Duration,
+    /// Largest bundle.
+    pub max_bundle_bytes: u64,
+    /// Counters.
+    pub metrics: FleetMetrics,
+    outbound: mpsc::UnboundedSender<Outbound>,
+}
+
+/// What `serve` reports once it is ready.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ready {
+    /// REST API address.
+    pub api: SocketAddr,
+    /// Broker URL devices connect to.
+    pub broker: String,
+    /// The fleet public key (hex), for device configs.
+    pub public_key: String,
+    /// A file holding the public key.
+    pub public_key_file: PathBuf,
+}
+
+/// A deploy request: a bundle version to a set of devices.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Named devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every device that reports this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Every known device.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// The answer to a deploy request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployResponse {
+    /// The recorded deployment.
+    pub deployment: DeploymentRecord,
+    /// The new generation per device.
+    pub generations: Vec<(String, u64)>,
+}
+
+fn load_or_create_key(dir: &Path) -> Result<SecretKey> {
+    let path = dir.join("fleet.key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) => SecretKey::from_file_str(&text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate()?;
+            write_private(&path, key.to_file_string().as_bytes())?;
+            tracing::info!(path = %path.display(), key_id = key.id(), "created the fleet key");
+            key
+        }
+        Err(e) => return Err(e.into()),
+    };
+    std::fs::write(dir.join("fleet.pub"), key.public().to_file_string())?;
+    Ok(key)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn replica_name(store: &Store, given: Option<String>) -> Result<String> {
+    if let Some(name) = given {
+        if !outpost_proto::is_valid_device_id(&name) {
+            return Err(FleetError::Config(format!(
+                "replica name `{name}` is not valid"
+            )));
+        }
+        return Ok(name);
+    }
+    if let Some(name) = store.meta("replica")? {
+        return Ok(String::from_utf8_lossy(&name).into_owned());
+    }
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).map_err(|e| FleetError::Config(e.to_string()))?;
+    let name = format!("fleet-{}", hex::encode(bytes));
+    store.set_meta("replica", name.as_bytes())?;
+    Ok(name)
+}
+
+/// Runs a fleet manager until `shutdown` completes; `on_ready` hears where it listens.
+pub async fn serve(
+    options: FleetOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<()> {
+    let store = Store::open(&options.data_dir)?;
+    let key = load_or_create_key(&options.data_dir)?;
+    let replica = replica_name(&store, options.replica.clone())?;
+    let broker = match &options.broker {
+        BrokerChoice::Embedded(listen) => {
+            let addr = broker::start(*listen)?;
+            tracing::info!(%addr, "embedded MQTT broker listening");
+            (addr.ip().to_string(), addr.port())
+        }
+        BrokerChoice::External(host, port) => (host.clone(), *port),
+    };
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| FleetError::Config(format!("cannot listen on {}: {e}", options.listen)))?;
+    let api_addr = listener.local_addr()?;
+    let artifact_base = match &options.public_url {
+        Some(url) => format!("{}/artifacts", url.trim_end_matches('/')),
+        None => {
+            let shown = if api_addr.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], api_addr.port()))
+            } else {
+                api_addr
+            };
+            format!("http://{shown}/artifacts")
+        }
+    };
+    let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
+    let fleet = Arc::new(Fleet {
+        store,
+        key,
+        replica,
+        broker,
+        artifact_base,
+        token: options.token.clone(),
+        trust: options.trust.clone(),
+        desired_ttl: options.desired_ttl,
+        max_bundle_bytes: options.max_bundle_bytes,
+        metrics: FleetMetrics::default(),
+        outbound: outbound_tx,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mqtt_task = tokio::spawn(mqtt::run(Arc::clone(&fleet), outbound_rx, stop_rx.clone()));
+    tokio::spawn(refresh_task(Arc::clone(&fleet), stop_rx.clone()));
+    let broker_host = if fleet.broker.0.contains(':') {
+        format!("[{}]", fleet.broker.0)
+    } else {
+        fleet.broker.0.clone()
+    };
+    let ready = Ready {
+        api: api_addr,
+        broker: format!("mqtt://{broker_host}:{}", fleet.broker.1),
+        public_key: fleet.key.public().to_hex(),
+        public_key_file: options.data_dir.join("fleet.pub"),
+    };
+    tracing::info!(
+        api = %ready.api,
+        broker = %ready.broker,
+        replica = %fleet.replica,
+        key_id = fleet.key.id(),
+        "fleet ready"
+    );
+    on_ready(&ready);
+    let app = api::router(Arc::clone(&fleet));
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), mqtt_task).await;
+    fleet.store.flush()?;
+    result.map_err(FleetError::Io)
+}
+
+/// Re-signs desired states before they expire, so devices that were offline for a while still
+/// accept them.
+async fn refresh_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
+    let period = (fleet.desired_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let now = now_secs();
+        let half = fleet.desired_ttl.as_secs() / 2;
+        let Ok(all) = fleet.store.all_desired() else {
+            continue;
+        };
+        for desired in all {
+            if desired.expires_at.saturating_sub(now) < half {
+                let deployments = desired.deployments.clone();
+                if let Err(e) = fleet.set_desired(&desired.device, |_| deployments) {
+                    tracing::error!(device = %desired.device, error = %e, "cannot refresh a desired state");
+                }
+            }
+        }
+    }
+}
+
+impl Fleet {
+    /// Accepts a pushed bundle: checks it (and its signature when a trust store is set) and
+    /// adds it to the artifact store.
+    pub fn push(&self, bytes: &[u8]) -> Result<BundleRecord> {
+        let limits = ReadLimits {
+            max_file_bytes: self.max_bundle_bytes,
+            max_total_bytes: self.max_bundle_bytes,
+            ..ReadLimits::default()
+        };
+        let bundle = Bundle::read(bytes, &limits)?;
+        let signer = bundle.signature().map(|s| s.key_id.clone());
+        let manifest = bundle.manifest().clone();
+        if let Some(trust) = &self.trust {
+            bundle.verify(trust, None)?;
+        } else if signer.is_none() {
+            return Err(FleetError::Bundle(outpost_bundle::BundleError::Unsigned));
+        }
+        let record = BundleRecord {
+            name: manifest.name.clone(),
+            version: manifest.version.to_string(),
+            digest: outpost_bundle::sha256_hex(bytes),
+            size: bytes.len() as u64,
+            signer,
+            security_counter: manifest.security_counter,
+            pushed_at: now_secs(),
+        };
+        if let Some(existing) = self.store.bundle(&record.name, &record.version)? {
+            if existing.digest != record.digest {
+                return Err(FleetError::BadRequest(format!(
+                    "{} {} is already in the store with another digest ({}); bump the version",
+                    record.name, record.version, existing.digest
+                )));
+            }
+            return Ok(existing);
+        }
+        self.store.put_bundle(&record, bytes)?;
+        tracing::info!(name = %record.name, version = %record.version, digest = %record.digest, "bundle pushed");
+        Ok(record)
+    }
+
+    /// Makes and publishes a new desired state for `device` from the previous deployments.
+    fn set_desired(
+        &self,
+        device: &str,
+        change: impl FnOnce(Vec<outpost_proto::Deployment>) -> Vec<outpost_proto::Deployment>,
+    ) -> Result<DesiredRecord> {
+        let topics = Topics::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
+        let now = now_secs();
+        let record = self.store.update_desired(device, |previous| {
+            // Generations follow the clock (milliseconds) and always increase, so even a fleet
+            // rebuilt from an empty data directory issues generations devices accept.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let generation = previous.map_or(now_ms, |p| (p.generation + 1).max(now_ms));
+            let deployments = change(previous.map(|p| p.deployments.clone()).unwrap_or_default());
+            let expires_at = now + self.desired_ttl.as_secs().max(1);
+            let state = DesiredState {
+                v: PROTOCOL_VERSION,
+                device: device.to_owned(),
+                generation,
+                expires_at,
+                deployments: deployments.clone(),
+            };
+            Ok(DesiredRecord {
+                device: device.to_owned(),
+                generation,
+                deployments,
+                expires_at,
+                envelope: SignedDesired::seal(&state, &self.key),
+            })
+        })?;
+        self.store.flush()?;
+        let _ = self.outbound.send(Outbound {
+            topic: topics.desired(),
+            payload: record.envelope.to_vec(),
+            retain: true,
+        });
+        Ok(record)
+    }
+
+    /// Deploys a pushed bundle version to devices by name, tag, or all known devices.
+    pub fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse> {
+        let bundle = self
+            .store
+            .bundle(&request.model, &request.version)?
+            .ok_or_else(|| {
+                FleetError::NotFound(format!(
+                    "bundle {} {} (push it first)",
+                    request.model, request.version
+                ))
+            })?;
+        let mut targets: Vec<String> = request.devices.clone();
+        if request.tag.is_some() || request.all {
+            for device in self.store.devices()? {
+                let tagged = request.tag.as_ref().is_some_and(|tag| {
+                    device
+                        .reported
+                        .as_ref()
+                        .is_some_and(|r| r.tags.iter().any(|t| t == tag))
+                });
+                if request.all || tagged {
+                    targets.push(device.id);
+                }
+            }
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(FleetError::BadRequest(
+                "no target devices (name devices, a tag some device reports, or all)".into(),
+            ));
+        }
+        if let Some(bad) = targets
+            .iter()
+            .find(|d| !outpost_proto::is_valid_device_id(d))
+        {
+            return Err(FleetError::BadRequest(format!(
+                "`{bad}` is not a valid device id"
+            )));
+        }
+        let deployment = outpost_proto::Deployment {
+            model: bundle.name.clone(),
+            version: bundle.version.clone(),
+            digest: bundle.digest.clone(),
+            size: bundle.size,
+            url: format!("{}/{}", self.artifact_base, bundle.digest),
+        };
+        let mut generations = Vec::new();
+        for device in &targets {
+            let d = deployment.clone();
+            let record = self.set_desired(device, move |mut deployments| {
+                deployments.retain(|x| x.model != d.model);
+                deployments.push(d);
+                deployments.sort_by(|a, b| a.model.cmp(&b.model));
+                deployments
+            })?;
+            generations.push((device.clone(), record.generation));
+        }
+        let record = self.store.add_deployment(DeploymentRecord {
+            id: 0,
+            model: bundle.name,
+            version: bundle.version,
+            digest: bundle.digest,
+            devices: targets,
+            created_at: now_secs(),
+        })?;
+        tracing::info!(id = record.id, model = %record.model, version = %record.version, devices = record.devices.len(), "deployed");
+        Ok(DeployResponse {
+            deployment: record,
+            generations,
+        })
+    }
+}

@@ -1,0 +1,431 @@
+//! The fleet's state: sled trees for devices, bundles, desired states, deployments, telemetry
+//! and events, and a directory of content-addressed artifact files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use outpost_proto::{Deployment, ReportedState, SignedDesired, TelemetryRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FleetError, Result};
+
+/// What the fleet knows about one device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Device id.
+    pub id: String,
+    /// Whether its presence says online.
+    pub online: bool,
+    /// Unix seconds of the last message from it.
+    pub last_seen: Option<u64>,
+    /// Its last reported state.
+    pub reported: Option<ReportedState>,
+    /// Telemetry and event records stored (each once).
+    pub records: u64,
+    /// Records received more than once (re-sent after a lost acknowledgement) and discarded.
+    pub duplicates: u64,
+    /// Records its outbox quota dropped, as it last said.
+    pub dropped: u64,
+    /// The last event it sent.
+    pub last_event: Option<serde_json::Value>,
+}
+
+impl DeviceRecord {
+    /// Whether the device counts as online at `now`: its presence says so and it was heard
+    /// from within three telemetry intervals (at least 30 s). The second condition covers a
+    /// broker that lost the device's last will.
+    pub fn is_online(&self, now: u64) -> bool {
+        let interval_s = self
+            .reported
+            .as_ref()
+            .and_then(|r| r.telemetry_interval_ms)
+            .map_or(60, |ms| ms.div_ceil(1000));
+        let grace = (3 * interval_s).max(30);
+        self.online && self.last_seen.is_some_and(|seen| seen + grace >= now)
+    }
+}
+
+/// A bundle in the artifact store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// sha256 of the file: its address in the store.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Key id of the signer.
+    pub signer: Option<String>,
+    /// Security counter.
+    pub security_counter: u64,
+    /// Unix seconds when it was pushed.
+    pub pushed_at: u64,
+}
+
+/// The fleet's desired state for one device, and the signed envelope last published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredRecord {
+    /// Device id.
+    pub device: String,
+    /// Current generation.
+    pub generation: u64,
+    /// One deployment per model.
+    pub deployments: Vec<Deployment>,
+    /// Unix seconds when the envelope expires.
+    pub expires_at: u64,
+    /// The signed envelope (retained on the device's `desired` topic).
+    pub envelope: SignedDesired,
+}
+
+/// One `deploy` the operator asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// Sequential id.
+    pub id: u64,
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Bundle digest.
+    pub digest: String,
+    /// Target devices.
+    pub devices: Vec<String>,
+    /// Unix seconds when it was made.
+    pub created_at: u64,
+}
+
+/// A stored telemetry record or event, with its device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// Device id.
+    pub device: String,
+    /// The record as the device sent it.
+    #[serde(flatten)]
+    pub record: TelemetryRecord,
+}
+
+/// Which stream a record came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Periodic telemetry.
+    Telemetry,
+    /// Events.
+    Events,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Store {
+    db: sled::Db,
+    devices: sled::Tree,
+    bundles: sled::Tree,
+    desired: sled::Tree,
+    deployments: sled::Tree,
+    telemetry: sled::Tree,
+    events: sled::Tree,
+    artifacts: PathBuf,
+    /// Serialises read-modify-write of device and desired records.
+    write: Mutex<()>,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn record_key(device: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(device.len() + 9);
+    key.extend_from_slice(device.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| FleetError::Corrupt(e.to_string()))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| FleetError::Corrupt(e.to_string()))
+}
+
+/// Whether `d` is a lower-case sha256 hex digest.
+pub fn is_digest(d: &str) -> bool {
+    d.len() == 64
+        && d.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("state"))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("lock") => FleetError::Config(
+                    format!("`{}` is in use by another fleet process", dir.display()),
+                ),
+                other => FleetError::Store(other),
+            })?;
+        let artifacts = dir.join("artifacts");
+        std::fs::create_dir_all(&artifacts)?;
+        Ok(Self {
+            devices: db.open_tree("devices")?,
+            bundles: db.open_tree("bundles")?,
+            desired: db.open_tree("desired")?,
+            deployments: db.open_tree("deployments")?,
+            telemetry: db.open_tree("telemetry")?,
+            events: db.open_tree("events")?,
+            artifacts,
+            write: Mutex::new(()),
+            db,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+        self.write
+            .lock()
+            .map_err(|_| FleetError::Corrupt("store lock poisoned".into()))
+    }
+
+    /// A value of the meta tree.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Sets a value of the meta tree.
+    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.db.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Applies `change` to a device's record (created on first sight) and stores it.
+    pub fn update_device(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<DeviceRecord> {
+        let _guard = self.lock()?;
+        let mut record = match self.devices.get(id)? {
+            Some(bytes) => decode(&bytes)?,
+            None => DeviceRecord {
+                id: id.to_owned(),
+                ..DeviceRecord::default()
+            },
+        };
+        change(&mut record);
+        self.devices.insert(id, encode(&record)?)?;
+        Ok(record)
+    }
+
+    /// One device.
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        self.devices.get(id)?.map(|b| decode(&b)).transpose()
+    }
+
+    /// Every device, by id.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.devices.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// Stores a record unless (device, seq) is already there; returns whether it was new.
+    pub fn put_record(
+        &self,
+        stream: Stream,
+        device: &str,
+        record: &TelemetryRecord,
+    ) -> Result<bool> {
+        let tree = match stream {
+            Stream::Telemetry => &self.telemetry,
+            Stream::Events => &self.events,
+        };
+        let stored = StoredRecord {
+            device: device.to_owned(),
+            record: record.clone(),
+        };
+        let inserted = tree
+            .compare_and_swap(
+                record_key(device, record.seq),
+                None::<&[u8]>,
+                Some(encode(&stored)?),
+            )?
+            .is_ok();
+        Ok(inserted)
+    }
+
+    /// Records of one device (or all) after sequence number `after`, at most `limit`.
+    pub fn records(
+        &self,
+        stream: Stream,
+        device: Option<&str>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        let tree = match stream {
+            Stream::Telemetry => &self.telemetry,
+            Stream::Events => &self.events,
+        };
+        let iter = match device {
+            Some(d) => {
+                let start = record_key(d, after.map_or(0, |a| a.saturating_add(1)));
+                let end = record_key(d, u64::MAX);
+                tree.range(start..=end)
+            }
+            None => tree.range::<&[u8], _>(..),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, v) = item?;
+            let record: StoredRecord = decode(&v)?;
+            if device.is_none() && after.is_some_and(|a| record.record.seq <= a) {
+                continue;
+            }
+            out.push(record);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Flushes everything written so far to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Adds a bundle file to the artifact store (idempotent) and records it.
+    pub fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()> {
+        let path = self.artifact_path(&record.digest)?;
+        if !path.exists() {
+            let tmp = self
+                .artifacts
+                .join(format!(".{}.{}.tmp", record.digest, std::process::id()));
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        self.bundles.insert(
+            format!("{}@{}", record.name, record.version),
+            encode(record)?,
+        )?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every bundle, by name and version.
+    pub fn bundles(&self) -> Result<Vec<BundleRecord>> {
+        self.bundles.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// One bundle.
+    pub fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
+        self.bundles
+            .get(format!("{name}@{version}"))?
+            .map(|b| decode(&b))
+            .transpose()
+    }
+
+    /// Where an artifact's bytes are.
+    pub fn artifact_path(&self, digest: &str) -> Result<PathBuf> {
+        if !is_digest(digest) {
+            return Err(FleetError::NotFound(format!("artifact `{digest}`")));
+        }
+        Ok(self.artifacts.join(digest))
+    }
+
+    /// Replaces a device's desired state with `make(previous)` and stores it.
+    pub fn update_desired(
+        &self,
+        device: &str,
+        make: impl FnOnce(Option<&DesiredRecord>) -> Result<DesiredRecord>,
+    ) -> Result<DesiredRecord> {
+        let _guard = self.lock()?;
+        let previous: Option<DesiredRecord> =
+            self.desired.get(device)?.map(|b| decode(&b)).transpose()?;
+        let next = make(previous.as_ref())?;
+        self.desired.insert(device, encode(&next)?)?;
+        Ok(next)
+    }
+
+    /// One device's desired state.
+    pub fn desired(&self, device: &str) -> Result<Option<DesiredRecord>> {
+        self.desired.get(device)?.map(|b| decode(&b)).transpose()
+    }
+
+    /// Every desired state.
+    pub fn all_desired(&self) -> Result<Vec<DesiredRecord>> {
+        self.desired.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// Records a deployment and returns it with its id.
+    pub fn add_deployment(&self, mut record: DeploymentRecord) -> Result<DeploymentRecord> {
+        record.id = self.db.generate_id()? + 1;
+        self.deployments
+            .insert(record.id.to_be_bytes(), encode(&record)?)?;
+        self.db.flush()?;
+        Ok(record)
+    }
+
+    /// Every deployment, oldest first.
+    pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
+        self.deployments
+            .iter()
+            .values()
+            .map(|v| decode(&v?))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_stored_once_per_device_and_seq() {
+        let dir = std::env::temp_dir().join(format!("fleet-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let rec = |seq| TelemetryRecord {
+            seq,
+            time: 1,
+            body: serde_json::json!({ "n": seq }),
+        };
+        assert!(store.put_record(Stream::Telemetry, "a", &rec(1)).unwrap());
+        assert!(!store.put_record(Stream::Telemetry, "a", &rec(1)).unwrap());
+        assert!(store.put_record(Stream::Telemetry, "b", &rec(1)).unwrap());
+        assert!(store.put_record(Stream::Telemetry, "a", &rec(2)).unwrap());
+        let a = store
+            .records(Stream::Telemetry, Some("a"), None, 100)
+            .unwrap();
+        assert_eq!(a.iter().map(|r| r.record.seq).collect::<Vec<_>>(), [1, 2]);
+        let after = store
+            .records(Stream::Telemetry, Some("a"), Some(1), 100)
+            .unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(
+            store
+                .records(Stream::Telemetry, None, None, 100)
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(
+            store
+                .records(Stream::Events, Some("a"), None, 100)
+                .unwrap()
+                .is_empty()
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

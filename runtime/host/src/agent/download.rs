@@ -1,0 +1,237 @@
+//! Resumable, size-capped, hash-checked bundle downloads.
+//!
+//! A download lands in `DIR/<sha256>.part`. A restarted download (after a lost connection or a
+//! `kill -9`) asks for the rest with `Range: bytes=N-`; a server that answers 200 instead of 206
+//! is followed from the start. Nothing is handed to the installer before the whole file has the
+//! digest the signed desired state named.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// The deployment names no valid sha256 digest.
+    #[error("`{0}` is not a sha256 digest")]
+    BadDigest(String),
+    /// The bundle is larger than the device accepts.
+    #[error("bundle of {size} bytes is over the device's limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The cap.
+        limit: u64,
+    },
+    /// The server sent more bytes than the deployment's size.
+    #[error("the server sent more than the expected {expected} bytes")]
+    Oversized {
+        /// The expected size.
+        expected: u64,
+    },
+    /// The server answered with an unexpected status.
+    #[error("artifact server answered HTTP {0}")]
+    Status(u16),
+    /// The connection failed or broke; the partial file is kept for a resume.
+    #[error("download interrupted: {0}")]
+    Transport(String),
+    /// The complete file does not have the expected digest (deleted; never installed).
+    #[error("downloaded bundle has digest {actual}, the desired state names {expected}: refused")]
+    DigestMismatch {
+        /// The expected digest.
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// Local file trouble.
+    #[error("download file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl DownloadError {
+    /// Whether trying again later can help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport(_) | Self::Io(_) => true,
+            Self::Status(s) => *s >= 500 || *s == 408 || *s == 429,
+            _ => false,
+        }
+    }
+}
+
+/// One artifact to fetch.
+#[derive(Debug, Clone)]
+pub struct Artifact<'a> {
+    /// Where it is.
+    pub url: &'a str,
+    /// Its sha256, lower-case hex.
+    pub digest: &'a str,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// The HTTP agent downloads use: connect and response-head timeouts, no whole-body timeout
+/// (a slow link may take long), HTTP errors as statuses.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_recv_response(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent()
+}
+
+fn is_sha256(d: &str) -> bool {
+    d.len() == 64
+        && d.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The partial-file path of `digest` in `dir`.
+pub fn part_path(dir: &Path, digest: &str) -> PathBuf {
+    dir.join(format!("{digest}.part"))
+}
+
+/// Downloads `artifact` into `dir` (resuming a partial file), checks its size and digest, and
+/// returns the complete file's path. `progress` gets the bytes on disk after every chunk.
+pub fn fetch(
+    agent: &ureq::Agent,
+    artifact: &Artifact<'_>,
+    limit: u64,
+    dir: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<PathBuf, DownloadError> {
+    if !is_sha256(artifact.digest) {
+        return Err(DownloadError::BadDigest(artifact.digest.to_owned()));
+    }
+    if artifact.size > limit {
+        return Err(DownloadError::TooLarge {
+            size: artifact.size,
+            limit,
+        });
+    }
+    std::fs::create_dir_all(dir)?;
+    let path = part_path(dir, artifact.digest);
+    let mut have = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if have > artifact.size {
+        std::fs::remove_file(&path)?;
+        have = 0;
+    }
+    if have < artifact.size {
+        have = transfer(agent, artifact, &path, have, &mut progress)?;
+    }
+    if have != artifact.size {
+        return Err(DownloadError::Transport(format!(
+            "got {have} of {} bytes",
+            artifact.size
+        )));
+    }
+    let actual = sha256_file(&path)?;
+    if actual != artifact.digest {
+        let _ = std::fs::remove_file(&path);
+        return Err(DownloadError::DigestMismatch {
+            expected: artifact.digest.to_owned(),
+            actual,
+        });
+    }
+    Ok(path)
+}
+
+fn transfer(
+    agent: &ureq::Agent,
+    artifact: &Artifact<'_>,
+    path: &Path,
+    have: u64,
+    progress: &mut impl FnMut(u64),
+) -> Result<u64, DownloadError> {
+    let mut request = agent.get(artifact.url);
+    if have > 0 {
+        request = request.header("Range", &format!("bytes={have}-"));
+    }
+    let response = request
+        .call()
+        .map_err(|e| DownloadError::Transport(e.to_string()))?;
+    let status = response.status().as_u16();
+    let (mut file, mut have) = match status {
+        206 if have > 0 => {
+            let content_range = response
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if !content_range.starts_with(&format!("bytes {have}-")) {
+                return Err(DownloadError::Transport(format!(
+                    "asked for bytes {have}- and got `{content_range}`"
+                )));
+            }
+            (OpenOptions::new().append(true).open(path)?, have)
+        }
+        200 => (File::create(path)?, 0),
+        416 if have > 0 => {
+            // The server has fewer bytes than we do: start over next time.
+            std::fs::remove_file(path)?;
+            return Err(DownloadError::Transport(
+                "range not satisfiable; restarting".into(),
+            ));
+        }
+        other => return Err(DownloadError::Status(other)),
+    };
+    if have > 0 {
+        tracing::info!(digest = artifact.digest, from = have, "resuming download");
+    }
+    let remaining = artifact.size - have;
+    // One byte more than expected is enough to know the server sent too much.
+    let mut body = response
+        .into_body()
+        .into_with_config()
+        .limit(remaining + 1)
+        .reader();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                file.flush()?;
+                if e.to_string().contains("limit") {
+                    drop(file);
+                    let _ = std::fs::remove_file(path);
+                    return Err(DownloadError::Oversized {
+                        expected: artifact.size,
+                    });
+                }
+                return Err(DownloadError::Transport(e.to_string()));
+            }
+        };
+        if have + n as u64 > artifact.size {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(DownloadError::Oversized {
+                expected: artifact.size,
+            });
+        }
+        file.write_all(&buf[..n])?;
+        have += n as u64;
+        progress(have);
+    }
+    file.sync_all()?;
+    Ok(have)
+}
+
+/// The sha256 of a file, lower-case hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
