@@ -1,13 +1,15 @@
-//! `outpost demo`: a device with the example bundles, built, signed and installed, in one
-//! command.
+//! `outpost demo`: a fleet manager (embedded broker) and a device on this machine, with the
+//! example bundles built, signed, pushed to the fleet and deployed through it, in one command.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use outpost_bundle::{Bundle, SecretKey, TrustStore};
 use outpost_examples::Example;
+use outpost_fleet::{BrokerChoice, FleetOptions, Ready};
 use outpost_host::{Config, Device};
 
 /// Arguments of `outpost demo`.
@@ -19,6 +21,12 @@ pub(crate) struct DemoArgs {
     /// Address of the admin API (a token is generated and printed).
     #[arg(long, default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
+    /// Address of the fleet manager's API.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    fleet_listen: SocketAddr,
+    /// Address of the fleet's embedded MQTT broker.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
     /// Keep state here instead of a temporary directory removed on exit.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -27,34 +35,144 @@ pub(crate) struct DemoArgs {
 pub(crate) fn run(args: DemoArgs) -> Result<()> {
     crate::init_logging();
     let temporary = args.data_dir.is_none();
-    let data_dir = args.data_dir.unwrap_or_else(|| {
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("outpost-demo-{}", std::process::id()))
     });
-    let result = run_in(&data_dir, args.listen, args.admin_listen);
+    let result = run_in(&data_dir, &args);
     if temporary {
         let _ = std::fs::remove_dir_all(&data_dir);
     }
     result
 }
 
-fn run_in(data_dir: &std::path::Path, listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
+/// Starts the fleet manager on its own thread; returns where it listens.
+fn start_fleet(
+    data_dir: &std::path::Path,
+    args: &DemoArgs,
+    trust: TrustStore,
+) -> Result<(Ready, std::thread::JoinHandle<Result<()>>)> {
+    let options = FleetOptions {
+        data_dir: data_dir.join("fleet"),
+        listen: args.fleet_listen,
+        broker: BrokerChoice::Embedded(args.mqtt_listen),
+        public_url: None,
+        token: None,
+        trust: Some(trust),
+        desired_ttl: Duration::from_secs(7 * 24 * 3600),
+        replica: Some("demo-fleet".into()),
+        max_bundle_bytes: 256 << 20,
+    };
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let thread = std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(outpost_fleet::serve(
+            options,
+            crate::device_cmd::shutdown_signal(),
+            move |ready| {
+                let _ = ready_tx.send(ready.clone());
+            },
+        ))?;
+        Ok(())
+    });
+    match ready_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(ready) => Ok((ready, thread)),
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(e.context("the demo fleet did not start")),
+            _ => anyhow::bail!("the demo fleet did not start"),
+        },
+    }
+}
+
+fn post(url: &str, content_type: &str, body: &[u8]) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(url)
+        .header("Content-Type", content_type)
+        .send(body)
+        .with_context(|| format!("POST {url}"))?;
+    if !response.status().is_success() {
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        anyhow::bail!("POST {url}: HTTP {}: {text}", response.status().as_u16());
+    }
+    Ok(())
+}
+
+/// Waits until every example answers `ready` on the device.
+fn wait_ready(url: &str) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    for name in ["digits", "sensor-anomaly"] {
+        loop {
+            let ready = agent
+                .get(&format!("{url}/v2/models/{name}/ready"))
+                .call()
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{name} was not deployed to the demo device in time");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+fn run_in(data_dir: &std::path::Path, args: &DemoArgs) -> Result<()> {
+    let (listen, admin_listen) = (args.listen, args.admin_listen);
     let key = SecretKey::generate()?;
     let mut trust = TrustStore::new();
     trust.allow(key.public(), ["digits", "sensor-anomaly"]);
+    let (fleet, fleet_thread) = start_fleet(data_dir, args, trust.clone())?;
+    let api = format!("http://{}", fleet.api);
     let token = SecretKey::generate()?.id().to_owned() + SecretKey::generate()?.id();
+    let device_dir = data_dir.join("device");
     let config_text = format!(
-        "data_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\nadmin_token = \"{token}\"\n",
-        data_dir.display().to_string()
+        "data_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\nadmin_token = \"{token}\"\n\
+         [fleet]\nbroker = \"{}\"\nfleet_key = \"{}\"\ndevice_id = \"demo-device\"\ntelemetry_interval_ms = 5000\n",
+        device_dir.display().to_string(),
+        fleet.broker,
+        fleet.public_key,
     );
     let config = Config::from_toml(&config_text, data_dir)?;
     let device = Device::with_trust(&config, trust)?;
+    // Built and signed here, pushed to the fleet, deployed by it: the device downloads,
+    // verifies, installs and activates them over the same path a real fleet uses.
     for example in Example::ALL {
         let mut bundle = Bundle::build(example.build_input()?)?;
         bundle.sign(&key);
-        let record = device
-            .install_and_activate(&bundle.to_bytes())
-            .with_context(|| format!("cannot install the {example:?} example"))?;
-        eprintln!("installed and activated {} {}", record.name, record.version);
+        let manifest = bundle.manifest().clone();
+        post(
+            &format!("{api}/api/v1/bundles"),
+            "application/vnd.outpost.bundle",
+            &bundle.to_bytes(),
+        )
+        .with_context(|| format!("cannot push the {example:?} example"))?;
+        let deploy = serde_json::json!({
+            "model": manifest.name,
+            "version": manifest.version.to_string(),
+            "devices": ["demo-device"],
+        });
+        post(
+            &format!("{api}/api/v1/deployments"),
+            "application/json",
+            deploy.to_string().as_bytes(),
+        )?;
+        eprintln!(
+            "pushed {} {} and deployed it to demo-device",
+            manifest.name, manifest.version
+        );
     }
     // Inputs the training scripts recorded, so the printed requests give the recorded answers.
     let digits: serde_json::Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED)?;
@@ -63,19 +181,28 @@ fn run_in(data_dir: &std::path::Path, listen: SocketAddr, admin_listen: SocketAd
     let readings = sensor["cases"][0]["readings"].clone();
     let dir = data_dir.display().to_string();
     let admin_token = token.clone();
-    crate::device_cmd::serve(
+    let broker = fleet.broker.clone();
+    let result = crate::device_cmd::serve(
         Arc::new(device),
         &config,
         Some(token),
         move |listen, admin| {
             let token = admin_token;
+            let api = api.clone();
             let admin_listen = admin.map_or_else(|| "(admin off)".to_owned(), |a| a.to_string());
             let url = format!("http://{listen}");
             let digits_request = serde_json::json!({
                 "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": pixels}]
             });
-            println!(
-                r#"
+            // Printed once the fleet's deployments are active, so every line works as shown.
+            std::thread::spawn(move || {
+                if let Err(e) = wait_ready(&url) {
+                    eprintln!("error: {e:#}");
+                    return;
+                }
+                println!(
+                    r#"
+Outpost demo fleet: API {api} (embedded MQTT broker {broker})
 Outpost demo device: serving on {url} (state in {dir})
 
 Try:
@@ -90,8 +217,17 @@ Try:
 A digit image from the repository: curl -X POST {url}/v2/models/digits/raw \
     -H 'Content-Type: image/png' --data-binary @models/digits/samples/digit.png
 
+The fleet that deployed both bundles, and what the device reports to it:
+  cargo run -q -p outpost-cli -- fleet status --fleet {api}
+  cargo run -q -p outpost-cli -- fleet telemetry --fleet {api} --device demo-device --limit 3
+
 Ctrl-C stops it."#
-            );
+                );
+            });
         },
-    )
+    );
+    let fleet_result = fleet_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the demo fleet panicked"))?;
+    result.and(fleet_result)
 }

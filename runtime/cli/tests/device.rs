@@ -260,6 +260,10 @@ fn demo_serves_the_examples_and_stops_cleanly_on_ctrl_c() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--fleet-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
         ])
         .env("OUTPOST_LOG", "warn")
         .current_dir(std::env::temp_dir())
