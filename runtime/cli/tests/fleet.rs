@@ -989,3 +989,89 @@ fn expect_refusal_version(fleet: &Fleet, device: &Device, n: usize, needle: &str
     });
     assert_eq!(device.digits(), Ok(version.into()), "still serving");
 }
+
+#[test]
+fn bad_pushes_and_deploys_get_clear_errors_and_artifacts_honour_range() {
+    let d = bed("api");
+    let dir = &d.0;
+    let fleet = Fleet::start(dir, None, None);
+    let fail = |args: &[&str]| -> String {
+        let out = bin()
+            .args(args)
+            .args(["--fleet", &fleet.api])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "outpost {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Unsigned and corrupted bundles are refused; nothing is stored.
+    ok(
+        dir,
+        &["bundle", "build", "1.0.0.toml", "--out", "unsigned.opb"],
+    );
+    assert!(fail(&["fleet", "push", "unsigned.opb"]).contains("not signed"));
+    let mut bytes = fs::read(dir.join("digits-1.0.0.opb")).unwrap();
+    let n = bytes.len();
+    bytes[n / 3] ^= 0x20;
+    fs::write(dir.join("corrupt.opb"), bytes).unwrap();
+    assert!(fail(&["fleet", "push", "corrupt.opb"]).contains("bundle refused"));
+    assert_eq!(
+        get_json(&format!("{}/api/v1/bundles", fleet.api)).1,
+        serde_json::json!([])
+    );
+    // Deploying what was never pushed, to nobody, or with a malformed target.
+    assert!(fail(&["fleet", "deploy", "digits@1.0.0", "--device", "x"]).contains("push it first"));
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    assert!(fail(&["fleet", "deploy", "digits@1.0.0"]).contains("no target devices"));
+    assert!(
+        fail(&["fleet", "deploy", "digits@1.0.0", "--device", "a/b"])
+            .contains("not a valid device id")
+    );
+    assert!(fail(&["fleet", "deploy", "digits"]).contains("MODEL@VERSION"));
+    let mut r = http()
+        .post(&format!("{}/api/v1/deployments", fleet.api))
+        .header("content-type", "application/json")
+        .send(&b"{\"model\": 1"[..])
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.body_mut().read_to_string().unwrap().contains("error"));
+
+    // The artifact store: whole, ranges, bad ranges, unknown digests.
+    let bundle = fs::read(dir.join("digits-1.0.0.opb")).unwrap();
+    let digest = outpost_bundle::sha256_hex(&bundle);
+    let url = format!("{}/artifacts/{digest}", fleet.api);
+    let fetch = |range: Option<&str>| {
+        let mut req = http().get(&url);
+        if let Some(r) = range {
+            req = req.header("Range", r);
+        }
+        let mut r = req.call().unwrap();
+        let cr = r
+            .headers()
+            .get("content-range")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (r.status().as_u16(), cr, r.body_mut().read_to_vec().unwrap())
+    };
+    assert_eq!(fetch(None), (200, None, bundle.clone()));
+    let (status, cr, body) = fetch(Some("bytes=100-"));
+    assert_eq!((status, body.as_slice()), (206, &bundle[100..]));
+    assert_eq!(
+        cr.unwrap(),
+        format!("bytes 100-{}/{}", bundle.len() - 1, bundle.len())
+    );
+    assert_eq!(fetch(Some("bytes=10-19")).2, bundle[10..20].to_vec());
+    let (status, cr, _) = fetch(Some(&format!("bytes={}-", bundle.len())));
+    assert_eq!(
+        (status, cr.unwrap()),
+        (416, format!("bytes */{}", bundle.len()))
+    );
+    assert_eq!(
+        get_json(&format!("{}/artifacts/{}", fleet.api, "0".repeat(64))).0,
+        404
+    );
+    assert_eq!(
+        get_json(&format!("{}/artifacts/..%2Ffleet.key", fleet.api)).0,
+        404
+    );
+}

@@ -235,3 +235,149 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     }
     Ok(hex::encode(hasher.finalize()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    /// A one-shot HTTP server per connection: `respond(range header) -> (status line, headers, body)`.
+    fn server(
+        respond: impl Fn(Option<String>) -> (String, Vec<u8>) + Send + Sync + 'static,
+    ) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut range = None;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range:") {
+                        range = Some(v.trim().to_owned());
+                    }
+                }
+                let (head, body) = respond(range);
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        format!("http://{addr}/artifact")
+    }
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_server_sending_more_than_the_size_is_cut_off_and_nothing_is_kept() {
+        let url = server(|_| {
+            // Claims nothing about its length and sends far more than the deployment's size.
+            (
+                "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".into(),
+                vec![7u8; 100_000],
+            )
+        });
+        let d = dir("oversize");
+        let digest = hex::encode(Sha256::digest([7u8; 1000]));
+        let artifact = Artifact {
+            url: &url,
+            digest: &digest,
+            size: 1000,
+        };
+        let err = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap_err();
+        assert!(
+            matches!(err, DownloadError::Oversized { expected: 1000 }),
+            "{err}"
+        );
+        assert!(!part_path(&d, &digest).exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn size_cap_digest_check_and_a_server_ignoring_range() {
+        let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let digest = hex::encode(Sha256::digest(&body));
+        let served = body.clone();
+        // Ignores Range and always answers 200 with everything.
+        let url = server(move |_| {
+            (
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    served.len()
+                ),
+                served.clone(),
+            )
+        });
+        let d = dir("range");
+        let artifact = Artifact {
+            url: &url,
+            digest: &digest,
+            size: body.len() as u64,
+        };
+        let too_large = fetch(&agent(), &artifact, 100, &d, |_| {}).unwrap_err();
+        assert!(matches!(too_large, DownloadError::TooLarge { .. }) && !too_large.is_transient());
+        // A stale partial file: the 200 answer restarts from zero and the result verifies.
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(part_path(&d, &digest), &body[..1234]).unwrap();
+        let path = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+        // The wrong digest: refused, the file is deleted.
+        let wrong = "0".repeat(64);
+        let artifact = Artifact {
+            url: &url,
+            digest: &wrong,
+            size: body.len() as u64,
+        };
+        let err = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap_err();
+        assert!(
+            matches!(err, DownloadError::DigestMismatch { .. }) && !err.is_transient(),
+            "{err}"
+        );
+        assert!(!part_path(&d, &wrong).exists());
+        let bad = Artifact {
+            url: &url,
+            digest: "../../etc/passwd",
+            size: 1,
+        };
+        assert!(matches!(
+            fetch(&agent(), &bad, 1 << 20, &d, |_| {}),
+            Err(DownloadError::BadDigest(_))
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn server_errors_are_transient_and_keep_the_partial_file() {
+        let url = server(|_| {
+            (
+                "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+                vec![],
+            )
+        });
+        let d = dir("503");
+        let digest = "a".repeat(64);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(part_path(&d, &digest), b"partial").unwrap();
+        let artifact = Artifact {
+            url: &url,
+            digest: &digest,
+            size: 100,
+        };
+        let err = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap_err();
+        assert!(
+            matches!(err, DownloadError::Status(503)) && err.is_transient(),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(part_path(&d, &digest)).unwrap(), b"partial");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
