@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Cross-builds `outpost` for aarch64-unknown-linux-gnu and runs it under qemu-aarch64:
 #  1. a digits bundle built and signed on the host verifies on ARM, a tampered copy does not;
-#  2. `outpost demo` on ARM (Cranelift compiling the guests for aarch64, tract running the
-#     models) serves one inference of each example bundle, with the expected answer.
+#  2. `outpost demo` on ARM (its fleet with the embedded broker deploying the example bundles to
+#     its device; Cranelift compiling the guests for aarch64, tract running the models) serves
+#     one inference of each example bundle, with the expected answer.
 #
 # Run with: cross/aarch64-smoke.sh   (needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross,
 # qemu-user, curl, python3; .ci/run installs them)
@@ -51,19 +52,22 @@ echo "aarch64 rejected the tampered bundle: $(head -1 "$work/err")"
 
 echo "== outpost demo on aarch64"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-port=$(free_port); admin_port=$(free_port)
+port=$(free_port); admin_port=$(free_port); fleet_port=$(free_port); mqtt_port=$(free_port)
 start=$(date +%s)
 OUTPOST_LOG=warn qemu-aarch64 -L /usr/aarch64-linux-gnu "$arm_bin" demo \
   --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" --data-dir "$work/demo" \
+  --fleet-listen "127.0.0.1:$fleet_port" --mqtt-listen "127.0.0.1:$mqtt_port" \
   >"$work/demo.out" 2>"$work/demo.err" &
 demo_pid=$!
 url="http://127.0.0.1:$port"
+# Ready once the fleet (on ARM too) has deployed both examples to the device.
+ready() { curl -sf "$url/v2/models/digits/ready" >/dev/null 2>&1 && curl -sf "$url/v2/models/sensor-anomaly/ready" >/dev/null 2>&1; }
 for _ in $(seq 1 600); do
-  curl -sf "$url/v2/health/ready" >/dev/null 2>&1 && break
+  ready && break
   kill -0 "$demo_pid" 2>/dev/null || { echo "demo exited:" >&2; cat "$work/demo.err" >&2; exit 1; }
   sleep 1
 done
-curl -sf "$url/v2/health/ready" >/dev/null || { echo "demo never became ready" >&2; cat "$work/demo.err" >&2; exit 1; }
+ready || { echo "demo never became ready" >&2; cat "$work/demo.err" >&2; exit 1; }
 echo "ready after $(( $(date +%s) - start ))s under emulation"
 
 pixels=$(python3 -c 'import json; print(json.dumps(json.load(open("models/digits/expected.json"))["cases"][0]))')
