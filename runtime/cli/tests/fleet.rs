@@ -1075,3 +1075,66 @@ fn bad_pushes_and_deploys_get_clear_errors_and_artifacts_honour_range() {
         404
     );
 }
+
+#[test]
+fn two_fleet_replicas_on_mosquitto_split_telemetry_through_shared_subscriptions() {
+    let d = bed("replicas");
+    let dir = &d.0;
+    let broker = Mosquitto::start(dir);
+    let replica = |name: &str| -> Fleet {
+        let data = format!("{name}-data");
+        let (proc, rest) = Proc::start(
+            dir,
+            &[
+                "fleet",
+                "serve",
+                "--data-dir",
+                &data,
+                "--listen",
+                "127.0.0.1:0",
+                "--broker",
+                &broker.url(),
+                "--replica",
+                name,
+            ],
+            "fleet ready api=",
+        );
+        Fleet {
+            _proc: proc,
+            api: format!("http://{}", first_word(&rest)),
+            broker: broker.url(),
+        }
+    };
+    let one = replica("replica-1");
+    let two = replica("replica-2");
+    // The device trusts the first replica's key; telemetry does not depend on it.
+    fs::create_dir_all(dir.join("fleet-data")).unwrap();
+    fs::copy(
+        dir.join("replica-1-data/fleet.pub"),
+        dir.join("fleet-data/fleet.pub"),
+    )
+    .unwrap();
+    let config = device_config(dir, "dev-s", &broker.url(), &[]);
+    let _device = Device::start(dir, &config);
+    // Both replicas keep the whole registry (plain subscriptions)...
+    online(&one, &["dev-s"]);
+    online(&two, &["dev-s"]);
+    // ...and split the telemetry (shared subscriptions): each record lands in exactly one.
+    let seqs = |fleet: &Fleet| -> BTreeSet<u64> {
+        let mut records = fleet.records("telemetry", "dev-s");
+        records.extend(fleet.records("events", "dev-s"));
+        records.iter().map(|r| r["seq"].as_u64().unwrap()).collect()
+    };
+    let (a, b) = eventually(60, "both replicas storing telemetry", || {
+        let (a, b) = (seqs(&one), seqs(&two));
+        (a.len() >= 5 && b.len() >= 5 && a.len() + b.len() >= 40).then_some((a, b))
+    });
+    assert!(a.is_disjoint(&b), "a record reached both replicas");
+    let max = *a.iter().chain(b.iter()).max().unwrap();
+    let lowest_missing = (1..=max).find(|s| !a.contains(s) && !b.contains(s));
+    // The newest records may still be in flight to one replica; everything before is there.
+    assert!(
+        lowest_missing.is_none_or(|s| s + 8 > max),
+        "record {lowest_missing:?} of {max} reached neither replica"
+    );
+}
