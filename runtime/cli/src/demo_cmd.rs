@@ -61,6 +61,7 @@ fn start_fleet(
         desired_ttl: Duration::from_secs(7 * 24 * 3600),
         replica: Some("demo-fleet".into()),
         max_bundle_bytes: 256 << 20,
+        retention: Duration::from_secs(24 * 3600),
     };
     let (ready_tx, ready_rx) = mpsc::channel();
     let thread = std::thread::spawn(move || -> Result<()> {

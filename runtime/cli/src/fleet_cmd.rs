@@ -135,6 +135,9 @@ pub(crate) struct ServeArgs {
     /// Largest bundle accepted, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_bundle_bytes: u64,
+    /// How long telemetry and events are kept, in hours.
+    #[arg(long, default_value_t = 168)]
+    retention_hours: u64,
 }
 
 pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
@@ -224,6 +227,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         desired_ttl: Duration::from_secs(args.desired_ttl_hours.max(1) * 3600),
         replica: args.replica,
         max_bundle_bytes: args.max_bundle_bytes,
+        retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

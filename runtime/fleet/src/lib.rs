@@ -57,6 +57,8 @@ pub struct FleetOptions {
     pub replica: Option<String>,
     /// Largest bundle accepted by `push`.
     pub max_bundle_bytes: u64,
+    /// How long telemetry and events are kept.
+    pub retention: Duration,
 }
 
 /// Counters for `/metrics`.
@@ -243,6 +245,11 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mqtt_task = tokio::spawn(mqtt::run(Arc::clone(&fleet), outbound_rx, stop_rx.clone()));
     tokio::spawn(refresh_task(Arc::clone(&fleet), stop_rx.clone()));
+    tokio::spawn(retention_task(
+        Arc::clone(&fleet),
+        options.retention,
+        stop_rx.clone(),
+    ));
     let broker_host = if fleet.broker.0.contains(':') {
         format!("[{}]", fleet.broker.0)
     } else {
@@ -293,6 +300,31 @@ async fn refresh_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
                     tracing::error!(device = %desired.device, error = %e, "cannot refresh a desired state");
                 }
             }
+        }
+    }
+}
+
+/// Deletes telemetry and events older than `retention`, every ten minutes (and at start).
+async fn retention_task(fleet: Arc<Fleet>, retention: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let cutoff = now_secs().saturating_sub(retention.as_secs());
+        let pruned = tokio::task::spawn_blocking({
+            let fleet = Arc::clone(&fleet);
+            move || -> Result<usize> {
+                Ok(fleet.store.prune(store::Stream::Telemetry, cutoff)?
+                    + fleet.store.prune(store::Stream::Events, cutoff)?)
+            }
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(records = n, "pruned records past retention"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot prune old records"),
+            Err(e) => tracing::error!(error = %e, "pruning failed"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
     }
 }

@@ -296,6 +296,34 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes records taken before `cutoff` (Unix seconds); returns how many. Sequence numbers
+    /// grow with time per device, so each device's scan stops at its first newer record.
+    pub fn prune(&self, stream: Stream, cutoff: u64) -> Result<usize> {
+        let tree = match stream {
+            Stream::Telemetry => &self.telemetry,
+            Stream::Events => &self.events,
+        };
+        let mut removed = 0;
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let Some(item) = tree.range(from.as_slice()..).next() else {
+                break;
+            };
+            let (key, value) = item?;
+            let record: StoredRecord = decode(&value)?;
+            if record.record.time < cutoff {
+                tree.remove(&key)?;
+                removed += 1;
+                from = key.to_vec();
+            } else {
+                // Skip to the next device: its keys start after `device 0x00 <u64::MAX>`.
+                from = record_key(&record.device, u64::MAX);
+                from.push(0);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Flushes everything written so far to disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
