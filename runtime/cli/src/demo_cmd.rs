@@ -54,7 +54,7 @@ fn start_fleet(
     let options = FleetOptions {
         data_dir: data_dir.join("fleet"),
         listen: args.fleet_listen,
-        broker: BrokerChoice::Embedded(args.mqtt_listen),
+        broker: BrokerChoice::Embedded(args.mqtt_listen, None),
         public_url: None,
         token: None,
         trust: Some(trust),

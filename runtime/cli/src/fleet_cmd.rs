@@ -117,6 +117,15 @@ pub(crate) struct ServeArgs {
     /// Use this external broker instead of the embedded one, e.g. mqtt://10.0.0.5:1883.
     #[arg(long)]
     broker: Option<String>,
+    /// User name for the external broker.
+    #[arg(long, requires = "broker_password_file")]
+    broker_username: Option<String>,
+    /// A file holding the external broker's password.
+    #[arg(long, requires = "broker_username")]
+    broker_password_file: Option<PathBuf>,
+    /// Make the embedded broker require logins: a file of `user:password` lines.
+    #[arg(long, conflicts_with = "broker")]
+    mqtt_logins: Option<PathBuf>,
     /// Base URL devices use to reach this fleet's artifacts (default: http://LISTEN).
     #[arg(long)]
     public_url: Option<String>,
@@ -194,9 +203,24 @@ fn serve(args: ServeArgs) -> Result<()> {
     let broker = match &args.broker {
         Some(url) => {
             let (host, port) = outpost_host::config::parse_broker_url(url)?;
-            BrokerChoice::External(host, port)
+            let login = match (&args.broker_username, &args.broker_password_file) {
+                (Some(user), Some(file)) => {
+                    Some((user.clone(), util::read_string(file)?.trim().to_owned()))
+                }
+                _ => None,
+            };
+            BrokerChoice::External(host, port, login)
         }
-        None => BrokerChoice::Embedded(args.mqtt_listen),
+        None => {
+            let logins = args
+                .mqtt_logins
+                .as_ref()
+                .map(|p| {
+                    outpost_fleet::read_logins(&util::read_string(p)?).map_err(anyhow::Error::from)
+                })
+                .transpose()?;
+            BrokerChoice::Embedded(args.mqtt_listen, logins)
+        }
     };
     let token = args
         .token_file

@@ -1138,3 +1138,71 @@ fn two_fleet_replicas_on_mosquitto_split_telemetry_through_shared_subscriptions(
         "record {lowest_missing:?} of {max} reached neither replica"
     );
 }
+
+#[test]
+fn embedded_broker_logins_admit_known_devices_only() {
+    let d = bed("logins");
+    let dir = &d.0;
+    fs::write(
+        dir.join("logins.txt"),
+        "# device logins\ndev-ok:right-password\n",
+    )
+    .unwrap();
+    let (proc, rest) = Proc::start(
+        dir,
+        &[
+            "fleet",
+            "serve",
+            "--data-dir",
+            "fleet-data",
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--mqtt-logins",
+            "logins.txt",
+        ],
+        "fleet ready api=",
+    );
+    let i = rest.find("broker=").unwrap();
+    let fleet = Fleet {
+        _proc: proc,
+        api: format!("http://{}", first_word(&rest)),
+        broker: first_word(&rest[i + 7..]),
+    };
+    // The fleet logged itself in with a login of its own.
+    eventually(30, "fleet connected", || {
+        (get_json(&format!("{}/api/v1/fleet", fleet.api)).1["broker_connected"] == true)
+            .then_some(())
+    });
+    fs::write(dir.join("right"), "right-password\n").unwrap();
+    fs::write(dir.join("wrong"), "guess\n").unwrap();
+    for (id, file) in [("dev-ok", "right"), ("dev-bad", "wrong")] {
+        let config = device_config(dir, id, &fleet.broker, &[]);
+        let mut text = fs::read_to_string(dir.join(&config)).unwrap();
+        text.push_str(&format!(
+            "username = \"dev-ok\"\npassword_file = \"{file}\"\n"
+        ));
+        fs::write(dir.join(&config), text).unwrap();
+    }
+    let ok_device = Device::start(dir, "dev-ok.toml");
+    let bad_device = Device::start(dir, "dev-bad.toml");
+    online(&fleet, &["dev-ok"]);
+    eventually(30, "the refused login logged", || {
+        bad_device
+            .proc
+            .logs()
+            .contains("cannot reach the broker")
+            .then_some(())
+    });
+    assert!(
+        fleet.device("dev-bad").is_none(),
+        "a refused device reached the fleet"
+    );
+    // Refused by the broker, it still serves locally.
+    assert_eq!(
+        get_json(&format!("{}/v2/health/live", bad_device.url)).0,
+        200
+    );
+    assert_eq!(ok_device.digits(), Err(404));
+}

@@ -14,9 +14,10 @@ use crate::error::{FleetError, Result};
 const MAX_PAYLOAD: usize = 1 << 20;
 
 /// Starts the broker on `listen` (port 0 picks a free port) and returns the bound address.
+/// With `logins` (user name → password), clients must log in with one of them.
 ///
 /// The broker runs on its own threads for the life of the process.
-pub fn start(listen: SocketAddr) -> Result<SocketAddr> {
+pub fn start(listen: SocketAddr, logins: Option<HashMap<String, String>>) -> Result<SocketAddr> {
     // rumqttd binds inside its own thread and only logs a failure, so the address is checked
     // (and a port-0 request resolved) here first.
     let probe = TcpListener::bind(listen)
@@ -28,7 +29,7 @@ pub fn start(listen: SocketAddr) -> Result<SocketAddr> {
         connection_timeout_ms: 10_000,
         max_payload_size: MAX_PAYLOAD,
         max_inflight_count: 256,
-        auth: None,
+        auth: logins.clone(),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -60,8 +61,11 @@ pub fn start(listen: SocketAddr) -> Result<SocketAddr> {
             }
         })?;
     // Wait until it answers an MQTT CONNECT, so callers can connect at once.
+    let probe_login = logins
+        .as_ref()
+        .and_then(|l| l.iter().next().map(|(u, p)| (u.clone(), p.clone())));
     for _ in 0..200 {
-        if probe_mqtt(addr).is_ok() {
+        if probe_mqtt(addr, probe_login.as_ref()).is_ok() {
             return Ok(addr);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -72,16 +76,41 @@ pub fn start(listen: SocketAddr) -> Result<SocketAddr> {
 }
 
 /// Connects, sends an MQTT 3.1.1 CONNECT, expects CONNACK "accepted", disconnects.
-fn probe_mqtt(addr: SocketAddr) -> std::io::Result<()> {
+fn probe_mqtt(addr: SocketAddr, login: Option<&(String, String)>) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(2);
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    let client_id = b"outpost-broker-probe";
-    let mut packet = vec![0x10, (10 + 2 + client_id.len()) as u8];
-    packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
-    packet.extend_from_slice(&[0, client_id.len() as u8]);
-    packet.extend_from_slice(client_id);
+    let field = |bytes: &[u8]| -> Vec<u8> {
+        let mut v = (bytes.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(bytes);
+        v
+    };
+    let flags: u8 = if login.is_some() {
+        0x02 | 0x80 | 0x40
+    } else {
+        0x02
+    };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 10];
+    body.extend(field(b"outpost-broker-probe"));
+    if let Some((user, password)) = login {
+        body.extend(field(user.as_bytes()));
+        body.extend(field(password.as_bytes()));
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
     stream.write_all(&packet)?;
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack)?;

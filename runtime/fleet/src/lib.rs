@@ -11,6 +11,7 @@ mod error;
 pub mod mqtt;
 pub mod store;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,10 +31,30 @@ use store::{BundleRecord, DeploymentRecord, DesiredRecord, Store, now_secs};
 /// Where the fleet's MQTT broker is.
 #[derive(Debug, Clone)]
 pub enum BrokerChoice {
-    /// Run rumqttd in this process, listening here.
-    Embedded(SocketAddr),
-    /// Use an external broker at this host and port.
-    External(String, u16),
+    /// Run rumqttd in this process, listening here; with logins (user name → password), every
+    /// client must use one (the fleet gives itself one of its own).
+    Embedded(SocketAddr, Option<HashMap<String, String>>),
+    /// Use an external broker at this host and port, with these credentials if any.
+    External(String, u16, Option<(String, String)>),
+}
+
+/// Reads a login file: `user:password` per line; blank lines and `#` comments are skipped.
+pub fn read_logins(text: &str) -> Result<HashMap<String, String>> {
+    let mut logins = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, password) = line
+            .split_once(':')
+            .filter(|(u, p)| !u.is_empty() && !p.is_empty())
+            .ok_or_else(|| {
+                FleetError::Config(format!("login file line {}: expected user:password", n + 1))
+            })?;
+        logins.insert(user.to_owned(), password.to_owned());
+    }
+    Ok(logins)
 }
 
 /// How to run a fleet manager.
@@ -94,6 +115,8 @@ pub struct Fleet {
     pub replica: String,
     /// Broker host and port.
     pub broker: (String, u16),
+    /// The fleet's own broker login, if the broker wants one.
+    pub broker_login: Option<(String, String)>,
     /// Base URL of `/artifacts/`.
     pub artifact_base: String,
     /// Bearer token for `/api/v1`.
@@ -205,13 +228,24 @@ pub async fn serve(
     let store = Store::open(&options.data_dir)?;
     let key = load_or_create_key(&options.data_dir)?;
     let replica = replica_name(&store, options.replica.clone())?;
-    let broker = match &options.broker {
-        BrokerChoice::Embedded(listen) => {
-            let addr = broker::start(*listen)?;
-            tracing::info!(%addr, "embedded MQTT broker listening");
-            (addr.ip().to_string(), addr.port())
+    let (broker, broker_login) = match &options.broker {
+        BrokerChoice::Embedded(listen, logins) => {
+            let mut logins = logins.clone();
+            let own = match &mut logins {
+                Some(map) => {
+                    let mut secret = [0u8; 16];
+                    getrandom::fill(&mut secret).map_err(|e| FleetError::Config(e.to_string()))?;
+                    let login = (format!("outpost-fleet-{replica}"), hex::encode(secret));
+                    map.insert(login.0.clone(), login.1.clone());
+                    Some(login)
+                }
+                None => None,
+            };
+            let addr = broker::start(*listen, logins)?;
+            tracing::info!(%addr, logins = own.is_some(), "embedded MQTT broker listening");
+            ((addr.ip().to_string(), addr.port()), own)
         }
-        BrokerChoice::External(host, port) => (host.clone(), *port),
+        BrokerChoice::External(host, port, login) => ((host.clone(), *port), login.clone()),
     };
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -234,6 +268,7 @@ pub async fn serve(
         key,
         replica,
         broker,
+        broker_login,
         artifact_base,
         token: options.token.clone(),
         trust: options.trust.clone(),

@@ -47,6 +47,9 @@ fn options(fleet: &Fleet) -> MqttOptions {
             QoS::AtLeastOnce,
             true,
         ));
+    if let Some((user, password)) = &fleet.broker_login {
+        options.set_credentials(user.clone(), password.clone());
+    }
     options
 }
 

@@ -57,6 +57,11 @@ tags = []
 telemetry_interval_ms = 60000
 # The telemetry outbox's size on disk; above it the oldest telemetry is dropped and counted.
 outbox_quota_bytes = 16777216
+# Broker credentials, when the broker requires them (the user name is usually the device id, so
+# broker ACLs can confine each device to outpost/v1/<device id>/#). No TLS is built in: use a
+# private network or a TLS-terminating tunnel between devices and the broker.
+# username = "edge-0001"
+# password_file = "/etc/outpost/mqtt-password"
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +93,8 @@ struct RawFleet {
     tags: Vec<String>,
     telemetry_interval_ms: Option<u64>,
     outbox_quota_bytes: Option<u64>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 /// How a device reaches its fleet.
@@ -107,6 +114,8 @@ pub struct FleetConfig {
     pub telemetry_interval: Duration,
     /// Outbox size cap in bytes.
     pub outbox_quota_bytes: u64,
+    /// Broker user name and password, if the broker requires them.
+    pub credentials: Option<(String, String)>,
 }
 
 /// Splits `mqtt://HOST:PORT` (port 1883 when omitted).
@@ -200,7 +209,26 @@ impl RawFleet {
                 "telemetry_interval_ms must be at least 10".into(),
             ));
         }
+        let credentials = match (self.username, self.password_file) {
+            (None, None) => None,
+            (Some(user), Some(path)) => {
+                let path = base.join(path);
+                let password = std::fs::read_to_string(&path).map_err(|e| {
+                    HostError::Config(format!(
+                        "cannot read password_file `{}`: {e}",
+                        path.display()
+                    ))
+                })?;
+                Some((user, password.trim().to_owned()))
+            }
+            _ => {
+                return Err(HostError::Config(
+                    "[fleet] username and password_file go together".into(),
+                ));
+            }
+        };
         Ok(Some(FleetConfig {
+            credentials,
             broker_host,
             broker_port,
             fleet_key,

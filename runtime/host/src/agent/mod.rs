@@ -552,6 +552,9 @@ fn mqtt_options(shared: &Shared) -> MqttOptions {
             QoS::AtLeastOnce,
             true,
         ));
+    if let Some((user, password)) = &shared.fleet.credentials {
+        options.set_credentials(user.clone(), password.clone());
+    }
     options
 }
 
@@ -643,6 +646,7 @@ async fn mqtt_task(
     let mut backoff = MIN_BACKOFF;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut since_reported = Instant::now();
+    let mut last_failure = String::new();
     loop {
         tokio::select! {
             biased;
@@ -662,6 +666,7 @@ async fn mqtt_task(
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     tracing::info!("connected to the broker");
+                    last_failure.clear();
                     conn.reset();
                     conn.connected = true;
                     backoff = MIN_BACKOFF;
@@ -716,11 +721,16 @@ async fn mqtt_task(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    let failure = e.to_string();
                     if conn.connected {
                         tracing::warn!(error = %e, "lost the broker; serving on, retrying");
+                    } else if failure != last_failure {
+                        // Once per kind of failure: a refused login needs an operator.
+                        tracing::warn!(error = %e, "cannot reach the broker; serving on, retrying");
                     } else {
                         tracing::debug!(error = %e, retry_in = ?backoff, "broker unreachable");
                     }
+                    last_failure = failure;
                     conn.reset();
                     tokio::select! {
                         _ = shutdown.changed() => return,
