@@ -124,9 +124,11 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    handle(&fleet, &p.topic, &p.payload);
-                    // Acknowledged only once stored.
-                    if let Err(e) = client.try_ack(&p) {
+                    // Acknowledged only once stored: what could not be stored is not
+                    // acknowledged, and the broker delivers it again.
+                    if handle(&fleet, &p.topic, &p.payload)
+                        && let Err(e) = client.try_ack(&p)
+                    {
                         tracing::warn!(error = %e, "cannot acknowledge");
                     }
                 }
@@ -166,10 +168,11 @@ pub async fn run(
     }
 }
 
-/// Applies one message from a device to the store.
-pub(crate) fn handle(fleet: &Fleet, topic: &str, payload: &[u8]) {
+/// Applies one message from a device to the store; false when it could not be stored.
+/// (Malformed messages count as handled: delivering them again would not help.)
+pub(crate) fn handle(fleet: &Fleet, topic: &str, payload: &[u8]) -> bool {
     let Some((device, leaf)) = Topics::parse(topic) else {
-        return;
+        return true;
     };
     let now = now_secs();
     let result = match leaf {
@@ -219,8 +222,12 @@ pub(crate) fn handle(fleet: &Fleet, topic: &str, payload: &[u8]) {
         }
         _ => Ok(()),
     };
-    if let Err(e) = result {
-        tracing::error!(%device, error = %e, "cannot store a device message");
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(%device, error = %e, "cannot store a device message");
+            false
+        }
     }
 }
 
