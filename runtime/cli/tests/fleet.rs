@@ -882,8 +882,28 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
         ],
     );
     assert_eq!(device.digits(), Ok("2.0.0".into()));
+    let accepted = |fleet: &Fleet| {
+        fleet
+            .records("events", "dev-x")
+            .iter()
+            .filter(|r| r["body"]["event"] == "desired_accepted")
+            .count()
+    };
+    let accepted_before = eventually(30, "acceptance of 2.0.0 reported", || {
+        let n = accepted(&fleet);
+        (n >= 2).then_some(n)
+    });
+    // The current envelope again (a duplicate: a no-op), then the replayed older one.
+    let current = retained(&fleet.broker, topic);
+    publish_retained(&fleet.broker, topic, current);
     publish_retained(&fleet.broker, topic, genuine.clone());
     expect_refusal_version(&fleet, &device, 2, "older than accepted", "2.0.0");
+    // Events arrive in order, so anything the duplicate caused would be here by now.
+    assert_eq!(
+        accepted(&fleet),
+        accepted_before,
+        "the duplicate was applied again"
+    );
 
     // 3. Signed by the fleet key, newest generation, but expired.
     let fleet_key = outpost_bundle::SecretKey::from_file_str(
