@@ -111,6 +111,7 @@ fn main() {
         replica: Some("bench".into()),
         max_bundle_bytes: 1 << 20,
         retention: Duration::from_secs(3600),
+        ingest_only: false,
     };
     runtime.spawn(outpost_fleet::serve(
         options,

@@ -147,6 +147,10 @@ pub(crate) struct ServeArgs {
     /// How long telemetry and events are kept, in hours.
     #[arg(long, default_value_t = 168)]
     retention_hours: u64,
+    /// Run as a secondary replica on a shared broker: store telemetry, events and the
+    /// registry; leave pushes, deployments and desired states to the primary.
+    #[arg(long, requires = "broker")]
+    ingest_only: bool,
 }
 
 pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
@@ -252,6 +256,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         replica: args.replica,
         max_bundle_bytes: args.max_bundle_bytes,
         retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
+        ingest_only: args.ingest_only,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1101,32 +1101,28 @@ fn two_fleet_replicas_on_mosquitto_split_telemetry_through_shared_subscriptions(
     let d = bed("replicas");
     let dir = &d.0;
     let broker = Mosquitto::start(dir);
-    let replica = |name: &str| -> Fleet {
+    let replica = |name: &str, extra: &[&str]| -> Fleet {
         let data = format!("{name}-data");
-        let (proc, rest) = Proc::start(
-            dir,
-            &[
-                "fleet",
-                "serve",
-                "--data-dir",
-                &data,
-                "--listen",
-                "127.0.0.1:0",
-                "--broker",
-                &broker.url(),
-                "--replica",
-                name,
-            ],
-            "fleet ready api=",
-        );
+        let url = broker.url();
+        let mut args = vec![
+            "fleet",
+            "serve",
+            "--data-dir",
+            &data,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend(["--broker", url.as_str(), "--replica", name]);
+        args.extend(extra);
+        let (proc, rest) = Proc::start(dir, &args, "fleet ready api=");
         Fleet {
             _proc: proc,
             api: format!("http://{}", first_word(&rest)),
             broker: broker.url(),
         }
     };
-    let one = replica("replica-1");
-    let two = replica("replica-2");
+    let one = replica("replica-1", &[]);
+    let two = replica("replica-2", &["--ingest-only"]);
     // The device trusts the first replica's key; telemetry does not depend on it.
     fs::create_dir_all(dir.join("fleet-data")).unwrap();
     fs::copy(
@@ -1157,6 +1153,15 @@ fn two_fleet_replicas_on_mosquitto_split_telemetry_through_shared_subscriptions(
         lowest_missing.is_none_or(|s| s + 8 > max),
         "record {lowest_missing:?} of {max} reached neither replica"
     );
+    // The secondary leaves bundles and deployments to the primary.
+    let out = bin()
+        .args(["fleet", "push", "digits-1.0.0.opb", "--fleet", &two.api])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only ingests"));
+    one.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
 }
 
 #[test]

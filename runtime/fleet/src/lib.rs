@@ -80,6 +80,9 @@ pub struct FleetOptions {
     pub max_bundle_bytes: u64,
     /// How long telemetry and events are kept.
     pub retention: Duration,
+    /// A secondary replica: it stores telemetry, events and the registry, but neither accepts
+    /// pushes and deployments nor publishes desired states (one replica owns those).
+    pub ingest_only: bool,
 }
 
 /// Counters for `/metrics`.
@@ -127,6 +130,8 @@ pub struct Fleet {
     pub desired_ttl: Duration,
     /// Largest bundle.
     pub max_bundle_bytes: u64,
+    /// Whether this replica only ingests (see [`FleetOptions::ingest_only`]).
+    pub ingest_only: bool,
     /// Counters.
     pub metrics: FleetMetrics,
     outbound: mpsc::UnboundedSender<Outbound>,
@@ -274,12 +279,15 @@ pub async fn serve(
         trust: options.trust.clone(),
         desired_ttl: options.desired_ttl,
         max_bundle_bytes: options.max_bundle_bytes,
+        ingest_only: options.ingest_only,
         metrics: FleetMetrics::default(),
         outbound: outbound_tx,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mqtt_task = tokio::spawn(mqtt::run(Arc::clone(&fleet), outbound_rx, stop_rx.clone()));
-    tokio::spawn(refresh_task(Arc::clone(&fleet), stop_rx.clone()));
+    if !fleet.ingest_only {
+        tokio::spawn(refresh_task(Arc::clone(&fleet), stop_rx.clone()));
+    }
     tokio::spawn(retention_task(
         Arc::clone(&fleet),
         options.retention,
@@ -365,9 +373,20 @@ async fn retention_task(fleet: Arc<Fleet>, retention: Duration, mut stop: watch:
 }
 
 impl Fleet {
+    fn owns_deployments(&self) -> Result<()> {
+        if self.ingest_only {
+            return Err(FleetError::BadRequest(format!(
+                "replica `{}` only ingests telemetry (--ingest-only); push and deploy through the primary replica",
+                self.replica
+            )));
+        }
+        Ok(())
+    }
+
     /// Accepts a pushed bundle: checks it (and its signature when a trust store is set) and
     /// adds it to the artifact store.
     pub fn push(&self, bytes: &[u8]) -> Result<BundleRecord> {
+        self.owns_deployments()?;
         let limits = ReadLimits {
             max_file_bytes: self.max_bundle_bytes,
             max_total_bytes: self.max_bundle_bytes,
@@ -448,6 +467,7 @@ impl Fleet {
 
     /// Deploys a pushed bundle version to devices by name, tag, or all known devices.
     pub fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse> {
+        self.owns_deployments()?;
         let bundle = self
             .store
             .bundle(&request.model, &request.version)?

@@ -107,7 +107,8 @@ pub async fn run(
                     // Subscribed: say so, and (re)publish every desired state in case the
                     // broker lost its retained messages.
                     let _ = client.try_publish(fleet_presence_topic(&fleet.replica), QoS::AtLeastOnce, true, Presence::to_vec(true));
-                    match fleet.store.all_desired() {
+                    let desired = if fleet.ingest_only { Ok(Vec::new()) } else { fleet.store.all_desired() };
+                    match desired {
                         Ok(all) => {
                             // From a task of its own: the event loop must keep turning while
                             // thousands of these queue up.
