@@ -1231,3 +1231,66 @@ fn embedded_broker_logins_admit_known_devices_only() {
     );
     assert_eq!(ok_device.digits(), Err(404));
 }
+
+#[test]
+fn a_full_outbox_drops_oldest_telemetry_and_the_fleet_hears_how_many() {
+    let d = bed("quota");
+    let dir = &d.0;
+    // The broker is not there yet: the device keeps serving and fills its small outbox.
+    let mut broker = Mosquitto::start(dir);
+    broker.stop();
+    let config = device_config(dir, "dev-q", &broker.url(), &[]);
+    let mut text = fs::read_to_string(dir.join(&config)).unwrap();
+    text = text.replace("telemetry_interval_ms = 100", "telemetry_interval_ms = 20");
+    text.push_str("outbox_quota_bytes = 20000\n");
+    fs::write(dir.join(&config), text).unwrap();
+    let fleet_key = outpost_bundle::SecretKey::generate().unwrap();
+    fs::create_dir_all(dir.join("fleet-data")).unwrap();
+    fs::write(dir.join("fleet-data/fleet.key"), fleet_key.to_file_string()).unwrap();
+    fs::write(
+        dir.join("fleet-data/fleet.pub"),
+        fleet_key.public().to_file_string(),
+    )
+    .unwrap();
+    let device = Device::start(dir, &config);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(get_json(&format!("{}/v2/health/live", device.url)).0, 200);
+
+    broker.restart();
+    let fleet = Fleet::start(dir, Some(&broker.url()), None);
+    // Records are stored in order and sent ones are never dropped, so below the highest stored
+    // sequence number every gap is a counted drop, and every counted drop is a gap.
+    let (stored, dropped) = eventually(60, "backlog delivered with its drop count", || {
+        let record = fleet.device("dev-q")?;
+        let dropped = record["dropped"].as_u64()?;
+        let mut seqs: Vec<u64> = fleet
+            .records("telemetry", "dev-q")
+            .iter()
+            .chain(fleet.records("events", "dev-q").iter())
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        seqs.sort_unstable();
+        (dropped > 0 && seqs.len() > 100).then_some((seqs, dropped))
+    });
+    let max = *stored.last().unwrap();
+    let present: BTreeSet<u64> = stored.iter().copied().collect();
+    assert_eq!(present.len(), stored.len(), "stored twice");
+    let missing = (1..=max).filter(|s| !present.contains(s)).count() as u64;
+    assert_eq!(
+        missing, dropped,
+        "gaps and the device's drop count disagree (max {max})"
+    );
+    let reported = fleet.reported("dev-q").unwrap();
+    // The retained reported state says so too (as of its last publication).
+    assert!(
+        reported["outbox_dropped"].as_u64().unwrap() > 0,
+        "{reported}"
+    );
+    let (_, metrics) = get_json(&format!("{}/metrics", fleet.api));
+    assert!(
+        metrics.as_str().unwrap().contains(&format!(
+            "outpost_fleet_device_dropped_records{{device=\"dev-q\"}} {dropped}"
+        )),
+        "{metrics}"
+    );
+}

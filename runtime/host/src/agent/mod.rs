@@ -522,7 +522,8 @@ struct Connection {
 }
 
 impl Connection {
-    fn reset(&mut self) {
+    fn reset(&mut self, outbox: &Outbox) {
+        outbox.clear_in_flight();
         *self = Self::default();
     }
 
@@ -629,7 +630,16 @@ fn pump(shared: &Shared, client: &AsyncClient, conn: &mut Connection) {
             return;
         };
         let last = seqs.last().copied();
-        if !publish(client, conn, topic, false, payload, Tracked::Batch(seqs)) {
+        shared.outbox.set_in_flight(&seqs, true);
+        if !publish(
+            client,
+            conn,
+            topic,
+            false,
+            payload,
+            Tracked::Batch(seqs.clone()),
+        ) {
+            shared.outbox.set_in_flight(&seqs, false);
             return;
         }
         conn.cursor = last;
@@ -667,7 +677,7 @@ async fn mqtt_task(
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     tracing::info!("connected to the broker");
                     last_failure.clear();
-                    conn.reset();
+                    conn.reset(&shared.outbox);
                     conn.connected = true;
                     backoff = MIN_BACKOFF;
                     publish(&client, &mut conn, shared.topics.status(), true, Presence::to_vec(true), Tracked::Other);
@@ -731,7 +741,7 @@ async fn mqtt_task(
                         tracing::debug!(error = %e, retry_in = ?backoff, "broker unreachable");
                     }
                     last_failure = failure;
-                    conn.reset();
+                    conn.reset(&shared.outbox);
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         _ = tokio::time::sleep(backoff) => {}

@@ -53,6 +53,9 @@ pub struct Outbox {
     quota: u64,
     /// Bytes held (keys + values); guarded so quota enforcement is not raced.
     bytes: Mutex<u64>,
+    /// Records handed to the broker and not yet acknowledged: the quota does not drop these
+    /// (they may already be delivered), so the drop count is exact.
+    in_flight: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn be(seq: u64) -> [u8; 8] {
@@ -85,6 +88,7 @@ impl Outbox {
             meta,
             quota,
             bytes: Mutex::new(bytes),
+            in_flight: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -135,10 +139,38 @@ impl Outbox {
         Ok(seq)
     }
 
+    /// Marks records as sent and awaiting acknowledgement (or, with `false`, no longer).
+    pub fn set_in_flight(&self, seqs: &[u64], in_flight: bool) {
+        if let Ok(mut set) = self.in_flight.lock() {
+            for s in seqs {
+                if in_flight {
+                    set.insert(*s);
+                } else {
+                    set.remove(s);
+                }
+            }
+        }
+    }
+
+    /// Forgets every in-flight mark (the connection they were sent on is gone).
+    pub fn clear_in_flight(&self) {
+        if let Ok(mut set) = self.in_flight.lock() {
+            set.clear();
+        }
+    }
+
     fn oldest_to_drop(&self) -> Result<Option<(sled::IVec, sled::IVec)>> {
+        let in_flight = self
+            .in_flight
+            .lock()
+            .map_err(|_| HostError::Corrupt("outbox lock poisoned".into()))?
+            .clone();
         let mut oldest_event = None;
         for item in self.records.iter() {
             let (k, v) = item?;
+            if in_flight.contains(&read_u64(Some(k.clone()))) {
+                continue;
+            }
             match serde_json::from_slice::<Entry>(&v) {
                 Ok(e) if e.kind == Kind::Telemetry => return Ok(Some((k, v))),
                 Ok(_) => {
@@ -198,6 +230,7 @@ impl Outbox {
 
     /// Deletes acknowledged records (already-deleted ones are ignored).
     pub fn ack(&self, seqs: &[u64]) -> Result<()> {
+        self.set_in_flight(seqs, false);
         let mut bytes = self.lock()?;
         for &seq in seqs {
             if let Some(v) = self.records.remove(be(seq))? {
@@ -291,6 +324,34 @@ mod tests {
             "events outlive telemetry"
         );
         assert_eq!(o.last_seq(), 21);
+    }
+
+    #[test]
+    fn records_in_flight_are_not_dropped() {
+        let (_db, o) = outbox(700);
+        for i in 0..3 {
+            o.push(Kind::Telemetry, serde_json::json!({ "i": i }))
+                .unwrap();
+        }
+        o.set_in_flight(&[1, 2], true);
+        for i in 3..20 {
+            o.push(Kind::Telemetry, serde_json::json!({ "i": i }))
+                .unwrap();
+        }
+        let held = o.batch_after(None, 100, 1 << 20).unwrap().unwrap().seqs();
+        assert_eq!(
+            &held[..2],
+            &[1, 2],
+            "sent records wait for their acknowledgement"
+        );
+        assert_eq!(o.pending() + o.dropped(), 20);
+        o.ack(&[1, 2]).unwrap();
+        o.push(Kind::Telemetry, serde_json::json!(0)).unwrap();
+        assert_eq!(
+            o.pending() + o.dropped() + 2,
+            21,
+            "held, dropped or acknowledged"
+        );
     }
 
     #[test]
