@@ -1294,3 +1294,88 @@ fn a_full_outbox_drops_oldest_telemetry_and_the_fleet_hears_how_many() {
         "{metrics}"
     );
 }
+
+#[test]
+fn fleet_killed_and_restarted_keeps_its_state_and_its_devices() {
+    let d = bed("restart");
+    let dir = &d.0;
+    let (api_port, mqtt_port) = (free_port(), free_port());
+    let start = || {
+        let (proc, rest) = Proc::start(
+            dir,
+            &[
+                "fleet",
+                "serve",
+                "--data-dir",
+                "fleet-data",
+                "--listen",
+                &format!("127.0.0.1:{api_port}"),
+                "--mqtt-listen",
+                &format!("127.0.0.1:{mqtt_port}"),
+            ],
+            "fleet ready api=",
+        );
+        let i = rest.find("broker=").unwrap();
+        Fleet {
+            _proc: proc,
+            api: format!("http://{}", first_word(&rest)),
+            broker: first_word(&rest[i + 7..]),
+        }
+    };
+    let fleet = start();
+    let config = device_config(dir, "dev-k", &fleet.broker, &["lab"]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-k"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@1.0.0", "--tag", "lab", "--wait"],
+    );
+    let key_before = fs::read(dir.join("fleet-data/fleet.key")).unwrap();
+    drop(fleet); // kill -9: the embedded broker goes with it
+
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        device.digits(),
+        Ok("1.0.0".into()),
+        "serving without its fleet"
+    );
+    let fleet = start();
+    assert_eq!(
+        fs::read(dir.join("fleet-data/fleet.key")).unwrap(),
+        key_before
+    );
+    // Its registry, bundles and deployments survived; the device comes back by itself.
+    let (_, bundles) = get_json(&format!("{}/api/v1/bundles", fleet.api));
+    assert_eq!(bundles[0]["version"], "1.0.0");
+    let (_, deployments) = get_json(&format!("{}/api/v1/deployments", fleet.api));
+    assert_eq!(deployments.as_array().unwrap().len(), 1);
+    let before = fleet.records("telemetry", "dev-k").len();
+    eventually(60, "the device back online and reporting", || {
+        let d = fleet.device("dev-k")?;
+        (d["online"] == true && fleet.records("telemetry", "dev-k").len() > before + 5)
+            .then_some(())
+    });
+    // Deploying again after the restart works end to end.
+    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    let out = fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@2.0.0",
+            "--device",
+            "dev-k",
+            "--wait",
+        ],
+    );
+    assert!(out.contains("dev-k: applied"), "{out}");
+    assert_eq!(device.digits(), Ok("2.0.0".into()));
+    let seqs: Vec<u64> = fleet
+        .records("telemetry", "dev-k")
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    let unique: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(unique.len(), seqs.len());
+}
