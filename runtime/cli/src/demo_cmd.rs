@@ -21,12 +21,13 @@ pub(crate) struct DemoArgs {
     /// Address of the admin API (a token is generated and printed).
     #[arg(long, default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
-    /// Address of the fleet manager's API.
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    fleet_listen: SocketAddr,
-    /// Address of the fleet's embedded MQTT broker.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    mqtt_listen: SocketAddr,
+    /// Address of the fleet manager's API [default: 127.0.0.1:7878, or a free port if taken].
+    #[arg(long)]
+    fleet_listen: Option<SocketAddr>,
+    /// Address of the fleet's embedded MQTT broker [default: 127.0.0.1:1883, or a free port if
+    /// taken, e.g. by a system Mosquitto].
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
     /// Keep state here instead of a temporary directory removed on exit.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -45,6 +46,19 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     result
 }
 
+/// The address given, else the default port on loopback when it is free, else any free port.
+fn default_or_free(given: Option<SocketAddr>, port: u16) -> SocketAddr {
+    given.unwrap_or_else(|| {
+        let default = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(default).is_ok() {
+            default
+        } else {
+            eprintln!("port {port} is taken; the demo fleet uses a free one instead");
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    })
+}
+
 /// Starts the fleet manager on its own thread; returns where it listens.
 fn start_fleet(
     data_dir: &std::path::Path,
@@ -53,8 +67,8 @@ fn start_fleet(
 ) -> Result<(Ready, std::thread::JoinHandle<Result<()>>)> {
     let options = FleetOptions {
         data_dir: data_dir.join("fleet"),
-        listen: args.fleet_listen,
-        broker: BrokerChoice::Embedded(args.mqtt_listen, None),
+        listen: default_or_free(args.fleet_listen, 7878),
+        broker: BrokerChoice::Embedded(default_or_free(args.mqtt_listen, 1883), None),
         public_url: None,
         token: None,
         trust: Some(trust),

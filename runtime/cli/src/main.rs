@@ -45,11 +45,12 @@ fn init_logging() {
         .unwrap_or(tracing::Level::INFO);
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    // The embedded broker logs every connection at info; keep it to warnings unless tracing.
-    let broker_level = if level == tracing::Level::TRACE {
-        level
-    } else {
-        tracing::Level::WARN
+    // The embedded broker logs every connection (and every client that drops its connection,
+    // at error level): quiet unless debugging. Its start-up failures are logged by the fleet.
+    let broker_level = match level {
+        tracing::Level::TRACE => tracing::level_filters::LevelFilter::TRACE,
+        tracing::Level::DEBUG => tracing::level_filters::LevelFilter::WARN,
+        _ => tracing::level_filters::LevelFilter::OFF,
     };
     let filter = tracing_subscriber::filter::Targets::new()
         .with_default(level)
