@@ -80,6 +80,13 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Forget a decommissioned device: registry entry, desired state, retained messages.
+    Forget {
+        /// The device id.
+        device: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Telemetry records the fleet stored (or events with --events).
     Telemetry {
         /// Only this device.
@@ -190,6 +197,14 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             )
         }
         FleetCommand::Devices { remote, json } => devices(&remote, json),
+        FleetCommand::Forget { device, remote } => {
+            let answer = remote.delete(&format!("/api/v1/devices/{device}"))?;
+            println!(
+                "forgot {device}: {}",
+                answer["note"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
         FleetCommand::Status { remote, json } => status(&remote, json),
         FleetCommand::Telemetry {
             device,
@@ -309,6 +324,17 @@ fn answer(response: ureq::http::Response<ureq::Body>, what: &str) -> Result<Valu
 impl Remote {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.fleet.trim_end_matches('/'))
+    }
+
+    fn delete(&self, path: &str) -> Result<Value> {
+        let mut request = agent().delete(&self.url(path));
+        if let Some(t) = &self.token {
+            request = request.header("Authorization", &format!("Bearer {t}"));
+        }
+        let response = request
+            .call()
+            .with_context(|| format!("cannot reach the fleet at {}", self.fleet))?;
+        answer(response, &format!("DELETE {path}"))
     }
 
     fn get(&self, path: &str) -> Result<Value> {

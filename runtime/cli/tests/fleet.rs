@@ -1379,3 +1379,66 @@ fn fleet_killed_and_restarted_keeps_its_state_and_its_devices() {
     let unique: BTreeSet<u64> = seqs.iter().copied().collect();
     assert_eq!(unique.len(), seqs.len());
 }
+
+/// The retained message on `topic`, if any arrives within a second.
+fn retained_now(broker: &str, topic: &str) -> Option<Vec<u8>> {
+    let addr = broker.trim_start_matches("mqtt://");
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let options =
+        rumqttc::MqttOptions::new(format!("peek-{}", free_port()), host, port.parse().unwrap());
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+            connection.recv_timeout(Duration::from_millis(100))
+        {
+            return Some(p.payload.to_vec());
+        }
+    }
+    None
+}
+
+#[test]
+fn a_decommissioned_device_is_forgotten() {
+    let d = bed("forget");
+    let dir = &d.0;
+    let fleet = Fleet::start(dir, None, None);
+    let config = device_config(dir, "dev-f", &fleet.broker, &[]);
+    let mut device = Device::start(dir, &config);
+    online(&fleet, &["dev-f"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.0.0",
+            "--device",
+            "dev-f",
+            "--wait",
+        ],
+    );
+    assert!(retained_now(&fleet.broker, "outpost/v1/dev-f/desired").is_some());
+    device.proc.kill9();
+    let out = fleet.cli(dir, &["fleet", "forget", "dev-f"]);
+    assert!(out.contains("forgot dev-f"), "{out}");
+    assert!(fleet.device("dev-f").is_none());
+    assert!(fleet.devices().is_empty());
+    eventually(10, "retained messages cleared", || {
+        ["desired", "status", "reported"]
+            .iter()
+            .all(|leaf| retained_now(&fleet.broker, &format!("outpost/v1/dev-f/{leaf}")).is_none())
+            .then_some(())
+    });
+    let (status, _) = get_json(&format!("{}/api/v1/devices/dev-f", fleet.api));
+    assert_eq!(status, 404);
+    let out = bin()
+        .args(["fleet", "forget", "dev-f", "--fleet", &fleet.api])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    // Its history stays until retention removes it.
+    assert!(!fleet.records("telemetry", "dev-f").is_empty());
+}

@@ -76,7 +76,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
     let api = axum::Router::new()
         .route("/fleet", get(fleet_info))
         .route("/devices", get(devices))
-        .route("/devices/{id}", get(device))
+        .route("/devices/{id}", get(device).delete(forget))
         .route("/bundles", get(bundles).post(push))
         .route("/deployments", get(deployments).post(deploy))
         .route("/telemetry", get(telemetry))
@@ -166,6 +166,23 @@ async fn device(
         .device(&id)?
         .ok_or_else(|| FleetError::NotFound(format!("device `{id}`")))?;
     Ok(Json(view(&fleet, record)?))
+}
+
+async fn forget(
+    State(fleet): Shared,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, FleetError> {
+    let record = fleet.store.device(&id)?;
+    let online = record.is_some_and(|r| r.is_online(now_secs()));
+    fleet.forget(&id)?;
+    Ok(Json(serde_json::json!({
+        "forgotten": id,
+        "note": if online {
+            "the device is online: it will register again unless it is stopped"
+        } else {
+            "its telemetry stays until retention removes it"
+        },
+    })))
 }
 
 async fn bundles(State(fleet): Shared) -> Result<impl IntoResponse, FleetError> {

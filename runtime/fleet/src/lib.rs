@@ -465,6 +465,26 @@ impl Fleet {
         Ok(record)
     }
 
+    /// Forgets a decommissioned device: removes it from the registry, drops its desired state,
+    /// and clears its retained messages on the broker. A device still running registers again.
+    pub fn forget(&self, device: &str) -> Result<()> {
+        self.owns_deployments()?;
+        let topics = Topics::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
+        if !self.store.remove_device(device)? {
+            return Err(FleetError::NotFound(format!("device `{device}`")));
+        }
+        for topic in [topics.desired(), topics.status(), topics.reported()] {
+            // An empty retained message deletes the retained one.
+            let _ = self.outbound.send(Outbound {
+                topic,
+                payload: Vec::new(),
+                retain: true,
+            });
+        }
+        tracing::info!(%device, "device forgotten");
+        Ok(())
+    }
+
     /// Deploys a pushed bundle version to devices by name, tag, or all known devices.
     pub fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse> {
         self.owns_deployments()?;

@@ -175,6 +175,10 @@ pub(crate) fn handle(fleet: &Fleet, topic: &str, payload: &[u8]) -> bool {
     let Some((device, leaf)) = Topics::parse(topic) else {
         return true;
     };
+    if payload.is_empty() {
+        // A cleared retained message (a forgotten device): nothing to record.
+        return true;
+    }
     let now = now_secs();
     let result = match leaf {
         "status" => fleet

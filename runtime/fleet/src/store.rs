@@ -226,6 +226,16 @@ impl Store {
         Ok(record)
     }
 
+    /// Forgets a device: its registry record and desired state (its telemetry stays until
+    /// retention removes it). Returns whether it was known.
+    pub fn remove_device(&self, id: &str) -> Result<bool> {
+        let _guard = self.lock()?;
+        let known = self.devices.remove(id)?.is_some();
+        let desired = self.desired.remove(id)?.is_some();
+        self.db.flush()?;
+        Ok(known || desired)
+    }
+
     /// One device.
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
         self.devices.get(id)?.map(|b| decode(&b)).transpose()

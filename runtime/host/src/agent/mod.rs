@@ -692,7 +692,10 @@ async fn mqtt_task(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if p.topic == shared.topics.desired() {
+                    if p.topic == shared.topics.desired() && p.payload.is_empty() {
+                        // The fleet cleared it (the device was forgotten): nothing to apply.
+                        tracing::info!("the fleet cleared this device's desired state");
+                    } else if p.topic == shared.topics.desired() {
                         if let Some(state) = shared.on_desired(&p.payload) {
                             desired_tx.send_replace(Some(state));
                         }
