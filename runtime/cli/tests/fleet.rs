@@ -476,7 +476,12 @@ impl Mosquitto {
     }
 
     fn restart(&mut self) {
-        let child = Command::new("mosquitto")
+        // Debian installs it in /usr/sbin, which is not on every user's PATH.
+        let program = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(program)
             .arg("-c")
             .arg(&self.conf)
             .stdout(Stdio::null())
