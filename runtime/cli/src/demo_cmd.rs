@@ -103,29 +103,18 @@ fn start_fleet(
 }
 
 fn post(url: &str, content_type: &str, body: &[u8]) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent
+    let response = crate::fleet_cmd::agent()
         .post(url)
         .header("Content-Type", content_type)
         .send(body)
         .with_context(|| format!("POST {url}"))?;
-    if !response.status().is_success() {
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        anyhow::bail!("POST {url}: HTTP {}: {text}", response.status().as_u16());
-    }
+    crate::fleet_cmd::answer(response, &format!("POST {url}"))?;
     Ok(())
 }
 
 /// Waits until every example answers `ready` on the device.
 fn wait_ready(url: &str) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
+    let agent = crate::fleet_cmd::agent();
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     for name in ["digits", "sensor-anomaly"] {
         loop {

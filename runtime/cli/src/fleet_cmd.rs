@@ -293,7 +293,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn agent() -> ureq::Agent {
+/// The HTTP client of the operator commands: HTTP errors come back as statuses.
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
@@ -302,7 +303,7 @@ fn agent() -> ureq::Agent {
 }
 
 /// Reads a JSON answer; an HTTP error becomes an error with the server's message.
-fn answer(response: ureq::http::Response<ureq::Body>, what: &str) -> Result<Value> {
+pub(crate) fn answer(response: ureq::http::Response<ureq::Body>, what: &str) -> Result<Value> {
     let status = response.status();
     let text = response
         .into_body()

@@ -4,41 +4,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn outpost(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run outpost")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = outpost(dir, args);
-    assert!(
-        out.status.success(),
-        "outpost {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its stderr after checking it is a clean error.
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = outpost(dir, args);
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success(), "outpost {args:?} succeeded");
-    assert!(
-        !stderr.contains("panicked"),
-        "outpost {args:?} panicked:\n{stderr}"
-    );
-    assert!(
-        stderr.starts_with("error"),
-        "no error line for {args:?}:\n{stderr}"
-    );
-    stderr
-}
+mod common;
+use common::{fails, ok};
 
 struct Workspace {
     dir: PathBuf,

@@ -9,71 +9,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = bin().args(args).current_dir(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "outpost {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{Dir, bin, build_and_sign, digits_spec, ok, signer};
 
 /// A device directory: key, trust store, config, and two signed digits bundles.
 fn setup(tag: &str) -> Dir {
-    let dir = std::env::temp_dir().join(format!("outpost-device-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("guest.wasm"), outpost_examples::DIGITS_GUEST).unwrap();
-    fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
+    let d = Dir::new(&format!("device-{tag}"));
+    let dir = &d.0;
+    signer(dir);
     for v in ["1.0.0", "2.0.0"] {
-        fs::write(
-            dir.join(format!("{v}.toml")),
-            format!(
-                "name = \"digits\"\nversion = \"{v}\"\nsecurity_counter = 1\nguest = \"guest.wasm\"\n\
-                 [[model]]\nname = \"classifier\"\npath = \"digits.onnx\"\n\
-                 [api]\ninputs = [{{ name = \"pixels\", datatype = \"FP32\", shape = [1, 64] }}]\n"
-            ),
-        )
-        .unwrap();
-    }
-    ok(&dir, &["key", "generate", "--out", "signer"]);
-    let trust = ok(&dir, &["key", "trust", "signer.pub", "--models", "digits"]);
-    fs::write(dir.join("trust.toml"), trust).unwrap();
-    for v in ["1.0.0", "2.0.0"] {
-        ok(
-            &dir,
-            &[
-                "bundle",
-                "build",
-                &format!("{v}.toml"),
-                "--out",
-                &format!("{v}.opb"),
-            ],
-        );
-        ok(
-            &dir,
-            &["bundle", "sign", &format!("{v}.opb"), "--key", "signer.key"],
-        );
+        digits_spec(dir, v);
+        build_and_sign(dir, &format!("{v}.toml"), &format!("{v}.opb"));
     }
     fs::write(
         dir.join("device.toml"),
         "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\ntrust_store = \"trust.toml\"\n",
     )
     .unwrap();
-    Dir(dir)
+    d
 }
 
 fn status(dir: &Path) -> serde_json::Value {

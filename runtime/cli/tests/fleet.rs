@@ -17,20 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = bin().args(args).current_dir(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "outpost {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::{Dir, bin, build_and_sign, digits_spec, ok, signer};
 
 /// Waits for `f` to return `Some`, panicking with `what` after `secs`.
 fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -68,15 +56,6 @@ fn get_json(url: &str) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
-}
-
-/// A scratch directory removed on drop.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A child process killed on drop, with its stderr kept for failure messages.
@@ -219,32 +198,13 @@ impl Fleet {
 
 /// A test bed: signer key, trust store, signed digits bundles 1.0.0 and 2.0.0.
 fn bed(tag: &str) -> Dir {
-    let dir = std::env::temp_dir().join(format!("outpost-fleet-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("guest.wasm"), outpost_examples::DIGITS_GUEST).unwrap();
-    fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
-    ok(&dir, &["key", "generate", "--out", "signer"]);
-    let trust = ok(&dir, &["key", "trust", "signer.pub", "--models", "digits"]);
-    fs::write(dir.join("trust.toml"), trust).unwrap();
+    let d = Dir::new(&format!("fleet-{tag}"));
+    signer(&d.0);
     for v in ["1.0.0", "2.0.0"] {
-        fs::write(
-            dir.join(format!("{v}.toml")),
-            format!(
-                "name = \"digits\"\nversion = \"{v}\"\nsecurity_counter = 1\nguest = \"guest.wasm\"\n\
-                 [[model]]\nname = \"classifier\"\npath = \"digits.onnx\"\n\
-                 [api]\ninputs = [{{ name = \"pixels\", datatype = \"FP32\", shape = [1, 64] }}]\n"
-            ),
-        )
-        .unwrap();
-        let out = format!("digits-{v}.opb");
-        ok(
-            &dir,
-            &["bundle", "build", &format!("{v}.toml"), "--out", &out],
-        );
-        ok(&dir, &["bundle", "sign", &out, "--key", "signer.key"]);
+        digits_spec(&d.0, v);
+        build_and_sign(&d.0, &format!("{v}.toml"), &format!("digits-{v}.opb"));
     }
-    Dir(dir)
+    d
 }
 
 /// Writes a device config and returns its file name.
@@ -758,17 +718,22 @@ fn kill_9_mid_download_resumes_and_completes() {
     );
 }
 
-/// Publishes a retained message with a plain MQTT client, as an attacker on the broker could.
-fn publish_retained(broker: &str, topic: &str, payload: Vec<u8>) {
+/// A plain MQTT client on `broker` (`mqtt://HOST:PORT`).
+fn mqtt_client(broker: &str, name: &str) -> (rumqttc::Client, rumqttc::Connection) {
     let addr = broker.trim_start_matches("mqtt://");
     let (host, port) = addr.rsplit_once(':').unwrap();
     let mut options = rumqttc::MqttOptions::new(
-        format!("intruder-{}", free_port()),
+        format!("{name}-{}", free_port()),
         host,
         port.parse().unwrap(),
     );
     options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    rumqttc::Client::new(options, 10)
+}
+
+/// Publishes a retained message with a plain MQTT client, as an attacker on the broker could.
+fn publish_retained(broker: &str, topic: &str, payload: Vec<u8>) {
+    let (client, mut connection) = mqtt_client(broker, "intruder");
     client
         .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
         .unwrap();
@@ -783,15 +748,7 @@ fn publish_retained(broker: &str, topic: &str, payload: Vec<u8>) {
 
 /// Reads the retained desired-state envelope of a device.
 fn retained(broker: &str, topic: &str) -> Vec<u8> {
-    let addr = broker.trim_start_matches("mqtt://");
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    let mut options = rumqttc::MqttOptions::new(
-        format!("reader-{}", free_port()),
-        host,
-        port.parse().unwrap(),
-    );
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    let (client, mut connection) = mqtt_client(broker, "reader");
     client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
     for event in connection.iter() {
         if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event {
@@ -920,22 +877,8 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
     expect_refusal_version(&fleet, &device, 3, "expired", "2.0.0");
 
     // 4. A bundle tampered with on the artifact server: the digest check refuses it.
-    let v3 = dir.join("3.0.0.toml");
-    fs::write(
-        &v3,
-        fs::read_to_string(dir.join("2.0.0.toml"))
-            .unwrap()
-            .replace("2.0.0", "3.0.0"),
-    )
-    .unwrap();
-    ok(
-        dir,
-        &["bundle", "build", "3.0.0.toml", "--out", "digits-3.0.0.opb"],
-    );
-    ok(
-        dir,
-        &["bundle", "sign", "digits-3.0.0.opb", "--key", "signer.key"],
-    );
+    digits_spec(dir, "3.0.0");
+    build_and_sign(dir, "3.0.0.toml", "digits-3.0.0.opb");
     let pushed: Value =
         serde_json::from_str(&fleet.cli(dir, &["fleet", "push", "digits-3.0.0.opb", "--json"]))
             .unwrap();
@@ -1387,11 +1330,7 @@ fn fleet_killed_and_restarted_keeps_its_state_and_its_devices() {
 
 /// The retained message on `topic`, if any arrives within a second.
 fn retained_now(broker: &str, topic: &str) -> Option<Vec<u8>> {
-    let addr = broker.trim_start_matches("mqtt://");
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    let options =
-        rumqttc::MqttOptions::new(format!("peek-{}", free_port()), host, port.parse().unwrap());
-    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    let (client, mut connection) = mqtt_client(broker, "peek");
     client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
     let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline {

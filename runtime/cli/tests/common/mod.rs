@@ -1,0 +1,98 @@
+//! Helpers shared by the CLI's integration tests: the real binary, scratch directories, signed
+//! digits bundles.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `outpost` binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+}
+
+/// Runs `outpost ARGS` in `dir`.
+pub fn outpost(dir: &Path, args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run outpost")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = outpost(dir, args);
+    assert!(
+        out.status.success(),
+        "outpost {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr after checking it is a clean error.
+pub fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = outpost(dir, args);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "outpost {args:?} succeeded");
+    assert!(
+        !stderr.contains("panicked"),
+        "outpost {args:?} panicked:\n{stderr}"
+    );
+    assert!(
+        stderr.starts_with("error"),
+        "no error line for {args:?}:\n{stderr}"
+    );
+    stderr
+}
+
+/// A scratch directory under the system temp dir, removed on drop.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    /// A fresh, empty directory named after the test.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("outpost-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a signer key pair (`signer.key`, `signer.pub`) and a `trust.toml` letting it sign
+/// `digits`.
+pub fn signer(dir: &Path) {
+    ok(dir, &["key", "generate", "--out", "signer"]);
+    let trust = ok(dir, &["key", "trust", "signer.pub", "--models", "digits"]);
+    fs::write(dir.join("trust.toml"), trust).unwrap();
+}
+
+/// Writes the digits guest and model and a bundle spec `{version}.toml` for them.
+pub fn digits_spec(dir: &Path, version: &str) {
+    fs::write(dir.join("guest.wasm"), outpost_examples::DIGITS_GUEST).unwrap();
+    fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
+    fs::write(
+        dir.join(format!("{version}.toml")),
+        format!(
+            "name = \"digits\"\nversion = \"{version}\"\nsecurity_counter = 1\nguest = \"guest.wasm\"\n\
+             [[model]]\nname = \"classifier\"\npath = \"digits.onnx\"\n\
+             [api]\ninputs = [{{ name = \"pixels\", datatype = \"FP32\", shape = [1, 64] }}]\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// Builds `spec` into `out` and signs it with `signer.key`.
+pub fn build_and_sign(dir: &Path, spec: &str, out: &str) {
+    ok(dir, &["bundle", "build", spec, "--out", out]);
+    ok(dir, &["bundle", "sign", out, "--key", "signer.key"]);
+}
