@@ -80,18 +80,9 @@ fn start_fleet(
     };
     let (ready_tx, ready_rx) = mpsc::channel();
     let thread = std::thread::spawn(move || -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")?;
-        runtime.block_on(outpost_fleet::serve(
-            options,
-            crate::device_cmd::shutdown_signal(),
-            move |ready| {
-                let _ = ready_tx.send(ready.clone());
-            },
-        ))?;
-        Ok(())
+        crate::fleet_cmd::run_fleet(options, move |ready| {
+            let _ = ready_tx.send(ready.clone());
+        })
     });
     match ready_rx.recv_timeout(Duration::from_secs(60)) {
         Ok(ready) => Ok((ready, thread)),

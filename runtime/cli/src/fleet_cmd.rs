@@ -273,6 +273,22 @@ fn serve(args: ServeArgs) -> Result<()> {
         retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
         ingest_only: args.ingest_only,
     };
+    run_fleet(options, |ready| {
+        println!(
+            "Outpost fleet: API http://{}  broker {}\nFleet public key: {} (also in {})",
+            ready.api,
+            ready.broker,
+            ready.public_key,
+            ready.public_key_file.display()
+        );
+    })
+}
+
+/// Runs a fleet manager on a new async runtime until Ctrl-C or SIGTERM.
+pub(crate) fn run_fleet(
+    options: FleetOptions,
+    on_ready: impl FnOnce(&outpost_fleet::Ready),
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -280,15 +296,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     runtime.block_on(outpost_fleet::serve(
         options,
         crate::device_cmd::shutdown_signal(),
-        |ready| {
-            println!(
-                "Outpost fleet: API http://{}  broker {}\nFleet public key: {} (also in {})",
-                ready.api,
-                ready.broker,
-                ready.public_key,
-                ready.public_key_file.display()
-            );
-        },
+        on_ready,
     ))?;
     Ok(())
 }

@@ -276,6 +276,21 @@ fn online(fleet: &Fleet, ids: &[&str]) {
     });
 }
 
+/// A fleet (embedded broker) and one device `id` running digits 1.0.0 deployed through it.
+fn fleet_with_digits(dir: &Path, id: &str) -> (Fleet, Device) {
+    let fleet = Fleet::start(dir, None, None);
+    let config = device_config(dir, id, &fleet.broker, &[]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &[id]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let out = fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@1.0.0", "--device", id, "--wait"],
+    );
+    assert!(out.contains(&format!("{id}: applied")), "{out}");
+    (fleet, device)
+}
+
 /// Push, deploy to two of three devices, check who serves what and what the fleet says.
 fn deploy_to_two_of_three(dir: &Path, fleet: &Fleet) {
     let devices: Vec<Device> = [
@@ -764,22 +779,7 @@ fn retained(broker: &str, topic: &str) -> Vec<u8> {
 fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
     let d = bed("refusals");
     let dir = &d.0;
-    let fleet = Fleet::start(dir, None, None);
-    let config = device_config(dir, "dev-x", &fleet.broker, &[]);
-    let device = Device::start(dir, &config);
-    online(&fleet, &["dev-x"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    fleet.cli(
-        dir,
-        &[
-            "fleet",
-            "deploy",
-            "digits@1.0.0",
-            "--device",
-            "dev-x",
-            "--wait",
-        ],
-    );
+    let (fleet, device) = fleet_with_digits(dir, "dev-x");
     assert_eq!(device.digits(), Ok("1.0.0".into()));
     let topic = "outpost/v1/dev-x/desired";
     let genuine = retained(&fleet.broker, topic);
@@ -1347,22 +1347,7 @@ fn retained_now(broker: &str, topic: &str) -> Option<Vec<u8>> {
 fn a_decommissioned_device_is_forgotten() {
     let d = bed("forget");
     let dir = &d.0;
-    let fleet = Fleet::start(dir, None, None);
-    let config = device_config(dir, "dev-f", &fleet.broker, &[]);
-    let mut device = Device::start(dir, &config);
-    online(&fleet, &["dev-f"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    fleet.cli(
-        dir,
-        &[
-            "fleet",
-            "deploy",
-            "digits@1.0.0",
-            "--device",
-            "dev-f",
-            "--wait",
-        ],
-    );
+    let (fleet, mut device) = fleet_with_digits(dir, "dev-f");
     assert!(retained_now(&fleet.broker, "outpost/v1/dev-f/desired").is_some());
     device.proc.kill9();
     let out = fleet.cli(dir, &["fleet", "forget", "dev-f"]);
