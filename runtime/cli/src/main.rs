@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod bundle_cmd;
+#[cfg(feature = "fleet")]
 mod demo_cmd;
 mod device_cmd;
+#[cfg(feature = "fleet")]
 mod fleet_cmd;
 mod key_cmd;
 mod util;
@@ -31,9 +33,11 @@ enum Command {
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
     /// Run a fleet manager, push bundles, deploy them, and watch devices and telemetry.
+    #[cfg(feature = "fleet")]
     #[command(subcommand)]
     Fleet(fleet_cmd::FleetCommand),
-    /// Start a local device with the example bundles built, signed and installed.
+    /// Start a local fleet and device with the example bundles deployed through the fleet.
+    #[cfg(feature = "fleet")]
     Demo(demo_cmd::DemoArgs),
 }
 
@@ -71,7 +75,9 @@ fn main() -> ExitCode {
         Command::Key(cmd) => key_cmd::run(cmd),
         Command::Bundle(cmd) => bundle_cmd::run(cmd),
         Command::Device(cmd) => device_cmd::run(cmd),
+        #[cfg(feature = "fleet")]
         Command::Fleet(cmd) => fleet_cmd::run(cmd),
+        #[cfg(feature = "fleet")]
         Command::Demo(args) => demo_cmd::run(args),
     };
     match result {
