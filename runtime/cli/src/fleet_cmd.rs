@@ -489,24 +489,36 @@ fn wait_for(
     let started = Instant::now();
     let total = deployed.generations.len();
     let mut outcome: std::collections::BTreeMap<String, String> = Default::default();
+    let mut retrying = std::collections::BTreeSet::new();
     loop {
+        // One request per round for the whole registry, however many targets.
+        let views: Vec<DeviceView> = device_views(remote).unwrap_or_default();
         for (device, generation) in &deployed.generations {
             if outcome.contains_key(device) {
                 continue;
             }
-            let view: Option<DeviceView> = remote
-                .get(&format!("/api/v1/devices/{device}"))
-                .ok()
-                .and_then(|v| serde_json::from_value(v).ok());
-            let Some(reported) = view.and_then(|v| v.record.reported) else {
+            let Some(reported) = views
+                .iter()
+                .find(|v| &v.record.id == device)
+                .and_then(|v| v.record.reported.clone())
+            else {
                 continue;
             };
+            let accepted = reported
+                .accepted_generation
+                .is_some_and(|g| g >= *generation);
             let state = if reported.generation.is_some_and(|g| g >= *generation) {
                 Some("applied".to_owned())
-            } else if reported
-                .accepted_generation
-                .is_some_and(|g| g >= *generation)
-            {
+            } else if accepted && reported.retrying {
+                // A transient failure: say so once, and keep waiting.
+                if !quiet && retrying.insert(device.clone()) {
+                    println!(
+                        "      {device}: retrying after: {}",
+                        reported.last_error.as_deref().unwrap_or("an error")
+                    );
+                }
+                None
+            } else if accepted {
                 reported.last_error.clone().map(|e| format!("failed: {e}"))
             } else {
                 None

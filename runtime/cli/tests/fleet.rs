@@ -583,7 +583,20 @@ fn broker_outage_under_traffic_loses_and_duplicates_no_telemetry() {
 
 /// A slow HTTP proxy in front of the fleet's artifact store, recording each request's Range.
 fn slow_proxy(upstream: String) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    proxy_on(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        upstream,
+        Duration::from_millis(50),
+    )
+}
+
+/// An HTTP proxy on `listener` to `upstream`, writing 2 KB every `pause`, recording each
+/// request's Range header.
+fn proxy_on(
+    listener: TcpListener,
+    upstream: String,
+    pause: Duration,
+) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
     let addr = listener.local_addr().unwrap();
     let ranges = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&ranges);
@@ -635,7 +648,7 @@ fn slow_proxy(upstream: String) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
                     if stream.write_all(chunk).is_err() {
                         return;
                     }
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(pause);
                 }
             });
         }
@@ -1314,4 +1327,55 @@ fn a_decommissioned_device_is_forgotten() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
     // Its history stays until retention removes it.
     assert!(!fleet.records("telemetry", "dev-f").is_empty());
+}
+
+#[test]
+fn an_unreachable_artifact_server_is_retried_until_the_deployment_applies() {
+    let d = bed("retry");
+    let dir = &d.0;
+    // Devices are told to download from a port where nothing listens yet.
+    let port = free_port();
+    let public = format!("http://127.0.0.1:{port}");
+    let fleet = Fleet::start(dir, None, Some(&public));
+    let config = device_config(dir, "dev-t", &fleet.broker, &[]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-t"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let deploy = {
+        let (dir, api) = (dir.clone(), fleet.api.clone());
+        std::thread::spawn(move || {
+            ok(
+                &dir,
+                &[
+                    "fleet",
+                    "deploy",
+                    "digits@1.0.0",
+                    "--device",
+                    "dev-t",
+                    "--wait",
+                    "--timeout",
+                    "120",
+                    "--fleet",
+                    &api,
+                ],
+            )
+        })
+    };
+    eventually(30, "the device retrying", || {
+        fleet.reported("dev-t").filter(|r| r["retrying"] == true)
+    });
+    assert_eq!(device.digits(), Err(404));
+    // The artifact server comes up; the next retry succeeds.
+    let (_, _) = proxy_on(
+        TcpListener::bind(("127.0.0.1", port)).unwrap(),
+        fleet.api.clone(),
+        Duration::ZERO,
+    );
+    let out = deploy.join().unwrap();
+    assert!(out.contains("dev-t: retrying after"), "{out}");
+    assert!(out.contains("dev-t: applied"), "{out}");
+    assert_eq!(device.digits(), Ok("1.0.0".into()));
+    let reported = fleet.reported("dev-t").unwrap();
+    assert_eq!(reported["retrying"], false);
+    assert!(reported["last_error"].is_null(), "{reported}");
 }

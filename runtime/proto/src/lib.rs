@@ -284,6 +284,9 @@ pub struct ReportedState {
     pub tags: Vec<String>,
     /// The last error, if the last reconcile failed.
     pub last_error: Option<String>,
+    /// Whether that failure looked transient and a retry is scheduled.
+    #[serde(default)]
+    pub retrying: bool,
     /// Records waiting in the telemetry outbox.
     #[serde(default)]
     pub outbox_pending: u64,

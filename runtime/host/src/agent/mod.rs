@@ -84,6 +84,8 @@ struct Shared {
     outbox: Outbox,
     meta: sled::Tree,
     last_error: Mutex<Option<String>>,
+    /// A transient failure is being retried.
+    retrying: std::sync::atomic::AtomicBool,
     reported_changed: Notify,
     outbox_changed: Notify,
     started: Instant,
@@ -126,6 +128,7 @@ impl Agent {
             outbox,
             meta,
             last_error: Mutex::new(last_error),
+            retrying: std::sync::atomic::AtomicBool::new(false),
             reported_changed: Notify::new(),
             outbox_changed: Notify::new(),
             started: Instant::now(),
@@ -184,6 +187,11 @@ impl Shared {
         self.reported_changed.notify_one();
     }
 
+    fn set_retrying(&self, retrying: bool) {
+        self.retrying
+            .store(retrying, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn event(&self, body: serde_json::Value) {
         match self.outbox.push(Kind::Event, body) {
             Ok(_) => self.outbox_changed.notify_one(),
@@ -221,6 +229,7 @@ impl Shared {
             installed,
             tags: self.fleet.tags.clone(),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            retrying: self.retrying.load(std::sync::atomic::Ordering::Relaxed),
             outbox_pending: self.outbox.pending(),
             outbox_dropped: self.outbox.dropped(),
             telemetry_interval_ms: Some(self.fleet.telemetry_interval.as_millis() as u64),
@@ -255,6 +264,7 @@ impl Shared {
                 }
                 tracing::info!(generation = state.generation, "desired state accepted");
                 // The last error belonged to an older generation.
+                self.set_retrying(false);
                 self.set_last_error(None);
                 self.event(json!({
                     "event": "desired_accepted",
@@ -308,9 +318,11 @@ impl Shared {
             }
         }
         if let Some(failure) = first_failure {
+            self.set_retrying(failure.transient);
             self.set_last_error(Some(failure.message.clone()));
             return Err(failure);
         }
+        self.set_retrying(false);
         if get_u64(&self.meta, RECONCILED_KEY) < Some(state.generation) {
             if let Err(e) = self
                 .meta
