@@ -335,26 +335,29 @@ impl Remote {
         format!("{}{path}", self.fleet.trim_end_matches('/'))
     }
 
-    fn delete(&self, path: &str) -> Result<Value> {
-        let mut request = agent().delete(&self.url(path));
+    /// Sends a bodiless request with the token, and reads the JSON answer.
+    fn call(&self, method: &str, path: &str) -> Result<Value> {
+        let agent = agent();
+        let url = self.url(path);
+        let mut request = match method {
+            "DELETE" => agent.delete(&url),
+            _ => agent.get(&url),
+        };
         if let Some(t) = &self.token {
             request = request.header("Authorization", &format!("Bearer {t}"));
         }
         let response = request
             .call()
             .with_context(|| format!("cannot reach the fleet at {}", self.fleet))?;
-        answer(response, &format!("DELETE {path}"))
+        answer(response, &format!("{method} {path}"))
     }
 
     fn get(&self, path: &str) -> Result<Value> {
-        let mut request = agent().get(&self.url(path));
-        if let Some(t) = &self.token {
-            request = request.header("Authorization", &format!("Bearer {t}"));
-        }
-        let response = request
-            .call()
-            .with_context(|| format!("cannot reach the fleet at {}", self.fleet))?;
-        answer(response, &format!("GET {path}"))
+        self.call("GET", path)
+    }
+
+    fn delete(&self, path: &str) -> Result<Value> {
+        self.call("DELETE", path)
     }
 }
 
