@@ -80,6 +80,13 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Delete MODEL@VERSION from the artifact store (refused while a device is meant to run it).
+    RemoveBundle {
+        /// What to delete, e.g. `digits@1.0.0`.
+        target: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Forget a decommissioned device: registry entry, desired state, retained messages.
     Forget {
         /// The device id.
@@ -178,10 +185,7 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             remote,
             json,
         } => {
-            let (model, version) = target
-                .split_once('@')
-                .filter(|(m, v)| !m.is_empty() && !v.is_empty())
-                .with_context(|| format!("`{target}` is not MODEL@VERSION"))?;
+            let (model, version) = split_target(&target)?;
             let request = DeployRequest {
                 model: model.to_owned(),
                 version: version.to_owned(),
@@ -197,6 +201,15 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             )
         }
         FleetCommand::Devices { remote, json } => devices(&remote, json),
+        FleetCommand::RemoveBundle { target, remote } => {
+            let (model, version) = split_target(&target)?;
+            let removed = remote.delete(&format!("/api/v1/bundles/{model}/{version}"))?;
+            println!(
+                "removed {model} {version} (sha256 {})",
+                removed["digest"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
         FleetCommand::Forget { device, remote } => {
             let answer = remote.delete(&format!("/api/v1/devices/{device}"))?;
             println!(
@@ -215,6 +228,14 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             json,
         } => telemetry(&remote, device.as_deref(), events, after, limit, json),
     }
+}
+
+/// Splits `MODEL@VERSION`.
+fn split_target(target: &str) -> Result<(&str, &str)> {
+    target
+        .split_once('@')
+        .filter(|(m, v)| !m.is_empty() && !v.is_empty())
+        .with_context(|| format!("`{target}` is not MODEL@VERSION"))
 }
 
 fn serve(args: ServeArgs) -> Result<()> {

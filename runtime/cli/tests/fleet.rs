@@ -1040,6 +1040,29 @@ fn bad_pushes_and_deploys_get_clear_errors_and_artifacts_honour_range() {
         get_json(&format!("{}/artifacts/..%2Ffleet.key", fleet.api)).0,
         404
     );
+
+    // Removing a bundle: refused while a device's desired state names it, then gone with its
+    // artifact file.
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@1.0.0", "--device", "dev-z"],
+    );
+    assert!(
+        fail(&["fleet", "remove-bundle", "digits@1.0.0"])
+            .contains("still deployed to 1 device(s) (dev-z)")
+    );
+    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@2.0.0", "--device", "dev-z"],
+    );
+    let out = fleet.cli(dir, &["fleet", "remove-bundle", "digits@1.0.0"]);
+    assert!(out.contains(&digest), "{out}");
+    assert_eq!(get_json(&url).0, 404, "the artifact file is gone");
+    assert!(!dir.join("fleet-data/artifacts").join(&digest).exists());
+    let (_, bundles) = get_json(&format!("{}/api/v1/bundles", fleet.api));
+    assert_eq!(bundles.as_array().unwrap().len(), 1);
+    assert!(fail(&["fleet", "remove-bundle", "digits@1.0.0"]).contains("not found"));
 }
 
 #[test]

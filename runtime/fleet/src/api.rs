@@ -78,6 +78,10 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device).delete(forget))
         .route("/bundles", get(bundles).post(push))
+        .route(
+            "/bundles/{name}/{version}",
+            axum::routing::delete(remove_bundle),
+        )
         .route("/deployments", get(deployments).post(deploy))
         .route("/telemetry", get(telemetry))
         .route("/events", get(events))
@@ -183,6 +187,13 @@ async fn forget(
             "its telemetry stays until retention removes it"
         },
     })))
+}
+
+async fn remove_bundle(
+    State(fleet): Shared,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<impl IntoResponse, FleetError> {
+    Ok(Json(fleet.remove_bundle(&name, &version)?))
 }
 
 async fn bundles(State(fleet): Shared) -> Result<impl IntoResponse, FleetError> {

@@ -465,6 +465,35 @@ impl Fleet {
         Ok(record)
     }
 
+    /// Deletes a bundle from the store, unless a device's desired state still names it.
+    pub fn remove_bundle(&self, name: &str, version: &str) -> Result<BundleRecord> {
+        self.owns_deployments()?;
+        let users: Vec<String> = self
+            .store
+            .all_desired()?
+            .into_iter()
+            .filter(|d| {
+                d.deployments
+                    .iter()
+                    .any(|x| x.model == name && x.version == version)
+            })
+            .map(|d| d.device)
+            .collect();
+        if !users.is_empty() {
+            return Err(FleetError::BadRequest(format!(
+                "{name} {version} is still deployed to {} device(s) ({}); deploy another version first",
+                users.len(),
+                users.join(", ")
+            )));
+        }
+        let record = self
+            .store
+            .remove_bundle(name, version)?
+            .ok_or_else(|| FleetError::NotFound(format!("bundle {name} {version}")))?;
+        tracing::info!(%name, %version, "bundle removed");
+        Ok(record)
+    }
+
     /// Forgets a decommissioned device: removes it from the registry, drops its desired state,
     /// and clears its retained messages on the broker. A device still running registers again.
     pub fn forget(&self, device: &str) -> Result<()> {

@@ -360,6 +360,25 @@ impl Store {
         Ok(())
     }
 
+    /// Removes a bundle record, and its artifact file unless another record has the same
+    /// digest. Returns the removed record.
+    pub fn remove_bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
+        let Some(bytes) = self.bundles.remove(format!("{name}@{version}"))? else {
+            return Ok(None);
+        };
+        let record: BundleRecord = decode(&bytes)?;
+        let shared = self.bundles()?.iter().any(|b| b.digest == record.digest);
+        if !shared {
+            match std::fs::remove_file(self.artifact_path(&record.digest)?) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.db.flush()?;
+        Ok(Some(record))
+    }
+
     /// Every bundle, by name and version.
     pub fn bundles(&self) -> Result<Vec<BundleRecord>> {
         self.bundles.iter().values().map(|v| decode(&v?)).collect()
