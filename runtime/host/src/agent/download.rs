@@ -189,29 +189,32 @@ fn transfer(
         .into_with_config()
         .limit(remaining + 1)
         .reader();
+    let oversized = |file: File| {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        DownloadError::Oversized {
+            expected: artifact.size,
+        }
+    };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match body.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) => {
-                file.flush()?;
-                if e.to_string().contains("limit") {
-                    drop(file);
-                    let _ = std::fs::remove_file(path);
-                    return Err(DownloadError::Oversized {
-                        expected: artifact.size,
-                    });
+                let over_limit = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+                    .is_some_and(|u| matches!(u, ureq::Error::BodyExceedsLimit(_)));
+                if over_limit {
+                    return Err(oversized(file));
                 }
+                file.flush()?;
                 return Err(DownloadError::Transport(e.to_string()));
             }
         };
         if have + n as u64 > artifact.size {
-            drop(file);
-            let _ = std::fs::remove_file(path);
-            return Err(DownloadError::Oversized {
-                expected: artifact.size,
-            });
+            return Err(oversized(file));
         }
         file.write_all(&buf[..n])?;
         have += n as u64;
