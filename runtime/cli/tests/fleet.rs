@@ -1340,6 +1340,10 @@ fn a_decommissioned_device_is_forgotten() {
             .all(|leaf| retained_now(&fleet.broker, &format!("outpost/v1/dev-f/{leaf}")).is_none())
             .then_some(())
     });
+    // Its last will (the broker publishes it when the connection drops, possibly after the
+    // forget) neither registers it again nor stays retained.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(retained_now(&fleet.broker, "outpost/v1/dev-f/status").is_none());
     let (status, _) = get_json(&format!("{}/api/v1/devices/dev-f", fleet.api));
     assert_eq!(status, 404);
     let out = bin()

@@ -465,6 +465,15 @@ impl Fleet {
         Ok(record)
     }
 
+    /// Deletes the broker's retained message on `topic` (an empty retained message does that).
+    fn clear_retained(&self, topic: &str) {
+        let _ = self.outbound.send(Outbound {
+            topic: topic.to_owned(),
+            payload: Vec::new(),
+            retain: true,
+        });
+    }
+
     /// Deletes a bundle from the store, unless a device's desired state still names it.
     pub fn remove_bundle(&self, name: &str, version: &str) -> Result<BundleRecord> {
         self.owns_deployments()?;
@@ -503,12 +512,7 @@ impl Fleet {
             return Err(FleetError::NotFound(format!("device `{device}`")));
         }
         for topic in [topics.desired(), topics.status(), topics.reported()] {
-            // An empty retained message deletes the retained one.
-            let _ = self.outbound.send(Outbound {
-                topic,
-                payload: Vec::new(),
-                retain: true,
-            });
+            self.clear_retained(&topic);
         }
         tracing::info!(%device, "device forgotten");
         Ok(())

@@ -181,13 +181,26 @@ pub(crate) fn handle(fleet: &Fleet, topic: &str, payload: &[u8]) -> bool {
     }
     let now = now_secs();
     let result = match leaf {
-        "status" => fleet
+        "status" if Presence::is_online(payload) => fleet
             .store
             .update_device(device, |d| {
-                d.online = Presence::is_online(payload);
+                d.online = true;
                 d.last_seen = Some(now);
             })
             .map(|_| ()),
+        // Offline never registers a device: a forgotten device's last will can arrive after
+        // it was forgotten. Its retained "offline" is cleared instead of kept.
+        "status" => fleet
+            .store
+            .update_known_device(device, |d| {
+                d.online = false;
+                d.last_seen = Some(now);
+            })
+            .map(|known| {
+                if !known && !fleet.ingest_only {
+                    fleet.clear_retained(topic);
+                }
+            }),
         "reported" => match serde_json::from_slice::<ReportedState>(payload) {
             Ok(state) if state.device == device => fleet
                 .store

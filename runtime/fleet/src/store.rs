@@ -236,6 +236,22 @@ impl Store {
         Ok(known || desired)
     }
 
+    /// Applies `change` to a device's record only if the device is known; returns whether it was.
+    pub fn update_known_device(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<bool> {
+        let _guard = self.lock()?;
+        let Some(bytes) = self.devices.get(id)? else {
+            return Ok(false);
+        };
+        let mut record: DeviceRecord = decode(&bytes)?;
+        change(&mut record);
+        self.devices.insert(id, encode(&record)?)?;
+        Ok(true)
+    }
+
     /// One device.
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
         self.devices.get(id)?.map(|b| decode(&b)).transpose()
