@@ -119,7 +119,7 @@ pub enum BundleError {
     },
     /// The manifest is not valid JSON of the expected shape (unknown fields are refused).
     #[error("manifest is malformed: {0}")]
-    ManifestSyntax(#[source] serde_json::Error),
+    ManifestSyntax(serde_json::Error),
     /// The manifest parses but breaks a rule (name pattern, duplicate model, bad hash, ...).
     #[error("manifest is invalid: {0}")]
     InvalidManifest(String),

@@ -99,7 +99,7 @@ pub struct SpecModel {
 pub enum SpecError {
     /// The TOML is malformed or has unknown fields.
     #[error("invalid bundle spec: {0}")]
-    Syntax(#[from] toml::de::Error),
+    Syntax(toml::de::Error),
     /// A file the spec names cannot be read.
     #[error("cannot read {what} `{}`", path.display())]
     Read {
@@ -112,22 +112,21 @@ pub enum SpecError {
         source: std::io::Error,
     },
     /// A JSON file the spec names is malformed.
-    #[error("invalid {what} `{}`: {source}", path.display())]
+    #[error("invalid {what} `{}`: {reason}", path.display())]
     Json {
         /// What the file is.
         what: &'static str,
         /// Its path.
         path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
+        /// Why (part of the message, so not a `#[source]`: a chain would repeat it).
+        reason: serde_json::Error,
     },
 }
 
 impl Spec {
     /// Parses spec text.
     pub fn parse(text: &str) -> Result<Self, SpecError> {
-        Ok(toml::from_str(text)?)
+        toml::from_str(text).map_err(SpecError::Syntax)
     }
 
     /// Reads every file the spec names, relative to `dir`, through `read` (the file system, or
@@ -187,9 +186,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     path: &Path,
     bytes: &[u8],
 ) -> Result<T, SpecError> {
-    serde_json::from_slice(bytes).map_err(|source| SpecError::Json {
+    serde_json::from_slice(bytes).map_err(|reason| SpecError::Json {
         what,
         path: path.to_path_buf(),
-        source,
+        reason,
     })
 }

@@ -824,8 +824,9 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
     //    must not even be accepted).
     let intruder = outpost_bundle::SecretKey::generate().unwrap();
     let forged =
-        outpost_proto::SignedDesired::seal(&state(genuine_generation + 10, now + 3600), &intruder);
-    publish_retained(&fleet.broker, topic, forged.to_vec());
+        outpost_proto::SignedDesired::seal(&state(genuine_generation + 10, now + 3600), &intruder)
+            .unwrap();
+    publish_retained(&fleet.broker, topic, forged.to_vec().unwrap());
     expect_refusal(1, "unknown key");
 
     // 2. The genuine envelope replayed after a newer generation was applied.
@@ -870,8 +871,9 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
         &fs::read_to_string(dir.join("fleet-data/fleet.key")).unwrap(),
     )
     .unwrap();
-    let expired = outpost_proto::SignedDesired::seal(&state(u64::MAX / 2, now - 60), &fleet_key);
-    publish_retained(&fleet.broker, topic, expired.to_vec());
+    let expired =
+        outpost_proto::SignedDesired::seal(&state(u64::MAX / 2, now - 60), &fleet_key).unwrap();
+    publish_retained(&fleet.broker, topic, expired.to_vec().unwrap());
     expect_refusal_version(&fleet, &device, 3, "expired", "2.0.0");
 
     // 4. A bundle tampered with on the artifact server: the digest check refuses it.

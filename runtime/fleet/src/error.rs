@@ -15,17 +15,39 @@ pub enum FleetError {
     NotFound(String),
     /// A pushed bundle failed verification.
     #[error("bundle refused: {0}")]
-    Bundle(#[from] outpost_bundle::BundleError),
+    Bundle(outpost_bundle::BundleError),
     /// The state database failed.
     #[error("state store: {0}")]
-    Store(#[from] sled::Error),
+    Store(sled::Error),
     /// Stored data could not be read back.
     #[error("corrupt state: {0}")]
     Corrupt(String),
+    /// A protocol message could not be made.
+    #[error("{0}")]
+    Proto(outpost_proto::ProtoError),
     /// File system trouble.
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
 }
+
+// The wrapped error's text is part of each message (the HTTP API shows only the message), so
+// these are not `#[source]`s: a printed error chain would repeat them.
+macro_rules! from_error {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for FleetError {
+            fn from(e: $ty) -> Self {
+                FleetError::$variant(e)
+            }
+        }
+    )*};
+}
+
+from_error!(
+    Bundle(outpost_bundle::BundleError),
+    Store(sled::Error),
+    Proto(outpost_proto::ProtoError),
+    Io(std::io::Error),
+);
 
 /// Fleet result.
 pub type Result<T, E = FleetError> = std::result::Result<T, E>;

@@ -423,45 +423,64 @@ impl Fleet {
         Ok(record)
     }
 
-    /// Makes and publishes a new desired state for `device` from the previous deployments.
+    /// The signed desired state that follows `previous` on `device`, its deployments changed
+    /// by `change`.
+    fn next_desired(
+        &self,
+        device: &str,
+        previous: Option<&DesiredRecord>,
+        change: impl FnOnce(Vec<outpost_proto::Deployment>) -> Vec<outpost_proto::Deployment>,
+    ) -> Result<DesiredRecord> {
+        // Generations follow the clock (milliseconds) and always increase, so even a fleet
+        // rebuilt from an empty data directory issues generations devices accept.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let generation = previous.map_or(now_ms, |p| (p.generation + 1).max(now_ms));
+        let deployments = change(previous.map(|p| p.deployments.clone()).unwrap_or_default());
+        let expires_at = now_secs() + self.desired_ttl.as_secs().max(1);
+        let state = DesiredState {
+            v: PROTOCOL_VERSION,
+            device: device.to_owned(),
+            generation,
+            expires_at,
+            deployments: deployments.clone(),
+        };
+        Ok(DesiredRecord {
+            device: device.to_owned(),
+            generation,
+            deployments,
+            expires_at,
+            envelope: SignedDesired::seal(&state, &self.key)?,
+        })
+    }
+
+    /// Publishes a stored desired state (retained) on its device's topic.
+    fn publish_desired(&self, record: &DesiredRecord) -> Result<()> {
+        let topics =
+            Topics::new(&record.device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
+        let _ = self.outbound.send(Outbound {
+            topic: topics.desired(),
+            payload: record.envelope.to_vec()?,
+            retain: true,
+        });
+        Ok(())
+    }
+
+    /// Makes, stores and publishes a new desired state for `device` from the previous
+    /// deployments.
     fn set_desired(
         &self,
         device: &str,
         change: impl FnOnce(Vec<outpost_proto::Deployment>) -> Vec<outpost_proto::Deployment>,
     ) -> Result<DesiredRecord> {
-        let topics = Topics::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
-        let now = now_secs();
+        Topics::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
         let record = self.store.update_desired(device, |previous| {
-            // Generations follow the clock (milliseconds) and always increase, so even a fleet
-            // rebuilt from an empty data directory issues generations devices accept.
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            let generation = previous.map_or(now_ms, |p| (p.generation + 1).max(now_ms));
-            let deployments = change(previous.map(|p| p.deployments.clone()).unwrap_or_default());
-            let expires_at = now + self.desired_ttl.as_secs().max(1);
-            let state = DesiredState {
-                v: PROTOCOL_VERSION,
-                device: device.to_owned(),
-                generation,
-                expires_at,
-                deployments: deployments.clone(),
-            };
-            Ok(DesiredRecord {
-                device: device.to_owned(),
-                generation,
-                deployments,
-                expires_at,
-                envelope: SignedDesired::seal(&state, &self.key),
-            })
+            self.next_desired(device, previous, change)
         })?;
         self.store.flush()?;
-        let _ = self.outbound.send(Outbound {
-            topic: topics.desired(),
-            payload: record.envelope.to_vec(),
-            retain: true,
-        });
+        self.publish_desired(&record)?;
         Ok(record)
     }
 
@@ -566,25 +585,36 @@ impl Fleet {
             size: bundle.size,
             url: format!("{}/{}", self.artifact_base, bundle.digest),
         };
-        let mut generations = Vec::new();
-        for device in &targets {
-            let d = deployment.clone();
-            let record = self.set_desired(device, move |mut deployments| {
-                deployments.retain(|x| x.model != d.model);
-                deployments.push(d);
-                deployments.sort_by(|a, b| a.model.cmp(&b.model));
-                deployments
-            })?;
-            generations.push((device.clone(), record.generation));
+        // Every device's desired state and the deployment record are stored together or not
+        // at all; only then is anything published.
+        let (desired, record) = self.store.record_deployment(
+            &targets,
+            |device, previous| {
+                let d = deployment.clone();
+                self.next_desired(device, previous, move |mut deployments| {
+                    deployments.retain(|x| x.model != d.model);
+                    deployments.push(d);
+                    deployments.sort_by(|a, b| a.model.cmp(&b.model));
+                    deployments
+                })
+            },
+            DeploymentRecord {
+                id: 0,
+                model: bundle.name,
+                version: bundle.version,
+                digest: bundle.digest,
+                devices: targets.clone(),
+                created_at: now_secs(),
+            },
+        )?;
+        let mut generations = Vec::with_capacity(desired.len());
+        for d in &desired {
+            if let Err(e) = self.publish_desired(d) {
+                // Stored and re-published at the next reconnect or re-signing.
+                tracing::error!(device = %d.device, error = %e, "cannot publish a desired state");
+            }
+            generations.push((d.device.clone(), d.generation));
         }
-        let record = self.store.add_deployment(DeploymentRecord {
-            id: 0,
-            model: bundle.name,
-            version: bundle.version,
-            digest: bundle.digest,
-            devices: targets,
-            created_at: now_secs(),
-        })?;
         tracing::info!(id = record.id, model = %record.model, version = %record.version, devices = record.devices.len(), "deployed");
         Ok(DeployResponse {
             deployment: record,

@@ -115,8 +115,13 @@ pub async fn run(
                             let client = client.clone();
                             tokio::spawn(async move {
                                 for desired in all {
-                                    if let Ok(topics) = Topics::new(&desired.device) {
-                                        let _ = client.publish(topics.desired(), QoS::AtLeastOnce, true, desired.envelope.to_vec()).await;
+                                    let encoded = Topics::new(&desired.device)
+                                        .and_then(|topics| Ok((topics, desired.envelope.to_vec()?)));
+                                    match encoded {
+                                        Ok((topics, payload)) => {
+                                            let _ = client.publish(topics.desired(), QoS::AtLeastOnce, true, payload).await;
+                                        }
+                                        Err(e) => tracing::error!(device = %desired.device, error = %e, "cannot republish a desired state"),
                                     }
                                 }
                             });

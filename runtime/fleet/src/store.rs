@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use outpost_proto::{Deployment, ReportedState, SignedDesired, TelemetryRecord};
 use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionResult, TransactionError};
 
 use crate::error::{FleetError, Result};
 
@@ -119,6 +121,8 @@ pub enum Stream {
 /// The store.
 #[derive(Debug)]
 pub struct Store {
+    /// Held for the life of the process: the store is this process's alone.
+    _lock: std::fs::File,
     db: sled::Db,
     devices: sled::Tree,
     bundles: sled::Tree,
@@ -165,15 +169,20 @@ impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("state"))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.to_string().contains("lock") => FleetError::Config(
-                    format!("`{}` is in use by another fleet process", dir.display()),
-                ),
-                other => FleetError::Store(other),
-            })?;
+        // An advisory lock the operating system releases when the process ends (even by
+        // `kill -9`): a second fleet on the same directory is refused by name.
+        let lock = std::fs::File::create(dir.join("fleet.lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(FleetError::Config(format!(
+                    "`{}` is in use by another fleet process",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(FleetError::Io(e)),
+        }
+        let db = sled::Config::new().path(dir.join("state")).open()?;
         let artifacts = dir.join("artifacts");
         std::fs::create_dir_all(&artifacts)?;
         Ok(Self {
@@ -185,6 +194,7 @@ impl Store {
             events: db.open_tree("events")?,
             artifacts,
             write: Mutex::new(()),
+            _lock: lock,
             db,
         })
     }
@@ -449,6 +459,48 @@ impl Store {
         Ok(record)
     }
 
+    /// Stores a deployment and the desired state it gives each of `devices`, all or nothing:
+    /// `make` turns each device's previous desired state into its next one, for every device
+    /// before anything is written, and one transaction then writes them all with the record.
+    pub fn record_deployment(
+        &self,
+        devices: &[String],
+        mut make: impl FnMut(&str, Option<&DesiredRecord>) -> Result<DesiredRecord>,
+        mut record: DeploymentRecord,
+    ) -> Result<(Vec<DesiredRecord>, DeploymentRecord)> {
+        let _guard = self.lock()?;
+        let mut next = Vec::with_capacity(devices.len());
+        for device in devices {
+            let previous: Option<DesiredRecord> =
+                self.desired.get(device)?.map(|b| decode(&b)).transpose()?;
+            next.push(make(device, previous.as_ref())?);
+        }
+        record.id = self.db.generate_id()? + 1;
+        let encoded = next
+            .iter()
+            .map(|r| Ok((r.device.clone(), encode(r)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let deployment = encode(&record)?;
+        (&self.desired, &self.deployments)
+            .transaction(
+                |(desired, deployments)| -> ConflictableTransactionResult<(), ()> {
+                    for (device, bytes) in &encoded {
+                        desired.insert(device.as_bytes(), bytes.as_slice())?;
+                    }
+                    deployments.insert(&record.id.to_be_bytes(), deployment.as_slice())?;
+                    Ok(())
+                },
+            )
+            .map_err(|e| match e {
+                TransactionError::Abort(()) => {
+                    FleetError::Corrupt("the deployment transaction was aborted".into())
+                }
+                TransactionError::Storage(e) => FleetError::Store(e),
+            })?;
+        self.db.flush()?;
+        Ok((next, record))
+    }
+
     /// Every deployment, oldest first.
     pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
         self.deployments
@@ -462,6 +514,94 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temp_store(tag: &str) -> (PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!("fleet-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        (dir, store)
+    }
+
+    fn desired(device: &str, generation: u64) -> DesiredRecord {
+        let key = outpost_bundle::SecretKey::generate().unwrap();
+        let state = outpost_proto::DesiredState {
+            v: outpost_proto::PROTOCOL_VERSION,
+            device: device.into(),
+            generation,
+            expires_at: 10,
+            deployments: vec![],
+        };
+        DesiredRecord {
+            device: device.into(),
+            generation,
+            deployments: vec![],
+            expires_at: 10,
+            envelope: SignedDesired::seal(&state, &key).unwrap(),
+        }
+    }
+
+    fn deployment() -> DeploymentRecord {
+        DeploymentRecord {
+            id: 0,
+            model: "m".into(),
+            version: "1.0.0".into(),
+            digest: "0".repeat(64),
+            devices: vec!["a".into(), "b".into()],
+            created_at: 1,
+        }
+    }
+
+    /// Regression: a deployment whose desired state cannot be made for one device leaves
+    /// every device as it was and records nothing.
+    #[test]
+    fn a_deployment_is_recorded_all_or_nothing() {
+        let (dir, store) = temp_store("deploy");
+        let devices = ["a".to_owned(), "b".to_owned()];
+        let failed = store.record_deployment(
+            &devices,
+            |device, _| match device {
+                "b" => Err(FleetError::BadRequest("cannot sign for b".into())),
+                other => Ok(desired(other, 1)),
+            },
+            deployment(),
+        );
+        assert!(
+            matches!(failed, Err(FleetError::BadRequest(_))),
+            "{failed:?}"
+        );
+        assert_eq!(store.desired("a").unwrap(), None);
+        assert!(store.deployments().unwrap().is_empty());
+
+        let (records, record) = store
+            .record_deployment(
+                &devices,
+                |device, previous| {
+                    assert!(previous.is_none());
+                    Ok(desired(device, 2))
+                },
+                deployment(),
+            )
+            .unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(store.desired("b").unwrap().unwrap().generation, 2);
+        assert_eq!(store.deployments().unwrap(), vec![record]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_process_on_the_same_directory_is_refused_by_name() {
+        let (dir, store) = temp_store("lock");
+        let second = Store::open(&dir);
+        assert!(
+            matches!(&second, Err(FleetError::Config(m)) if m.contains("in use by another fleet process")),
+            "{second:?}"
+        );
+        drop(store);
+        // The lock goes with the process (here: with the store).
+        assert!(Store::open(&dir).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn records_are_stored_once_per_device_and_seq() {

@@ -414,16 +414,6 @@ impl Device {
         result.map(|out| (loaded, out))
     }
 
-    /// The active version of every model that has one.
-    pub fn active_models(&self) -> Vec<Arc<Loaded>> {
-        let Ok(slots) = self.slots.read() else {
-            return Vec::new();
-        };
-        let mut out: Vec<_> = slots.values().filter_map(|s| s.active.clone()).collect();
-        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
-        out
-    }
-
     /// Every installed bundle.
     pub fn installed(&self) -> Result<Vec<InstalledRecord>> {
         self.state.installed()

@@ -133,12 +133,7 @@ impl inference::Host for HostState {
         inputs: Vec<types::Tensor>,
     ) -> Result<Vec<types::Tensor>, types::Error> {
         let inputs: Vec<Tensor> = inputs.into_iter().map(tensor_from_wit).collect();
-        // Sizes first: a tensor's claimed shape is checked against its data and the cap
-        // before anything else looks at it.
-        let cap = self.context.limits.max_tensor_bytes;
-        for t in &inputs {
-            t.check(cap).map_err(types::Error::InvalidInput)?;
-        }
+        // `run` checks each tensor's shape against its data and the cap before it is used.
         let onnx = self.context.models.get(&model).ok_or_else(|| {
             types::Error::InvalidInput(format!("the bundle has no ONNX model `{model}`"))
         })?;
@@ -280,6 +275,12 @@ impl Engine {
         payload: Payload,
     ) -> Result<CallOutput, InferError> {
         let limits = context.limits;
+        // The cap holds in both directions: nothing larger enters the guest either.
+        if let Payload::Tensors(ts) = &payload {
+            ts.iter()
+                .try_for_each(|t| t.check(limits.max_tensor_bytes))
+                .map_err(InferError::BadRequest)?;
+        }
         let mut wasi = WasiCtx::builder();
         wasi.allow_tcp(false)
             .allow_udp(false)

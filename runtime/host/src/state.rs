@@ -35,6 +35,8 @@ pub struct InstalledRecord {
 /// The device's state database.
 #[derive(Debug, Clone)]
 pub struct State {
+    /// Held for the life of the process: the database is this process's alone.
+    _lock: std::sync::Arc<std::fs::File>,
     db: sled::Db,
     blobs: sled::Tree,
     installed: sled::Tree,
@@ -59,21 +61,25 @@ fn abort(e: TransactionError<HostError>) -> HostError {
 }
 
 impl State {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir`. One process at a time: a second one is
+    /// refused with [`HostError::Config`] (by an advisory lock on `dir/outpost.lock`, which the
+    /// operating system releases when the process ends, even by `kill -9`).
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("could not acquire lock") =>
-            {
-                HostError::Config(format!(
+        std::fs::create_dir_all(dir)?;
+        let lock = std::fs::File::create(dir.join("outpost.lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(HostError::Config(format!(
                     "`{}` is in use by another outpost process (stop it, or use its admin API)",
                     dir.display()
-                ))
+                )));
             }
-            other => HostError::Store(other),
-        })?;
+            Err(std::fs::TryLockError::Error(e)) => return Err(HostError::Io(e)),
+        }
+        let db = sled::Config::new().path(dir).open()?;
         Ok(Self {
+            _lock: std::sync::Arc::new(lock),
             blobs: db.open_tree("blobs")?,
             installed: db.open_tree("installed")?,
             active: db.open_tree("active")?,

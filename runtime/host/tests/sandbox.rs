@@ -287,3 +287,33 @@ fn rejected_bundles_leave_the_device_exactly_as_it_was() {
     let err = device.activate("digits", "1.0.0").unwrap_err();
     assert!(err.to_string().contains("may not run again"), "{err}");
 }
+
+/// Regression: the bundle's `max_tensor_bytes` holds for tensors entering the guest too, not
+/// only for what the guest asks the host for or returns.
+#[test]
+fn tensors_above_the_bundles_cap_never_reach_the_guest() {
+    let dir = TempDir::new("tensor-cap-in");
+    let config = config(&dir, "");
+    let device = Device::with_trust(&config, trust()).unwrap();
+    device.install_and_activate(&hostile_bundle(300)).unwrap();
+    let s = Server::start(device, &config);
+    let infer = format!("{}/v2/models/hostile/infer", s.url);
+    let request = |n: usize| serde_json::json!({"inputs": [{"name": "x", "shape": [n], "datatype": "UINT8", "data": vec![7u8; n]}]});
+    // Within the cap (1 MiB) the hostile guest echoes the tensor back.
+    let r = post_json(&infer, &request(1000));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"][0]["shape"], serde_json::json!([1000]));
+    // Above it the request is refused as bad input before the guest runs.
+    let r = post_json(&infer, &request((1 << 20) + 1));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let err = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains("tensor `x` is 1048577 bytes, above the limit of 1048576"),
+        "{err}"
+    );
+    let metrics = get(&format!("{}/metrics", s.url)).text();
+    assert!(
+        !metrics.contains("kind=\"internal\""),
+        "the guest ran on it: {metrics}"
+    );
+}

@@ -106,6 +106,14 @@ pub enum ProtoError {
         /// Why.
         reason: String,
     },
+    /// A message could not be serialised (it is never sent half-made or empty).
+    #[error("cannot encode {what}: {reason}")]
+    Encode {
+        /// Which message.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The envelope is signed by a key other than the fleet's.
     #[error("desired state signed by unknown key `{0}`")]
     UnknownKey(String),
@@ -187,14 +195,17 @@ pub enum Verdict {
 
 impl SignedDesired {
     /// Signs a desired state with the fleet key.
-    pub fn seal(state: &DesiredState, key: &SecretKey) -> Self {
-        let payload = serde_json::to_string(state).unwrap_or_default();
+    pub fn seal(state: &DesiredState, key: &SecretKey) -> Result<Self, ProtoError> {
+        let payload = serde_json::to_string(state).map_err(|e| ProtoError::Encode {
+            what: "desired state",
+            reason: e.to_string(),
+        })?;
         let signature = key.sign(DESIRED_CONTEXT, payload.as_bytes());
-        Self {
+        Ok(Self {
             payload,
             key_id: key.id().to_owned(),
             signature: hex::encode(signature),
-        }
+        })
     }
 
     /// Parses an envelope received on the `desired` topic.
@@ -206,8 +217,11 @@ impl SignedDesired {
     }
 
     /// The envelope as JSON bytes.
-    pub fn to_vec(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn to_vec(&self) -> Result<Vec<u8>, ProtoError> {
+        serde_json::to_vec(self).map_err(|e| ProtoError::Encode {
+            what: "desired-state envelope",
+            reason: e.to_string(),
+        })
     }
 
     /// Decides, on `device`, what to do with this envelope: the fleet key must have signed it,
@@ -420,8 +434,8 @@ mod tests {
     #[test]
     fn desired_state_verdicts() {
         let fleet = SecretKey::from_seed(&[8; 32]);
-        let env = SignedDesired::seal(&state(5, 1000), &fleet);
-        let env = SignedDesired::from_slice(&env.to_vec()).unwrap();
+        let env = SignedDesired::seal(&state(5, 1000), &fleet).unwrap();
+        let env = SignedDesired::from_slice(&env.to_vec().unwrap()).unwrap();
         let pk = fleet.public();
         assert!(
             matches!(env.open(&pk, "dev-1", 10, None), Ok(Verdict::Apply(s)) if s.generation == 5)
@@ -450,7 +464,7 @@ mod tests {
         let fleet = SecretKey::from_seed(&[8; 32]);
         let other = SecretKey::from_seed(&[9; 32]);
         let pk = fleet.public();
-        let wrong_key = SignedDesired::seal(&state(5, 1000), &other);
+        let wrong_key = SignedDesired::seal(&state(5, 1000), &other).unwrap();
         assert!(matches!(
             wrong_key.open(&pk, "dev-1", 10, None),
             Err(ProtoError::UnknownKey(_))
@@ -461,7 +475,7 @@ mod tests {
             relabelled.open(&pk, "dev-1", 10, None),
             Err(ProtoError::BadSignature)
         );
-        let mut edited = SignedDesired::seal(&state(5, 1000), &fleet);
+        let mut edited = SignedDesired::seal(&state(5, 1000), &fleet).unwrap();
         edited.payload = edited
             .payload
             .replace("\"generation\":5", "\"generation\":9");
@@ -469,7 +483,7 @@ mod tests {
             edited.open(&pk, "dev-1", 10, None),
             Err(ProtoError::BadSignature)
         );
-        let mut upper = SignedDesired::seal(&state(5, 1000), &fleet);
+        let mut upper = SignedDesired::seal(&state(5, 1000), &fleet).unwrap();
         upper.signature = upper.signature.to_uppercase();
         assert_eq!(
             upper.open(&pk, "dev-1", 10, None),

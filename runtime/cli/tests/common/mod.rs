@@ -46,7 +46,24 @@ pub fn fails(dir: &Path, args: &[&str]) -> String {
         stderr.starts_with("error"),
         "no error line for {args:?}:\n{stderr}"
     );
+    assert_no_repeated_cause(&stderr);
     stderr
+}
+
+/// Each `caused by:` line says something the lines above it did not already say.
+pub fn assert_no_repeated_cause(stderr: &str) {
+    let mut said: Vec<&str> = Vec::new();
+    for line in stderr.lines() {
+        if let Some(cause) = line.trim_start().strip_prefix("caused by: ") {
+            assert!(
+                !said.iter().any(|s| s.contains(cause.trim())),
+                "the cause `{cause}` is printed twice:\n{stderr}"
+            );
+            said.push(line);
+        } else if let Some(message) = line.strip_prefix("error: ") {
+            said.push(message);
+        }
+    }
 }
 
 /// A scratch directory under the system temp dir, removed on drop.

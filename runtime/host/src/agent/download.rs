@@ -48,7 +48,7 @@ pub enum DownloadError {
     },
     /// Local file trouble.
     #[error("download file: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
 }
 
 impl DownloadError {
@@ -59,6 +59,13 @@ impl DownloadError {
             Self::Status(s) => *s >= 500 || *s == 408 || *s == 429,
             _ => false,
         }
+    }
+}
+
+// The message carries the i/o error's text, so it is not a `#[source]` too.
+impl From<std::io::Error> for DownloadError {
+    fn from(e: std::io::Error) -> Self {
+        DownloadError::Io(e)
     }
 }
 
@@ -96,13 +103,12 @@ pub fn part_path(dir: &Path, digest: &str) -> PathBuf {
 }
 
 /// Downloads `artifact` into `dir` (resuming a partial file), checks its size and digest, and
-/// returns the complete file's path. `progress` gets the bytes on disk after every chunk.
+/// returns the complete file's path.
 pub fn fetch(
     agent: &ureq::Agent,
     artifact: &Artifact<'_>,
     limit: u64,
     dir: &Path,
-    mut progress: impl FnMut(u64),
 ) -> Result<PathBuf, DownloadError> {
     if !is_sha256(artifact.digest) {
         return Err(DownloadError::BadDigest(artifact.digest.to_owned()));
@@ -121,7 +127,7 @@ pub fn fetch(
         have = 0;
     }
     if have < artifact.size {
-        have = transfer(agent, artifact, &path, have, &mut progress)?;
+        have = transfer(agent, artifact, &path, have)?;
     }
     if have != artifact.size {
         return Err(DownloadError::Transport(format!(
@@ -145,7 +151,6 @@ fn transfer(
     artifact: &Artifact<'_>,
     path: &Path,
     have: u64,
-    progress: &mut impl FnMut(u64),
 ) -> Result<u64, DownloadError> {
     let mut request = agent.get(artifact.url);
     if have > 0 {
@@ -218,7 +223,6 @@ fn transfer(
         }
         file.write_all(&buf[..n])?;
         have += n as u64;
-        progress(have);
     }
     file.sync_all()?;
     Ok(have)
@@ -296,7 +300,7 @@ mod tests {
             digest: &digest,
             size: 1000,
         };
-        let err = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap_err();
+        let err = fetch(&agent(), &artifact, 1 << 20, &d).unwrap_err();
         assert!(
             matches!(err, DownloadError::Oversized { expected: 1000 }),
             "{err}"
@@ -326,12 +330,12 @@ mod tests {
             digest: &digest,
             size: body.len() as u64,
         };
-        let too_large = fetch(&agent(), &artifact, 100, &d, |_| {}).unwrap_err();
+        let too_large = fetch(&agent(), &artifact, 100, &d).unwrap_err();
         assert!(matches!(too_large, DownloadError::TooLarge { .. }) && !too_large.is_transient());
         // A stale partial file: the 200 answer restarts from zero and the result verifies.
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(part_path(&d, &digest), &body[..1234]).unwrap();
-        let path = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap();
+        let path = fetch(&agent(), &artifact, 1 << 20, &d).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), body);
         // The wrong digest: refused, the file is deleted.
         let wrong = "0".repeat(64);
@@ -340,7 +344,7 @@ mod tests {
             digest: &wrong,
             size: body.len() as u64,
         };
-        let err = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap_err();
+        let err = fetch(&agent(), &artifact, 1 << 20, &d).unwrap_err();
         assert!(
             matches!(err, DownloadError::DigestMismatch { .. }) && !err.is_transient(),
             "{err}"
@@ -352,7 +356,7 @@ mod tests {
             size: 1,
         };
         assert!(matches!(
-            fetch(&agent(), &bad, 1 << 20, &d, |_| {}),
+            fetch(&agent(), &bad, 1 << 20, &d),
             Err(DownloadError::BadDigest(_))
         ));
         let _ = std::fs::remove_dir_all(&d);
@@ -375,7 +379,7 @@ mod tests {
             digest: &digest,
             size: 100,
         };
-        let err = fetch(&agent(), &artifact, 1 << 20, &d, |_| {}).unwrap_err();
+        let err = fetch(&agent(), &artifact, 1 << 20, &d).unwrap_err();
         assert!(
             matches!(err, DownloadError::Status(503)) && err.is_transient(),
             "{err}"

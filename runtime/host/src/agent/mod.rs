@@ -16,8 +16,9 @@
 
 pub mod download;
 pub mod outbox;
+mod tracker;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ use crate::device::Device;
 use crate::error::{HostError, Result};
 use download::{Artifact, DownloadError};
 use outbox::{Kind, Outbox};
+use tracker::{Tracked, Tracker};
 
 /// Largest MQTT packet either way.
 const MAX_PACKET: usize = 1 << 20;
@@ -158,11 +160,6 @@ impl Agent {
     pub async fn stopped(self) {
         let _ = tokio::time::timeout(Duration::from_secs(3), self.mqtt).await;
         let _ = self.shared.device.state().tree("agent").map(|t| t.flush());
-    }
-
-    /// The state this device reports to the fleet.
-    pub fn reported(&self) -> ReportedState {
-        self.shared.reported()
     }
 }
 
@@ -385,14 +382,8 @@ impl Shared {
                 size: d.size,
             };
             let agent = download::agent();
-            let path = download::fetch(
-                &agent,
-                &artifact,
-                self.max_bundle_bytes,
-                &self.downloads,
-                |_| {},
-            )
-            .map_err(|e: DownloadError| Failure {
+            let path = download::fetch(&agent, &artifact, self.max_bundle_bytes, &self.downloads)
+                .map_err(|e: DownloadError| Failure {
                 transient: e.is_transient(),
                 message: format!("{} {}: {e}", d.model, d.version),
             })?;
@@ -512,22 +503,13 @@ async fn reconcile_task(
     }
 }
 
-/// What a publish handed to rumqttc was, so its packet id can be matched to it.
-#[derive(Debug)]
-enum Tracked {
-    Batch(Vec<u64>),
-    Other,
-}
-
 #[derive(Debug, Default)]
 struct Connection {
     connected: bool,
     /// Fleet replicas whose presence says online.
     fleet: BTreeSet<String>,
-    /// Publishes handed to rumqttc whose packet id is not known yet, in order.
-    queued: VecDeque<Tracked>,
-    /// Published batches by packet id, awaiting PUBACK.
-    inflight: HashMap<u16, (Vec<u64>, Instant)>,
+    /// Publishes handed to rumqttc and the batches awaiting PUBACK.
+    tracker: Tracker,
     /// Highest sequence number handed to rumqttc on this connection.
     cursor: Option<u64>,
     last_reported: Option<Vec<u8>>,
@@ -537,15 +519,6 @@ impl Connection {
     fn reset(&mut self, outbox: &Outbox) {
         outbox.clear_in_flight();
         *self = Self::default();
-    }
-
-    fn batches_in_flight(&self) -> usize {
-        self.inflight.len()
-            + self
-                .queued
-                .iter()
-                .filter(|t| matches!(t, Tracked::Batch(_)))
-                .count()
     }
 }
 
@@ -581,7 +554,7 @@ fn publish(
 ) -> bool {
     match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
         Ok(()) => {
-            conn.queued.push_back(tracked);
+            conn.tracker.queued(tracked);
             true
         }
         Err(e) => {
@@ -615,7 +588,7 @@ fn pump(shared: &Shared, client: &AsyncClient, conn: &mut Connection) {
     if !conn.connected || conn.fleet.is_empty() {
         return;
     }
-    while conn.batches_in_flight() < MAX_INFLIGHT_BATCHES {
+    while conn.tracker.batches_in_flight() < MAX_INFLIGHT_BATCHES {
         let batch = match shared
             .outbox
             .batch_after(conn.cursor, BATCH_RECORDS, BATCH_BYTES)
@@ -723,27 +696,15 @@ async fn mqtt_task(
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some((seqs, _)) = conn.inflight.remove(&ack.pkid)
+                    if let Some(seqs) = conn.tracker.acked(ack.pkid)
                         && let Err(e) = shared.outbox.ack(&seqs)
                     {
                         tracing::error!(error = %e, "cannot delete acknowledged records");
                     }
                     pump(&shared, &client, &mut conn);
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    match conn.queued.pop_front() {
-                        Some(Tracked::Batch(seqs)) if pkid != 0 => {
-                            conn.inflight.insert(pkid, (seqs, Instant::now()));
-                        }
-                        Some(_) => {}
-                        None => tracing::debug!(pkid, "publish not tracked"),
-                    }
-                }
-                Ok(Event::Outgoing(Outgoing::AwaitAck(_))) => {
-                    // The publish waits on a packet-id collision; its records stay in the
-                    // outbox and go again after the ack timeout.
-                    conn.queued.pop_front();
-                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => conn.tracker.sent(pkid),
+                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => conn.tracker.held(pkid),
                 Ok(_) => {}
                 Err(e) => {
                     let failure = e.to_string();
@@ -773,12 +734,9 @@ async fn mqtt_task(
             }
             _ = tick.tick() => {
                 if conn.connected {
-                    let expired = conn.inflight.values().any(|(_, sent)| sent.elapsed() > ACK_TIMEOUT);
-                    if expired {
+                    if conn.tracker.any_expired(ACK_TIMEOUT) {
                         tracing::warn!("telemetry batches unacknowledged; sending them again");
-                        // Publishes still queued keep their place: their packet ids must
-                        // still be matched in order.
-                        conn.inflight.clear();
+                        conn.tracker.forget_sent();
                         conn.cursor = None;
                     }
                     if since_reported.elapsed() > Duration::from_secs(30) {
