@@ -252,9 +252,14 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
             )
         })?;
     for m in &input.build.models {
-        OnnxModel::load(&m.bytes)
+        let model = OnnxModel::load(&m.bytes)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("ONNX model `{}` cannot be loaded by tract", m.name))?;
+        // What the manifest will state as the model's signature must be the graph's.
+        model
+            .check_signature(&m.inputs, &m.outputs)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("ONNX model `{}` does not match its declaration", m.name))?;
     }
     let bundle = Bundle::build(input.build)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;

@@ -269,6 +269,64 @@ fn build_refuses_what_a_device_could_not_load() {
     assert!(!dir.join("x.opb").exists());
 }
 
+/// Regression: the spec's per-model inputs and outputs are what the manifest states as fact,
+/// so `bundle build` compares them with the ONNX graph and refuses a mismatch.
+#[test]
+fn build_refuses_a_model_declaration_the_graph_contradicts() {
+    let ws = workspace("signature-checks");
+    let dir = &ws.dir;
+    let spec = fs::read_to_string(dir.join("bundle.toml")).unwrap();
+    let declared = r#"inputs = [{ name = "input", datatype = "FP32", shape = ["batch", 64] }]"#;
+    assert!(spec.contains(declared));
+    for (wrong, needle) in [
+        (
+            r#"inputs = [{ name = "foo", datatype = "FP32", shape = [7, 9, 9] }]"#,
+            "the spec declares input `foo` FP32 [7, 9, 9], the model's is `input` FP32 [?, 64]",
+        ),
+        (
+            r#"inputs = [{ name = "input", datatype = "INT32", shape = ["batch", 64] }]"#,
+            "declares input `input` INT32 [batch, 64]",
+        ),
+        (
+            r#"inputs = [{ name = "input", datatype = "FP32", shape = ["batch", 63] }]"#,
+            "declares input `input` FP32 [batch, 63]",
+        ),
+        (
+            r#"inputs = [{ name = "input", datatype = "FP32", shape = ["batch", 64] }, { name = "extra", datatype = "FP32", shape = [1] }]"#,
+            "the spec declares 2 inputs, the model has 1: `input` FP32 [?, 64]",
+        ),
+    ] {
+        fs::write(dir.join("wrong.toml"), spec.replace(declared, wrong)).unwrap();
+        let err = fails(dir, &["bundle", "build", "wrong.toml", "--out", "x.opb"]);
+        assert!(
+            err.contains("ONNX model `classifier` does not match its declaration"),
+            "{err}"
+        );
+        assert!(err.contains(needle), "{wrong}: {err}");
+        assert!(!dir.join("x.opb").exists());
+    }
+    let wrong_output = spec.replace(
+        r#"name = "probabilities", datatype = "FP32", shape = ["batch", 10]"#,
+        r#"name = "scores", datatype = "FP32", shape = ["batch", 10]"#,
+    );
+    fs::write(dir.join("wrong.toml"), wrong_output).unwrap();
+    let err = fails(dir, &["bundle", "build", "wrong.toml", "--out", "x.opb"]);
+    assert!(
+        err.contains("declares output `scores` FP32 [batch, 10], the model's is `probabilities`"),
+        "{err}"
+    );
+    // Narrowing a free dimension to a size is a valid declaration.
+    fs::write(
+        dir.join("narrow.toml"),
+        spec.replace(
+            declared,
+            r#"inputs = [{ name = "input", datatype = "FP32", shape = [1, 64] }]"#,
+        ),
+    )
+    .unwrap();
+    ok(dir, &["bundle", "build", "narrow.toml", "--out", "x.opb"]);
+}
+
 #[test]
 fn every_command_has_help() {
     let dir = std::env::temp_dir();

@@ -1,7 +1,7 @@
 //! ONNX models run natively with tract: loaded and optimised once per bundle version, shared
 //! by every request.
 
-use outpost_bundle::manifest::DataType;
+use outpost_bundle::manifest::{DataType, Dim, TensorSpec};
 use std::sync::Arc;
 
 use tract_onnx::tract_hir::infer::Factoid;
@@ -121,6 +121,19 @@ impl OnnxModel {
             inputs,
             outputs,
         })
+    }
+
+    /// Checks a declared signature (a bundle spec's) against the graph: the same inputs and
+    /// outputs, in order, by name, element type and rank; a dimension the graph fixes must be
+    /// declared with that size, and a declared size must fit the graph. An empty list declares
+    /// nothing and is not checked.
+    pub fn check_signature(
+        &self,
+        inputs: &[TensorSpec],
+        outputs: &[TensorSpec],
+    ) -> Result<(), String> {
+        check_ports("input", &self.inputs, inputs)?;
+        check_ports("output", &self.outputs, outputs)
     }
 
     /// The model's inputs.
@@ -283,4 +296,66 @@ fn from_tract(name: &str, t: &TractTensor) -> Result<Tensor, String> {
         shape: t.shape().iter().map(|&d| d as u64).collect(),
         data,
     })
+}
+
+fn check_ports(kind: &str, graph: &[Port], declared: &[TensorSpec]) -> Result<(), String> {
+    if declared.is_empty() {
+        return Ok(());
+    }
+    let port = |p: &Port| {
+        let dims: Vec<String> = p
+            .shape
+            .iter()
+            .map(|d| d.map_or("?".into(), |d| d.to_string()))
+            .collect();
+        format!(
+            "`{}` {} [{}]",
+            p.name,
+            p.datatype.oip_name(),
+            dims.join(", ")
+        )
+    };
+    let spec = |t: &TensorSpec| {
+        let dims: Vec<String> = t
+            .shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => n.to_string(),
+                Dim::Symbolic(s) => s.clone(),
+            })
+            .collect();
+        format!(
+            "`{}` {} [{}]",
+            t.name,
+            t.datatype.oip_name(),
+            dims.join(", ")
+        )
+    };
+    let all = || graph.iter().map(port).collect::<Vec<_>>().join(", ");
+    if graph.len() != declared.len() {
+        return Err(format!(
+            "the spec declares {} {kind}s, the model has {}: {}",
+            declared.len(),
+            graph.len(),
+            all()
+        ));
+    }
+    for (g, d) in graph.iter().zip(declared) {
+        let dims_fit = g.shape.len() == d.shape.len()
+            && g.shape.iter().zip(&d.shape).all(|(g, d)| match (g, d) {
+                (Some(g), Dim::Fixed(d)) => g == d,
+                (Some(_), Dim::Symbolic(_)) => false,
+                (None, _) => true,
+            });
+        if g.name != d.name || g.datatype != d.datatype || !dims_fit {
+            return Err(format!(
+                "the spec declares {kind} {}, the model's is {} (the model's {kind}s: {}; \
+                 `?` is any size)",
+                spec(d),
+                port(g),
+                all()
+            ));
+        }
+    }
+    Ok(())
 }
