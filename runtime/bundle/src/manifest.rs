@@ -181,6 +181,16 @@ pub enum Dim {
     Symbolic(String),
 }
 
+impl std::fmt::Display for Dim {
+    /// A size as its number, a symbolic dimension as its name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(name) => f.write_str(name),
+        }
+    }
+}
+
 /// The public tensor API of the model's endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -151,14 +151,7 @@ fn describe(b: &Bundle, bytes: &[u8]) -> String {
     let tensors = |ts: &[TensorSpec]| -> String {
         ts.iter()
             .map(|t| {
-                let dims: Vec<String> = t
-                    .shape
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(n) => n.to_string(),
-                        Dim::Symbolic(n) => n.clone(),
-                    })
-                    .collect();
+                let dims: Vec<String> = t.shape.iter().map(Dim::to_string).collect();
                 format!("{} {}[{}]", t.name, t.datatype.oip_name(), dims.join(", "))
             })
             .collect::<Vec<_>>()

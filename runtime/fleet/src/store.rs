@@ -450,15 +450,6 @@ impl Store {
         self.desired.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// Records a deployment and returns it with its id.
-    pub fn add_deployment(&self, mut record: DeploymentRecord) -> Result<DeploymentRecord> {
-        record.id = self.db.generate_id()? + 1;
-        self.deployments
-            .insert(record.id.to_be_bytes(), encode(&record)?)?;
-        self.db.flush()?;
-        Ok(record)
-    }
-
     /// Stores a deployment and the desired state it gives each of `devices`, all or nothing:
     /// `make` turns each device's previous desired state into its next one, for every device
     /// before anything is written, and one transaction then writes them all with the record.

@@ -316,14 +316,7 @@ fn check_ports(kind: &str, graph: &[Port], declared: &[TensorSpec]) -> Result<()
         )
     };
     let spec = |t: &TensorSpec| {
-        let dims: Vec<String> = t
-            .shape
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => n.to_string(),
-                Dim::Symbolic(s) => s.clone(),
-            })
-            .collect();
+        let dims: Vec<String> = t.shape.iter().map(Dim::to_string).collect();
         format!(
             "`{}` {} [{}]",
             t.name,
