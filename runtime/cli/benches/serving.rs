@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use outpost_bundle::manifest::DataType;
 use outpost_bundle::{Bundle, SecretKey, TrustStore};
+use outpost_device::{Config, Device};
+use outpost_engine::Payload;
 use outpost_examples::Example;
-use outpost_host::engine::Payload;
-use outpost_host::onnx::OnnxModel;
-use outpost_host::tensor::Tensor;
-use outpost_host::{Config, Device};
+use outpost_inference::Tensor;
+use outpost_inference::{Backend, Tract};
 
 const ITERATIONS: usize = 2000;
 
@@ -61,8 +61,8 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
 
     // Raw tract, in process.
-    let digits_model = OnnxModel::load(outpost_examples::DIGITS_ONNX).unwrap();
-    let sensor_model = OnnxModel::load(outpost_examples::SENSOR_ONNX).unwrap();
+    let digits_model = Tract.load(outpost_examples::DIGITS_ONNX, &[]).unwrap();
+    let sensor_model = Tract.load(outpost_examples::SENSOR_ONNX, &[]).unwrap();
     let raw_digits = median_us(ITERATIONS, || {
         digits_model
             .run(vec![f32_tensor("input", vec![1, 64], 0.5)], 1 << 20)

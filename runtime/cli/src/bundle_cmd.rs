@@ -8,8 +8,7 @@ use anyhow::{Context, Result};
 use outpost_bundle::manifest::{Dim, TensorSpec};
 use outpost_bundle::spec::Spec;
 use outpost_bundle::{BuildInput, Bundle, ReadLimits, SecretKey, TrustStore, sha256_hex};
-use outpost_host::engine::Engine;
-use outpost_host::onnx::OnnxModel;
+use outpost_engine::Engine;
 
 /// A spec with its files read.
 struct Loaded {
@@ -244,15 +243,30 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
                 input.guest_path.display()
             )
         })?;
+    let backend = outpost_inference::default_backend();
     for m in &input.build.models {
-        let model = OnnxModel::load(&m.bytes)
+        let cannot_load = || {
+            format!(
+                "ONNX model `{}` cannot be loaded by {}",
+                m.name,
+                backend.name()
+            )
+        };
+        // The declaration is checked against the graph's own facts, then the model is loaded
+        // as a device loads it: with the declared inputs pinned.
+        let model = backend
+            .load(&m.bytes, &[])
             .map_err(anyhow::Error::msg)
-            .with_context(|| format!("ONNX model `{}` cannot be loaded by tract", m.name))?;
-        // What the manifest will state as the model's signature must be the graph's.
-        model
-            .check_signature(&m.inputs, &m.outputs)
+            .with_context(cannot_load)?;
+        outpost_inference::check_signature(model.as_ref(), &m.inputs, &m.outputs)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("ONNX model `{}` does not match its declaration", m.name))?;
+        if !m.inputs.is_empty() {
+            backend
+                .load(&m.bytes, &m.inputs)
+                .map_err(anyhow::Error::msg)
+                .with_context(cannot_load)?;
+        }
     }
     let bundle = Bundle::build(input.build)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use outpost_bundle::{Bundle, SecretKey, TrustStore};
+use outpost_device::{Config, Device};
 use outpost_examples::Example;
 use outpost_fleet::{BrokerChoice, FleetOptions, Ready};
-use outpost_host::{Config, Device};
 
 /// Arguments of `outpost demo`.
 #[derive(Debug, clap::Args)]
@@ -176,28 +176,22 @@ fn run_in(data_dir: &std::path::Path, args: &DemoArgs) -> Result<()> {
     let pixels = digits["cases"][0]["pixels"].clone();
     let readings = sensor["cases"][0]["readings"].clone();
     let dir = data_dir.display().to_string();
-    let admin_token = token.clone();
     let broker = fleet.broker.clone();
-    let result = crate::device_cmd::serve(
-        Arc::new(device),
-        &config,
-        Some(token),
-        move |listen, admin| {
-            let token = admin_token;
-            let api = api.clone();
-            let admin_listen = admin.map_or_else(|| "(admin off)".to_owned(), |a| a.to_string());
-            let url = format!("http://{listen}");
-            let digits_request = serde_json::json!({
-                "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": pixels}]
-            });
-            // Printed once the fleet's deployments are active, so every line works as shown.
-            std::thread::spawn(move || {
-                if let Err(e) = wait_ready(&url) {
-                    eprintln!("error: {e:#}");
-                    return;
-                }
-                println!(
-                    r#"
+    let result = crate::device_cmd::serve(Arc::new(device), &config, move |listen, admin| {
+        let api = api.clone();
+        let admin_listen = admin.map_or_else(|| "(admin off)".to_owned(), |a| a.to_string());
+        let url = format!("http://{listen}");
+        let digits_request = serde_json::json!({
+            "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": pixels}]
+        });
+        // Printed once the fleet's deployments are active, so every line works as shown.
+        std::thread::spawn(move || {
+            if let Err(e) = wait_ready(&url) {
+                eprintln!("error: {e:#}");
+                return;
+            }
+            println!(
+                r#"
 Outpost demo fleet: API {api} (embedded MQTT broker {broker})
 Outpost demo device: serving on {url} (state in {dir})
 
@@ -218,10 +212,9 @@ The fleet that deployed both bundles, and what the device reports to it:
   cargo run -q -p outpost-cli -- fleet telemetry --fleet {api} --device demo-device --limit 3
 
 Ctrl-C stops it."#
-                );
-            });
-        },
-    );
+            );
+        });
+    });
     let fleet_result = fleet_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the demo fleet panicked"))?;

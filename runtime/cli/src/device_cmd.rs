@@ -4,9 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use outpost_host::agent::Agent;
-use outpost_host::api::{self, ApiLimits};
-use outpost_host::{Config, DEFAULT_CONFIG, Device};
+use outpost_device::{Config, DEFAULT_CONFIG, Device, Listeners};
 
 use crate::util;
 
@@ -79,16 +77,15 @@ pub(crate) fn run(cmd: DeviceCommand) -> Result<()> {
             crate::init_logging();
             let config = Config::load(&config)?;
             let device = Arc::new(Device::open(&config)?);
-            serve(device, &config, config.admin_token.clone(), |_, _| {})
+            serve(device, &config, |_, _| {})
         }
     }
 }
 
-/// Runs the HTTP servers until Ctrl-C or SIGTERM; `on_ready` gets the bound addresses.
+/// Runs the device until Ctrl-C or SIGTERM; `on_ready` gets the bound addresses.
 pub(crate) fn serve(
     device: Arc<Device>,
     config: &Config,
-    admin_token: Option<String>,
     on_ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
 ) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -96,46 +93,9 @@ pub(crate) fn serve(
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let public = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let admin = match (config.admin_listen, admin_token) {
-            (Some(addr), Some(token)) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} (admin)"))?;
-                tracing::info!(addr = %l.local_addr()?, "admin API listening");
-                Some((l, token))
-            }
-            _ => None,
-        };
-        tracing::info!(addr = %public.local_addr()?, "serving");
-        let admin_addr = admin.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
-        on_ready(public.local_addr()?, admin_addr);
-        let limits = ApiLimits {
-            max_request_bytes: config.max_request_bytes,
-            max_bundle_bytes: config.max_bundle_bytes,
-        };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let agent = match &config.fleet {
-            Some(fleet) => Some(Agent::start(
-                Arc::clone(&device),
-                fleet.clone(),
-                config.data_dir.join("downloads"),
-                config.max_bundle_bytes,
-                stop_rx,
-            )?),
-            None => None,
-        };
-        let shutdown = async move {
-            shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        };
-        api::serve(device, limits, public, admin, shutdown).await?;
-        if let Some(agent) = agent {
-            agent.stopped().await;
-        }
-        tracing::info!("stopped");
+        let listeners = Listeners::bind(config).await?;
+        on_ready(listeners.public_addr()?, listeners.admin_addr()?);
+        outpost_device::run(device, config, listeners, shutdown_signal()).await?;
         Ok(())
     })
 }

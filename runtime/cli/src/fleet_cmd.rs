@@ -242,7 +242,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     crate::init_logging();
     let broker = match &args.broker {
         Some(url) => {
-            let (host, port) = outpost_host::config::parse_broker_url(url)?;
+            let url: outpost_proto::BrokerUrl = url.parse()?;
+            let (host, port) = (url.host().to_owned(), url.port());
             let login = match (&args.broker_username, &args.broker_password_file) {
                 (Some(user), Some(file)) => {
                     Some((user.clone(), util::read_string(file)?.trim().to_owned()))

@@ -3,6 +3,8 @@
 //! `models/`, and the bundle specs. `outpost demo` builds its bundles from these; the tests use
 //! them as fixtures, together with the hostile test guest from `tests/guests/`.
 
+pub mod graphs;
+
 use std::path::Path;
 
 use outpost_bundle::BuildInput;

@@ -6,9 +6,13 @@
 //! compromised broker cannot make a device install or activate anything the fleet did not sign
 //! ([`SignedDesired::open`] decides what a device does with one).
 
+mod broker;
+
 use std::collections::BTreeMap;
 
 use outpost_bundle::{PublicKey, SecretKey};
+
+pub use broker::{BadBrokerUrl, BrokerUrl};
 use serde::{Deserialize, Serialize};
 
 /// Version of the topic scheme and of every message type here.

@@ -4,6 +4,8 @@
 //! - `attack/grow`: allocates without bound (the memory cap must stop it);
 //! - `attack/huge-tensor`: asks the host to run a model on a tensor claiming 2^40 elements;
 //! - `attack/huge-output`: returns a response far above the tensor cap;
+//! - `attack/lookup`: asks the bundle's `lookup` model (a table lookup) for an id beyond its
+//!   table, which fits the model's signature and fails inside it;
 //! - `attack/file`: tries to read `/etc/passwd` (WASI must deny it);
 //! - `attack/socket`: tries to open a TCP connection (WASI must deny it);
 //! - `attack/panic`: panics;
@@ -42,6 +44,19 @@ fn handle(request: Request) -> Result<Response, Error> {
             Ok(Response::raw(
                 "text/plain",
                 format!("host accepted a huge tensor: {} outputs", out.len()),
+            ))
+        }
+        "attack/lookup" => {
+            let ids = Tensor {
+                name: "ids".into(),
+                datatype: DataType::I64,
+                shape: vec![1],
+                data: 7i64.to_le_bytes().to_vec(),
+            };
+            let out = outpost_guest::infer("lookup", vec![ids])?;
+            Ok(Response::raw(
+                "text/plain",
+                format!("the lookup answered {} outputs", out.len()),
             ))
         }
         "attack/huge-output" => Ok(Response::raw(

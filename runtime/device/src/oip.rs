@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use outpost_bundle::manifest::DataType;
 
 use crate::error::InferError;
-use crate::tensor::Tensor;
+use outpost_inference::Tensor;
 
 /// Header naming the length of the JSON part of a binary-extension body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";

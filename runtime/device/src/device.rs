@@ -10,13 +10,13 @@ use outpost_bundle::{Bundle, ReadLimits, TrustStore, sha256_hex};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use outpost_engine::{CallError, CallLimits, CallOutput, Engine, Guest, GuestContext, Payload};
+use outpost_inference::{Backend, Tensor};
+
 use crate::config::{Config, GuestCaps};
-use crate::engine::{CallLimits, CallOutput, Engine, Guest, GuestContext, Payload};
 use crate::error::{HostError, InferError, Result};
 use crate::metrics::Metrics;
-use crate::onnx::OnnxModel;
 use crate::state::{InstalledRecord, State};
-use crate::tensor::Tensor;
 
 /// One loaded version of a model: verified, compiled, its ONNX models optimised.
 #[derive(Debug)]
@@ -46,6 +46,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct Device {
     engine: Engine,
+    backend: Arc<dyn Backend>,
     state: State,
     trust: TrustStore,
     caps: GuestCaps,
@@ -97,6 +98,7 @@ impl Device {
             .map_err(|e| HostError::Config(format!("cannot start the engine: {e:#}")))?;
         let device = Self {
             engine,
+            backend: outpost_inference::default_backend(),
             state,
             trust,
             caps: config.guest_caps,
@@ -242,10 +244,9 @@ impl Device {
             version: version.into(),
             reason,
         };
-        let fingerprint = self.engine.fingerprint();
-        let cached = self.state.compiled(&record.digest, &fingerprint)?;
+        let cached = self.state.compiled(&record.digest)?;
         let guest = match cached.map(|artifact| self.engine.load_compiled(&artifact)) {
-            Some(Ok(guest)) => guest,
+            Some(Ok(Some(guest))) => guest,
             other => {
                 if let Some(Err(e)) = other {
                     tracing::warn!(model = %name, %version, error = %e, "compiled guest unusable; recompiling");
@@ -254,20 +255,28 @@ impl Device {
                     .engine
                     .compile(verified.guest())
                     .map_err(|e| guest_error(format!("{e:#}")))?;
-                self.state
-                    .put_compiled(&record.digest, &fingerprint, &artifact)?;
+                self.state.put_compiled(&record.digest, &artifact)?;
                 guest
             }
         };
         let mut models = HashMap::new();
         for entry in &manifest.models {
             let bytes = verified.model(&entry.name).unwrap_or_default();
-            let model = OnnxModel::load(bytes).map_err(|reason| HostError::Onnx {
+            let onnx_error = |reason: String| HostError::Onnx {
                 model: name.into(),
                 version: version.into(),
                 onnx: entry.name.clone(),
                 reason,
-            })?;
+            };
+            let model = self
+                .backend
+                .load(bytes, &entry.inputs)
+                .map_err(|e| onnx_error(e.to_string()))?;
+            // `bundle build` checked the whole declaration against the graph; the inputs are
+            // checked again here, for a bundle made by other tools (the outputs of a model
+            // loaded with pinned inputs are narrower than the graph's, so not those).
+            outpost_inference::check_signature(model.as_ref(), &entry.inputs, &[])
+                .map_err(onnx_error)?;
             models.insert(entry.name.clone(), model);
         }
         let l = manifest.limits;
@@ -340,7 +349,7 @@ impl Device {
             )
         };
         match self.engine.call(&loaded.guest, &loaded.context, payload) {
-            Ok(_) | Err(InferError::InvalidInput(_)) => Ok(()),
+            Ok(_) | Err(CallError::InvalidInput(_)) => Ok(()),
             Err(e) => Err(HostError::WarmUp {
                 model: loaded.record.name.clone(),
                 version: loaded.record.version.clone(),
@@ -393,7 +402,9 @@ impl Device {
         let target = Arc::clone(&loaded);
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            engine.call(&target.guest, &target.context, payload)
+            engine
+                .call(&target.guest, &target.context, payload)
+                .map_err(InferError::from)
         })
         .await
         .unwrap_or_else(|e| Err(InferError::Trap(format!("request task failed: {e}"))));

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_bundle::{BuildInput, Bundle, SecretKey, TrustStore};
+use outpost_device::{Config, Device, Listeners};
 use outpost_examples::Example;
-use outpost_host::api::{self, ApiLimits};
-use outpost_host::{Config, Device};
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -46,7 +45,7 @@ impl Drop for TempDir {
 
 pub fn config(dir: &TempDir, extra: &str) -> Config {
     let text = format!(
-        "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n{extra}"
+        "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n{extra}"
     );
     Config::from_toml(&text, &dir.0).unwrap()
 }
@@ -77,6 +76,12 @@ pub fn hostile_bundle(timeout_ms: u64) -> Vec<u8> {
     input.limits.timeout_ms = timeout_ms;
     input.limits.max_tensor_bytes = 1 << 20;
     input.baseline = None;
+    input.models.push(outpost_bundle::ModelInput {
+        name: "lookup".into(),
+        bytes: outpost_examples::graphs::lookup_onnx(),
+        inputs: Vec::new(),
+        outputs: Vec::new(),
+    });
     signed(input)
 }
 
@@ -92,13 +97,10 @@ pub struct Server {
 impl Server {
     pub fn start(device: Device, config: &Config) -> Self {
         let device = Arc::new(device);
-        let limits = ApiLimits {
-            max_request_bytes: config.max_request_bytes,
-            max_bundle_bytes: config.max_bundle_bytes,
-        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let d = Arc::clone(&device);
+        let config = config.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -106,12 +108,15 @@ impl Server {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                // The configuration asks for port 0 on both listeners.
+                let listeners = Listeners::bind(&config).await.unwrap();
                 addr_tx
-                    .send((public.local_addr().unwrap(), admin.local_addr().unwrap()))
+                    .send((
+                        listeners.public_addr().unwrap(),
+                        listeners.admin_addr().unwrap().unwrap(),
+                    ))
                     .unwrap();
-                api::serve(d, limits, public, Some((admin, TOKEN.to_owned())), async {
+                outpost_device::run(d, &config, listeners, async {
                     let _ = stopped.await;
                 })
                 .await

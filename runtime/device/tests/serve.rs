@@ -7,8 +7,8 @@ mod common;
 use std::io::{Read, Write};
 
 use common::*;
+use outpost_device::Device;
 use outpost_examples::Example;
-use outpost_host::Device;
 use serde_json::{Value, json};
 
 fn serve_examples(tag: &str) -> (TempDir, Server) {

@@ -15,9 +15,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::device::{Device, Loaded};
-use crate::engine::Payload;
 use crate::error::{HostError, InferError};
 use crate::oip;
+use outpost_engine::Payload;
 
 /// Limits the routers enforce before handing a request to the device.
 #[derive(Debug, Clone, Copy)]

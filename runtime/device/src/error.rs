@@ -87,6 +87,9 @@ pub enum HostError {
     /// Reading or writing a file failed.
     #[error("i/o error: {0}")]
     Io(std::io::Error),
+    /// The fleet agent could not start.
+    #[error("fleet agent: {0}")]
+    Agent(outpost_agent::AgentError),
 }
 
 // The wrapped error's text is part of each message (the HTTP API shows only the message), so
@@ -178,6 +181,20 @@ impl InferError {
             InferError::Deadline(_) => "deadline",
             InferError::Memory(_) => "memory",
             InferError::Trap(_) => "trap",
+        }
+    }
+}
+
+impl From<outpost_engine::CallError> for InferError {
+    fn from(e: outpost_engine::CallError) -> Self {
+        use outpost_engine::CallError as C;
+        match e {
+            C::BadRequest(m) => InferError::BadRequest(m),
+            C::InvalidInput(m) => InferError::InvalidInput(m),
+            C::Internal(m) => InferError::Internal(m),
+            C::Deadline(ms) => InferError::Deadline(ms),
+            C::Memory(bytes) => InferError::Memory(bytes),
+            C::Trap(m) => InferError::Trap(m),
         }
     }
 }

@@ -89,12 +89,6 @@ impl State {
         })
     }
 
-    /// Another tree of the same database (the fleet agent keeps its outbox and desired state
-    /// here, so one flush covers everything the device knows).
-    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
-        Ok(self.db.open_tree(name)?)
-    }
-
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
@@ -254,19 +248,14 @@ impl State {
         Ok(())
     }
 
-    /// The compiled guest cached for a bundle digest under an engine fingerprint.
-    pub fn compiled(&self, digest: &str, fingerprint: &str) -> Result<Option<sled::IVec>> {
-        Ok(self.compiled.get(digest)?.and_then(|v| {
-            let (fp, artifact) = v.split_at(v.len().min(16));
-            (fp == fingerprint.as_bytes()).then(|| sled::IVec::from(artifact))
-        }))
+    /// The compiled guest cached for a bundle digest (the engine's artifact format).
+    pub fn compiled(&self, digest: &str) -> Result<Option<sled::IVec>> {
+        Ok(self.compiled.get(digest)?)
     }
 
     /// Caches a compiled guest.
-    pub fn put_compiled(&self, digest: &str, fingerprint: &str, artifact: &[u8]) -> Result<()> {
-        let mut value = fingerprint.as_bytes().to_vec();
-        value.extend_from_slice(artifact);
-        self.compiled.insert(digest, value)?;
+    pub fn put_compiled(&self, digest: &str, artifact: &[u8]) -> Result<()> {
+        self.compiled.insert(digest, artifact)?;
         self.db.flush()?;
         Ok(())
     }

@@ -2,9 +2,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use outpost_bundle::PublicKey;
+use outpost_agent::{FleetConfig, FleetSection};
 use serde::Deserialize;
 
 use crate::error::{HostError, Result};
@@ -79,165 +78,7 @@ struct RawConfig {
     #[serde(default)]
     guest_caps: RawCaps,
     #[serde(default)]
-    fleet: RawFleet,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFleet {
-    broker: Option<String>,
-    fleet_key: Option<String>,
-    fleet_key_file: Option<PathBuf>,
-    device_id: Option<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-    telemetry_interval_ms: Option<u64>,
-    outbox_quota_bytes: Option<u64>,
-    username: Option<String>,
-    password_file: Option<PathBuf>,
-}
-
-/// How a device reaches its fleet.
-#[derive(Debug, Clone)]
-pub struct FleetConfig {
-    /// Broker host.
-    pub broker_host: String,
-    /// Broker port.
-    pub broker_port: u16,
-    /// The fleet's desired-state signing key.
-    pub fleet_key: PublicKey,
-    /// This device's id.
-    pub device_id: String,
-    /// Groups this device belongs to.
-    pub tags: Vec<String>,
-    /// Interval between telemetry records.
-    pub telemetry_interval: Duration,
-    /// Outbox size cap in bytes.
-    pub outbox_quota_bytes: u64,
-    /// Broker user name and password, if the broker requires them.
-    pub credentials: Option<(String, String)>,
-}
-
-/// Splits `mqtt://HOST:PORT` (port 1883 when omitted).
-pub fn parse_broker_url(url: &str) -> Result<(String, u16)> {
-    let bad = || {
-        HostError::Config(format!(
-            "broker `{url}` is not a URL like mqtt://127.0.0.1:1883 (TLS is not built in)"
-        ))
-    };
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(bad)?
-        .trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return Err(bad());
-    }
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse::<u16>().map_err(|_| bad())?)
-        }
-        _ => (rest, 1883),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || port == 0 {
-        return Err(bad());
-    }
-    Ok((host.to_owned(), port))
-}
-
-fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-}
-
-impl RawFleet {
-    fn validate(self, base: &Path) -> Result<Option<FleetConfig>> {
-        let Some(broker) = self.broker else {
-            return Ok(None);
-        };
-        let (broker_host, broker_port) = parse_broker_url(&broker)?;
-        let key_text = match (self.fleet_key, self.fleet_key_file) {
-            (Some(k), None) => k,
-            (None, Some(path)) => {
-                let path = base.join(path);
-                std::fs::read_to_string(&path).map_err(|e| {
-                    HostError::Config(format!(
-                        "cannot read fleet_key_file `{}`: {e}",
-                        path.display()
-                    ))
-                })?
-            }
-            (None, None) => {
-                return Err(HostError::Config(
-                    "[fleet] needs `fleet_key` or `fleet_key_file` with the fleet's public key"
-                        .into(),
-                ));
-            }
-            (Some(_), Some(_)) => {
-                return Err(HostError::Config(
-                    "set fleet_key or fleet_key_file, not both".into(),
-                ));
-            }
-        };
-        let key_text = key_text.trim();
-        let fleet_key = PublicKey::from_hex(key_text)
-            .or_else(|_| PublicKey::from_file_str(key_text))
-            .map_err(|e| HostError::Config(format!("fleet key: {e}")))?;
-        let device_id = self.device_id.or_else(hostname).ok_or_else(|| {
-            HostError::Config("[fleet] device_id is not set and there is no host name".into())
-        })?;
-        if !outpost_proto::is_valid_device_id(&device_id) {
-            return Err(HostError::Config(format!(
-                "device_id `{device_id}` is not valid (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
-            )));
-        }
-        if let Some(bad) = self
-            .tags
-            .iter()
-            .find(|t| !outpost_proto::is_valid_device_id(t))
-        {
-            return Err(HostError::Config(format!(
-                "tag `{bad}` is not valid (same rules as device ids)"
-            )));
-        }
-        let interval = self.telemetry_interval_ms.unwrap_or(60_000);
-        if interval < 10 {
-            return Err(HostError::Config(
-                "telemetry_interval_ms must be at least 10".into(),
-            ));
-        }
-        let credentials = match (self.username, self.password_file) {
-            (None, None) => None,
-            (Some(user), Some(path)) => {
-                let path = base.join(path);
-                let password = std::fs::read_to_string(&path).map_err(|e| {
-                    HostError::Config(format!(
-                        "cannot read password_file `{}`: {e}",
-                        path.display()
-                    ))
-                })?;
-                Some((user, password.trim().to_owned()))
-            }
-            _ => {
-                return Err(HostError::Config(
-                    "[fleet] username and password_file go together".into(),
-                ));
-            }
-        };
-        Ok(Some(FleetConfig {
-            credentials,
-            broker_host,
-            broker_port,
-            fleet_key,
-            device_id,
-            tags: self.tags,
-            telemetry_interval: Duration::from_millis(interval),
-            outbox_quota_bytes: self.outbox_quota_bytes.unwrap_or(16 << 20),
-        }))
-    }
+    fleet: FleetSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -352,7 +193,7 @@ impl Config {
                 "max_concurrent_requests must be at least 1".into(),
             ));
         }
-        let fleet = raw.fleet.validate(base)?;
+        let fleet = raw.fleet.validate(base).map_err(HostError::Config)?;
         Ok(Self {
             fleet,
             data_dir: base.join(raw.data_dir.unwrap_or_else(|| "/var/lib/outpost".into())),
@@ -398,52 +239,5 @@ mod tests {
         assert!(Config::from_toml("admin_token = \"short\"", Path::new("/")).is_err());
         assert!(Config::from_toml("max_concurrent_requests = 0", Path::new("/")).is_err());
         assert!(Config::from_toml("[fleet]\nbroker = \"mqtt://h:1\"", Path::new("/")).is_err());
-    }
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_broker_url("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883)
-        );
-        assert_eq!(
-            parse_broker_url("mqtt://broker").unwrap(),
-            ("broker".into(), 1883)
-        );
-        assert_eq!(
-            parse_broker_url("mqtt://[::1]:9").unwrap(),
-            ("::1".into(), 9)
-        );
-        for bad in [
-            "http://h:1",
-            "mqtt://",
-            "mqtt://h:0",
-            "mqtt://h:x",
-            "mqtt://u@h:1",
-            "mqtts://h",
-        ] {
-            assert!(parse_broker_url(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn fleet_section() {
-        let key = outpost_bundle::SecretKey::from_seed(&[7; 32])
-            .public()
-            .to_hex();
-        let text = format!(
-            "[fleet]\nbroker = \"mqtt://127.0.0.1:4000\"\nfleet_key = \"{key}\"\ndevice_id = \"dev-1\"\ntags = [\"lab\"]"
-        );
-        let fleet = Config::from_toml(&text, Path::new("/"))
-            .unwrap()
-            .fleet
-            .unwrap();
-        assert_eq!(
-            (fleet.broker_port, fleet.device_id.as_str()),
-            (4000, "dev-1")
-        );
-        assert_eq!(fleet.tags, ["lab"]);
-        let bad_id = text.replace("dev-1", "a/b");
-        assert!(Config::from_toml(&bad_id, Path::new("/")).is_err());
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::error::{HostError, Result};
+use crate::error::{AgentError, Result};
 
 const SEQ_KEY: &[u8] = b"outbox.seq";
 const DROPPED_KEY: &[u8] = b"outbox.dropped";
@@ -95,7 +95,7 @@ impl Outbox {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, u64>> {
         self.bytes
             .lock()
-            .map_err(|_| HostError::Corrupt("outbox lock poisoned".into()))
+            .map_err(|_| AgentError::Corrupt("outbox lock poisoned".into()))
     }
 
     /// Appends a record and returns its sequence number. When the outbox is over its quota
@@ -122,8 +122,8 @@ impl Outbox {
         });
         let (seq, len) = match result {
             Ok(v) => v,
-            Err(TransactionError::Abort(e)) => return Err(HostError::Corrupt(e)),
-            Err(TransactionError::Storage(e)) => return Err(HostError::Store(e)),
+            Err(TransactionError::Abort(e)) => return Err(AgentError::Corrupt(e)),
+            Err(TransactionError::Storage(e)) => return Err(AgentError::Store(e)),
         };
         *bytes += (8 + len) as u64;
         while *bytes > self.quota {
@@ -163,7 +163,7 @@ impl Outbox {
         let in_flight = self
             .in_flight
             .lock()
-            .map_err(|_| HostError::Corrupt("outbox lock poisoned".into()))?
+            .map_err(|_| AgentError::Corrupt("outbox lock poisoned".into()))?
             .clone();
         let mut oldest_event = None;
         for item in self.records.iter() {

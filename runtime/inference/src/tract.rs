@@ -1,8 +1,9 @@
-//! ONNX models run natively with tract: loaded and optimised once per bundle version, shared
-//! by every request.
+//! The tract backend: ONNX models loaded, typed and optimised once per bundle version, run
+//! natively and shared by every request.
+
+use std::sync::Arc;
 
 use outpost_bundle::manifest::{DataType, Dim, TensorSpec};
-use std::sync::Arc;
 
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -11,22 +12,27 @@ use tract_onnx::prelude::{
     TValue, TVec, Tensor as TractTensor, TypedRunnableModel, f16,
 };
 
-use crate::tensor::Tensor;
+use crate::{Backend, LoadError, Model, Port, RunError, Tensor, match_inputs};
 
-/// One input or output of a model.
-#[derive(Debug, Clone)]
-pub struct Port {
-    /// Name in the ONNX graph.
-    pub name: String,
-    /// Element type.
-    pub datatype: DataType,
-    /// Dimensions; `None` for a symbolic one.
-    pub shape: Vec<Option<u64>>,
+/// The tract backend (pure Rust; ONNX operators as tract supports them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tract;
+
+impl Backend for Tract {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+
+    fn load(&self, bytes: &[u8], declared: &[TensorSpec]) -> Result<Arc<dyn Model>, LoadError> {
+        TractModel::load(bytes, declared)
+            .map(|m| Arc::new(m) as Arc<dyn Model>)
+            .map_err(LoadError)
+    }
 }
 
 /// A loaded, optimised, runnable model. Cheap to share across threads.
 #[derive(Debug)]
-pub struct OnnxModel {
+struct TractModel {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<Port>,
     outputs: Vec<Port>,
@@ -56,18 +62,31 @@ fn dims(shape: impl Iterator<Item = TDim>) -> Vec<Option<u64>> {
         .collect()
 }
 
-impl OnnxModel {
-    /// Loads, type-checks and optimises a model from its bytes.
-    pub fn load(bytes: &[u8]) -> Result<Self, String> {
+impl TractModel {
+    fn load(bytes: &[u8], declared: &[TensorSpec]) -> Result<Self, String> {
         let mut model = tract_onnx::onnx()
             .with_ignore_output_shapes(true)
             .with_ignore_value_info(true)
             .model_for_read(&mut &bytes[..])
             .map_err(|e| format!("{e:#}"))?;
-        // Pin every input's fact: a named or unknown dimension becomes a symbol, so one
-        // optimised plan serves any batch size.
+        // Pin every input's fact. A dimension the graph leaves open takes the declared size, or
+        // becomes a symbol (the declared name, so inputs declared with the same name share it),
+        // so one optimised plan serves any batch size.
         let symbols = model.symbols.clone();
-        for i in 0..model.input_outlets().map_err(|e| format!("{e:#}"))?.len() {
+        let outlets = model
+            .input_outlets()
+            .map_err(|e| format!("{e:#}"))?
+            .to_vec();
+        let count = outlets.len();
+        // A declaration that does not name the graph's inputs in order pins nothing (the
+        // signature check then says what is wrong with it).
+        let names_fit = declared.len() == count
+            && outlets
+                .iter()
+                .zip(declared)
+                .all(|(o, d)| model.node(o.node).name == d.name);
+        let declared = if names_fit { declared } else { &[] };
+        for i in 0..count {
             let fact = model.input_fact(i).map_err(|e| format!("{e:#}"))?.clone();
             let dt = fact
                 .datum_type
@@ -81,8 +100,17 @@ impl OnnxModel {
                 .dims()
                 .enumerate()
                 .map(|(j, d)| {
-                    d.concretize()
-                        .unwrap_or_else(|| symbols.sym(&format!("in{i}_{j}")).into())
+                    // A number in the graph stays; a named or unknown dimension is open.
+                    let graph = d.concretize().filter(|d| d.to_i64().is_ok());
+                    graph.unwrap_or_else(|| {
+                        match declared.get(i).and_then(|spec| spec.shape.get(j)) {
+                            Some(Dim::Fixed(n)) => TDim::Val(*n as i64),
+                            Some(Dim::Symbolic(name)) => symbols.sym(name).into(),
+                            None => d
+                                .concretize()
+                                .unwrap_or_else(|| symbols.sym(&format!("in{i}_{j}")).into()),
+                        }
+                    })
                 })
                 .collect();
             model
@@ -122,103 +150,47 @@ impl OnnxModel {
             outputs,
         })
     }
+}
 
-    /// Checks a declared signature (a bundle spec's) against the graph: the same inputs and
-    /// outputs, in order, by name, element type and rank; a dimension the graph fixes must be
-    /// declared with that size, and a declared size must fit the graph. An empty list declares
-    /// nothing and is not checked.
-    pub fn check_signature(
-        &self,
-        inputs: &[TensorSpec],
-        outputs: &[TensorSpec],
-    ) -> Result<(), String> {
-        check_ports("input", &self.inputs, inputs)?;
-        check_ports("output", &self.outputs, outputs)
-    }
-
-    /// The model's inputs.
-    pub fn inputs(&self) -> &[Port] {
+impl Model for TractModel {
+    fn inputs(&self) -> &[Port] {
         &self.inputs
     }
 
-    /// The model's outputs.
-    pub fn outputs(&self) -> &[Port] {
+    fn outputs(&self) -> &[Port] {
         &self.outputs
     }
 
-    /// Runs the model. Inputs are matched by name, or by position when every name is empty.
-    /// Errors are the caller's fault (wrong names, types or shapes) or the model's, as text.
-    pub fn run(&self, inputs: Vec<Tensor>, cap: u64) -> Result<Vec<Tensor>, String> {
-        if inputs.len() != self.inputs.len() {
-            return Err(format!(
-                "model takes {} inputs ({}), got {}",
-                self.inputs.len(),
-                self.inputs
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                inputs.len()
-            ));
-        }
-        let by_position = inputs.iter().all(|t| t.name.is_empty());
-        let mut ordered: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
-        for (i, t) in inputs.into_iter().enumerate() {
-            let slot = if by_position {
-                i
-            } else {
-                self.inputs
-                    .iter()
-                    .position(|p| p.name == t.name)
-                    .ok_or_else(|| format!("model has no input `{}`", t.name))?
-            };
-            if ordered[slot].is_some() {
-                return Err(format!("input `{}` given twice", t.name));
-            }
-            ordered[slot] = Some(t);
-        }
+    fn run(&self, inputs: Vec<Tensor>, cap: u64) -> Result<Vec<Tensor>, RunError> {
         let mut values: TVec<TValue> = TVec::new();
-        for (port, t) in self.inputs.iter().zip(ordered) {
-            let t = t.ok_or_else(|| format!("missing input `{}`", port.name))?;
-            t.check(cap)?;
-            if t.datatype != port.datatype {
-                return Err(format!(
-                    "input `{}` must be {}, got {}",
-                    port.name,
-                    port.datatype.oip_name(),
-                    t.datatype.oip_name()
-                ));
-            }
-            let fits = t.shape.len() == port.shape.len()
-                && t.shape
-                    .iter()
-                    .zip(&port.shape)
-                    .all(|(d, p)| p.is_none_or(|p| p == *d));
-            if !fits {
-                let want: Vec<String> = port
-                    .shape
-                    .iter()
-                    .map(|d| d.map_or("?".into(), |d| d.to_string()))
-                    .collect();
-                return Err(format!(
-                    "input `{}` must have shape [{}], got {:?}",
-                    port.name,
-                    want.join(", "),
-                    t.shape
-                ));
-            }
-            values.push(to_tract(&t)?.into_tvalue());
+        for t in match_inputs(&self.inputs, inputs, cap)? {
+            values.push(to_tract(&t).map_err(RunError::Input)?.into_tvalue());
         }
-        let outputs = self.plan.run(values).map_err(|e| format!("{e:#}"))?;
+        let fault = RunError::Fault;
+        // tract panics on some inputs that fit the graph (a Gather index beyond its table):
+        // that is the model failing, and it must not take the serving thread with it. The plan
+        // is immutable and each run makes its own state, so nothing is left half-changed.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.plan.run(values)));
+        let outputs = match run {
+            Ok(result) => result.map_err(|e| fault(format!("{e:#}")))?,
+            Err(panic) => {
+                let reason = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                return Err(fault(format!("the model panicked: {reason}")));
+            }
+        };
         let mut result = Vec::with_capacity(outputs.len());
         for (port, value) in self.outputs.iter().zip(outputs) {
-            let t = from_tract(&port.name, &value)?;
+            let t = from_tract(&port.name, &value).map_err(fault)?;
             if t.data.len() as u64 > cap {
-                return Err(format!(
+                return Err(fault(format!(
                     "output `{}` is {} bytes, above the limit of {cap}",
                     port.name,
                     t.data.len()
-                ));
+                )));
             }
             result.push(t);
         }
@@ -298,57 +270,81 @@ fn from_tract(name: &str, t: &TractTensor) -> Result<Tensor, String> {
     })
 }
 
-fn check_ports(kind: &str, graph: &[Port], declared: &[TensorSpec]) -> Result<(), String> {
-    if declared.is_empty() {
-        return Ok(());
-    }
-    let port = |p: &Port| {
-        let dims: Vec<String> = p
-            .shape
-            .iter()
-            .map(|d| d.map_or("?".into(), |d| d.to_string()))
-            .collect();
-        format!(
-            "`{}` {} [{}]",
-            p.name,
-            p.datatype.oip_name(),
-            dims.join(", ")
-        )
-    };
-    let spec = |t: &TensorSpec| {
-        let dims: Vec<String> = t.shape.iter().map(Dim::to_string).collect();
-        format!(
-            "`{}` {} [{}]",
-            t.name,
-            t.datatype.oip_name(),
-            dims.join(", ")
-        )
-    };
-    let all = || graph.iter().map(port).collect::<Vec<_>>().join(", ");
-    if graph.len() != declared.len() {
-        return Err(format!(
-            "the spec declares {} {kind}s, the model has {}: {}",
-            declared.len(),
-            graph.len(),
-            all()
-        ));
-    }
-    for (g, d) in graph.iter().zip(declared) {
-        let dims_fit = g.shape.len() == d.shape.len()
-            && g.shape.iter().zip(&d.shape).all(|(g, d)| match (g, d) {
-                (Some(g), Dim::Fixed(d)) => g == d,
-                (Some(_), Dim::Symbolic(_)) => false,
-                (None, _) => true,
-            });
-        if g.name != d.name || g.datatype != d.datatype || !dims_fit {
-            return Err(format!(
-                "the spec declares {kind} {}, the model's is {} (the model's {kind}s: {}; \
-                 `?` is any size)",
-                spec(d),
-                port(g),
-                all()
-            ));
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use outpost_examples::graphs::{lookup_onnx, reshape_onnx};
+
+    use super::*;
+
+    fn floats(name: &str, values: &[f32]) -> Tensor {
+        Tensor {
+            name: name.into(),
+            datatype: DataType::F32,
+            shape: vec![values.len() as u64],
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
     }
-    Ok(())
+
+    fn ids(values: &[i64]) -> Tensor {
+        Tensor {
+            name: "ids".into(),
+            datatype: DataType::I64,
+            shape: vec![values.len() as u64],
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_model_failing_on_inputs_that_fit_is_a_fault_not_bad_input() {
+        let model = Tract.load(&lookup_onnx(), &[]).unwrap();
+        let out = model.run(vec![ids(&[2, 0])], 1 << 20).unwrap();
+        let values: Vec<f32> = out[0]
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(values, [30.0, 10.0]);
+        let err = model.run(vec![ids(&[7])], 1 << 20).unwrap_err();
+        assert!(matches!(err, RunError::Fault(_)), "{err:?}");
+        // The caller's mistakes are input errors.
+        let mut renamed = ids(&[1]);
+        renamed.name = "z".into();
+        let err = model.run(vec![renamed], 1 << 20).unwrap_err();
+        assert!(matches!(err, RunError::Input(_)), "{err:?}");
+        let err = model.run(vec![floats("ids", &[1.0])], 1 << 20).unwrap_err();
+        assert!(
+            matches!(&err, RunError::Input(m) if m.contains("must be INT64")),
+            "{err:?}"
+        );
+        let err = model.run(vec![ids(&[0; 64])], 16).unwrap_err();
+        assert!(matches!(err, RunError::Input(_)), "{err:?}");
+    }
+
+    #[test]
+    fn declared_inputs_pin_the_open_dimensions() {
+        let err = Tract.load(&reshape_onnx(), &[]).unwrap_err();
+        assert!(err.0.contains("Reshape"), "{err}");
+        let declared: Vec<TensorSpec> = vec![TensorSpec {
+            name: "x".into(),
+            datatype: DataType::F32,
+            shape: vec![Dim::Fixed(4)],
+        }];
+        let model = Tract.load(&reshape_onnx(), &declared).unwrap();
+        assert_eq!(model.inputs()[0].shape, vec![Some(4)]);
+        assert_eq!(model.outputs()[0].shape, vec![Some(2), Some(2)]);
+        let out = model.run(vec![floats("x", &[1.0; 4])], 1 << 20).unwrap();
+        assert_eq!(out[0].shape, vec![2, 2]);
+        let err = model
+            .run(vec![floats("x", &[1.0; 6])], 1 << 20)
+            .unwrap_err();
+        assert!(matches!(err, RunError::Input(_)), "{err:?}");
+        // A declaration naming other inputs pins nothing.
+        let other = vec![TensorSpec {
+            name: "w".into(),
+            ..declared[0].clone()
+        }];
+        assert!(Tract.load(&reshape_onnx(), &other).is_err());
+    }
 }

@@ -1,0 +1,58 @@
+//! Desired-state acceptance: what the agent does with each envelope the broker delivers.
+
+use outpost_proto::{DesiredState, SignedDesired, Verdict};
+use serde_json::json;
+
+use crate::{Shared, now_secs};
+
+impl Shared {
+    /// Checks a received desired state; returns what the reconciler should work on.
+    pub(crate) fn on_desired(&self, payload: &[u8]) -> Option<DesiredState> {
+        let accepted = self.store.accepted();
+        let verdict = SignedDesired::from_slice(payload).and_then(|envelope| {
+            envelope.open(
+                &self.fleet.fleet_key,
+                &self.fleet.device_id,
+                now_secs(),
+                accepted,
+            )
+        });
+        match verdict {
+            Ok(Verdict::Apply(state)) => {
+                if let Err(e) = self.store.accept(&state) {
+                    tracing::error!(error = %e, "cannot store the desired state");
+                    return None;
+                }
+                tracing::info!(generation = state.generation, "desired state accepted");
+                // The last error belonged to an older generation.
+                self.set_retrying(false);
+                self.set_last_error(None);
+                self.event(json!({
+                    "event": "desired_accepted",
+                    "generation": state.generation,
+                }));
+                self.reported_changed.notify_one();
+                Some(state)
+            }
+            Ok(Verdict::Duplicate) => self.store.unfinished(),
+            Ok(Verdict::Stale { generation }) => {
+                let reason = format!(
+                    "desired state generation {generation} is older than accepted generation {}",
+                    accepted.unwrap_or(0)
+                );
+                self.refuse(&reason);
+                None
+            }
+            Err(e) => {
+                self.refuse(&e.to_string());
+                None
+            }
+        }
+    }
+
+    fn refuse(&self, reason: &str) {
+        tracing::warn!(%reason, "desired state refused");
+        self.event(json!({ "event": "desired_refused", "reason": reason }));
+        self.set_last_error(Some(format!("refused desired state: {reason}")));
+    }
+}

@@ -1,0 +1,26 @@
+//! The agent's errors.
+
+/// Why the agent could not start or keep its store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The fleet configuration is invalid.
+    #[error("invalid fleet configuration: {0}")]
+    Config(String),
+    /// The agent's database failed.
+    #[error("agent database error: {0}")]
+    Store(sled::Error),
+    /// The agent's database holds something it should not.
+    #[error("agent database is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+// The wrapped error's text is part of the message, so it is not a `#[source]` as well.
+impl From<sled::Error> for AgentError {
+    fn from(e: sled::Error) -> Self {
+        AgentError::Store(e)
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;

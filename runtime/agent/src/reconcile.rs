@@ -1,0 +1,167 @@
+//! The reconciler: brings the device to the accepted desired state — download (resumable,
+//! size-capped, hash-checked), verify, install, activate — retrying transient failures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_proto::{Deployment, DesiredState};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::download::{self, Artifact, DownloadError};
+
+/// A failed reconcile and whether retrying can help.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    transient: bool,
+}
+
+impl Shared {
+    /// Brings the device to `state`. Blocking (downloads, installs).
+    fn reconcile(&self, state: &DesiredState) -> Result<(), Failure> {
+        let mut first_failure = None;
+        for deployment in &state.deployments {
+            if let Err(failure) = self.apply_one(state.generation, deployment) {
+                tracing::warn!(
+                    model = %deployment.model,
+                    version = %deployment.version,
+                    error = %failure.message,
+                    "deployment failed"
+                );
+                self.event(json!({
+                    "event": "deployment_failed",
+                    "generation": state.generation,
+                    "model": deployment.model,
+                    "version": deployment.version,
+                    "error": failure.message,
+                    "will_retry": failure.transient,
+                }));
+                first_failure.get_or_insert(failure);
+            }
+        }
+        if let Some(failure) = first_failure {
+            self.set_retrying(failure.transient);
+            self.set_last_error(Some(failure.message.clone()));
+            return Err(failure);
+        }
+        self.set_retrying(false);
+        if self.store.reconciled() < Some(state.generation) {
+            if let Err(e) = self.store.set_reconciled(state.generation) {
+                tracing::error!(error = %e, "cannot record the reconciled generation");
+            }
+            self.event(json!({ "event": "reconciled", "generation": state.generation }));
+        }
+        self.set_last_error(None);
+        Ok(())
+    }
+
+    fn apply_one(&self, generation: u64, d: &Deployment) -> Result<(), Failure> {
+        let permanent = |message: String| Failure {
+            message,
+            transient: false,
+        };
+        let device = |e: crate::DeviceError| permanent(format!("{} {}: {e}", d.model, d.version));
+        let active = self.device.active().map_err(device)?.remove(&d.model);
+        let installed = self
+            .device
+            .installed()
+            .map_err(device)?
+            .into_iter()
+            .find(|r| r.name == d.model && r.version == d.version);
+        if let Some(record) = installed {
+            if record.digest != d.digest {
+                return Err(permanent(format!(
+                    "{} {} is installed with digest {}, the desired state names {}",
+                    d.model, d.version, record.digest, d.digest
+                )));
+            }
+            if active.as_deref() == Some(d.version.as_str()) {
+                return Ok(());
+            }
+            self.device.activate(&d.model, &d.version).map_err(device)?;
+        } else {
+            tracing::info!(model = %d.model, version = %d.version, url = %d.url, size = d.size, "downloading");
+            self.event(json!({
+                "event": "downloading",
+                "generation": generation,
+                "model": d.model,
+                "version": d.version,
+                "size": d.size,
+            }));
+            let artifact = Artifact {
+                url: &d.url,
+                digest: &d.digest,
+                size: d.size,
+            };
+            let agent = download::agent();
+            let path = download::fetch(&agent, &artifact, self.max_bundle_bytes, &self.downloads)
+                .map_err(|e: DownloadError| Failure {
+                transient: e.is_transient(),
+                message: format!("{} {}: {e}", d.model, d.version),
+            })?;
+            let bytes = std::fs::read(&path).map_err(|e| Failure {
+                message: format!("cannot read the download: {e}"),
+                transient: true,
+            })?;
+            let installed = self.device.install_and_activate(&bytes);
+            let _ = std::fs::remove_file(&path);
+            installed.map_err(device)?;
+        }
+        tracing::info!(model = %d.model, version = %d.version, generation, "activated");
+        self.event(json!({
+            "event": "activated",
+            "generation": generation,
+            "model": d.model,
+            "version": d.version,
+            "digest": d.digest,
+        }));
+        self.reported_changed.notify_one();
+        Ok(())
+    }
+}
+
+/// Works on the latest desired state until it is reached or fails permanently; a newer one
+/// replaces it at once, even mid-backoff.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut desired: watch::Receiver<Option<DesiredState>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    'next: loop {
+        let state = desired.borrow_and_update().clone();
+        if let Some(state) = state {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let worker = Arc::clone(&shared);
+                let job = state.clone();
+                let result = tokio::task::spawn_blocking(move || worker.reconcile(&job)).await;
+                match result {
+                    Ok(Ok(())) => break,
+                    Ok(Err(failure)) if failure.transient => {
+                        tracing::info!(retry_in = ?backoff, "reconcile will be retried");
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            changed = desired.changed() => {
+                                if changed.is_err() { return; }
+                                continue 'next;
+                            }
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(300));
+                    }
+                    Ok(Err(_)) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reconcile task failed");
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            changed = desired.changed() => if changed.is_err() { return },
+        }
+    }
+}

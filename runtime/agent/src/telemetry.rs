@@ -1,0 +1,104 @@
+//! What the device tells its fleet: the reported state (retained) and periodic telemetry
+//! records (through the outbox).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use outpost_proto::{PROTOCOL_VERSION, ReportedState};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::outbox::Kind;
+
+impl Shared {
+    pub(crate) fn reported(&self) -> ReportedState {
+        let active = self.device.active().unwrap_or_default();
+        let installed = self
+            .device
+            .installed()
+            .map(|records| {
+                records
+                    .into_iter()
+                    .map(|r| format!("{}@{}", r.name, r.version))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ReportedState {
+            v: PROTOCOL_VERSION,
+            device: self.fleet.device_id.clone(),
+            runtime_version: env!("CARGO_PKG_VERSION").to_owned(),
+            arch: std::env::consts::ARCH.to_owned(),
+            generation: self.store.reconciled(),
+            accepted_generation: self.store.accepted(),
+            active,
+            installed,
+            tags: self.fleet.tags.clone(),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            retrying: self.retrying.load(Ordering::Relaxed),
+            outbox_pending: self.outbox.pending(),
+            outbox_dropped: self.outbox.dropped(),
+            telemetry_interval_ms: Some(self.fleet.telemetry_interval.as_millis() as u64),
+        }
+    }
+
+    fn telemetry_record(&self) -> Value {
+        let (cpu_seconds, rss_bytes) = process_usage();
+        let mut record = self.device.telemetry();
+        let device_disk = record
+            .get("disk_bytes")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        record.insert(
+            "disk_bytes".into(),
+            json!(device_disk + self.store.size_on_disk()),
+        );
+        record.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
+        record.insert("runtime_version".into(), json!(env!("CARGO_PKG_VERSION")));
+        record.insert("cpu_seconds".into(), json!(cpu_seconds));
+        record.insert("rss_bytes".into(), json!(rss_bytes));
+        Value::Object(record)
+    }
+}
+
+/// CPU seconds used and resident memory of this process, from `/proc` (zeros elsewhere).
+fn process_usage() -> (f64, u64) {
+    // Field 14 and 15 of /proc/self/stat: user and system time in USER_HZ ticks (100 on Linux).
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
+/// Takes a telemetry record every interval and puts it in the outbox.
+pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.fleet.telemetry_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {
+                let record = shared.telemetry_record();
+                match shared.outbox.push(Kind::Telemetry, record) {
+                    Ok(_) => shared.outbox_changed.notify_one(),
+                    Err(e) => tracing::error!(error = %e, "cannot write telemetry to the outbox"),
+                }
+            }
+        }
+    }
+}

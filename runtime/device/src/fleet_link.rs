@@ -1,0 +1,49 @@
+//! The device as the fleet agent sees it.
+
+use std::collections::BTreeMap;
+
+use outpost_agent::{DeviceControl, DeviceError, Installed};
+use serde_json::{Map, Value, json};
+
+use crate::device::Device;
+use crate::state::InstalledRecord;
+
+fn installed(r: InstalledRecord) -> Installed {
+    Installed {
+        name: r.name,
+        version: r.version,
+        digest: r.digest,
+    }
+}
+
+impl DeviceControl for Device {
+    fn active(&self) -> Result<BTreeMap<String, String>, DeviceError> {
+        Ok(self
+            .status()?
+            .into_iter()
+            .filter_map(|m| m.active.map(|v| (m.name, v)))
+            .collect())
+    }
+
+    fn installed(&self) -> Result<Vec<Installed>, DeviceError> {
+        Ok(Device::installed(self)?
+            .into_iter()
+            .map(installed)
+            .collect())
+    }
+
+    fn activate(&self, model: &str, version: &str) -> Result<(), DeviceError> {
+        Ok(Device::activate(self, model, version)?)
+    }
+
+    fn install_and_activate(&self, bundle: &[u8]) -> Result<Installed, DeviceError> {
+        Ok(installed(Device::install_and_activate(self, bundle)?))
+    }
+
+    fn telemetry(&self) -> Map<String, Value> {
+        let mut record = Map::new();
+        record.insert("disk_bytes".into(), json!(self.state().size_on_disk()));
+        record.insert("models".into(), json!(self.metrics.snapshot()));
+        record
+    }
+}

@@ -1,0 +1,21 @@
+//! The Outpost device runtime. Owns: installed bundles and their state (sled), activation with
+//! warm-up and atomic swap, the HTTP endpoints (Open Inference Protocol v2, raw, metrics,
+//! admin), the configuration, and [`run`], which wires them and the fleet agent together.
+//! Never imports: wasmtime or tract directly (through `outpost-engine` and
+//! `outpost-inference`), rumqttc, or the fleet server.
+
+pub mod api;
+pub mod config;
+pub mod device;
+mod error;
+mod fleet_link;
+pub mod metrics;
+pub mod oip;
+mod run;
+pub mod state;
+
+pub use config::{Config, DEFAULT_CONFIG, GuestCaps};
+pub use device::Device;
+pub use error::{HostError, InferError, Result};
+pub use outpost_agent::FleetConfig;
+pub use run::{Listeners, run};

@@ -1,0 +1,112 @@
+//! Small ONNX graphs written in code, for tests of what a model may do at run time. Each is a
+//! single node, encoded with tract-onnx's own protobuf types.
+
+use pb::tensor_proto::DataType as Pb;
+use pb::tensor_shape_proto::dimension::Value as D;
+use prost::Message as _;
+use tract_onnx::pb;
+
+fn dim(value: pb::tensor_shape_proto::dimension::Value) -> pb::tensor_shape_proto::Dimension {
+    pb::tensor_shape_proto::Dimension {
+        denotation: String::new(),
+        value: Some(value),
+    }
+}
+
+fn value(
+    name: &str,
+    elem: pb::tensor_proto::DataType,
+    dims: Vec<pb::tensor_shape_proto::Dimension>,
+) -> pb::ValueInfoProto {
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            denotation: String::new(),
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: elem as i32,
+                shape: Some(pb::TensorShapeProto { dim: dims }),
+            })),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A model of one node `op(input, constant) -> output`, or `op(constant, input)` when
+/// `constant_first`.
+fn one_node(
+    op: &str,
+    input: pb::ValueInfoProto,
+    constant: pb::TensorProto,
+    output: pb::ValueInfoProto,
+    constant_first: bool,
+) -> Vec<u8> {
+    let mut operands = vec![input.name.clone(), constant.name.clone()];
+    if constant_first {
+        operands.reverse();
+    }
+    let graph = pb::GraphProto {
+        name: op.into(),
+        node: vec![pb::NodeProto {
+            input: operands,
+            output: vec![output.name.clone()],
+            name: op.into(),
+            op_type: op.into(),
+            ..Default::default()
+        }],
+        initializer: vec![constant],
+        input: vec![input],
+        output: vec![output],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// `y = Reshape(x, [2, -1])` over a free-sized FP32 vector `x`: tract cannot type it for
+/// every length, only for a declared one.
+pub fn reshape_onnx() -> Vec<u8> {
+    one_node(
+        "Reshape",
+        value("x", Pb::Float, vec![dim(D::DimParam("n".into()))]),
+        pb::TensorProto {
+            name: "shape".into(),
+            dims: vec![2],
+            data_type: Pb::Int64 as i32,
+            int64_data: vec![2, -1],
+            ..Default::default()
+        },
+        value(
+            "y",
+            Pb::Float,
+            vec![dim(D::DimValue(2)), dim(D::DimParam("m".into()))],
+        ),
+        false,
+    )
+}
+
+/// `y = Gather(table, ids)` (the constant is the data, the input the indices): a lookup
+/// that fits any ids and fails on one beyond the table.
+pub fn lookup_onnx() -> Vec<u8> {
+    // Gather takes (data, indices).
+    one_node(
+        "Gather",
+        value("ids", Pb::Int64, vec![dim(D::DimParam("n".into()))]),
+        pb::TensorProto {
+            name: "table".into(),
+            dims: vec![3],
+            data_type: Pb::Float as i32,
+            float_data: vec![10.0, 20.0, 30.0],
+            ..Default::default()
+        },
+        value("y", Pb::Float, vec![dim(D::DimParam("n".into()))]),
+        true,
+    )
+}

@@ -1,0 +1,108 @@
+//! Broker addresses: `mqtt://HOST[:PORT]`, validated once where they enter.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A broker address. Plain MQTT over TCP only: no TLS stack is built in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    host: String,
+    port: u16,
+}
+
+/// A text that is not a broker URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("broker `{0}` is not a URL like mqtt://127.0.0.1:1883 (TLS is not built in)")]
+pub struct BadBrokerUrl(pub String);
+
+impl BrokerUrl {
+    /// A broker at `host:port`.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// Host name or address (an IPv6 address without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl FromStr for BrokerUrl {
+    type Err = BadBrokerUrl;
+
+    /// Parses `mqtt://HOST:PORT` or `tcp://HOST:PORT` (port 1883 when omitted).
+    fn from_str(url: &str) -> Result<Self, BadBrokerUrl> {
+        let bad = || BadBrokerUrl(url.to_owned());
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .ok_or_else(bad)?
+            .trim_end_matches('/');
+        if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+            return Err(bad());
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| bad())?)
+            }
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self::new(host, port))
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let parse = |s: &str| s.parse::<BrokerUrl>();
+        assert_eq!(
+            parse("mqtt://127.0.0.1:1883").unwrap(),
+            BrokerUrl::new("127.0.0.1", 1883)
+        );
+        assert_eq!(
+            parse("mqtt://broker").unwrap(),
+            BrokerUrl::new("broker", 1883)
+        );
+        assert_eq!(parse("mqtt://[::1]:9").unwrap(), BrokerUrl::new("::1", 9));
+        assert_eq!(
+            parse("mqtt://[::1]:9").unwrap().to_string(),
+            "mqtt://[::1]:9"
+        );
+        for bad in [
+            "http://h:1",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://u@h:1",
+            "mqtts://h",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}
