@@ -108,38 +108,47 @@ pub struct TensorSpec {
 }
 
 /// A tensor element type, with the names the Open Inference Protocol uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(missing_docs)]
 pub enum DataType {
-    #[serde(rename = "BOOL")]
     Bool,
-    #[serde(rename = "UINT8")]
     U8,
-    #[serde(rename = "UINT16")]
     U16,
-    #[serde(rename = "UINT32")]
     U32,
-    #[serde(rename = "UINT64")]
     U64,
-    #[serde(rename = "INT8")]
     I8,
-    #[serde(rename = "INT16")]
     I16,
-    #[serde(rename = "INT32")]
     I32,
-    #[serde(rename = "INT64")]
     I64,
-    #[serde(rename = "FP16")]
     F16,
-    #[serde(rename = "FP32")]
     F32,
-    #[serde(rename = "FP64")]
     F64,
-    #[serde(rename = "BYTES")]
     Bytes,
 }
 
 impl DataType {
+    /// Every element type.
+    pub const ALL: [DataType; 13] = [
+        DataType::Bool,
+        DataType::U8,
+        DataType::U16,
+        DataType::U32,
+        DataType::U64,
+        DataType::I8,
+        DataType::I16,
+        DataType::I32,
+        DataType::I64,
+        DataType::F16,
+        DataType::F32,
+        DataType::F64,
+        DataType::Bytes,
+    ];
+
+    /// The element type an Open Inference Protocol name stands for (`FP32`, ...).
+    pub fn from_oip_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.oip_name() == name)
+    }
+
     /// Size of one element in bytes (`None` for variable-length `BYTES`).
     pub fn element_size(self) -> Option<usize> {
         Some(match self {
@@ -168,6 +177,27 @@ impl DataType {
             DataType::F64 => "FP64",
             DataType::Bytes => "BYTES",
         }
+    }
+}
+
+// The manifest, the bundle spec and the Open Inference Protocol all name element types by
+// their OIP names: [`DataType::oip_name`] is the one mapping.
+impl Serialize for DataType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.oip_name())
+    }
+}
+
+impl<'de> Deserialize<'de> for DataType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        DataType::from_oip_name(&name).ok_or_else(|| {
+            let names: Vec<&str> = DataType::ALL.iter().map(|t| t.oip_name()).collect();
+            serde::de::Error::custom(format!(
+                "unknown datatype `{name}`, expected one of {}",
+                names.join(", ")
+            ))
+        })
     }
 }
 
@@ -414,5 +444,18 @@ mod tests {
             serde_json::from_str(r#"{"name":"x","datatype":"FP32","shape":["batch",64]}"#).unwrap();
         assert_eq!(t.shape, vec![Dim::Symbolic("batch".into()), Dim::Fixed(64)]);
         assert_eq!(t.datatype, DataType::F32);
+    }
+
+    #[test]
+    fn datatypes_travel_by_their_oip_names() {
+        for t in DataType::ALL {
+            let text = serde_json::to_string(&t).unwrap();
+            assert_eq!(text, format!("\"{}\"", t.oip_name()));
+            assert_eq!(serde_json::from_str::<DataType>(&text).unwrap(), t);
+            assert_eq!(DataType::from_oip_name(t.oip_name()), Some(t));
+        }
+        let err = serde_json::from_str::<DataType>("\"FP99\"").unwrap_err();
+        assert!(err.to_string().contains("unknown datatype `FP99`"), "{err}");
+        assert_eq!(DataType::from_oip_name("fp32"), None);
     }
 }
