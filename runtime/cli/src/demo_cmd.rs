@@ -11,6 +11,7 @@ use outpost_bundle::{Bundle, SecretKey, TrustStore};
 use outpost_device::{Config, Device};
 use outpost_examples::Example;
 use outpost_fleet::{BrokerChoice, FleetOptions, Ready};
+use outpost_proto::rest::DeployRequest;
 
 /// Arguments of `outpost demo`.
 #[derive(Debug, clap::Args)]
@@ -80,7 +81,7 @@ fn start_fleet(
     };
     let (ready_tx, ready_rx) = mpsc::channel();
     let thread = std::thread::spawn(move || -> Result<()> {
-        crate::fleet_cmd::run_fleet(options, move |ready| {
+        crate::serve_cmd::run_fleet(options, move |ready| {
             let _ = ready_tx.send(ready.clone());
         })
     });
@@ -93,19 +94,12 @@ fn start_fleet(
     }
 }
 
-fn post(url: &str, content_type: &str, body: &[u8]) -> Result<()> {
-    let response = crate::fleet_cmd::agent()
-        .post(url)
-        .header("Content-Type", content_type)
-        .send(body)
-        .with_context(|| format!("POST {url}"))?;
-    crate::fleet_cmd::answer(response, &format!("POST {url}"))?;
-    Ok(())
-}
-
 /// Waits until every example answers `ready` on the device.
 fn wait_ready(url: &str) -> Result<()> {
-    let agent = crate::fleet_cmd::agent();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     for name in ["digits", "sensor-anomaly"] {
         loop {
@@ -132,6 +126,7 @@ fn run_in(data_dir: &std::path::Path, args: &DemoArgs) -> Result<()> {
     trust.allow(key.public(), ["digits", "sensor-anomaly"]);
     let (fleet, fleet_thread) = start_fleet(data_dir, args, trust.clone())?;
     let api = format!("http://{}", fleet.api);
+    let client = outpost_client::FleetClient::new(&api, None);
     let token = SecretKey::generate()?.id().to_owned() + SecretKey::generate()?.id();
     let device_dir = data_dir.join("device");
     let config_text = format!(
@@ -149,22 +144,16 @@ fn run_in(data_dir: &std::path::Path, args: &DemoArgs) -> Result<()> {
         let mut bundle = Bundle::build(example.build_input()?)?;
         bundle.sign(&key);
         let manifest = bundle.manifest().clone();
-        post(
-            &format!("{api}/api/v1/bundles"),
-            "application/vnd.outpost.bundle",
-            &bundle.to_bytes(),
-        )
-        .with_context(|| format!("cannot push the {example:?} example"))?;
-        let deploy = serde_json::json!({
-            "model": manifest.name,
-            "version": manifest.version.to_string(),
-            "devices": ["demo-device"],
-        });
-        post(
-            &format!("{api}/api/v1/deployments"),
-            "application/json",
-            deploy.to_string().as_bytes(),
-        )?;
+        let bytes = bundle.to_bytes();
+        client
+            .push(&bytes[..], bytes.len() as u64)
+            .with_context(|| format!("cannot push the {example:?} example"))?;
+        client.deploy(&DeployRequest {
+            model: manifest.name.clone(),
+            version: manifest.version.to_string(),
+            devices: vec!["demo-device".into()],
+            ..DeployRequest::default()
+        })?;
         eprintln!(
             "pushed {} {} and deployed it to demo-device",
             manifest.name, manifest.version

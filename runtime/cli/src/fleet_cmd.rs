@@ -1,15 +1,13 @@
-//! `outpost fleet`: run a fleet manager, and the operator's commands against its REST API.
+//! `outpost fleet`: the operator's commands against a fleet's REST API (every build), and
+//! `fleet serve` (builds with the `fleet` feature, in `serve_cmd`).
 
 use std::io::{IsTerminal, Read};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use outpost_bundle::TrustStore;
-use outpost_fleet::api::DeviceView;
-use outpost_fleet::{BrokerChoice, DeployRequest, DeployResponse, FleetOptions};
-use serde_json::Value;
+use outpost_client::FleetClient;
+use outpost_proto::rest::{DeployRequest, DeployResponse, DeviceView, RecordQuery};
 
 use crate::util;
 
@@ -28,7 +26,8 @@ pub(crate) struct Remote {
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum FleetCommand {
     /// Run the fleet manager: MQTT broker (embedded unless --broker), REST API, artifact store.
-    Serve(ServeArgs),
+    #[cfg(feature = "fleet")]
+    Serve(crate::serve_cmd::ServeArgs),
     /// Upload a signed bundle to the fleet's artifact store.
     Push {
         /// The bundle (`*.opb`).
@@ -116,60 +115,10 @@ pub(crate) enum FleetCommand {
     },
 }
 
-/// Arguments of `outpost fleet serve`.
-#[derive(Debug, clap::Args)]
-pub(crate) struct ServeArgs {
-    /// State directory: database, artifacts, the fleet key (created on first start).
-    #[arg(long, default_value = "fleet-data")]
-    data_dir: PathBuf,
-    /// REST API and artifact address.
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    listen: SocketAddr,
-    /// Address of the embedded MQTT broker.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    mqtt_listen: SocketAddr,
-    /// Use this external broker instead of the embedded one, e.g. mqtt://10.0.0.5:1883.
-    #[arg(long)]
-    broker: Option<String>,
-    /// User name for the external broker.
-    #[arg(long, requires = "broker_password_file")]
-    broker_username: Option<String>,
-    /// A file holding the external broker's password.
-    #[arg(long, requires = "broker_username")]
-    broker_password_file: Option<PathBuf>,
-    /// Make the embedded broker require logins: a file of `user:password` lines.
-    #[arg(long, conflicts_with = "broker")]
-    mqtt_logins: Option<PathBuf>,
-    /// Base URL devices use to reach this fleet's artifacts (default: http://LISTEN).
-    #[arg(long)]
-    public_url: Option<String>,
-    /// A file holding the bearer token the API requires (default: no token; loopback only).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Accept only bundles that verify against this trust store.
-    #[arg(long)]
-    trust_store: Option<PathBuf>,
-    /// How long a signed desired state stays valid (it is re-signed at half-life), in hours.
-    #[arg(long, default_value_t = 168)]
-    desired_ttl_hours: u64,
-    /// This replica's name (several replicas may share one broker).
-    #[arg(long)]
-    replica: Option<String>,
-    /// Largest bundle accepted, in bytes.
-    #[arg(long, default_value_t = 256 << 20)]
-    max_bundle_bytes: u64,
-    /// How long telemetry and events are kept, in hours.
-    #[arg(long, default_value_t = 168)]
-    retention_hours: u64,
-    /// Run as a secondary replica on a shared broker: store telemetry, events and the
-    /// registry; leave pushes, deployments and desired states to the primary.
-    #[arg(long, requires = "broker")]
-    ingest_only: bool,
-}
-
 pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
     match cmd {
-        FleetCommand::Serve(args) => serve(args),
+        #[cfg(feature = "fleet")]
+        FleetCommand::Serve(args) => crate::serve_cmd::serve(args),
         FleetCommand::Push {
             bundle,
             remote,
@@ -203,19 +152,13 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
         FleetCommand::Devices { remote, json } => devices(&remote, json),
         FleetCommand::RemoveBundle { target, remote } => {
             let (model, version) = split_target(&target)?;
-            let removed = remote.delete(&format!("/api/v1/bundles/{model}/{version}"))?;
-            println!(
-                "removed {model} {version} (sha256 {})",
-                removed["digest"].as_str().unwrap_or("?")
-            );
+            let removed = remote.client().remove_bundle(model, version)?;
+            println!("removed {model} {version} (sha256 {})", removed.digest);
             Ok(())
         }
         FleetCommand::Forget { device, remote } => {
-            let answer = remote.delete(&format!("/api/v1/devices/{device}"))?;
-            println!(
-                "forgot {device}: {}",
-                answer["note"].as_str().unwrap_or_default()
-            );
+            let answer = remote.client().forget(&device)?;
+            println!("forgot {device}: {}", answer.note);
             Ok(())
         }
         FleetCommand::Status { remote, json } => status(&remote, json),
@@ -238,148 +181,10 @@ fn split_target(target: &str) -> Result<(&str, &str)> {
         .with_context(|| format!("`{target}` is not MODEL@VERSION"))
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
-    crate::init_logging();
-    let broker = match &args.broker {
-        Some(url) => {
-            let url: outpost_proto::BrokerUrl = url.parse()?;
-            let (host, port) = (url.host().to_owned(), url.port());
-            let login = match (&args.broker_username, &args.broker_password_file) {
-                (Some(user), Some(file)) => {
-                    Some((user.clone(), util::read_string(file)?.trim().to_owned()))
-                }
-                _ => None,
-            };
-            BrokerChoice::External(host, port, login)
-        }
-        None => {
-            let logins = args
-                .mqtt_logins
-                .as_ref()
-                .map(|p| {
-                    outpost_fleet::read_logins(&util::read_string(p)?).map_err(anyhow::Error::from)
-                })
-                .transpose()?;
-            BrokerChoice::Embedded(args.mqtt_listen, logins)
-        }
-    };
-    let token = args
-        .token_file
-        .as_ref()
-        .map(|p| util::read_string(p).map(|t| t.trim().to_owned()))
-        .transpose()?;
-    if token.as_ref().is_some_and(|t| t.len() < 16) {
-        bail!("the API token must be at least 16 characters");
-    }
-    if token.is_none() && !args.listen.ip().is_loopback() {
-        bail!(
-            "listening on {} without --token-file would let anyone deploy; give a token",
-            args.listen
-        );
-    }
-    let trust = args
-        .trust_store
-        .as_ref()
-        .map(|p| -> Result<TrustStore> { Ok(TrustStore::from_toml_str(&util::read_string(p)?)?) })
-        .transpose()?;
-    let options = FleetOptions {
-        data_dir: args.data_dir,
-        listen: args.listen,
-        broker,
-        public_url: args.public_url,
-        token,
-        trust,
-        desired_ttl: Duration::from_secs(args.desired_ttl_hours.max(1) * 3600),
-        replica: args.replica,
-        max_bundle_bytes: args.max_bundle_bytes,
-        retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
-        ingest_only: args.ingest_only,
-    };
-    run_fleet(options, |ready| {
-        println!(
-            "Outpost fleet: API http://{}  broker {}\nFleet public key: {} (also in {})",
-            ready.api,
-            ready.broker,
-            ready.public_key,
-            ready.public_key_file.display()
-        );
-    })
-}
-
-/// Runs a fleet manager on a new async runtime until Ctrl-C or SIGTERM.
-pub(crate) fn run_fleet(
-    options: FleetOptions,
-    on_ready: impl FnOnce(&outpost_fleet::Ready),
-) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(outpost_fleet::serve(
-        options,
-        crate::device_cmd::shutdown_signal(),
-        on_ready,
-    ))?;
-    Ok(())
-}
-
-/// The HTTP client of the operator commands: HTTP errors come back as statuses.
-pub(crate) fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(10)))
-        .build()
-        .new_agent()
-}
-
-/// Reads a JSON answer; an HTTP error becomes an error with the server's message.
-pub(crate) fn answer(response: ureq::http::Response<ureq::Body>, what: &str) -> Result<Value> {
-    let status = response.status();
-    let text = response
-        .into_body()
-        .into_with_config()
-        .limit(256 << 20)
-        .read_to_string()
-        .with_context(|| format!("{what}: cannot read the answer"))?;
-    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    if !status.is_success() {
-        let message = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map_or_else(|| value.to_string(), str::to_owned);
-        bail!("{what}: {message} (HTTP {})", status.as_u16());
-    }
-    Ok(value)
-}
-
 impl Remote {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.fleet.trim_end_matches('/'))
-    }
-
-    /// Sends a bodiless request with the token, and reads the JSON answer.
-    fn call(&self, method: &str, path: &str) -> Result<Value> {
-        let agent = agent();
-        let url = self.url(path);
-        let mut request = match method {
-            "DELETE" => agent.delete(&url),
-            _ => agent.get(&url),
-        };
-        if let Some(t) = &self.token {
-            request = request.header("Authorization", &format!("Bearer {t}"));
-        }
-        let response = request
-            .call()
-            .with_context(|| format!("cannot reach the fleet at {}", self.fleet))?;
-        answer(response, &format!("{method} {path}"))
-    }
-
-    fn get(&self, path: &str) -> Result<Value> {
-        self.call("GET", path)
-    }
-
-    fn delete(&self, path: &str) -> Result<Value> {
-        self.call("DELETE", path)
+    /// The fleet's API client.
+    pub(crate) fn client(&self) -> FleetClient {
+        FleetClient::new(&self.fleet, self.token.clone())
     }
 }
 
@@ -411,33 +216,20 @@ impl<R: Read> Read for Progress<R> {
 fn push(remote: &Remote, path: &std::path::Path, json: bool) -> Result<()> {
     let bytes = util::read(path)?;
     let total = bytes.len() as u64;
-    let mut reader = Progress {
+    let reader = Progress {
         inner: std::io::Cursor::new(bytes),
         done: 0,
         total,
         shown: u64::MAX,
         tty: std::io::stderr().is_terminal(),
     };
-    let mut request = agent()
-        .post(&remote.url("/api/v1/bundles"))
-        .header("Content-Type", "application/vnd.outpost.bundle")
-        .header("Content-Length", &total.to_string());
-    if let Some(t) = &remote.token {
-        request = request.header("Authorization", &format!("Bearer {t}"));
-    }
-    let response = request
-        .send(ureq::SendBody::from_reader(&mut reader))
-        .with_context(|| format!("cannot reach the fleet at {}", remote.fleet))?;
-    let record = answer(response, "push")?;
+    let record = remote.client().push(reader, total)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&record)?);
     } else {
         println!(
             "pushed {} {} ({} bytes, sha256 {})",
-            record["name"].as_str().unwrap_or("?"),
-            record["version"].as_str().unwrap_or("?"),
-            record["size"],
-            record["digest"].as_str().unwrap_or("?")
+            record.name, record.version, record.size, record.digest
         );
     }
     Ok(())
@@ -449,16 +241,7 @@ fn deploy(
     wait: Option<Duration>,
     json: bool,
 ) -> Result<()> {
-    let mut call = agent().post(&remote.url("/api/v1/deployments"));
-    if let Some(t) = &remote.token {
-        call = call.header("Authorization", &format!("Bearer {t}"));
-    }
-    let response = call
-        .header("Content-Type", "application/json")
-        .send(serde_json::to_vec(request)?.as_slice())
-        .with_context(|| format!("cannot reach the fleet at {}", remote.fleet))?;
-    let value = answer(response, "deploy")?;
-    let deployed: DeployResponse = serde_json::from_value(value.clone())?;
+    let deployed = remote.client().deploy(request)?;
     if !json {
         println!(
             "deployment {}: {} {} to {} device(s): {}",
@@ -471,16 +254,16 @@ fn deploy(
     }
     let Some(timeout) = wait else {
         if json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            println!("{}", serde_json::to_string_pretty(&deployed)?);
         }
         return Ok(());
     };
-    let outcome = wait_for(remote, &deployed, timeout, json)?;
+    let outcome = wait_for(&remote.client(), &deployed, timeout, json)?;
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "deployment": value,
+                "deployment": deployed,
                 "devices": outcome,
             }))?
         );
@@ -506,7 +289,7 @@ fn deploy(
 
 /// Polls the registry until every target applied its generation, failed, or time ran out.
 fn wait_for(
-    remote: &Remote,
+    client: &FleetClient,
     deployed: &DeployResponse,
     timeout: Duration,
     quiet: bool,
@@ -517,7 +300,7 @@ fn wait_for(
     let mut retrying = std::collections::BTreeSet::new();
     loop {
         // One request per round for the whole registry, however many targets.
-        let views: Vec<DeviceView> = device_views(remote).unwrap_or_default();
+        let views: Vec<DeviceView> = client.devices().unwrap_or_default();
         for (device, generation) in &deployed.generations {
             if outcome.contains_key(device) {
                 continue;
@@ -574,10 +357,6 @@ fn wait_for(
     Ok(outcome.into_iter().collect())
 }
 
-fn device_views(remote: &Remote) -> Result<Vec<DeviceView>> {
-    Ok(serde_json::from_value(remote.get("/api/v1/devices")?)?)
-}
-
 fn ago(seconds: Option<u64>) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -590,7 +369,7 @@ fn ago(seconds: Option<u64>) -> String {
 }
 
 fn devices(remote: &Remote, json: bool) -> Result<()> {
-    let views = device_views(remote)?;
+    let views = remote.client().devices()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -614,7 +393,7 @@ fn devices(remote: &Remote, json: bool) -> Result<()> {
 }
 
 fn status(remote: &Remote, json: bool) -> Result<()> {
-    let views = device_views(remote)?;
+    let views = remote.client().devices()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -658,28 +437,25 @@ fn telemetry(
     limit: usize,
     json: bool,
 ) -> Result<()> {
-    let mut path = format!(
-        "/api/v1/{}?limit={limit}",
-        if events { "events" } else { "telemetry" }
-    );
-    if let Some(d) = device {
-        path.push_str(&format!("&device={d}"));
-    }
-    if let Some(a) = after {
-        path.push_str(&format!("&after={a}"));
-    }
-    let value = remote.get(&path)?;
+    let query = RecordQuery {
+        device: device.map(str::to_owned),
+        after,
+        limit: Some(limit),
+    };
+    let client = remote.client();
+    let page = if events {
+        client.events(&query)?
+    } else {
+        client.telemetry(&query)?
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&page)?);
         return Ok(());
     }
-    for r in value["records"].as_array().into_iter().flatten() {
+    for r in &page.records {
         println!(
             "{} #{} t={} {}",
-            r["device"].as_str().unwrap_or("?"),
-            r["seq"],
-            r["time"],
-            r["body"]
+            r.device, r.record.seq, r.record.time, r.record.body
         );
     }
     Ok(())

@@ -8,9 +8,10 @@ mod bundle_cmd;
 #[cfg(feature = "fleet")]
 mod demo_cmd;
 mod device_cmd;
-#[cfg(feature = "fleet")]
 mod fleet_cmd;
 mod key_cmd;
+#[cfg(feature = "fleet")]
+mod serve_cmd;
 mod util;
 
 /// Outpost: signed ML model bundles served on edge devices.
@@ -32,8 +33,8 @@ enum Command {
     /// Run a device: serve installed bundles over HTTP.
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
-    /// Run a fleet manager, push bundles, deploy them, and watch devices and telemetry.
-    #[cfg(feature = "fleet")]
+    /// Push bundles to a fleet, deploy them, watch devices and telemetry; `serve` runs a fleet
+    /// manager (not in device-only builds).
     #[command(subcommand)]
     Fleet(fleet_cmd::FleetCommand),
     /// Start a local fleet and device with the example bundles deployed through the fleet.
@@ -75,7 +76,6 @@ fn main() -> ExitCode {
         Command::Key(cmd) => key_cmd::run(cmd),
         Command::Bundle(cmd) => bundle_cmd::run(cmd),
         Command::Device(cmd) => device_cmd::run(cmd),
-        #[cfg(feature = "fleet")]
         Command::Fleet(cmd) => fleet_cmd::run(cmd),
         #[cfg(feature = "fleet")]
         Command::Demo(args) => demo_cmd::run(args),

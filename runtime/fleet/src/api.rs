@@ -20,8 +20,9 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use outpost_proto::rest::{FleetInfo, Forgotten, RecordQuery, Records};
 
 use crate::store::{DeviceRecord, Stream, now_secs};
 use crate::{DeployRequest, Fleet, FleetError};
@@ -108,30 +109,18 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .with_state(fleet)
 }
 
-async fn fleet_info(State(fleet): Shared) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "replica": fleet.replica,
-        "broker": format!("mqtt://{}:{}", fleet.broker.0, fleet.broker.1),
-        "public_key": fleet.key.public().to_hex(),
-        "key_id": fleet.key.id(),
-        "artifacts": fleet.artifact_base,
-        "broker_connected": fleet.metrics.broker_connected.load(Ordering::Relaxed),
-    }))
+async fn fleet_info(State(fleet): Shared) -> Json<FleetInfo> {
+    Json(FleetInfo {
+        replica: fleet.replica.clone(),
+        broker: outpost_proto::BrokerUrl::new(fleet.broker.0.clone(), fleet.broker.1).to_string(),
+        public_key: fleet.key.public().to_hex(),
+        key_id: fleet.key.id().to_owned(),
+        artifacts: fleet.artifact_base.clone(),
+        broker_connected: fleet.metrics.broker_connected.load(Ordering::Relaxed),
+    })
 }
 
-/// One device as the API shows it: registry, reported state and the fleet's desired state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceView {
-    /// The registry record.
-    #[serde(flatten)]
-    pub record: DeviceRecord,
-    /// The generation the fleet last signed for it.
-    pub desired_generation: Option<u64>,
-    /// What the fleet wants on it: model → version.
-    pub desired: std::collections::BTreeMap<String, String>,
-    /// Whether it reports having applied the fleet's current generation.
-    pub in_sync: bool,
-}
+pub use outpost_proto::rest::DeviceView;
 
 fn view(fleet: &Fleet, mut record: DeviceRecord) -> Result<DeviceView, FleetError> {
     record.online = record.is_online(now_secs());
@@ -179,14 +168,15 @@ async fn forget(
     let record = fleet.store.device(&id)?;
     let online = record.is_some_and(|r| r.is_online(now_secs()));
     fleet.forget(&id)?;
-    Ok(Json(serde_json::json!({
-        "forgotten": id,
-        "note": if online {
+    Ok(Json(Forgotten {
+        note: if online {
             "the device is online: it will register again unless it is stopped"
         } else {
             "its telemetry stays until retention removes it"
-        },
-    })))
+        }
+        .to_owned(),
+        forgotten: id,
+    }))
 }
 
 async fn remove_bundle(
@@ -221,13 +211,6 @@ async fn deploy(
     Ok((StatusCode::CREATED, Json(response)))
 }
 
-#[derive(Debug, Deserialize)]
-struct RecordQuery {
-    device: Option<String>,
-    after: Option<u64>,
-    limit: Option<usize>,
-}
-
 async fn telemetry(
     State(fleet): Shared,
     Query(q): Query<RecordQuery>,
@@ -247,7 +230,7 @@ fn records(fleet: &Fleet, stream: Stream, q: RecordQuery) -> Result<Response, Fl
     let records = fleet
         .store
         .records(stream, q.device.as_deref(), q.after, limit)?;
-    Ok(Json(serde_json::json!({ "records": records })).into_response())
+    Ok(Json(Records { records }).into_response())
 }
 
 /// A parsed `Range` header against a file of `size` bytes.

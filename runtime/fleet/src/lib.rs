@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use outpost_bundle::{Bundle, ReadLimits, SecretKey, TrustStore};
 use outpost_proto::{DesiredState, PROTOCOL_VERSION, SignedDesired, Topics};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 pub use error::{FleetError, Result};
@@ -150,32 +150,7 @@ pub struct Ready {
     pub public_key_file: PathBuf,
 }
 
-/// A deploy request: a bundle version to a set of devices.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DeployRequest {
-    /// Model name.
-    pub model: String,
-    /// Version.
-    pub version: String,
-    /// Named devices.
-    #[serde(default)]
-    pub devices: Vec<String>,
-    /// Every device that reports this tag.
-    #[serde(default)]
-    pub tag: Option<String>,
-    /// Every known device.
-    #[serde(default)]
-    pub all: bool,
-}
-
-/// The answer to a deploy request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeployResponse {
-    /// The recorded deployment.
-    pub deployment: DeploymentRecord,
-    /// The new generation per device.
-    pub generations: Vec<(String, u64)>,
-}
+pub use outpost_proto::rest::{DeployRequest, DeployResponse};
 
 fn load_or_create_key(dir: &Path) -> Result<SecretKey> {
     let path = dir.join("fleet.key");

@@ -5,67 +5,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use outpost_proto::{Deployment, ReportedState, SignedDesired, TelemetryRecord};
+pub use outpost_proto::rest::{BundleRecord, DeploymentRecord, DeviceRecord, StoredRecord};
+use outpost_proto::{Deployment, SignedDesired, TelemetryRecord};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 
 use crate::error::{FleetError, Result};
-
-/// What the fleet knows about one device.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DeviceRecord {
-    /// Device id.
-    pub id: String,
-    /// Whether its presence says online.
-    pub online: bool,
-    /// Unix seconds of the last message from it.
-    pub last_seen: Option<u64>,
-    /// Its last reported state.
-    pub reported: Option<ReportedState>,
-    /// Telemetry and event records stored (each once).
-    pub records: u64,
-    /// Records received more than once (re-sent after a lost acknowledgement) and discarded.
-    pub duplicates: u64,
-    /// Records its outbox quota dropped, as it last said.
-    pub dropped: u64,
-    /// The last event it sent.
-    pub last_event: Option<serde_json::Value>,
-}
-
-impl DeviceRecord {
-    /// Whether the device counts as online at `now`: its presence says so and it was heard
-    /// from within three telemetry intervals (at least 30 s). The second condition covers a
-    /// broker that lost the device's last will.
-    pub fn is_online(&self, now: u64) -> bool {
-        let interval_s = self
-            .reported
-            .as_ref()
-            .and_then(|r| r.telemetry_interval_ms)
-            .map_or(60, |ms| ms.div_ceil(1000));
-        let grace = (3 * interval_s).max(30);
-        self.online && self.last_seen.is_some_and(|seen| seen + grace >= now)
-    }
-}
-
-/// A bundle in the artifact store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BundleRecord {
-    /// Model name.
-    pub name: String,
-    /// Model version.
-    pub version: String,
-    /// sha256 of the file: its address in the store.
-    pub digest: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Key id of the signer.
-    pub signer: Option<String>,
-    /// Security counter.
-    pub security_counter: u64,
-    /// Unix seconds when it was pushed.
-    pub pushed_at: u64,
-}
 
 /// The fleet's desired state for one device, and the signed envelope last published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,33 +26,6 @@ pub struct DesiredRecord {
     pub expires_at: u64,
     /// The signed envelope (retained on the device's `desired` topic).
     pub envelope: SignedDesired,
-}
-
-/// One `deploy` the operator asked for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeploymentRecord {
-    /// Sequential id.
-    pub id: u64,
-    /// Model name.
-    pub model: String,
-    /// Version.
-    pub version: String,
-    /// Bundle digest.
-    pub digest: String,
-    /// Target devices.
-    pub devices: Vec<String>,
-    /// Unix seconds when it was made.
-    pub created_at: u64,
-}
-
-/// A stored telemetry record or event, with its device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredRecord {
-    /// Device id.
-    pub device: String,
-    /// The record as the device sent it.
-    #[serde(flatten)]
-    pub record: TelemetryRecord,
 }
 
 /// Which stream a record came on.

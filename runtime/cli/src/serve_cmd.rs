@@ -1,0 +1,147 @@
+//! `outpost fleet serve`: run a fleet manager (in builds with the `fleet` feature).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use outpost_bundle::TrustStore;
+use outpost_fleet::{BrokerChoice, FleetOptions};
+
+use crate::util;
+
+/// Arguments of `outpost fleet serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// State directory: database, artifacts, the fleet key (created on first start).
+    #[arg(long, default_value = "fleet-data")]
+    data_dir: PathBuf,
+    /// REST API and artifact address.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// Address of the embedded MQTT broker.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// Use this external broker instead of the embedded one, e.g. mqtt://10.0.0.5:1883.
+    #[arg(long)]
+    broker: Option<String>,
+    /// User name for the external broker.
+    #[arg(long, requires = "broker_password_file")]
+    broker_username: Option<String>,
+    /// A file holding the external broker's password.
+    #[arg(long, requires = "broker_username")]
+    broker_password_file: Option<PathBuf>,
+    /// Make the embedded broker require logins: a file of `user:password` lines.
+    #[arg(long, conflicts_with = "broker")]
+    mqtt_logins: Option<PathBuf>,
+    /// Base URL devices use to reach this fleet's artifacts (default: http://LISTEN).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// A file holding the bearer token the API requires (default: no token; loopback only).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Accept only bundles that verify against this trust store.
+    #[arg(long)]
+    trust_store: Option<PathBuf>,
+    /// How long a signed desired state stays valid (it is re-signed at half-life), in hours.
+    #[arg(long, default_value_t = 168)]
+    desired_ttl_hours: u64,
+    /// This replica's name (several replicas may share one broker).
+    #[arg(long)]
+    replica: Option<String>,
+    /// Largest bundle accepted, in bytes.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_bundle_bytes: u64,
+    /// How long telemetry and events are kept, in hours.
+    #[arg(long, default_value_t = 168)]
+    retention_hours: u64,
+    /// Run as a secondary replica on a shared broker: store telemetry, events and the
+    /// registry; leave pushes, deployments and desired states to the primary.
+    #[arg(long, requires = "broker")]
+    ingest_only: bool,
+}
+
+pub(crate) fn serve(args: ServeArgs) -> Result<()> {
+    crate::init_logging();
+    let broker = match &args.broker {
+        Some(url) => {
+            let url: outpost_proto::BrokerUrl = url.parse()?;
+            let (host, port) = (url.host().to_owned(), url.port());
+            let login = match (&args.broker_username, &args.broker_password_file) {
+                (Some(user), Some(file)) => {
+                    Some((user.clone(), util::read_string(file)?.trim().to_owned()))
+                }
+                _ => None,
+            };
+            BrokerChoice::External(host, port, login)
+        }
+        None => {
+            let logins = args
+                .mqtt_logins
+                .as_ref()
+                .map(|p| {
+                    outpost_fleet::read_logins(&util::read_string(p)?).map_err(anyhow::Error::from)
+                })
+                .transpose()?;
+            BrokerChoice::Embedded(args.mqtt_listen, logins)
+        }
+    };
+    let token = args
+        .token_file
+        .as_ref()
+        .map(|p| util::read_string(p).map(|t| t.trim().to_owned()))
+        .transpose()?;
+    if token.as_ref().is_some_and(|t| t.len() < 16) {
+        bail!("the API token must be at least 16 characters");
+    }
+    if token.is_none() && !args.listen.ip().is_loopback() {
+        bail!(
+            "listening on {} without --token-file would let anyone deploy; give a token",
+            args.listen
+        );
+    }
+    let trust = args
+        .trust_store
+        .as_ref()
+        .map(|p| -> Result<TrustStore> { Ok(TrustStore::from_toml_str(&util::read_string(p)?)?) })
+        .transpose()?;
+    let options = FleetOptions {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        broker,
+        public_url: args.public_url,
+        token,
+        trust,
+        desired_ttl: Duration::from_secs(args.desired_ttl_hours.max(1) * 3600),
+        replica: args.replica,
+        max_bundle_bytes: args.max_bundle_bytes,
+        retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
+        ingest_only: args.ingest_only,
+    };
+    run_fleet(options, |ready| {
+        println!(
+            "Outpost fleet: API http://{}  broker {}\nFleet public key: {} (also in {})",
+            ready.api,
+            ready.broker,
+            ready.public_key,
+            ready.public_key_file.display()
+        );
+    })
+}
+
+/// Runs a fleet manager on a new async runtime until Ctrl-C or SIGTERM.
+pub(crate) fn run_fleet(
+    options: FleetOptions,
+    on_ready: impl FnOnce(&outpost_fleet::Ready),
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(outpost_fleet::serve(
+        options,
+        crate::device_cmd::shutdown_signal(),
+        on_ready,
+    ))?;
+    Ok(())
+}

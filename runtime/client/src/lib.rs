@@ -1,0 +1,245 @@
+//! A typed, blocking client of the fleet manager's REST API (`outpost_proto::rest`), for the
+//! operator commands, the demo, the benches and the tests. Owns: requests, the bearer token,
+//! turning error answers into [`ClientError`]. Never imports: the fleet server, the device
+//! crates, or an async runtime.
+
+use std::io::Read;
+use std::time::Duration;
+
+use outpost_proto::rest::{
+    BundleRecord, DeployRequest, DeployResponse, DeploymentRecord, DeviceView, ErrorBody,
+    FleetInfo, Forgotten, RecordQuery, Records,
+};
+use serde::de::DeserializeOwned;
+
+/// Largest answer read, in bytes.
+const MAX_ANSWER: u64 = 256 << 20;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The fleet could not be reached (or the connection broke).
+    #[error("cannot reach the fleet at {base}: {reason}")]
+    Unreachable {
+        /// The fleet's base URL.
+        base: String,
+        /// The transport's reason.
+        reason: String,
+    },
+    /// The fleet answered with an error status.
+    #[error("{what}: {message} (HTTP {status})")]
+    Refused {
+        /// The call, e.g. `POST /api/v1/deployments`.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The fleet's message.
+        message: String,
+    },
+    /// The answer is not what the API promises.
+    #[error("{what}: unexpected answer: {reason}")]
+    Malformed {
+        /// The call.
+        what: String,
+        /// Why it could not be read.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status, when the fleet answered with an error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A fleet manager's API.
+#[derive(Debug, Clone)]
+pub struct FleetClient {
+    base: String,
+    token: Option<String>,
+    http: ureq::Agent,
+}
+
+impl FleetClient {
+    /// A client of the fleet at `base` (`http://127.0.0.1:7878`), sending `token` as a bearer
+    /// token when given.
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let http = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        }
+    }
+
+    /// The fleet's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /api/v1/fleet`.
+    pub fn info(&self) -> Result<FleetInfo> {
+        self.get("/api/v1/fleet")
+    }
+
+    /// `GET /api/v1/devices`: every device with its desired state.
+    pub fn devices(&self) -> Result<Vec<DeviceView>> {
+        self.get("/api/v1/devices")
+    }
+
+    /// `GET /api/v1/devices/{id}`.
+    pub fn device(&self, id: &str) -> Result<DeviceView> {
+        self.get(&format!("/api/v1/devices/{id}"))
+    }
+
+    /// `DELETE /api/v1/devices/{id}`: forgets a decommissioned device.
+    pub fn forget(&self, id: &str) -> Result<Forgotten> {
+        self.delete(&format!("/api/v1/devices/{id}"))
+    }
+
+    /// `GET /api/v1/bundles`.
+    pub fn bundles(&self) -> Result<Vec<BundleRecord>> {
+        self.get("/api/v1/bundles")
+    }
+
+    /// `POST /api/v1/bundles`: uploads a signed bundle of `len` bytes read from `body`.
+    pub fn push(&self, body: impl Read, len: u64) -> Result<BundleRecord> {
+        let what = "POST /api/v1/bundles";
+        let request = self
+            .authorized(self.http.post(&self.url("/api/v1/bundles")))
+            .header("Content-Type", "application/vnd.outpost.bundle")
+            .header("Content-Length", &len.to_string());
+        let mut body = body;
+        let response = request
+            .send(ureq::SendBody::from_reader(&mut body))
+            .map_err(|e| self.unreachable(e))?;
+        self.answer(response, what)
+    }
+
+    /// `DELETE /api/v1/bundles/{model}/{version}`.
+    pub fn remove_bundle(&self, model: &str, version: &str) -> Result<BundleRecord> {
+        self.delete(&format!("/api/v1/bundles/{model}/{version}"))
+    }
+
+    /// `POST /api/v1/deployments`.
+    pub fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse> {
+        let what = "POST /api/v1/deployments";
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Malformed {
+            what: what.into(),
+            reason: e.to_string(),
+        })?;
+        let response = self
+            .authorized(self.http.post(&self.url("/api/v1/deployments")))
+            .header("Content-Type", "application/json")
+            .send(body.as_slice())
+            .map_err(|e| self.unreachable(e))?;
+        self.answer(response, what)
+    }
+
+    /// `GET /api/v1/deployments`.
+    pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
+        self.get("/api/v1/deployments")
+    }
+
+    /// `GET /api/v1/telemetry`.
+    pub fn telemetry(&self, query: &RecordQuery) -> Result<Records> {
+        self.get(&format!("/api/v1/telemetry{}", query_string(query)))
+    }
+
+    /// `GET /api/v1/events`.
+    pub fn events(&self, query: &RecordQuery) -> Result<Records> {
+        self.get(&format!("/api/v1/events{}", query_string(query)))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => request.header("Authorization", &format!("Bearer {t}")),
+            None => request,
+        }
+    }
+
+    fn unreachable(&self, e: ureq::Error) -> ClientError {
+        ClientError::Unreachable {
+            base: self.base.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self
+            .authorized(self.http.get(&self.url(path)))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        self.answer(response, &format!("GET {path}"))
+    }
+
+    fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self
+            .authorized(self.http.delete(&self.url(path)))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        self.answer(response, &format!("DELETE {path}"))
+    }
+
+    fn answer<T: DeserializeOwned>(
+        &self,
+        response: ureq::http::Response<ureq::Body>,
+        what: &str,
+    ) -> Result<T> {
+        let status = response.status();
+        let text = response
+            .into_body()
+            .into_with_config()
+            .limit(MAX_ANSWER)
+            .read_to_string()
+            .map_err(|e| self.unreachable(e))?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or(text);
+            return Err(ClientError::Refused {
+                what: what.to_owned(),
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_str(&text).map_err(|e| ClientError::Malformed {
+            what: what.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn query_string(q: &RecordQuery) -> String {
+    let mut parts = Vec::new();
+    if let Some(d) = &q.device {
+        parts.push(format!("device={d}"));
+    }
+    if let Some(a) = q.after {
+        parts.push(format!("after={a}"));
+    }
+    if let Some(l) = q.limit {
+        parts.push(format!("limit={l}"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}

@@ -1,0 +1,221 @@
+//! The messages devices send: the reported state, presence, telemetry batches, and the events
+//! inside them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::PROTOCOL_VERSION;
+
+/// What a device reports about itself (retained on `reported`).
+///
+/// Unknown fields are ignored and new fields default, so a fleet and its devices can be upgraded
+/// one after the other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedState {
+    /// Protocol version.
+    pub v: u32,
+    /// The device id.
+    pub device: String,
+    /// Runtime version (`outpost --version`).
+    pub runtime_version: String,
+    /// CPU architecture (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// Last desired-state generation applied completely.
+    pub generation: Option<u64>,
+    /// Highest desired-state generation accepted (applied or being applied).
+    #[serde(default)]
+    pub accepted_generation: Option<u64>,
+    /// Active version per model.
+    pub active: BTreeMap<String, String>,
+    /// Installed bundles as `model@version`.
+    #[serde(default)]
+    pub installed: Vec<String>,
+    /// Groups this device belongs to, from its configuration.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The last error, if the last reconcile failed.
+    pub last_error: Option<String>,
+    /// Whether that failure looked transient and a retry is scheduled.
+    #[serde(default)]
+    pub retrying: bool,
+    /// Records waiting in the telemetry outbox.
+    #[serde(default)]
+    pub outbox_pending: u64,
+    /// Records the outbox quota dropped since the device was set up.
+    #[serde(default)]
+    pub outbox_dropped: u64,
+    /// How often the device sends telemetry (the fleet counts a device silent for several
+    /// intervals as offline, even when a broker lost its last will).
+    #[serde(default)]
+    pub telemetry_interval_ms: Option<u64>,
+}
+
+/// Online/offline, retained on `status` (the last will carries the offline one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Protocol version.
+    pub v: u32,
+    /// Whether the sender is connected.
+    pub online: bool,
+}
+
+impl Presence {
+    /// The JSON bytes of an online or offline presence message.
+    pub fn to_vec(online: bool) -> Vec<u8> {
+        serde_json::to_vec(&Presence {
+            v: PROTOCOL_VERSION,
+            online,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Whether a presence payload says online (anything unreadable counts as offline).
+    pub fn is_online(payload: &[u8]) -> bool {
+        serde_json::from_slice::<Presence>(payload).is_ok_and(|p| p.online)
+    }
+}
+
+/// One record of the store-and-forward telemetry stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryRecord {
+    /// Per-device sequence number: the fleet de-duplicates on (device, seq).
+    pub seq: u64,
+    /// Unix seconds when it was taken.
+    pub time: u64,
+    /// What it measures and its values.
+    pub body: serde_json::Value,
+}
+
+/// A batch of telemetry records (QoS 1 on `telemetry`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    /// Protocol version.
+    pub v: u32,
+    /// The device id.
+    pub device: String,
+    /// Records in sequence order.
+    pub records: Vec<TelemetryRecord>,
+    /// Records the outbox quota has dropped on this device so far (never silent).
+    pub dropped: u64,
+}
+
+/// What happened on a device, as it tells its fleet (the body of a record on `events`).
+///
+/// A fleet stores event bodies as they come, so a newer device's events (new kinds, new
+/// fields) are kept even by a fleet that cannot name them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A newer desired state was accepted and stored.
+    DesiredAccepted {
+        /// Its generation.
+        generation: u64,
+    },
+    /// A desired state was refused (unsigned, wrongly signed, for another device, expired,
+    /// older than the accepted one).
+    DesiredRefused {
+        /// Why.
+        reason: String,
+    },
+    /// A bundle is being downloaded.
+    Downloading {
+        /// The desired-state generation.
+        generation: u64,
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+        /// Bundle size in bytes.
+        size: u64,
+    },
+    /// A version was activated.
+    Activated {
+        /// The desired-state generation.
+        generation: u64,
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+        /// Bundle digest.
+        digest: String,
+    },
+    /// A deployment of the desired state failed.
+    DeploymentFailed {
+        /// The desired-state generation.
+        generation: u64,
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+        /// What failed.
+        error: String,
+        /// Whether the device retries it.
+        will_retry: bool,
+    },
+    /// Every deployment of the desired state is in place.
+    Reconciled {
+        /// Its generation.
+        generation: u64,
+    },
+}
+
+/// One model version's request counters, as telemetry carries them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSeries {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Requests served (successful or not).
+    pub requests: u64,
+    /// Failed requests by kind.
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
+    /// Latency histogram: counts per bucket (cumulative), with the bucket bounds in seconds.
+    #[serde(default)]
+    pub latency_buckets: Vec<(f64, u64)>,
+    /// Sum of latencies in seconds.
+    #[serde(default)]
+    pub latency_sum: f64,
+}
+
+/// A periodic telemetry record's body (on `telemetry`). Unknown fields are ignored and missing
+/// ones default, so fleets and devices can be upgraded one after the other.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TelemetrySample {
+    /// Seconds since the runtime started.
+    pub uptime_s: u64,
+    /// Runtime version.
+    pub runtime_version: String,
+    /// CPU seconds the process used.
+    pub cpu_seconds: f64,
+    /// Resident memory in bytes.
+    pub rss_bytes: u64,
+    /// Bytes the device's databases occupy.
+    pub disk_bytes: u64,
+    /// Request counters per model version.
+    pub models: Vec<ModelSeries>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn events_are_tagged_and_tolerate_new_fields() {
+        let e = Event::Reconciled { generation: 3 };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event": "reconciled", "generation": 3})
+        );
+        let newer = serde_json::json!({"event": "reconciled", "generation": 3, "took_ms": 9});
+        assert_eq!(serde_json::from_value::<Event>(newer).unwrap(), e);
+        let sample: TelemetrySample =
+            serde_json::from_value(serde_json::json!({"uptime_s": 5, "gpu": 1})).unwrap();
+        assert_eq!(sample.uptime_s, 5);
+    }
+}

@@ -1,0 +1,180 @@
+//! The fleet manager's REST API as types: what `/api/v1/...` accepts and answers. The fleet
+//! serves them and `outpost-client` reads them, so neither side spells JSON by hand.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ReportedState, TelemetryRecord};
+
+/// `GET /api/v1/fleet`: the replica answering, and how devices reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetInfo {
+    /// This replica's name.
+    pub replica: String,
+    /// The broker it uses (`mqtt://HOST:PORT`).
+    pub broker: String,
+    /// The fleet's public key (hex): devices accept desired states it signed.
+    pub public_key: String,
+    /// That key's id.
+    pub key_id: String,
+    /// Base URL of the artifact store.
+    pub artifacts: String,
+    /// Whether the replica is connected to the broker.
+    pub broker_connected: bool,
+}
+
+/// What the fleet knows about one device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Device id.
+    pub id: String,
+    /// Whether its presence says online.
+    pub online: bool,
+    /// Unix seconds of the last message from it.
+    pub last_seen: Option<u64>,
+    /// Its last reported state.
+    pub reported: Option<ReportedState>,
+    /// Telemetry and event records stored (each once).
+    pub records: u64,
+    /// Records received more than once (re-sent after a lost acknowledgement) and discarded.
+    pub duplicates: u64,
+    /// Records its outbox quota dropped, as it last said.
+    pub dropped: u64,
+    /// The last event it sent.
+    pub last_event: Option<serde_json::Value>,
+}
+
+impl DeviceRecord {
+    /// Whether the device counts as online at `now`: its presence says so and it was heard
+    /// from within three telemetry intervals (at least 30 s). The second condition covers a
+    /// broker that lost the device's last will.
+    pub fn is_online(&self, now: u64) -> bool {
+        let interval_s = self
+            .reported
+            .as_ref()
+            .and_then(|r| r.telemetry_interval_ms)
+            .map_or(60, |ms| ms.div_ceil(1000));
+        let grace = (3 * interval_s).max(30);
+        self.online && self.last_seen.is_some_and(|seen| seen + grace >= now)
+    }
+}
+
+/// `GET /api/v1/devices[/{id}]`: one device with the fleet's desired state for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// The registry record.
+    #[serde(flatten)]
+    pub record: DeviceRecord,
+    /// The generation the fleet last signed for it.
+    pub desired_generation: Option<u64>,
+    /// What the fleet wants on it: model → version.
+    pub desired: std::collections::BTreeMap<String, String>,
+    /// Whether it reports having applied the fleet's current generation.
+    pub in_sync: bool,
+}
+
+/// `DELETE /api/v1/devices/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// The device id.
+    pub forgotten: String,
+    /// What happens next.
+    pub note: String,
+}
+
+/// A bundle in the artifact store (`GET`/`POST /api/v1/bundles`, `DELETE` answers it too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// sha256 of the file: its address in the store.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Key id of the signer.
+    pub signer: Option<String>,
+    /// Security counter.
+    pub security_counter: u64,
+    /// Unix seconds when it was pushed.
+    pub pushed_at: u64,
+}
+
+/// One `deploy` the operator asked for (`GET /api/v1/deployments`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// Sequential id.
+    pub id: u64,
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Bundle digest.
+    pub digest: String,
+    /// Target devices.
+    pub devices: Vec<String>,
+    /// Unix seconds when it was made.
+    pub created_at: u64,
+}
+
+/// `POST /api/v1/deployments`: a bundle version to a set of devices.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Named devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every device that reports this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Every known device.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// The answer to a deploy request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployResponse {
+    /// The recorded deployment.
+    pub deployment: DeploymentRecord,
+    /// The new generation per device.
+    pub generations: Vec<(String, u64)>,
+}
+
+/// A stored telemetry record or event, with its device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// Device id.
+    pub device: String,
+    /// The record as the device sent it.
+    #[serde(flatten)]
+    pub record: TelemetryRecord,
+}
+
+/// `GET /api/v1/telemetry` and `GET /api/v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Records {
+    /// In sequence order per device.
+    pub records: Vec<StoredRecord>,
+}
+
+/// What `GET /api/v1/telemetry` and `/api/v1/events` select.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordQuery {
+    /// Only this device.
+    pub device: Option<String>,
+    /// Only records after this sequence number.
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: Option<usize>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
