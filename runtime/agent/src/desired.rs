@@ -1,7 +1,6 @@
 //! Desired-state acceptance: what the agent does with each envelope the broker delivers.
 
-use outpost_proto::{DesiredState, SignedDesired, Verdict};
-use serde_json::json;
+use outpost_proto::{DesiredState, Event, SignedDesired, Verdict};
 
 use crate::{Shared, now_secs};
 
@@ -27,10 +26,9 @@ impl Shared {
                 // The last error belonged to an older generation.
                 self.set_retrying(false);
                 self.set_last_error(None);
-                self.event(json!({
-                    "event": "desired_accepted",
-                    "generation": state.generation,
-                }));
+                self.event(Event::DesiredAccepted {
+                    generation: state.generation,
+                });
                 self.reported_changed.notify_one();
                 Some(state)
             }
@@ -52,7 +50,9 @@ impl Shared {
 
     fn refuse(&self, reason: &str) {
         tracing::warn!(%reason, "desired state refused");
-        self.event(json!({ "event": "desired_refused", "reason": reason }));
+        self.event(Event::DesiredRefused {
+            reason: reason.to_owned(),
+        });
         self.set_last_error(Some(format!("refused desired state: {reason}")));
     }
 }

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outpost_proto::Topics;
+use outpost_proto::{Event, Topics};
 use tokio::sync::{Notify, watch};
 
 pub use config::{FleetConfig, FleetSection};
@@ -75,8 +75,17 @@ pub trait DeviceControl: Send + Sync + 'static {
     /// Verifies, installs and activates a bundle.
     fn install_and_activate(&self, bundle: &[u8]) -> Result<Installed, DeviceError>;
 
-    /// The device's fields of a telemetry record (request metrics per model, disk use).
-    fn telemetry(&self) -> serde_json::Map<String, serde_json::Value>;
+    /// The device's part of a telemetry record.
+    fn telemetry(&self) -> DeviceTelemetry;
+}
+
+/// What the device adds to each telemetry record.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceTelemetry {
+    /// Bytes the device's state occupies on disk.
+    pub disk_bytes: u64,
+    /// Request counters per model version.
+    pub models: Vec<outpost_proto::ModelSeries>,
 }
 
 /// Where the agent keeps its files, and how large a bundle it may download.
@@ -194,7 +203,14 @@ impl Shared {
         self.retrying.store(retrying, Ordering::Relaxed);
     }
 
-    fn event(&self, body: serde_json::Value) {
+    fn event(&self, event: Event) {
+        let body = match serde_json::to_value(&event) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an event");
+                return;
+            }
+        };
         match self.outbox.push(Kind::Event, body) {
             Ok(_) => self.outbox_changed.notify_one(),
             Err(e) => tracing::error!(error = %e, "cannot write an event to the outbox"),

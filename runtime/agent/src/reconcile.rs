@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_proto::{Deployment, DesiredState};
-use serde_json::json;
+use outpost_proto::{Deployment, DesiredState, Event};
 use tokio::sync::watch;
 
 use crate::Shared;
@@ -30,14 +29,13 @@ impl Shared {
                     error = %failure.message,
                     "deployment failed"
                 );
-                self.event(json!({
-                    "event": "deployment_failed",
-                    "generation": state.generation,
-                    "model": deployment.model,
-                    "version": deployment.version,
-                    "error": failure.message,
-                    "will_retry": failure.transient,
-                }));
+                self.event(Event::DeploymentFailed {
+                    generation: state.generation,
+                    model: deployment.model.clone(),
+                    version: deployment.version.clone(),
+                    error: failure.message.clone(),
+                    will_retry: failure.transient,
+                });
                 first_failure.get_or_insert(failure);
             }
         }
@@ -51,7 +49,9 @@ impl Shared {
             if let Err(e) = self.store.set_reconciled(state.generation) {
                 tracing::error!(error = %e, "cannot record the reconciled generation");
             }
-            self.event(json!({ "event": "reconciled", "generation": state.generation }));
+            self.event(Event::Reconciled {
+                generation: state.generation,
+            });
         }
         self.set_last_error(None);
         Ok(())
@@ -83,13 +83,12 @@ impl Shared {
             self.device.activate(&d.model, &d.version).map_err(device)?;
         } else {
             tracing::info!(model = %d.model, version = %d.version, url = %d.url, size = d.size, "downloading");
-            self.event(json!({
-                "event": "downloading",
-                "generation": generation,
-                "model": d.model,
-                "version": d.version,
-                "size": d.size,
-            }));
+            self.event(Event::Downloading {
+                generation,
+                model: d.model.clone(),
+                version: d.version.clone(),
+                size: d.size,
+            });
             let artifact = Artifact {
                 url: &d.url,
                 digest: &d.digest,
@@ -110,13 +109,12 @@ impl Shared {
             installed.map_err(device)?;
         }
         tracing::info!(model = %d.model, version = %d.version, generation, "activated");
-        self.event(json!({
-            "event": "activated",
-            "generation": generation,
-            "model": d.model,
-            "version": d.version,
-            "digest": d.digest,
-        }));
+        self.event(Event::Activated {
+            generation,
+            model: d.model.clone(),
+            version: d.version.clone(),
+            digest: d.digest.clone(),
+        });
         self.reported_changed.notify_one();
         Ok(())
     }

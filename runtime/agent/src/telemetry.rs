@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use outpost_proto::{PROTOCOL_VERSION, ReportedState};
-use serde_json::{Value, json};
+use outpost_proto::{PROTOCOL_VERSION, ReportedState, TelemetrySample};
 use tokio::sync::watch;
 
 use crate::Shared;
@@ -42,22 +41,17 @@ impl Shared {
         }
     }
 
-    fn telemetry_record(&self) -> Value {
+    fn telemetry_record(&self) -> TelemetrySample {
         let (cpu_seconds, rss_bytes) = process_usage();
-        let mut record = self.device.telemetry();
-        let device_disk = record
-            .get("disk_bytes")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        record.insert(
-            "disk_bytes".into(),
-            json!(device_disk + self.store.size_on_disk()),
-        );
-        record.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
-        record.insert("runtime_version".into(), json!(env!("CARGO_PKG_VERSION")));
-        record.insert("cpu_seconds".into(), json!(cpu_seconds));
-        record.insert("rss_bytes".into(), json!(rss_bytes));
-        Value::Object(record)
+        let device = self.device.telemetry();
+        TelemetrySample {
+            uptime_s: self.started.elapsed().as_secs(),
+            runtime_version: env!("CARGO_PKG_VERSION").to_owned(),
+            cpu_seconds,
+            rss_bytes,
+            disk_bytes: device.disk_bytes + self.store.size_on_disk(),
+            models: device.models,
+        }
     }
 }
 
@@ -93,7 +87,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {
-                let record = shared.telemetry_record();
+                let record = match serde_json::to_value(shared.telemetry_record()) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode telemetry");
+                        continue;
+                    }
+                };
                 match shared.outbox.push(Kind::Telemetry, record) {
                     Ok(_) => shared.outbox_changed.notify_one(),
                     Err(e) => tracing::error!(error = %e, "cannot write telemetry to the outbox"),

@@ -2,8 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use outpost_agent::{DeviceControl, DeviceError, Installed};
-use serde_json::{Map, Value, json};
+use outpost_agent::{DeviceControl, DeviceError, DeviceTelemetry, Installed};
 
 use crate::device::Device;
 use crate::state::InstalledRecord;
@@ -40,10 +39,10 @@ impl DeviceControl for Device {
         Ok(installed(Device::install_and_activate(self, bundle)?))
     }
 
-    fn telemetry(&self) -> Map<String, Value> {
-        let mut record = Map::new();
-        record.insert("disk_bytes".into(), json!(self.state().size_on_disk()));
-        record.insert("models".into(), json!(self.metrics.snapshot()));
-        record
+    fn telemetry(&self) -> DeviceTelemetry {
+        DeviceTelemetry {
+            disk_bytes: self.state().size_on_disk(),
+            models: self.metrics.snapshot(),
+        }
     }
 }

@@ -27,22 +27,8 @@ pub struct Metrics {
     rejected_busy: Mutex<u64>,
 }
 
-/// A snapshot of one model version's counters.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SeriesSnapshot {
-    /// Model name.
-    pub model: String,
-    /// Model version.
-    pub version: String,
-    /// Requests served (successful or not).
-    pub requests: u64,
-    /// Failed requests by kind.
-    pub errors: BTreeMap<String, u64>,
-    /// Latency histogram: counts per bucket (cumulative), with the bucket bounds in seconds.
-    pub latency_buckets: Vec<(f64, u64)>,
-    /// Sum of latencies in seconds.
-    pub latency_sum: f64,
-}
+/// A snapshot of one model version's counters (the telemetry form).
+pub use outpost_proto::ModelSeries as SeriesSnapshot;
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
