@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bed;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,485 @@
+//! The fleet test bed: `outpost` processes (fleets, devices) and Mosquitto on loopback ports
+//! the OS picks, an artifact proxy, plain MQTT clients, and `eventually`.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{Dir, bin, build_and_sign, digits_spec, ok, signer};
+
+/// Waits for `f` to return `Some`, panicking with `what` after `secs`.
+pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+pub fn get_json(url: &str) -> (u16, Value) {
+    let mut r = http().get(url).call().unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A child process killed on drop, with its stderr kept for failure messages.
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `outpost ARGS` in `dir`, waiting for a stderr line containing `marker`; returns
+    /// the process and the rest of that line after the marker.
+    pub fn start(dir: &Path, args: &[&str], marker: &str) -> (Self, String) {
+        let mut child = bin()
+            .args(args)
+            .current_dir(dir)
+            .env("OUTPOST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let wanted = marker.to_owned();
+        let log2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in stderr.lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find(&wanted) {
+                    let _ = tx.send(line[i + wanted.len()..].to_owned());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let mut p = Self { child, log };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(rest) => (p, rest),
+            Err(_) => {
+                let _ = p.child.kill();
+                panic!("`outpost {args:?}` never logged {marker:?}:\n{}", p.logs());
+            }
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- process log ---\n{}", self.logs());
+        }
+    }
+}
+
+pub fn first_word(s: &str) -> String {
+    s.chars().take_while(|c| !c.is_whitespace()).collect()
+}
+
+/// A running fleet manager.
+pub struct Fleet {
+    pub _proc: Proc,
+    pub api: String,
+    pub broker: String,
+}
+
+impl Fleet {
+    /// `outpost fleet serve ARGS`, with a fresh data dir and free ports unless ARGS say otherwise.
+    pub fn launch(dir: &Path, args: &[&str]) -> Self {
+        let mut all = vec!["fleet", "serve"];
+        all.extend(args);
+        for (flag, default) in [("--data-dir", "fleet-data"), ("--listen", "127.0.0.1:0")] {
+            if !args.contains(&flag) {
+                all.extend([flag, default]);
+            }
+        }
+        if !args.contains(&"--mqtt-listen") && !args.contains(&"--broker") {
+            all.extend(["--mqtt-listen", "127.0.0.1:0"]);
+        }
+        let (proc, rest) = Proc::start(dir, &all, "fleet ready api=");
+        let i = rest.find("broker=").unwrap();
+        Self {
+            _proc: proc,
+            api: format!("http://{}", first_word(&rest)),
+            broker: first_word(&rest[i + 7..]),
+        }
+    }
+
+    pub fn start(dir: &Path, broker: Option<&str>, public_url: Option<&str>) -> Self {
+        let mut args = Vec::new();
+        if let Some(b) = broker {
+            args.extend(["--broker", b]);
+        }
+        if let Some(u) = public_url {
+            args.extend(["--public-url", u]);
+        }
+        Self::launch(dir, &args)
+    }
+
+    pub fn devices(&self) -> Vec<Value> {
+        get_json(&format!("{}/api/v1/devices", self.api))
+            .1
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn device(&self, id: &str) -> Option<Value> {
+        let (status, v) = get_json(&format!("{}/api/v1/devices/{id}", self.api));
+        (status == 200).then_some(v)
+    }
+
+    pub fn reported(&self, id: &str) -> Option<Value> {
+        self.device(id)
+            .map(|d| d["reported"].clone())
+            .filter(|r| !r.is_null())
+    }
+
+    pub fn records(&self, stream: &str, device: &str) -> Vec<Value> {
+        get_json(&format!(
+            "{}/api/v1/{stream}?device={device}&limit=100000",
+            self.api
+        ))
+        .1["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn cli(&self, dir: &Path, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend(["--fleet", &self.api]);
+        ok(dir, &all)
+    }
+}
+
+/// A test bed: signer key, trust store, signed digits bundles 1.0.0 and 2.0.0.
+pub fn bed(tag: &str) -> Dir {
+    let d = Dir::new(&format!("fleet-{tag}"));
+    signer(&d.0);
+    for v in ["1.0.0", "2.0.0"] {
+        digits_spec(&d.0, v);
+        build_and_sign(&d.0, &format!("{v}.toml"), &format!("digits-{v}.opb"));
+    }
+    d
+}
+
+/// Writes a device config and returns its file name.
+pub fn device_config(dir: &Path, id: &str, broker: &str, tags: &[&str]) -> String {
+    let name = format!("{id}.toml");
+    let tags: Vec<String> = tags.iter().map(|t| format!("{t:?}")).collect();
+    fs::write(
+        dir.join(&name),
+        format!(
+            "data_dir = \"{id}-state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\
+             trust_store = \"trust.toml\"\n\
+             [fleet]\nbroker = \"{broker}\"\nfleet_key_file = \"fleet-data/fleet.pub\"\n\
+             device_id = \"{id}\"\ntags = [{}]\ntelemetry_interval_ms = 100\n",
+            tags.join(", ")
+        ),
+    )
+    .unwrap();
+    name
+}
+
+/// A running device and the URL it serves on.
+pub struct Device {
+    pub proc: Proc,
+    pub url: String,
+}
+
+impl Device {
+    pub fn start(dir: &Path, config: &str) -> Self {
+        let (proc, rest) =
+            Proc::start(dir, &["device", "run", "--config", config], "serving addr=");
+        Self {
+            proc,
+            url: format!("http://{}", first_word(&rest)),
+        }
+    }
+
+    /// The digits version answering, or the HTTP status when none does.
+    pub fn digits(&self) -> Result<String, u16> {
+        digits(&self.url)
+    }
+}
+
+/// The digits version answering at `url`, or the HTTP status when none does.
+pub fn digits(url: &str) -> Result<String, u16> {
+    {
+        let body = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![1.0; 64]}]});
+        let mut r = http()
+            .post(&format!("{url}/v2/models/digits/infer"))
+            .header("content-type", "application/json")
+            .send(body.to_string().as_bytes())
+            .unwrap();
+        if r.status() != 200 {
+            return Err(r.status().as_u16());
+        }
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        Ok(v["model_version"].as_str().unwrap().to_owned())
+    }
+}
+
+pub fn online(fleet: &Fleet, ids: &[&str]) {
+    eventually(60, "devices online with reported state", || {
+        ids.iter()
+            .all(|id| {
+                fleet
+                    .device(id)
+                    .is_some_and(|d| d["online"] == true && !d["reported"].is_null())
+            })
+            .then_some(())
+    });
+}
+
+/// A fleet (embedded broker) and one device `id` running digits 1.0.0 deployed through it.
+pub fn fleet_with_digits(dir: &Path, id: &str) -> (Fleet, Device) {
+    let fleet = Fleet::start(dir, None, None);
+    let config = device_config(dir, id, &fleet.broker, &[]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &[id]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let out = fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@1.0.0", "--device", id, "--wait"],
+    );
+    assert!(out.contains(&format!("{id}: applied")), "{out}");
+    (fleet, device)
+}
+
+/// A Mosquitto broker on a free loopback port (Debian's package), restartable on that port.
+pub struct Mosquitto {
+    pub port: u16,
+    pub conf: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let mut m = Self {
+            port,
+            conf,
+            child: None,
+        };
+        m.restart();
+        m
+    }
+
+    pub fn restart(&mut self) {
+        // Debian installs it in /usr/sbin, which is not on every user's PATH.
+        let program = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(program)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is not installed (apt-get install mosquitto)");
+        self.child = Some(child);
+        eventually(20, "mosquitto listening", || {
+            TcpStream::connect(("127.0.0.1", self.port))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A slow HTTP proxy in front of the fleet's artifact store, recording each request's Range.
+pub fn slow_proxy(upstream: String) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    proxy_on(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        upstream,
+        Duration::from_millis(50),
+    )
+}
+
+/// An HTTP proxy on `listener` to `upstream`, writing 2 KB every `pause`, recording each
+/// request's Range header.
+pub fn proxy_on(
+    listener: TcpListener,
+    upstream: String,
+    pause: Duration,
+) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    let addr = listener.local_addr().unwrap();
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&ranges);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let upstream = upstream.clone();
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap().to_owned();
+                let range = head
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                    .map(|l| l[6..].trim().to_owned());
+                seen.lock().unwrap().push(range.clone());
+                let mut request = http().get(&format!("{upstream}{path}"));
+                if let Some(r) = &range {
+                    request = request.header("Range", r);
+                }
+                let mut response = request.call().unwrap();
+                let status = response.status().as_u16();
+                let content_range = response
+                    .headers()
+                    .get("content-range")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body = response.body_mut().read_to_vec().unwrap();
+                let mut out = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
+                if let Some(cr) = content_range {
+                    out.push_str(&format!("Content-Range: {cr}\r\n"));
+                }
+                out.push_str("\r\n");
+                if stream.write_all(out.as_bytes()).is_err() {
+                    return;
+                }
+                // About 40 KB/s.
+                for chunk in body.chunks(2048) {
+                    if stream.write_all(chunk).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), ranges)
+}
+
+/// A plain MQTT client on `broker` (`mqtt://HOST:PORT`).
+pub fn mqtt_client(broker: &str, name: &str) -> (rumqttc::Client, rumqttc::Connection) {
+    let addr = broker.trim_start_matches("mqtt://");
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut options = rumqttc::MqttOptions::new(
+        format!("{name}-{}", free_port()),
+        host,
+        port.parse().unwrap(),
+    );
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    rumqttc::Client::new(options, 10)
+}
+
+/// Publishes a retained message with a plain MQTT client, as an attacker on the broker could.
+pub fn publish_retained(broker: &str, topic: &str, payload: Vec<u8>) {
+    let (client, mut connection) = mqtt_client(broker, "intruder");
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        .unwrap();
+    for event in connection.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
+            break;
+        }
+        event.unwrap();
+    }
+    let _ = client.disconnect();
+}
+
+/// Reads the retained desired-state envelope of a device.
+pub fn retained(broker: &str, topic: &str) -> Vec<u8> {
+    let (client, mut connection) = mqtt_client(broker, "reader");
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
+    for event in connection.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event {
+            let _ = client.disconnect();
+            return p.payload.to_vec();
+        }
+        event.unwrap();
+    }
+    panic!("no retained message on {topic}");
+}
+
+/// The retained message on `topic`, if any arrives within a second.
+pub fn retained_now(broker: &str, topic: &str) -> Option<Vec<u8>> {
+    let (client, mut connection) = mqtt_client(broker, "peek");
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+            connection.recv_timeout(Duration::from_millis(100))
+        {
+            return Some(p.payload.to_vec());
+        }
+    }
+    None
+}
