@@ -10,7 +10,7 @@ use serde_json::Value;
 
 mod common;
 use common::bed::*;
-use common::{bin, build_and_sign, digits_spec, ok};
+use common::{Dir, bin, build_and_sign, digits_spec, fails, ok};
 
 #[test]
 fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
@@ -304,4 +304,42 @@ fn bad_pushes_and_deploys_get_clear_errors_and_artifacts_honour_range() {
     let (_, bundles) = get_json(&format!("{}/api/v1/bundles", fleet.api));
     assert_eq!(bundles.as_array().unwrap().len(), 1);
     assert!(fail(&["fleet", "remove-bundle", "digits@1.0.0"]).contains("not found"));
+}
+
+#[test]
+fn a_fleet_refuses_to_serve_an_open_api_or_a_short_token() {
+    let d = Dir::new("fleet-options");
+    let dir = &d.0;
+    let open = fails(
+        dir,
+        &[
+            "fleet",
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(
+        open.contains("listening on 0.0.0.0:0 without --token-file would let anyone deploy"),
+        "{open}"
+    );
+    fs::write(dir.join("token"), "short\n").unwrap();
+    let short = fails(
+        dir,
+        &[
+            "fleet",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "token",
+        ],
+    );
+    assert!(short.contains("at least 16 characters"), "{short}");
+    // Refused before anything was created.
+    assert!(!dir.join("fleet-data").exists());
 }

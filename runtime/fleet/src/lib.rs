@@ -85,6 +85,25 @@ pub struct FleetOptions {
     pub ingest_only: bool,
 }
 
+impl FleetOptions {
+    /// Refuses options a fleet must not run with: a short API token, or an API reachable
+    /// beyond this machine without one (anyone could deploy).
+    pub fn validate(&self) -> Result<()> {
+        if self.token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(FleetError::Config(
+                "the API token must be at least 16 characters".into(),
+            ));
+        }
+        if self.token.is_none() && !self.listen.ip().is_loopback() {
+            return Err(FleetError::Config(format!(
+                "listening on {} without --token-file would let anyone deploy; give a token",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct FleetMetrics {
@@ -112,8 +131,8 @@ impl FleetMetrics {
 pub struct Fleet {
     /// State.
     pub store: Store,
-    /// The desired-state signing key.
-    pub key: SecretKey,
+    /// The desired-state signing key: used to seal desired states, never handed out.
+    key: SecretKey,
     /// This replica's name.
     pub replica: String,
     /// Broker host and port.
@@ -205,6 +224,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(&Ready),
 ) -> Result<()> {
+    options.validate()?;
     let store = Store::open(&options.data_dir)?;
     let key = load_or_create_key(&options.data_dir)?;
     let replica = replica_name(&store, options.replica.clone())?;
