@@ -441,9 +441,10 @@ fn a_broker_acknowledging_out_of_order_loses_and_duplicates_no_telemetry() {
                 .then_some(())
         },
     );
-    // Everything up to the last stored record is stored once: a PUBACK that deleted another
-    // batch's records from the outbox would leave a gap that never fills. (Events travel on
-    // their own subscription, so a gap may close a moment later; a lost record's never does.)
+    // Everything up to the last stored record is stored, and once: a record deleted from the
+    // outbox before its publish reached the broker would leave a gap that never fills. (Events
+    // travel on their own subscription, so a gap may close a moment later; a lost record's
+    // never does.)
     let mut missing = Vec::new();
     let complete = (0..100).any(|_| {
         let telemetry = seqs("telemetry");

@@ -47,16 +47,6 @@ pub enum ClientError {
     },
 }
 
-impl ClientError {
-    /// The HTTP status, when the fleet answered with an error.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ClientError::Refused { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
 /// Result alias for this crate.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 

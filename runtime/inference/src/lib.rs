@@ -61,13 +61,6 @@ pub enum RunError {
     Fault(String),
 }
 
-impl RunError {
-    /// Whether the caller's inputs were at fault.
-    pub fn is_input(&self) -> bool {
-        matches!(self, RunError::Input(_))
-    }
-}
-
 /// A loaded, optimised, runnable model, shared by every request of a bundle version.
 pub trait Model: Send + Sync + std::fmt::Debug {
     /// The model's inputs, in order.
