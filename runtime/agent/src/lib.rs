@@ -29,7 +29,6 @@ mod reconcile;
 mod session;
 mod store;
 mod telemetry;
-mod tracker;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -99,7 +99,6 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("outpost-fleet-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
     let options = FleetOptions {
         data_dir: dir.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -113,22 +112,21 @@ fn main() {
         retention: Duration::from_secs(3600),
         ingest_only: false,
     };
-    runtime.spawn(outpost_fleet::serve(
-        options,
-        std::future::pending(),
-        move |ready| {
-            let _ = tx.send(ready.clone());
-        },
-    ));
-    let ready = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let server = runtime.block_on(async {
+        let listeners = outpost_fleet::Listeners::bind(&options).await.unwrap();
+        let server = outpost_fleet::Server::start(options, listeners)
+            .await
+            .unwrap();
+        server.subscribed().await;
+        server
+    });
+    let ready = server.ready().clone();
     let api = format!("http://{}", ready.api);
     let port: u16 = ready.broker.rsplit(':').next().unwrap().parse().unwrap();
     let total = (DEVICES * BATCHES * RECORDS) as u64;
     let size = serde_json::to_vec(&record(1)).unwrap().len();
 
     runtime.block_on(async {
-        // Wait until the fleet's subscriptions are in place.
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let run = |leaf: &'static str| {
             let tasks: Vec<_> = (0..DEVICES)
                 .map(|d| {
@@ -158,6 +156,7 @@ fn main() {
         println!("fleet ingestion ({profile} profile, embedded broker, {DEVICES} devices, batches of {RECORDS} records of {size} bytes):");
         println!("  published and acknowledged, not stored: {broker_only:>9.0} records/s");
         println!("  stored once each by the fleet:          {fleet:>9.0} records/s ({:.2}x the broker alone)", broker_only / fleet);
+        server.stop().await.unwrap();
     });
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -129,10 +129,15 @@ pub(crate) fn run_fleet(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(outpost_fleet::serve(
-        options,
-        crate::device_cmd::shutdown_signal(),
-        on_ready,
-    ))?;
+    runtime.block_on(async {
+        let listeners = outpost_fleet::Listeners::bind(&options).await?;
+        outpost_fleet::serve(
+            options,
+            listeners,
+            crate::device_cmd::shutdown_signal(),
+            on_ready,
+        )
+        .await
+    })?;
     Ok(())
 }

@@ -24,8 +24,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use outpost_proto::rest::{FleetInfo, Forgotten, RecordQuery, Records};
 
+use crate::domain::Fleet;
+use crate::error::FleetError;
 use crate::store::{DeviceRecord, Stream, now_secs};
-use crate::{DeployRequest, Fleet, FleetError};
+use outpost_proto::rest::DeployRequest;
 
 type Shared = State<Arc<Fleet>>;
 
@@ -113,8 +115,8 @@ async fn fleet_info(State(fleet): Shared) -> Json<FleetInfo> {
     Json(FleetInfo {
         replica: fleet.replica.clone(),
         broker: outpost_proto::BrokerUrl::new(fleet.broker.0.clone(), fleet.broker.1).to_string(),
-        public_key: fleet.key.public().to_hex(),
-        key_id: fleet.key.id().to_owned(),
+        public_key: fleet.public_key(),
+        key_id: fleet.key_id().to_owned(),
         artifacts: fleet.artifact_base.clone(),
         broker_connected: fleet.metrics.broker_connected.load(Ordering::Relaxed),
     })

@@ -6,73 +6,134 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::protocol::v4::V4;
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 
 use crate::error::{FleetError, Result};
 
 /// Largest MQTT payload the embedded broker accepts.
 const MAX_PAYLOAD: usize = 1 << 20;
 
-/// Starts the broker on `listen` (port 0 picks a free port) and returns the bound address.
-/// With `logins` (user name → password), clients must log in with one of them.
-///
-/// The broker runs on its own threads for the life of the process.
-pub fn start(listen: SocketAddr, logins: Option<HashMap<String, String>>) -> Result<SocketAddr> {
-    // rumqttd binds inside its own thread and only logs a failure, so the address is checked
-    // (and a port-0 request resolved) here first.
-    let probe = TcpListener::bind(listen)
-        .map_err(|e| FleetError::Config(format!("cannot listen on {listen} (MQTT): {e}")))?;
-    let addr = probe.local_addr()?;
-    drop(probe);
+/// The embedded broker, running until [`EmbeddedBroker::stop`] (or drop).
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
-    let connections = ConnectionSettings {
-        connection_timeout_ms: 10_000,
-        max_payload_size: MAX_PAYLOAD,
-        max_inflight_count: 256,
-        auth: logins.clone(),
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = ServerSettings {
-        name: "v4".to_owned(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: 20_000,
-            max_outgoing_packet_count: 512,
-            max_segment_size: 4 << 20,
-            max_segment_count: 16,
-            ..RouterConfig::default()
-        },
-        v4: Some(HashMap::from([("v4".to_owned(), server)])),
-        ..Config::default()
-    };
-    let mut broker = Broker::new(config);
-    std::thread::Builder::new()
-        .name("mqtt-broker".into())
-        .spawn(move || {
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "embedded MQTT broker stopped");
+impl EmbeddedBroker {
+    /// Starts the broker on `listen` (port 0 picks a free port) and waits until it answers.
+    /// With `logins` (user name → password), clients must log in with one of them.
+    ///
+    /// The listener and every connection run on a thread of their own; the router (rumqttd's
+    /// message switch) on another.
+    pub fn start(listen: SocketAddr, logins: Option<HashMap<String, String>>) -> Result<Self> {
+        // rumqttd binds inside its own thread and only logs a failure, so the address is
+        // checked (and a port-0 request resolved) here first.
+        let probe = TcpListener::bind(listen)
+            .map_err(|e| FleetError::Config(format!("cannot listen on {listen} (MQTT): {e}")))?;
+        let addr = probe.local_addr()?;
+        drop(probe);
+
+        let connections = ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: MAX_PAYLOAD,
+            max_inflight_count: 256,
+            auth: logins.clone(),
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let settings = ServerSettings {
+            name: "v4".to_owned(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections,
+        };
+        let router = Router::new(
+            0,
+            RouterConfig {
+                max_connections: 20_000,
+                max_outgoing_packet_count: 512,
+                max_segment_size: 4 << 20,
+                max_segment_count: 16,
+                ..RouterConfig::default()
+            },
+        );
+        let router_tx = router.spawn();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("mqtt-broker".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the embedded MQTT broker");
+                        return;
+                    }
+                };
+                let mut server = Server::new(settings, router_tx, V4);
+                runtime.block_on(async {
+                    tokio::select! {
+                        result = server.start(LinkType::Remote) => {
+                            if let Err(e) = result {
+                                tracing::error!(error = %e, "embedded MQTT broker stopped");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+                // Dropping the runtime closes the listener and every connection.
+            })?;
+        let broker = Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        // Wait until it answers an MQTT CONNECT, so callers can connect at once.
+        let probe_login = logins
+            .as_ref()
+            .and_then(|l| l.iter().next().map(|(u, p)| (u.clone(), p.clone())));
+        for _ in 0..200 {
+            if probe_mqtt(addr, probe_login.as_ref()).is_ok() {
+                return Ok(broker);
             }
-        })?;
-    // Wait until it answers an MQTT CONNECT, so callers can connect at once.
-    let probe_login = logins
-        .as_ref()
-        .and_then(|l| l.iter().next().map(|(u, p)| (u.clone(), p.clone())));
-    for _ in 0..200 {
-        if probe_mqtt(addr, probe_login.as_ref()).is_ok() {
-            return Ok(addr);
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        Err(FleetError::Config(format!(
+            "the embedded MQTT broker did not start on {addr}"
+        )))
     }
-    Err(FleetError::Config(format!(
-        "the embedded MQTT broker did not start on {addr}"
-    )))
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes the listener and every connection, and waits until they are closed. (rumqttd's
+    /// router thread has no way to stop; it stays behind, idle.)
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.shut();
+    }
 }
 
 /// Connects, sends an MQTT 3.1.1 CONNECT, expects CONNACK "accepted", disconnects.

@@ -1,5 +1,5 @@
-//! Matches the publishes handed to rumqttc with their packet ids, so a PUBACK deletes exactly
-//! the outbox records of the batch it acknowledges.
+//! Matches the publishes handed to rumqttc with their packet ids, so a PUBACK reports exactly
+//! the tag (for the agent: the outbox records of a batch) of the publish it acknowledges.
 //!
 //! rumqttc assigns a packet id when it takes a publish off its request queue and reports it
 //! as `Outgoing::Publish(pkid)`, in queue order. When the next id is still unacknowledged (the
@@ -12,35 +12,47 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// What a publish handed to rumqttc carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Tracked {
-    /// A telemetry or events batch: these outbox sequence numbers.
-    Batch(Vec<u64>),
-    /// Anything else (presence, reported state): nothing to delete on PUBACK.
-    Other,
+/// Publishes awaiting a packet id, and tagged publishes awaiting their PUBACK.
+#[derive(Debug)]
+pub(crate) struct Tracker<T> {
+    /// Handed to rumqttc, packet id not known yet, in order (`None`: nothing to report).
+    queued: VecDeque<Option<T>>,
+    /// Sent tagged publishes by packet id.
+    inflight: HashMap<u16, (T, Instant)>,
+    /// Publishes rumqttc replays from the previous session before any queued one.
+    replays: usize,
 }
 
-/// Publishes awaiting a packet id, and batches awaiting their PUBACK.
-#[derive(Debug, Default)]
-pub(crate) struct Tracker {
-    /// Handed to rumqttc, packet id not known yet, in order.
-    queued: VecDeque<Tracked>,
-    /// Sent batches by packet id.
-    inflight: HashMap<u16, (Vec<u64>, Instant)>,
+impl<T> Default for Tracker<T> {
+    fn default() -> Self {
+        Self {
+            queued: VecDeque::new(),
+            inflight: HashMap::new(),
+            replays: 0,
+        }
+    }
 }
 
-impl Tracker {
+impl<T> Tracker<T> {
     /// A publish was handed to rumqttc.
-    pub(crate) fn queued(&mut self, tracked: Tracked) {
-        self.queued.push_back(tracked);
+    pub(crate) fn queued(&mut self, tag: Option<T>) {
+        self.queued.push_back(tag);
+    }
+
+    /// A resumed session: rumqttc sends `n` publishes of the previous one first.
+    pub(crate) fn replaying(&mut self, n: usize) {
+        self.replays = n;
     }
 
     /// rumqttc sent the publish at the head of the queue with `pkid`.
     pub(crate) fn sent(&mut self, pkid: u16) {
+        if self.replays > 0 {
+            self.replays -= 1;
+            return;
+        }
         match self.queued.pop_front() {
-            Some(Tracked::Batch(seqs)) if pkid != 0 => {
-                self.inflight.insert(pkid, (seqs, Instant::now()));
+            Some(Some(tag)) if pkid != 0 => {
+                self.inflight.insert(pkid, (tag, Instant::now()));
             }
             Some(_) => {}
             None => tracing::debug!(pkid, "publish not tracked"),
@@ -53,32 +65,36 @@ impl Tracker {
         tracing::debug!(pkid, "publish waits on a packet-id collision");
     }
 
-    /// The broker acknowledged `pkid`: the sequence numbers of the batch it carried, if any.
-    pub(crate) fn acked(&mut self, pkid: u16) -> Option<Vec<u64>> {
-        self.inflight.remove(&pkid).map(|(seqs, _)| seqs)
+    /// The broker acknowledged `pkid`: the tag of the publish it carried, if any.
+    pub(crate) fn acked(&mut self, pkid: u16) -> Option<T> {
+        self.inflight.remove(&pkid).map(|(tag, _)| tag)
     }
 
-    /// Batches handed to rumqttc and not acknowledged.
-    pub(crate) fn batches_in_flight(&self) -> usize {
-        self.inflight.len()
-            + self
-                .queued
-                .iter()
-                .filter(|t| matches!(t, Tracked::Batch(_)))
-                .count()
+    /// Tagged publishes handed to rumqttc and not acknowledged.
+    pub(crate) fn tagged_in_flight(&self) -> usize {
+        self.inflight.len() + self.queued.iter().filter(|t| t.is_some()).count()
     }
 
-    /// Whether a sent batch has waited longer than `timeout` for its PUBACK.
+    /// Whether a sent tagged publish has waited longer than `timeout` for its PUBACK.
     pub(crate) fn any_expired(&self, timeout: Duration) -> bool {
         self.inflight
             .values()
             .any(|(_, sent)| sent.elapsed() > timeout)
     }
 
-    /// Gives up on every sent batch (they will be sent again). Publishes still queued keep
+    /// Gives up on every sent tagged publish and returns the tags. Publishes still queued keep
     /// their place: their packet ids must still be matched in order.
-    pub(crate) fn forget_sent(&mut self) {
-        self.inflight.clear();
+    pub(crate) fn forget_sent(&mut self) -> Vec<T> {
+        self.inflight.drain().map(|(_, (tag, _))| tag).collect()
+    }
+
+    /// The connection is gone: every tag not acknowledged (rumqttc drops what a new clean
+    /// session would not resume).
+    pub(crate) fn reset(&mut self) -> Vec<T> {
+        let mut tags = self.forget_sent();
+        tags.extend(self.queued.drain(..).flatten());
+        self.replays = 0;
+        tags
     }
 }
 
@@ -88,10 +104,10 @@ mod tests {
     use rumqttc::{Event, MqttState, Outgoing, Packet, PubAck, Publish, QoS, Request};
 
     /// Drives rumqttc's own state machine (as its event loop does: no new request while a
-    /// publish is held) and feeds its events to a tracker, as the agent does.
+    /// publish is held) and feeds its events to a tracker, as the session does.
     struct Rig {
         state: MqttState,
-        tracker: Tracker,
+        tracker: Tracker<Vec<u64>>,
         /// Requests handed over and not yet taken by rumqttc.
         requests: VecDeque<Publish>,
     }
@@ -105,8 +121,8 @@ mod tests {
             }
         }
 
-        fn publish(&mut self, tracked: Tracked) {
-            self.tracker.queued(tracked);
+        fn publish(&mut self, tag: Option<Vec<u64>>) {
+            self.tracker.queued(tag);
             self.requests
                 .push_back(Publish::new("t", QoS::AtLeastOnce, vec![]));
         }
@@ -131,7 +147,7 @@ mod tests {
             wire
         }
 
-        /// The broker acknowledges `pkid`; returns the records the agent would delete.
+        /// The broker acknowledges `pkid`; returns the tag the session would report.
         fn ack(&mut self, pkid: u16) -> Option<Vec<u64>> {
             self.state
                 .handle_incoming_packet(Packet::PubAck(PubAck::new(pkid)))
@@ -161,8 +177,8 @@ mod tests {
         }
     }
 
-    fn batch(seq: u64) -> Tracked {
-        Tracked::Batch(vec![seq])
+    fn batch(seq: u64) -> Option<Vec<u64>> {
+        Some(vec![seq])
     }
 
     #[test]
@@ -175,7 +191,7 @@ mod tests {
         assert_eq!(rig.ack(1), Some(vec![1]));
         assert_eq!(rig.ack(2), Some(vec![2]));
         assert_eq!(rig.ack(3), Some(vec![3]));
-        assert_eq!(rig.tracker.batches_in_flight(), 0);
+        assert_eq!(rig.tracker.tagged_in_flight(), 0);
     }
 
     /// Regression: the broker holds one PUBACK back while the packet ids wrap. rumqttc
@@ -186,7 +202,7 @@ mod tests {
         // Packet ids run 1, 2, 3, 1, … with at most 3 in flight.
         let mut rig = Rig::new(3);
         rig.publish(batch(1)); // pkid 1: its PUBACK is held back by the broker
-        rig.publish(Tracked::Other); // pkid 2: reported state
+        rig.publish(None); // pkid 2: reported state
         rig.publish(batch(3)); // pkid 3
         assert_eq!(rig.run(), vec![1, 2, 3]);
         assert_eq!(rig.ack(2), None);
@@ -194,16 +210,43 @@ mod tests {
         // The ids wrap to 1, still unacknowledged: batch 4 is held, later ones wait.
         rig.publish(batch(4));
         rig.publish(batch(5));
-        rig.publish(Tracked::Other);
+        rig.publish(None);
         assert_eq!(rig.run(), Vec::<u16>::new());
         assert!(rig.state.collision.is_some());
-        assert_eq!(rig.tracker.batches_in_flight(), 3);
+        assert_eq!(rig.tracker.tagged_in_flight(), 3);
         // The held-back PUBACK arrives: it is batch 1's, and batch 4 goes out as pkid 1.
         assert_eq!(rig.ack(1), Some(vec![1]));
         assert_eq!(rig.run(), vec![2, 3]);
         assert_eq!(rig.ack(2), Some(vec![5]));
         assert_eq!(rig.ack(1), Some(vec![4]));
         assert_eq!(rig.ack(3), None);
-        assert_eq!(rig.tracker.batches_in_flight(), 0);
+        assert_eq!(rig.tracker.tagged_in_flight(), 0);
+    }
+
+    /// A resumed session replays the previous session's publishes before any new one: their
+    /// packet ids belong to nobody queued now.
+    #[test]
+    fn replayed_publishes_are_not_matched_to_new_ones() {
+        let mut tracker = Tracker::default();
+        tracker.replaying(2);
+        tracker.queued(batch(7));
+        tracker.sent(4);
+        tracker.sent(5);
+        tracker.sent(1);
+        assert_eq!(tracker.acked(4), None);
+        assert_eq!(tracker.acked(1), Some(vec![7]));
+    }
+
+    #[test]
+    fn a_lost_connection_returns_every_unacknowledged_tag() {
+        let mut rig = Rig::new(10);
+        rig.publish(batch(1));
+        rig.publish(None);
+        assert_eq!(rig.run(), vec![1, 2]);
+        rig.publish(batch(3));
+        let mut tags = rig.tracker.reset();
+        tags.sort();
+        assert_eq!(tags, vec![vec![1], vec![3]]);
+        assert_eq!(rig.tracker.tagged_in_flight(), 0);
     }
 }

@@ -1,0 +1,78 @@
+//! The fleet as a value: started in-process on ports the OS picks, stopped with everything it
+//! started (API, MQTT client, embedded broker).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use outpost_fleet::{BrokerChoice, FleetOptions, Listeners, Server};
+
+fn options(dir: &std::path::Path) -> FleetOptions {
+    FleetOptions {
+        data_dir: dir.to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        broker: BrokerChoice::Embedded("127.0.0.1:0".parse().unwrap(), None),
+        public_url: None,
+        token: None,
+        trust: None,
+        desired_ttl: Duration::from_secs(3600),
+        replica: Some("in-process".into()),
+        max_bundle_bytes: 1 << 20,
+        retention: Duration::from_secs(3600),
+        ingest_only: false,
+    }
+}
+
+fn healthz(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+fn broker_addr(url: &str) -> SocketAddr {
+    url.trim_start_matches("mqtt://").parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_fleet_releases_its_api_and_its_embedded_broker() {
+    let dir = std::env::temp_dir().join(format!("outpost-fleet-server-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = options(&dir);
+    let listeners = Listeners::bind(&options).await.unwrap();
+    let server = Server::start(options.clone(), listeners).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), server.subscribed())
+        .await
+        .expect("the fleet subscribes on its own broker");
+    let api = server.ready().api;
+    let broker = broker_addr(&server.ready().broker);
+    let key = server.ready().public_key.clone();
+    let reply = tokio::task::spawn_blocking(move || healthz(api))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(server.fleet().store.devices().unwrap().is_empty());
+
+    server.stop().await.unwrap();
+    assert!(
+        TcpStream::connect_timeout(&api, Duration::from_secs(1)).is_err(),
+        "API still open"
+    );
+    assert!(
+        TcpStream::connect_timeout(&broker, Duration::from_secs(1)).is_err(),
+        "embedded broker still listening"
+    );
+
+    // The same data directory (and so the same key) serves again at once.
+    let listeners = Listeners::bind(&options).await.unwrap();
+    let again = Server::start(options, listeners).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), again.subscribed())
+        .await
+        .expect("the restarted fleet subscribes");
+    assert_eq!(again.ready().public_key, key, "the fleet key is kept");
+    again.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
