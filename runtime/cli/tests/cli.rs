@@ -3,27 +3,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::{fails, ok};
-
-struct Workspace {
-    dir: PathBuf,
-}
-
-impl Drop for Workspace {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
+use common::{fails, ok, signer};
+use outpost_testkit::TempDir;
 
 /// A directory with a key pair, a trust store, a spec and its files.
-fn workspace(name: &str) -> Workspace {
-    let dir = std::env::temp_dir().join(format!("outpost-cli-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
+fn workspace(name: &str) -> TempDir {
+    let dir = TempDir::new(&format!("cli-{name}"));
     fs::write(dir.join("guest.wasm"), outpost_examples::DIGITS_GUEST).unwrap();
     fs::write(dir.join("model.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
     fs::write(
@@ -49,10 +38,8 @@ dataset = "test"
 "#,
     )
     .unwrap();
-    ok(&dir, &["key", "generate", "--out", "signer"]);
-    let trust = ok(&dir, &["key", "trust", "signer.pub", "--models", "digits"]);
-    fs::write(dir.join("trust.toml"), trust).unwrap();
-    Workspace { dir }
+    signer(&dir);
+    dir
 }
 
 fn build_and_sign(dir: &Path) {
@@ -69,7 +56,7 @@ fn build_and_sign(dir: &Path) {
 #[test]
 fn build_sign_verify_inspect() {
     let ws = workspace("round-trip");
-    let dir = &ws.dir;
+    let dir = ws.path();
     build_and_sign(dir);
     let out = ok(
         dir,
@@ -122,21 +109,21 @@ fn build_sign_verify_inspect() {
 fn secret_key_is_private_and_never_overwritten() {
     use std::os::unix::fs::PermissionsExt;
     let ws = workspace("keys");
-    let mode = fs::metadata(ws.dir.join("signer.key"))
+    let mode = fs::metadata(ws.join("signer.key"))
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let before = fs::read(ws.dir.join("signer.key")).unwrap();
-    let err = fails(&ws.dir, &["key", "generate", "--out", "signer"]);
+    let before = fs::read(ws.join("signer.key")).unwrap();
+    let err = fails(&ws, &["key", "generate", "--out", "signer"]);
     assert!(err.contains("already exists"), "{err}");
-    assert_eq!(fs::read(ws.dir.join("signer.key")).unwrap(), before);
+    assert_eq!(fs::read(ws.join("signer.key")).unwrap(), before);
 }
 
 #[test]
 fn verify_rejections_exit_non_zero_with_a_reason() {
     let ws = workspace("rejections");
-    let dir = &ws.dir;
+    let dir = ws.path();
     build_and_sign(dir);
 
     let err = fails(
@@ -206,7 +193,7 @@ fn verify_rejections_exit_non_zero_with_a_reason() {
 #[test]
 fn bad_inputs_fail_cleanly() {
     let ws = workspace("bad-inputs");
-    let dir = &ws.dir;
+    let dir = ws.path();
     fs::write(dir.join("garbage.opb"), b"this is not a bundle").unwrap();
     fs::write(dir.join("empty.opb"), b"").unwrap();
     for f in ["garbage.opb", "empty.opb", "missing.opb", "trust.toml"] {
@@ -249,7 +236,7 @@ fn bad_inputs_fail_cleanly() {
 #[test]
 fn build_refuses_what_a_device_could_not_load() {
     let ws = workspace("engine-checks");
-    let dir = &ws.dir;
+    let dir = ws.path();
     fs::write(dir.join("model.onnx"), b"not an onnx model").unwrap();
     let err = fails(dir, &["bundle", "build", "bundle.toml", "--out", "x.opb"]);
     assert!(
@@ -274,7 +261,7 @@ fn build_refuses_what_a_device_could_not_load() {
 #[test]
 fn build_refuses_a_model_declaration_the_graph_contradicts() {
     let ws = workspace("signature-checks");
-    let dir = &ws.dir;
+    let dir = ws.path();
     let spec = fs::read_to_string(dir.join("bundle.toml")).unwrap();
     let declared = r#"inputs = [{ name = "input", datatype = "FP32", shape = ["batch", 64] }]"#;
     assert!(spec.contains(declared));

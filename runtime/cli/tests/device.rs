@@ -10,12 +10,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{Dir, bin, build_and_sign, digits_spec, ok, signer};
+use common::{bin, build_and_sign, digits_spec, ok, signer};
+use outpost_testkit::{TempDir, digits_version};
 
 /// A device directory: key, trust store, config, and two signed digits bundles.
-fn setup(tag: &str) -> Dir {
-    let d = Dir::new(&format!("device-{tag}"));
-    let dir = &d.0;
+fn setup(tag: &str) -> TempDir {
+    let d = TempDir::new(&format!("device-{tag}"));
+    let dir = d.path();
     signer(dir);
     for v in ["1.0.0", "2.0.0"] {
         digits_spec(dir, v);
@@ -59,26 +60,10 @@ fn run(dir: &Path) -> (Child, String) {
     panic!("the device never said where it serves");
 }
 
-fn infer_version(url: &str) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let body = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![1.0; 64]}]});
-    let mut r = agent
-        .post(&format!("{url}/v2/models/digits/infer"))
-        .header("content-type", "application/json")
-        .send(body.to_string().as_bytes())
-        .unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
-    v["model_version"].as_str().unwrap().to_owned()
-}
-
 #[test]
 fn kill_9_during_install_leaves_a_consistent_device_and_the_install_can_be_retried() {
     let d = setup("kill9");
-    let dir = &d.0;
+    let dir = d.path();
     ok(
         dir,
         &[
@@ -106,6 +91,8 @@ fn kill_9_during_install_leaves_a_consistent_device_and_the_install_can_be_retri
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // Not a wait for a condition: when the kill lands in the install is what this loop
+        // varies, so this delay is kept.
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -147,7 +134,7 @@ fn kill_9_during_install_leaves_a_consistent_device_and_the_install_can_be_retri
     assert_eq!(status(dir)[0]["active"], "2.0.0");
 
     let (mut device, url) = run(dir);
-    assert_eq!(infer_version(&url), "2.0.0");
+    assert_eq!(digits_version(&url), Ok("2.0.0".into()));
     device.kill().unwrap();
     device.wait().unwrap();
 }
@@ -155,7 +142,7 @@ fn kill_9_during_install_leaves_a_consistent_device_and_the_install_can_be_retri
 #[test]
 fn device_run_serves_the_last_active_deployment_and_refuses_a_second_process() {
     let d = setup("run");
-    let dir = &d.0;
+    let dir = d.path();
     ok(
         dir,
         &[
@@ -173,8 +160,8 @@ fn device_run_serves_the_last_active_deployment_and_refuses_a_second_process() {
     );
     let (mut device, url) = run(dir);
     assert_eq!(
-        infer_version(&url),
-        "1.0.0",
+        digits_version(&url),
+        Ok("1.0.0".into()),
         "installing alone does not activate"
     );
     let out = bin()
@@ -238,7 +225,7 @@ fn demo_serves_the_examples_and_stops_cleanly_on_ctrl_c() {
         }
     };
     assert!(state.exists());
-    assert_eq!(infer_version(&url), "1.0.0");
+    assert_eq!(digits_version(&url), Ok("1.0.0".into()));
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use outpost_device::Device;
 use outpost_examples::Example;
+use outpost_testkit::{TempDir, agent, digits_request, eventually, get, post, post_json};
 
 #[test]
 fn hostile_guests_fail_only_their_own_request() {
@@ -93,7 +94,7 @@ fn excess_requests_are_refused_at_once() {
         })
     };
     // While the spinning request holds the only slot, another is answered 503 at once.
-    let busy = eventually(Duration::from_secs(3), || {
+    let busy = eventually(Duration::from_secs(3), "a request refused as busy", || {
         let r = post(&raw, "text/plain", b"x");
         (r.status == 503).then_some(r)
     });
@@ -135,7 +136,7 @@ fn activations_under_concurrent_load_fail_no_request() {
                 Arc::clone(&seen_v2),
             );
             std::thread::spawn(move || {
-                let agent = common::agent();
+                let agent = agent();
                 let body = digits_request(&[3.0; 64]).to_string();
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
@@ -160,7 +161,18 @@ fn activations_under_concurrent_load_fail_no_request() {
     for i in 0..10 {
         let version = if i % 2 == 0 { "2.0.0" } else { "1.0.0" };
         s.device.activate("digits", version).unwrap();
-        std::thread::sleep(Duration::from_millis(30));
+        // Two requests per client answered after each activation: at least one client then
+        // started a request after it, so every version serves, however slow the machine.
+        // A client that stopped ends the wait; joining it below says why.
+        let after = served.load(Ordering::Relaxed) + 2 * clients.len();
+        eventually(
+            Duration::from_secs(30),
+            "requests answered after an activation",
+            || {
+                (served.load(Ordering::Relaxed) >= after || clients.iter().any(|c| c.is_finished()))
+                    .then_some(())
+            },
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let failures: Vec<String> = clients

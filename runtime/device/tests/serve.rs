@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use common::*;
 use outpost_device::Device;
 use outpost_examples::Example;
+use outpost_testkit::{TempDir, admin, agent, digits_request, get, post, post_json};
 use serde_json::{Value, json};
 
 fn serve_examples(tag: &str) -> (TempDir, Server) {
@@ -98,7 +99,7 @@ fn digits_batch_and_binary_tensor_extension() {
     .to_string();
     let mut body = header.clone().into_bytes();
     body.extend(pixels.iter().flat_map(|p| p.to_le_bytes()));
-    let r = common::agent()
+    let r = agent()
         .post(&format!("{}/v2/models/digits/infer", s.url))
         .header("content-type", "application/octet-stream")
         .header("inference-header-content-length", &header.len().to_string())
@@ -135,7 +136,7 @@ fn digits_raw_images() {
     ] {
         let r = post(&format!("{}/v2/models/digits/raw", s.url), ct, image);
         assert_eq!(r.status, 200, "{ct}: {}", r.text());
-        assert_eq!(r.content_type, "application/json");
+        assert_eq!(r.header("content-type"), Some("application/json"));
         let body = r.json();
         assert_eq!(body["label"], expected["sample_image_label"], "{ct}");
         assert_eq!(body["probabilities"].as_array().unwrap().len(), 10);
@@ -368,7 +369,7 @@ fn oversized_body_is_refused_before_it_is_read() {
     // A chunked body without a length is cut off at the limit too (small enough to be sent
     // whole before the answer is read).
     let big = vec![b' '; 70_000];
-    let r = common::agent()
+    let r = agent()
         .post(&format!("{}/v2/models/digits/raw", s.url))
         .header("content-type", "image/png")
         .header("transfer-encoding", "chunked")
@@ -394,12 +395,9 @@ fn admin_api_install_activate_remove() {
     let s = Server::start(device, &config);
     let a = &s.admin_url;
 
-    let r = common::agent()
-        .get(&format!("{a}/admin/status"))
-        .call()
-        .unwrap();
+    let r = agent().get(&format!("{a}/admin/status")).call().unwrap();
     assert_eq!(r.status(), 401, "no token");
-    let r = common::agent()
+    let r = agent()
         .get(&format!("{a}/admin/status"))
         .header("authorization", "Bearer wrong-token-wrong-token")
         .call()

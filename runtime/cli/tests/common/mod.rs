@@ -1,12 +1,13 @@
-//! Helpers shared by the CLI's integration tests: the real binary, scratch directories, signed
-//! digits bundles.
+//! Helpers shared by the CLI's integration tests: the real binary and signed digits bundles
+//! made with it. The generic helpers (temporary directories, `eventually`, HTTP) are in
+//! `outpost-testkit`.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bed;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// The `outpost` binary under test.
@@ -68,24 +69,8 @@ pub fn assert_no_repeated_cause(stderr: &str) {
     }
 }
 
-/// A scratch directory under the system temp dir, removed on drop.
-pub struct Dir(pub PathBuf);
-
-impl Dir {
-    /// A fresh, empty directory named after the test.
-    pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("outpost-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+/// The scratch directory of the fleet test bed, which calls it `Dir` (`Dir::new(tag)`, `.0`).
+pub use outpost_testkit::TempDir as Dir;
 
 /// Writes a signer key pair (`signer.key`, `signer.pub`) and a `trust.toml` letting it sign
 /// `digits`.

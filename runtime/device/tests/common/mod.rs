@@ -1,16 +1,15 @@
-//! A device served on a loopback port chosen by the OS, a signing key, and an HTTP client.
+//! A device served on a loopback port chosen by the OS, a signing key and trust store, and
+//! signed example bundles. The generic helpers (temporary directories, `eventually`, HTTP) are
+//! in `outpost-testkit`.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use outpost_bundle::{BuildInput, Bundle, SecretKey, TrustStore};
 use outpost_device::{Config, Device, Listeners};
 use outpost_examples::Example;
-
-pub const TOKEN: &str = "test-admin-token-0123456789";
+use outpost_testkit::{ADMIN_TOKEN, TempDir};
 
 pub fn key() -> SecretKey {
     SecretKey::from_seed(&[5; 32])
@@ -22,32 +21,11 @@ pub fn trust() -> TrustStore {
     t
 }
 
-/// A unique empty directory, removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("outpost-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn config(dir: &TempDir, extra: &str) -> Config {
     let text = format!(
-        "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\n{extra}"
+        "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{extra}"
     );
-    Config::from_toml(&text, &dir.0).unwrap()
+    Config::from_toml(&text, dir.path()).unwrap()
 }
 
 /// A signed bundle of an example, optionally with another version.
@@ -143,99 +121,4 @@ impl Drop for Server {
             let _ = t.join();
         }
     }
-}
-
-pub fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
-
-/// Status and body of a response.
-pub struct Reply {
-    pub status: u16,
-    pub content_type: String,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
-    let mut r = r.unwrap();
-    let content_type = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    Reply {
-        status: r.status().as_u16(),
-        content_type,
-        body: r
-            .body_mut()
-            .with_config()
-            .limit(256 << 20)
-            .read_to_vec()
-            .unwrap(),
-    }
-}
-
-pub fn get(url: &str) -> Reply {
-    reply(agent().get(url).call())
-}
-
-pub fn post(url: &str, content_type: &str, body: &[u8]) -> Reply {
-    reply(
-        agent()
-            .post(url)
-            .header("content-type", content_type)
-            .send(body),
-    )
-}
-
-pub fn post_json(url: &str, body: &serde_json::Value) -> Reply {
-    post(url, "application/json", body.to_string().as_bytes())
-}
-
-pub fn admin(method: &str, url: &str, body: &[u8]) -> Reply {
-    let a = agent();
-    let auth = format!("Bearer {TOKEN}");
-    reply(match method {
-        "GET" => a.get(url).header("authorization", &auth).call(),
-        "DELETE" => a.delete(url).header("authorization", &auth).call(),
-        _ => a.post(url).header("authorization", &auth).send(body),
-    })
-}
-
-/// Waits until `f` returns `Some`, for at most `limit`.
-pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A digits request for one row of pixels.
-pub fn digits_request(pixels: &[f64]) -> serde_json::Value {
-    serde_json::json!({
-        "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": pixels}]
-    })
 }
