@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost_bundle::PublicKey;
-use outpost_proto::BrokerUrl;
+use outpost_proto::{BrokerUrl, DeviceId};
 use serde::Deserialize;
 
 /// The `[fleet]` section as written (see the device's default configuration for each field).
@@ -32,7 +32,7 @@ pub struct FleetConfig {
     /// The fleet's desired-state signing key.
     pub fleet_key: PublicKey,
     /// This device's id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Groups this device belongs to.
     pub tags: Vec<String>,
     /// Interval between telemetry records.
@@ -84,11 +84,7 @@ impl FleetSection {
             .device_id
             .or_else(hostname)
             .ok_or("[fleet] device_id is not set and there is no host name")?;
-        if !outpost_proto::is_valid_device_id(&device_id) {
-            return Err(format!(
-                "device_id `{device_id}` is not valid (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
-            ));
-        }
+        let device_id = DeviceId::new(device_id).map_err(|e| format!("device_id: {e}"))?;
         if let Some(bad) = self
             .tags
             .iter()

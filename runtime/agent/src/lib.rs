@@ -139,8 +139,7 @@ impl Agent {
         paths: Paths,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self> {
-        let topics =
-            Topics::new(&fleet.device_id).map_err(|e| AgentError::Config(e.to_string()))?;
+        let topics = Topics::new(&fleet.device_id);
         let store = Store::open(&paths.store)?;
         let outbox = store.outbox(fleet.outbox_quota_bytes)?;
         let shared = Arc::new(Shared {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Session, SessionEvent, SessionOptions};
 use outpost_proto::{
-    DesiredState, FLEET_PRESENCE_FILTER, PROTOCOL_VERSION, Presence, TelemetryBatch,
+    DesiredState, FLEET_PRESENCE_FILTER, PROTOCOL_VERSION, Presence, TelemetryBatch, Topic,
 };
 use tokio::sync::watch;
 
@@ -45,10 +45,13 @@ fn session_options(shared: &Shared) -> SessionOptions {
         format!("outpost-{}", shared.fleet.device_id),
         shared.fleet.broker.host(),
         shared.fleet.broker.port(),
-        (shared.topics.status(), Presence::to_vec(false)),
+        (shared.topics.name(Topic::Status), Presence::to_vec(false)),
     );
     options.credentials = shared.fleet.credentials.clone();
-    options.subscriptions = vec![shared.topics.desired(), FLEET_PRESENCE_FILTER.to_owned()];
+    options.subscriptions = vec![
+        shared.topics.name(Topic::Desired),
+        FLEET_PRESENCE_FILTER.to_owned(),
+    ];
     options.max_packet = MAX_PACKET;
     options.min_backoff = MIN_BACKOFF;
     options.max_backoff = MAX_BACKOFF;
@@ -62,7 +65,12 @@ fn publish_reported(shared: &Shared, mqtt: &mut Mqtt, conn: &mut Connection, for
     if !force && conn.last_reported.as_ref() == Some(&payload) {
         return;
     }
-    match mqtt.publish(shared.topics.reported(), payload.clone(), true, None) {
+    match mqtt.publish(
+        shared.topics.name(Topic::Reported),
+        payload.clone(),
+        true,
+        None,
+    ) {
         Ok(()) => conn.last_reported = Some(payload),
         Err(e) => tracing::debug!(error = %e, "reported state deferred"),
     }
@@ -87,8 +95,8 @@ fn pump(shared: &Shared, mqtt: &mut Mqtt, conn: &mut Connection) {
         };
         let seqs = batch.seqs();
         let topic = match batch.kind {
-            Kind::Telemetry => shared.topics.telemetry(),
-            Kind::Event => shared.topics.events(),
+            Kind::Telemetry => shared.topics.name(Topic::Telemetry),
+            Kind::Event => shared.topics.name(Topic::Events),
         };
         let message = TelemetryBatch {
             v: PROTOCOL_VERSION,
@@ -125,7 +133,7 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
-                mqtt.close(Some((shared.topics.status(), Presence::to_vec(false)))).await;
+                mqtt.close(Some((shared.topics.name(Topic::Status), Presence::to_vec(false)))).await;
                 tracing::info!("fleet agent stopped");
                 return;
             }
@@ -135,7 +143,7 @@ pub(crate) async fn run(
                     last_failure.clear();
                     shared.outbox.clear_in_flight();
                     conn = Connection::default();
-                    if let Err(e) = mqtt.publish(shared.topics.status(), Presence::to_vec(true), true, None) {
+                    if let Err(e) = mqtt.publish(shared.topics.name(Topic::Status), Presence::to_vec(true), true, None) {
                         tracing::warn!(error = %e, "cannot announce presence");
                     }
                     publish_reported(&shared, &mut mqtt, &mut conn, true);
@@ -143,10 +151,10 @@ pub(crate) async fn run(
                 }
                 SessionEvent::Subscribed => {}
                 SessionEvent::Message(p) => {
-                    if p.topic == shared.topics.desired() && p.payload.is_empty() {
+                    if p.topic == shared.topics.name(Topic::Desired) && p.payload.is_empty() {
                         // The fleet cleared it (the device was forgotten): nothing to apply.
                         tracing::info!("the fleet cleared this device's desired state");
-                    } else if p.topic == shared.topics.desired() {
+                    } else if p.topic == shared.topics.name(Topic::Desired) {
                         if let Some(state) = shared.on_desired(&p.payload) {
                             desired_tx.send_replace(Some(state));
                         }

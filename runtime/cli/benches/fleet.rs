@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use outpost_fleet::{BrokerChoice, FleetOptions};
-use outpost_proto::{TelemetryBatch, TelemetryRecord};
+use outpost_proto::{DeviceId, TelemetryBatch, TelemetryRecord, Topic, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 const DEVICES: usize = 20;
@@ -33,7 +33,7 @@ fn record(seq: u64) -> TelemetryRecord {
 
 /// Publishes every batch of one simulated device QoS 1 on `topic_of(device)` and waits for
 /// all acknowledgements.
-async fn device(port: u16, id: String, topic: String) {
+async fn device(port: u16, id: DeviceId, topic: String) {
     let mut options = MqttOptions::new(format!("bench-{id}"), "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = AsyncClient::new(options, 64);
@@ -127,11 +127,16 @@ fn main() {
     let size = serde_json::to_vec(&record(1)).unwrap().len();
 
     runtime.block_on(async {
-        let run = |leaf: &'static str| {
+        // `stored`: on each device's telemetry topic; otherwise on a topic nobody stores.
+        let run = |stored: bool| {
             let tasks: Vec<_> = (0..DEVICES)
                 .map(|d| {
-                    let id = format!("bench-{leaf}-{d}");
-                    let topic = format!("outpost/v1/{id}/{leaf}");
+                    let id = DeviceId::new(format!("bench-{stored}-{d}")).unwrap();
+                    let topic = if stored {
+                        Topics::new(&id).name(Topic::Telemetry)
+                    } else {
+                        format!("outpost/v1/{id}/unstored")
+                    };
                     tokio::spawn(device(port, id, topic))
                 })
                 .collect();
@@ -143,12 +148,12 @@ fn main() {
         };
         // Baseline: the same traffic on a topic nobody stores.
         let t = Instant::now();
-        run("unstored").await;
+        run(false).await;
         let broker_only = total as f64 / t.elapsed().as_secs_f64();
 
         let before = stored(&api).await;
         let t = Instant::now();
-        run("telemetry").await;
+        run(true).await;
         while stored(&api).await < before + total {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

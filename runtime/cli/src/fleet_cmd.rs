@@ -379,14 +379,14 @@ fn devices(remote: &Remote, json: bool) -> Result<()> {
         "DEVICE", "ONLINE", "ARCH", "RUNTIME"
     );
     for v in &views {
-        let r = v.record.reported.clone().unwrap_or_default();
+        let r = v.record.reported.as_ref();
         println!(
             "{:<20} {:<8} {:<10} {:<10} {}",
             v.record.id,
             if v.record.online { "yes" } else { "no" },
-            r.arch,
-            r.runtime_version,
-            r.tags.join(",")
+            r.map_or("", |r| &r.arch),
+            r.map_or("", |r| &r.runtime_version),
+            r.map(|r| r.tags.join(",")).unwrap_or_default()
         );
     }
     Ok(())
@@ -403,27 +403,30 @@ fn status(remote: &Remote, json: bool) -> Result<()> {
         "DEVICE", "ONLINE", "LAST SEEN", "RUNTIME", "ARCH", "SYNC", "ACTIVE"
     );
     for v in &views {
-        let r = v.record.reported.clone().unwrap_or_default();
+        let r = v.record.reported.as_ref();
         let active = r
-            .active
-            .iter()
-            .map(|(m, ver)| format!("{m}@{ver}"))
-            .collect::<Vec<_>>()
-            .join(",");
+            .map(|r| {
+                r.active
+                    .iter()
+                    .map(|(m, ver)| format!("{m}@{ver}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
         println!(
             "{:<16} {:<7} {:<10} {:<8} {:<8} {:<6} {:<30} {}",
             v.record.id,
             if v.record.online { "yes" } else { "no" },
             ago(v.record.last_seen),
-            r.runtime_version,
-            r.arch,
+            r.map_or("", |r| &r.runtime_version),
+            r.map_or("", |r| &r.arch),
             if v.in_sync { "yes" } else { "no" },
             if active.is_empty() {
                 "-".into()
             } else {
                 active
             },
-            r.last_error.as_deref().unwrap_or("-")
+            r.and_then(|r| r.last_error.as_deref()).unwrap_or("-")
         );
     }
     Ok(())

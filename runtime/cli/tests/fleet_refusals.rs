@@ -31,7 +31,7 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
         .as_secs();
     let state = |generation: u64, expires_at: u64| outpost_proto::DesiredState {
         v: 1,
-        device: "dev-x".into(),
+        device: "dev-x".parse().unwrap(),
         generation,
         expires_at,
         deployments: vec![],

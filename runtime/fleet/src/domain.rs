@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use outpost_bundle::{Bundle, ReadLimits, SecretKey, TrustStore};
 use outpost_proto::{
-    DesiredState, PROTOCOL_VERSION, Presence, ReportedState, SignedDesired, TelemetryBatch, Topics,
+    DesiredState, DeviceId, PROTOCOL_VERSION, Presence, ReportedState, SignedDesired,
+    TelemetryBatch, Topic, Topics,
 };
 use tokio::sync::mpsc;
 
@@ -230,7 +231,7 @@ impl Fleet {
     /// by `change`.
     fn next_desired(
         &self,
-        device: &str,
+        device: &DeviceId,
         previous: Option<&DesiredRecord>,
         change: impl FnOnce(Vec<outpost_proto::Deployment>) -> Vec<outpost_proto::Deployment>,
     ) -> Result<DesiredRecord> {
@@ -245,13 +246,13 @@ impl Fleet {
         let expires_at = now_secs() + self.desired_ttl.as_secs().max(1);
         let state = DesiredState {
             v: PROTOCOL_VERSION,
-            device: device.to_owned(),
+            device: device.clone(),
             generation,
             expires_at,
             deployments: deployments.clone(),
         };
         Ok(DesiredRecord {
-            device: device.to_owned(),
+            device: device.clone(),
             generation,
             deployments,
             expires_at,
@@ -261,10 +262,8 @@ impl Fleet {
 
     /// Publishes a stored desired state (retained) on its device's topic.
     fn publish_desired(&self, record: &DesiredRecord) -> Result<()> {
-        let topics =
-            Topics::new(&record.device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
         let _ = self.outbound.send(Outbound {
-            topic: topics.desired(),
+            topic: Topics::new(&record.device).name(Topic::Desired),
             payload: record.envelope.to_vec()?,
             retain: true,
         });
@@ -275,11 +274,10 @@ impl Fleet {
     /// deployments.
     fn set_desired(
         &self,
-        device: &str,
+        device: &DeviceId,
         change: impl FnOnce(Vec<outpost_proto::Deployment>) -> Vec<outpost_proto::Deployment>,
     ) -> Result<DesiredRecord> {
-        Topics::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
-        let record = self.store.update_desired(device, |previous| {
+        let record = self.store.update_desired(device.as_str(), |previous| {
             self.next_desired(device, previous, change)
         })?;
         self.store.flush()?;
@@ -308,7 +306,7 @@ impl Fleet {
                     .iter()
                     .any(|x| x.model == name && x.version == version)
             })
-            .map(|d| d.device)
+            .map(|d| d.device.into())
             .collect();
         if !users.is_empty() {
             return Err(FleetError::BadRequest(format!(
@@ -329,12 +327,13 @@ impl Fleet {
     /// and clears its retained messages on the broker. A device still running registers again.
     pub fn forget(&self, device: &str) -> Result<()> {
         self.owns_deployments()?;
-        let topics = Topics::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
-        if !self.store.remove_device(device)? {
+        let id = DeviceId::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
+        if !self.store.remove_device(id.as_str())? {
             return Err(FleetError::NotFound(format!("device `{device}`")));
         }
-        for topic in [topics.desired(), topics.status(), topics.reported()] {
-            self.clear_retained(&topic);
+        let topics = Topics::new(&id);
+        for topic in [Topic::Desired, Topic::Status, Topic::Reported] {
+            self.clear_retained(&topics.name(topic));
         }
         tracing::info!(%device, "device forgotten");
         Ok(())
@@ -373,14 +372,11 @@ impl Fleet {
                 "no target devices (name devices, a tag some device reports, or all)".into(),
             ));
         }
-        if let Some(bad) = targets
-            .iter()
-            .find(|d| !outpost_proto::is_valid_device_id(d))
-        {
-            return Err(FleetError::BadRequest(format!(
-                "`{bad}` is not a valid device id"
-            )));
-        }
+        let targets: Vec<DeviceId> = targets
+            .into_iter()
+            .map(DeviceId::new)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| FleetError::BadRequest(e.to_string()))?;
         let deployment = outpost_proto::Deployment {
             model: bundle.name.clone(),
             version: bundle.version.clone(),
@@ -406,7 +402,7 @@ impl Fleet {
                 model: bundle.name,
                 version: bundle.version,
                 digest: bundle.digest,
-                devices: targets.clone(),
+                devices: targets.iter().map(ToString::to_string).collect(),
                 created_at: now_secs(),
             },
         )?;
@@ -416,7 +412,7 @@ impl Fleet {
                 // Stored and re-published at the next reconnect or re-signing.
                 tracing::error!(device = %d.device, error = %e, "cannot publish a desired state");
             }
-            generations.push((d.device.clone(), d.generation));
+            generations.push((d.device.to_string(), d.generation));
         }
         tracing::info!(id = record.id, model = %record.model, version = %record.version, devices = record.devices.len(), "deployed");
         Ok(DeployResponse {
@@ -430,16 +426,17 @@ impl Fleet {
     /// caller flushes the store ([`Store::flush`]) before acknowledging what returned true.
     pub fn ingest(&self, topic: &str, payload: &[u8]) -> bool {
         let fleet = self;
-        let Some((device, leaf)) = Topics::parse(topic) else {
+        let Some((id, leaf)) = Topics::parse(topic) else {
             return true;
         };
+        let device = id.as_str();
         if payload.is_empty() {
             // A cleared retained message (a forgotten device): nothing to record.
             return true;
         }
         let now = now_secs();
         let result = match leaf {
-            "status" if Presence::is_online(payload) => fleet
+            Topic::Status if Presence::is_online(payload) => fleet
                 .store
                 .update_device(device, |d| {
                     d.online = true;
@@ -448,7 +445,7 @@ impl Fleet {
                 .map(|_| ()),
             // Offline never registers a device: a forgotten device's last will can arrive after
             // it was forgotten. Its retained "offline" is cleared instead of kept.
-            "status" => fleet
+            Topic::Status => fleet
                 .store
                 .update_known_device(device, |d| {
                     d.online = false;
@@ -459,8 +456,8 @@ impl Fleet {
                         fleet.clear_retained(topic);
                     }
                 }),
-            "reported" => match serde_json::from_slice::<ReportedState>(payload) {
-                Ok(state) if state.device == device => fleet
+            Topic::Reported => match serde_json::from_slice::<ReportedState>(payload) {
+                Ok(state) if state.device == id => fleet
                     .store
                     .update_device(device, |d| {
                         d.reported = Some(state);
@@ -476,14 +473,14 @@ impl Fleet {
                     Ok(())
                 }
             },
-            "telemetry" | "events" => {
-                let stream = if leaf == "events" {
+            Topic::Telemetry | Topic::Events => {
+                let stream = if leaf == Topic::Events {
                     Stream::Events
                 } else {
                     Stream::Telemetry
                 };
                 match serde_json::from_slice::<TelemetryBatch>(payload) {
-                    Ok(batch) if batch.device == device => {
+                    Ok(batch) if batch.device == id => {
                         store_batch(fleet, stream, device, &batch, now)
                     }
                     Ok(_) => {
@@ -496,7 +493,7 @@ impl Fleet {
                     }
                 }
             }
-            _ => Ok(()),
+            Topic::Desired => Ok(()),
         };
         match result {
             Ok(()) => true,

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outpost_mqtt::{Publish, Session, SessionEvent, SessionOptions};
-use outpost_proto::{Presence, Topics, fleet_presence_topic};
+use outpost_proto::{Presence, Topic, Topics, fleet_presence_topic};
 use tokio::sync::{mpsc, watch};
 
 use crate::domain::{Fleet, Outbound};
@@ -50,8 +50,8 @@ fn session_options(fleet: &Fleet) -> SessionOptions {
     options.subscriptions = vec![
         format!("{}/+/status", outpost_proto::PREFIX),
         format!("{}/+/reported", outpost_proto::PREFIX),
-        Topics::fleet_subscription("telemetry"),
-        Topics::fleet_subscription("events"),
+        Topic::Telemetry.fleet_subscription(),
+        Topic::Events.fleet_subscription(),
     ];
     options
 }
@@ -134,10 +134,8 @@ pub async fn run(
                     if !fleet.ingest_only {
                         match fleet.store.all_desired() {
                             Ok(all) => backlog.extend(all.into_iter().filter_map(|desired| {
-                                let encoded = Topics::new(&desired.device)
-                                    .and_then(|topics| Ok((topics, desired.envelope.to_vec()?)));
-                                match encoded {
-                                    Ok((topics, payload)) => Some(Outbound { topic: topics.desired(), payload, retain: true }),
+                                match desired.envelope.to_vec() {
+                                    Ok(payload) => Some(Outbound { topic: Topics::new(&desired.device).name(Topic::Desired), payload, retain: true }),
                                     Err(e) => {
                                         tracing::error!(device = %desired.device, error = %e, "cannot republish a desired state");
                                         None

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub use outpost_proto::rest::{BundleRecord, DeploymentRecord, DeviceRecord, StoredRecord};
-use outpost_proto::{Deployment, SignedDesired, TelemetryRecord};
+use outpost_proto::{Deployment, DeviceId, SignedDesired, TelemetryRecord};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
@@ -17,7 +17,7 @@ use crate::error::{FleetError, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredRecord {
     /// Device id.
-    pub device: String,
+    pub device: DeviceId,
     /// Current generation.
     pub generation: u64,
     /// One deployment per model.
@@ -374,15 +374,18 @@ impl Store {
     /// before anything is written, and one transaction then writes them all with the record.
     pub fn record_deployment(
         &self,
-        devices: &[String],
-        mut make: impl FnMut(&str, Option<&DesiredRecord>) -> Result<DesiredRecord>,
+        devices: &[DeviceId],
+        mut make: impl FnMut(&DeviceId, Option<&DesiredRecord>) -> Result<DesiredRecord>,
         mut record: DeploymentRecord,
     ) -> Result<(Vec<DesiredRecord>, DeploymentRecord)> {
         let _guard = self.lock()?;
         let mut next = Vec::with_capacity(devices.len());
         for device in devices {
-            let previous: Option<DesiredRecord> =
-                self.desired.get(device)?.map(|b| decode(&b)).transpose()?;
+            let previous: Option<DesiredRecord> = self
+                .desired
+                .get(device.as_str())?
+                .map(|b| decode(&b))
+                .transpose()?;
             next.push(make(device, previous.as_ref())?);
         }
         record.id = self.db.generate_id()? + 1;
@@ -395,7 +398,7 @@ impl Store {
             .transaction(
                 |(desired, deployments)| -> ConflictableTransactionResult<(), ()> {
                     for (device, bytes) in &encoded {
-                        desired.insert(device.as_bytes(), bytes.as_slice())?;
+                        desired.insert(device.as_str().as_bytes(), bytes.as_slice())?;
                     }
                     deployments.insert(&record.id.to_be_bytes(), deployment.as_slice())?;
                     Ok(())
@@ -432,17 +435,17 @@ mod tests {
         (dir, store)
     }
 
-    fn desired(device: &str, generation: u64) -> DesiredRecord {
+    fn desired(device: &DeviceId, generation: u64) -> DesiredRecord {
         let key = outpost_bundle::SecretKey::generate().unwrap();
         let state = outpost_proto::DesiredState {
             v: outpost_proto::PROTOCOL_VERSION,
-            device: device.into(),
+            device: device.clone(),
             generation,
             expires_at: 10,
             deployments: vec![],
         };
         DesiredRecord {
-            device: device.into(),
+            device: device.clone(),
             generation,
             deployments: vec![],
             expires_at: 10,
@@ -466,12 +469,12 @@ mod tests {
     #[test]
     fn a_deployment_is_recorded_all_or_nothing() {
         let (dir, store) = temp_store("deploy");
-        let devices = ["a".to_owned(), "b".to_owned()];
+        let devices = ["a", "b"].map(|d| DeviceId::new(d).unwrap());
         let failed = store.record_deployment(
             &devices,
-            |device, _| match device {
+            |device, _| match device.as_str() {
                 "b" => Err(FleetError::BadRequest("cannot sign for b".into())),
-                other => Ok(desired(other, 1)),
+                _ => Ok(desired(device, 1)),
             },
             deployment(),
         );

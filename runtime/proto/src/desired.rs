@@ -32,7 +32,7 @@ pub struct DesiredState {
     /// Protocol version.
     pub v: u32,
     /// The device it is for.
-    pub device: String,
+    pub device: crate::DeviceId,
     /// Increases with every change; a device ignores anything not newer than what it applied.
     pub generation: u64,
     /// Unix seconds after which the device refuses it.
@@ -104,7 +104,7 @@ impl SignedDesired {
     pub fn open(
         &self,
         fleet_key: &PublicKey,
-        device: &str,
+        device: &crate::DeviceId,
         now: u64,
         applied: Option<u64>,
     ) -> Result<Verdict, ProtoError> {
@@ -123,8 +123,8 @@ impl SignedDesired {
                 what: "desired state",
                 reason: e.to_string(),
             })?;
-        if state.device != device {
-            return Err(ProtoError::WrongDevice(state.device));
+        if state.device != *device {
+            return Err(ProtoError::WrongDevice(state.device.into()));
         }
         if now >= state.expires_at {
             return Err(ProtoError::Expired {
@@ -146,12 +146,16 @@ impl SignedDesired {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &str) -> crate::DeviceId {
+        crate::DeviceId::new(s).unwrap()
+    }
     use crate::PROTOCOL_VERSION;
 
     fn state(generation: u64, expires_at: u64) -> DesiredState {
         DesiredState {
             v: PROTOCOL_VERSION,
-            device: "dev-1".into(),
+            device: id("dev-1"),
             generation,
             expires_at,
             deployments: vec![Deployment {
@@ -171,23 +175,26 @@ mod tests {
         let env = SignedDesired::from_slice(&env.to_vec().unwrap()).unwrap();
         let pk = fleet.public();
         assert!(
-            matches!(env.open(&pk, "dev-1", 10, None), Ok(Verdict::Apply(s)) if s.generation == 5)
+            matches!(env.open(&pk, &id("dev-1"), 10, None), Ok(Verdict::Apply(s)) if s.generation == 5)
         );
         assert!(matches!(
-            env.open(&pk, "dev-1", 10, Some(4)),
+            env.open(&pk, &id("dev-1"), 10, Some(4)),
             Ok(Verdict::Apply(_))
         ));
-        assert_eq!(env.open(&pk, "dev-1", 10, Some(5)), Ok(Verdict::Duplicate));
         assert_eq!(
-            env.open(&pk, "dev-1", 10, Some(6)),
+            env.open(&pk, &id("dev-1"), 10, Some(5)),
+            Ok(Verdict::Duplicate)
+        );
+        assert_eq!(
+            env.open(&pk, &id("dev-1"), 10, Some(6)),
             Ok(Verdict::Stale { generation: 5 })
         );
         assert!(matches!(
-            env.open(&pk, "dev-1", 1000, None),
+            env.open(&pk, &id("dev-1"), 1000, None),
             Err(ProtoError::Expired { .. })
         ));
         assert!(matches!(
-            env.open(&pk, "dev-2", 10, None),
+            env.open(&pk, &id("dev-2"), 10, None),
             Err(ProtoError::WrongDevice(_))
         ));
     }
@@ -199,13 +206,13 @@ mod tests {
         let pk = fleet.public();
         let wrong_key = SignedDesired::seal(&state(5, 1000), &other).unwrap();
         assert!(matches!(
-            wrong_key.open(&pk, "dev-1", 10, None),
+            wrong_key.open(&pk, &id("dev-1"), 10, None),
             Err(ProtoError::UnknownKey(_))
         ));
         let mut relabelled = wrong_key.clone();
         relabelled.key_id = fleet.id().into();
         assert_eq!(
-            relabelled.open(&pk, "dev-1", 10, None),
+            relabelled.open(&pk, &id("dev-1"), 10, None),
             Err(ProtoError::BadSignature)
         );
         let mut edited = SignedDesired::seal(&state(5, 1000), &fleet).unwrap();
@@ -213,13 +220,13 @@ mod tests {
             .payload
             .replace("\"generation\":5", "\"generation\":9");
         assert_eq!(
-            edited.open(&pk, "dev-1", 10, None),
+            edited.open(&pk, &id("dev-1"), 10, None),
             Err(ProtoError::BadSignature)
         );
         let mut upper = SignedDesired::seal(&state(5, 1000), &fleet).unwrap();
         upper.signature = upper.signature.to_uppercase();
         assert_eq!(
-            upper.open(&pk, "dev-1", 10, None),
+            upper.open(&pk, &id("dev-1"), 10, None),
             Err(ProtoError::BadSignature)
         );
         assert!(SignedDesired::from_slice(b"{}").is_err());

@@ -6,6 +6,8 @@
 //! compromised broker cannot make a device install or activate anything the fleet did not sign
 //! ([`SignedDesired::open`] decides what a device does with one).
 
+use serde::{Deserialize, Serialize};
+
 mod broker;
 mod desired;
 mod messages;
@@ -28,8 +30,8 @@ pub const PREFIX: &str = "outpost/v1";
 /// keep one delivery cursor per group name, so one group over two filters loses messages.
 pub const FLEET_GROUP: &str = "outpost-fleet";
 
-/// Whether `id` can name a device: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
-/// (No `/`, `+` or `#`: device ids are MQTT topic levels.)
+/// Whether `id` can name a device or a tag: 1–64 of `[A-Za-z0-9._-]`, starting with a letter
+/// or digit. (No `/`, `+` or `#`: device ids are MQTT topic levels.)
 pub fn is_valid_device_id(id: &str) -> bool {
     let b = id.as_bytes();
     !b.is_empty()
@@ -39,6 +41,124 @@ pub fn is_valid_device_id(id: &str) -> bool {
             .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
+/// A device id, checked once when made (see [`is_valid_device_id`]): every value of this type
+/// is a usable MQTT topic level. Serialised as a plain string; deserialising an invalid one
+/// fails.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    /// `id` as a device id, or [`ProtoError::InvalidDeviceId`].
+    pub fn new(id: impl Into<String>) -> Result<Self, ProtoError> {
+        let id = id.into();
+        if is_valid_device_id(&id) {
+            Ok(Self(id))
+        } else {
+            Err(ProtoError::InvalidDeviceId(id))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = ProtoError;
+
+    fn try_from(id: String) -> Result<Self, ProtoError> {
+        Self::new(id)
+    }
+}
+
+impl std::str::FromStr for DeviceId {
+    type Err = ProtoError;
+
+    fn from_str(id: &str) -> Result<Self, ProtoError> {
+        Self::new(id)
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(id: DeviceId) -> Self {
+        id.0
+    }
+}
+
+impl AsRef<str> for DeviceId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for DeviceId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for DeviceId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One of a device's topics, under `outpost/v1/<device>/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Online/offline (retained; the device's last will says offline).
+    Status,
+    /// The device's reported state (retained).
+    Reported,
+    /// The fleet's desired state for the device (retained, signed).
+    Desired,
+    /// Telemetry batches (QoS 1).
+    Telemetry,
+    /// Events: installs, activations, refusals (QoS 1).
+    Events,
+}
+
+impl Topic {
+    /// Every topic, in a fixed order.
+    pub const ALL: [Topic; 5] = [
+        Topic::Status,
+        Topic::Reported,
+        Topic::Desired,
+        Topic::Telemetry,
+        Topic::Events,
+    ];
+
+    /// The topic's last level.
+    pub fn leaf(self) -> &'static str {
+        match self {
+            Topic::Status => "status",
+            Topic::Reported => "reported",
+            Topic::Desired => "desired",
+            Topic::Telemetry => "telemetry",
+            Topic::Events => "events",
+        }
+    }
+
+    fn from_leaf(leaf: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.leaf() == leaf)
+    }
+
+    /// What the fleet subscribes to for this topic across all devices, as a shared
+    /// subscription.
+    pub fn fleet_subscription(self) -> String {
+        let leaf = self.leaf();
+        format!("$share/{FLEET_GROUP}-{leaf}/{PREFIX}/+/{leaf}")
+    }
+}
+
 /// The topics of one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
@@ -46,51 +166,23 @@ pub struct Topics {
 }
 
 impl Topics {
-    /// The topics of `device`, which must be a valid device id.
-    pub fn new(device: &str) -> Result<Self, ProtoError> {
-        if !is_valid_device_id(device) {
-            return Err(ProtoError::InvalidDeviceId(device.into()));
-        }
-        Ok(Self {
+    /// The topics of `device`.
+    pub fn new(device: &DeviceId) -> Self {
+        Self {
             base: format!("{PREFIX}/{device}"),
-        })
+        }
     }
 
-    /// Online/offline (retained; the device's last will says offline).
-    pub fn status(&self) -> String {
-        format!("{}/status", self.base)
+    /// The full name of one of the device's topics.
+    pub fn name(&self, topic: Topic) -> String {
+        format!("{}/{}", self.base, topic.leaf())
     }
 
-    /// The device's reported state (retained).
-    pub fn reported(&self) -> String {
-        format!("{}/reported", self.base)
-    }
-
-    /// The fleet's desired state for the device (retained, signed).
-    pub fn desired(&self) -> String {
-        format!("{}/desired", self.base)
-    }
-
-    /// Telemetry batches (QoS 1).
-    pub fn telemetry(&self) -> String {
-        format!("{}/telemetry", self.base)
-    }
-
-    /// Events: installs, activations, refusals (QoS 1).
-    pub fn events(&self) -> String {
-        format!("{}/events", self.base)
-    }
-
-    /// The device id in a topic of this protocol, and the leaf (`status`, `telemetry`, ...).
-    pub fn parse(topic: &str) -> Option<(&str, &str)> {
+    /// The device and the topic a topic name of this protocol stands for.
+    pub fn parse(topic: &str) -> Option<(DeviceId, Topic)> {
         let rest = topic.strip_prefix(PREFIX)?.strip_prefix('/')?;
         let (device, leaf) = rest.split_once('/')?;
-        (is_valid_device_id(device) && !leaf.contains('/')).then_some((device, leaf))
-    }
-
-    /// What the fleet subscribes to for `leaf` across all devices, as a shared subscription.
-    pub fn fleet_subscription(leaf: &str) -> String {
-        format!("$share/{FLEET_GROUP}-{leaf}/{PREFIX}/+/{leaf}")
+        Some((DeviceId::new(device).ok()?, Topic::from_leaf(leaf)?))
     }
 }
 
@@ -99,7 +191,9 @@ impl Topics {
 #[non_exhaustive]
 pub enum ProtoError {
     /// Not a usable device id.
-    #[error("`{0}` is not a valid device id (1-64 of A-Z a-z 0-9 . _ -)")]
+    #[error(
+        "`{0}` is not a valid device id (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+    )]
     InvalidDeviceId(String),
     /// The message is not valid JSON of the expected shape.
     #[error("malformed {what}: {reason}")]
@@ -163,13 +257,17 @@ mod tests {
 
     #[test]
     fn topics() {
-        let t = Topics::new("dev-1").unwrap();
-        assert_eq!(t.desired(), "outpost/v1/dev-1/desired");
-        assert_eq!(Topics::parse(&t.telemetry()), Some(("dev-1", "telemetry")));
+        let dev = DeviceId::new("dev-1").unwrap();
+        let t = Topics::new(&dev);
+        assert_eq!(t.name(Topic::Desired), "outpost/v1/dev-1/desired");
+        for topic in Topic::ALL {
+            assert_eq!(Topics::parse(&t.name(topic)), Some((dev.clone(), topic)));
+        }
         assert_eq!(Topics::parse("outpost/v1/a/b/c"), None);
-        assert_eq!(Topics::parse("other/v1/a/b"), None);
+        assert_eq!(Topics::parse("outpost/v1/a/other"), None, "unknown leaf");
+        assert_eq!(Topics::parse("other/v1/a/status"), None);
         assert_eq!(
-            Topics::fleet_subscription("telemetry"),
+            Topic::Telemetry.fleet_subscription(),
             "$share/outpost-fleet-telemetry/outpost/v1/+/telemetry"
         );
         assert_eq!(fleet_presence_topic("r1"), "outpost/v1/_fleet/r1/status");
@@ -187,7 +285,13 @@ mod tests {
         assert!(!Presence::is_online(&Presence::to_vec(false)));
         assert!(!Presence::is_online(b"garbage"));
         for bad in ["", "a/b", "+", "#", "-x", &"x".repeat(65)] {
-            assert!(Topics::new(bad).is_err(), "{bad}");
+            assert!(DeviceId::new(bad).is_err(), "{bad}");
+            assert!(
+                serde_json::from_value::<DeviceId>(bad.into()).is_err(),
+                "{bad}"
+            );
         }
+        let id: DeviceId = serde_json::from_value("edge-7".into()).unwrap();
+        assert_eq!(serde_json::to_value(&id).unwrap(), "edge-7");
     }
 }

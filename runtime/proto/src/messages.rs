@@ -11,12 +11,12 @@ use crate::PROTOCOL_VERSION;
 ///
 /// Unknown fields are ignored and new fields default, so a fleet and its devices can be upgraded
 /// one after the other.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedState {
     /// Protocol version.
     pub v: u32,
     /// The device id.
-    pub device: String,
+    pub device: crate::DeviceId,
     /// Runtime version (`outpost --version`).
     pub runtime_version: String,
     /// CPU architecture (`x86_64`, `aarch64`).
@@ -93,7 +93,7 @@ pub struct TelemetryBatch {
     /// Protocol version.
     pub v: u32,
     /// The device id.
-    pub device: String,
+    pub device: crate::DeviceId,
     /// Records in sequence order.
     pub records: Vec<TelemetryRecord>,
     /// Records the outbox quota has dropped on this device so far (never silent).
