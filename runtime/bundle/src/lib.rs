@@ -1,4 +1,6 @@
-//! Outpost model bundles (`*.opb`).
+//! Outpost model bundles (`*.opb`). Owns: the bundle format, manifests and bundle specs,
+//! signing keys, the trust store and the security counter. Never imports: any other Outpost
+//! crate, a model runtime, wasmtime, or a transport.
 //!
 //! A bundle is a plain ustar archive holding `manifest.json`, an optional detached ed25519
 //! signature `manifest.sig`, and exactly the files the manifest lists: a WebAssembly guest and

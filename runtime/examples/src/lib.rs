@@ -1,7 +1,8 @@
 //! The example bundles' parts, compiled and embedded: the guests from `examples/` (built for
 //! `wasm32-wasip2` by this crate's build script), the ONNX models and expectations from
 //! `models/`, and the bundle specs. `outpost demo` builds its bundles from these; the tests use
-//! them as fixtures, together with the hostile test guest from `tests/guests/`.
+//! them as fixtures, together with the hostile test guest from `tests/guests/`. Never imports:
+//! the device, fleet or agent crates (it is data, not behaviour).
 
 pub mod graphs;
 

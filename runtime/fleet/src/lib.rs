@@ -1,4 +1,6 @@
-//! The Outpost fleet manager.
+//! The Outpost fleet manager. Owns: the [`Server`] (REST API, MQTT link, embedded broker), the
+//! fleet's domain ([`domain::Fleet`]) and its store. Never imports: wasmtime, tract, or the
+//! device crates (it speaks to devices only through `outpost-proto` messages).
 //!
 //! `outpost fleet serve` runs a [`Server`]: an embedded MQTT broker (or a connection to an
 //! external one), the device registry, the content-addressed artifact store, signed desired

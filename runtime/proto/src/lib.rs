@@ -1,4 +1,6 @@
-//! The fleet protocol shared by devices and the fleet manager.
+//! The fleet protocol shared by devices and the fleet manager. Owns: topic names, device ids,
+//! the messages and events devices send, signed desired states and the fleet's REST types.
+//! Never imports: a transport (MQTT, HTTP), a store, the fleet server or the device crates.
 //!
 //! Topics live under a versioned prefix, one subtree per device ([`Topics`]). The fleet's
 //! desired state for a device travels as a [`SignedDesired`] envelope: the exact JSON bytes of a
