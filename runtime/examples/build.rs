@@ -45,6 +45,7 @@ fn main() {
     for (konst, file) in [
         ("DIGITS_GUEST", "digits_guest.wasm"),
         ("SENSOR_GUEST", "sensor_guest.wasm"),
+        ("GENERIC_GUEST", "generic_guest.wasm"),
         ("HOSTILE_GUEST", "hostile_guest.wasm"),
     ] {
         let path = wasm_dir.join(file);

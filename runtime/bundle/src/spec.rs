@@ -28,13 +28,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BuildInput, ModelInput};
 use crate::manifest::{Api, Baseline, ResourceLimits, TensorSpec};
 
 /// A parsed spec; [`Spec::load`] turns it into a [`BuildInput`].
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
     /// Model name.
@@ -43,8 +43,10 @@ pub struct Spec {
     pub version: semver::Version,
     /// Anti-rollback counter.
     pub security_counter: u64,
-    /// Path of the compiled guest.
-    pub guest: PathBuf,
+    /// Path of the compiled guest; without one, the caller's generic guest (the `outpost`
+    /// binary's: the request's tensors through the one model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<PathBuf>,
     /// ONNX models.
     #[serde(default)]
     pub model: Vec<SpecModel>,
@@ -55,13 +57,13 @@ pub struct Spec {
     #[serde(default)]
     pub limits: ResourceLimits,
     /// Drift baseline, inline or as the path of a JSON file.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<BaselineSpec>,
     /// Class labels.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
     /// A JSON object merged into `metadata` (model-derived values such as thresholds).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata_file: Option<PathBuf>,
     /// Free metadata.
     #[serde(default)]
@@ -69,7 +71,7 @@ pub struct Spec {
 }
 
 /// A baseline given inline or as a file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum BaselineSpec {
     /// Path of a JSON file holding a [`Baseline`].
@@ -79,7 +81,7 @@ pub enum BaselineSpec {
 }
 
 /// An ONNX model in a spec.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecModel {
     /// Name the guest calls it by.
@@ -97,9 +99,15 @@ pub struct SpecModel {
 /// Why a spec cannot be turned into a bundle.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
+    /// The spec names no guest and the caller has no generic one.
+    #[error("the bundle spec names no `guest`")]
+    NoGuest,
     /// The TOML is malformed or has unknown fields.
     #[error("invalid bundle spec: {0}")]
     Syntax(toml::de::Error),
+    /// The spec cannot be written as TOML.
+    #[error("cannot write the bundle spec: {0}")]
+    Write(toml::ser::Error),
     /// A file the spec names cannot be read.
     #[error("cannot read {what} `{}`", path.display())]
     Read {
@@ -129,18 +137,29 @@ impl Spec {
         toml::from_str(text).map_err(SpecError::Syntax)
     }
 
+    /// The spec as TOML text that [`Spec::parse`] reads back.
+    pub fn to_toml(&self) -> Result<String, SpecError> {
+        toml::to_string_pretty(self).map_err(SpecError::Write)
+    }
+
     /// Reads every file the spec names, relative to `dir`, through `read` (the file system, or
-    /// embedded bytes), and returns what [`crate::Bundle::build`] takes.
+    /// embedded bytes), and returns what [`crate::Bundle::build`] takes. A spec without a
+    /// `guest` gets `generic_guest`.
     pub fn load(
         self,
         dir: &Path,
         mut read: impl FnMut(&Path) -> std::io::Result<Vec<u8>>,
+        generic_guest: Option<&[u8]>,
     ) -> Result<BuildInput, SpecError> {
         let mut read_file = |what: String, rel: &Path| {
             let path = dir.join(rel);
             read(&path).map_err(|source| SpecError::Read { what, path, source })
         };
-        let guest = read_file("guest module".into(), &self.guest)?;
+        let guest = match (&self.guest, generic_guest) {
+            (Some(path), _) => read_file("guest module".into(), path)?,
+            (None, Some(generic)) => generic.to_vec(),
+            (None, None) => return Err(SpecError::NoGuest),
+        };
         let mut models = Vec::new();
         for m in self.model {
             models.push(ModelInput {

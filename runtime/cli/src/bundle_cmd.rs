@@ -21,13 +21,19 @@ use crate::util;
 /// Bundle subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum BundleCommand {
-    /// Build an unsigned bundle from a spec file (TOML; see `examples/*/bundle.toml`).
+    /// Build an unsigned bundle from a spec file (TOML; see `docs/bundle-spec.md` and
+    /// `examples/*/bundle.toml`), or from an ONNX file alone with `--onnx`.
+    #[command(disable_version_flag = true)]
     Build {
         /// The spec file. Paths inside it are relative to its directory.
-        spec: PathBuf,
+        #[arg(required_unless_present = "onnx")]
+        spec: Option<PathBuf>,
         /// Where to write the bundle.
         #[arg(long, short)]
         out: PathBuf,
+        /// Building from an ONNX file.
+        #[command(flatten)]
+        onnx: crate::onnx_spec::OnnxArgs,
     },
     /// Sign a bundle with a secret key (replaces any previous signature).
     Sign {
@@ -63,7 +69,25 @@ pub(crate) enum BundleCommand {
 
 pub(crate) fn run(cmd: BundleCommand) -> Result<()> {
     match cmd {
-        BundleCommand::Build { spec, out } => {
+        BundleCommand::Build { spec, out, onnx } => {
+            let spec = match (spec, &onnx.onnx) {
+                (Some(spec), _) => spec,
+                (None, Some(file)) => {
+                    let bytes = util::read(file)?;
+                    let spec_path = onnx.spec_out.clone().unwrap_or_else(|| {
+                        let name = onnx.name.as_deref().unwrap_or("model");
+                        out.with_file_name(format!("{name}.bundle.toml"))
+                    });
+                    let spec = crate::onnx_spec::spec_for(&onnx, file, &bytes, &spec_path)?;
+                    util::write_atomic(&spec_path, spec.to_toml()?.as_bytes(), false)?;
+                    println!(
+                        "wrote the spec to {} (edit it and build from it)",
+                        spec_path.display()
+                    );
+                    spec_path
+                }
+                (None, None) => anyhow::bail!("give a spec file or --onnx FILE"),
+            };
             let bundle = build_from_spec(&spec)?;
             util::write_atomic(&out, &bundle.to_bytes(), false)?;
             let m = bundle.manifest();
@@ -226,9 +250,16 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
     let dir = spec_path.parent().unwrap_or(Path::new("."));
     let spec = Spec::parse(&text)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
-    let guest_path = dir.join(&spec.guest);
+    let guest_path = spec.guest.as_ref().map_or_else(
+        || PathBuf::from("(the built-in generic guest)"),
+        |g| dir.join(g),
+    );
     let build = spec
-        .load(dir, |p| std::fs::read(p))
+        .load(
+            dir,
+            |p| std::fs::read(p),
+            Some(outpost_examples::GENERIC_GUEST),
+        )
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     let input = Loaded { guest_path, build };
     // Refuse what a device could not load: a guest wasmtime cannot compile or that does not

@@ -10,6 +10,7 @@ mod demo_cmd;
 mod device_cmd;
 mod fleet_cmd;
 mod key_cmd;
+mod onnx_spec;
 #[cfg(feature = "fleet")]
 mod serve_cmd;
 mod util;

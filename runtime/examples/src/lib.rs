@@ -66,16 +66,22 @@ impl Example {
                 ],
             ),
         };
-        Spec::parse(spec)?.load(Path::new(""), |path: &Path| {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            files
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, bytes)| bytes.to_vec())
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, name.to_owned()))
-        })
+        Spec::parse(spec)?.load(
+            Path::new(""),
+            |path: &Path| {
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                files
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, bytes)| bytes.to_vec())
+                    .ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, name.to_owned())
+                    })
+            },
+            None,
+        )
     }
 }

@@ -13,7 +13,7 @@ use outpost_bundle::manifest::{DataType, TensorSpec};
 
 pub use tensor::Tensor;
 #[cfg(feature = "tract")]
-pub use tract::Tract;
+pub use tract::{Tract, graph_inputs, signature};
 
 /// One input or output of a loaded model.
 #[derive(Debug, Clone, PartialEq, Eq)]

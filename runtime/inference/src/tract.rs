@@ -9,7 +9,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use tract_onnx::prelude::{
     Datum, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TDim,
-    TValue, TVec, Tensor as TractTensor, TypedRunnableModel, f16,
+    TValue, TVec, Tensor as TractTensor, TypedModel, TypedRunnableModel, f16,
 };
 
 use crate::{Backend, LoadError, Model, Port, RunError, Tensor, match_inputs};
@@ -38,7 +38,7 @@ struct TractModel {
     outputs: Vec<Port>,
 }
 
-fn datatype(dt: DatumType) -> Option<DataType> {
+pub(crate) fn datatype(dt: DatumType) -> Option<DataType> {
     Some(match dt {
         DatumType::Bool => DataType::Bool,
         DatumType::U8 => DataType::U8,
@@ -62,62 +62,169 @@ fn dims(shape: impl Iterator<Item = TDim>) -> Vec<Option<u64>> {
         .collect()
 }
 
-impl TractModel {
-    fn load(bytes: &[u8], declared: &[TensorSpec]) -> Result<Self, String> {
-        let mut model = tract_onnx::onnx()
-            .with_ignore_output_shapes(true)
-            .with_ignore_value_info(true)
-            .model_for_read(&mut &bytes[..])
+/// Reads an ONNX model and types it with the declared inputs' facts.
+fn typed(bytes: &[u8], declared: &[TensorSpec]) -> Result<TypedModel, String> {
+    let mut model = tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true)
+        .model_for_read(&mut &bytes[..])
+        .map_err(|e| format!("{e:#}"))?;
+    // Pin every input's fact. A dimension the graph leaves open takes the declared size, or
+    // becomes a symbol (the declared name, so inputs declared with the same name share it),
+    // so one optimised plan serves any batch size.
+    let symbols = model.symbols.clone();
+    let outlets = model
+        .input_outlets()
+        .map_err(|e| format!("{e:#}"))?
+        .to_vec();
+    let count = outlets.len();
+    // A declaration that does not name the graph's inputs in order pins nothing (the
+    // signature check then says what is wrong with it).
+    let names_fit = declared.len() == count
+        && outlets
+            .iter()
+            .zip(declared)
+            .all(|(o, d)| model.node(o.node).name == d.name);
+    let declared = if names_fit { declared } else { &[] };
+    for i in 0..count {
+        let fact = model.input_fact(i).map_err(|e| format!("{e:#}"))?.clone();
+        let dt = fact
+            .datum_type
+            .concretize()
+            .ok_or_else(|| format!("input {i} has no element type"))?;
+        if fact.shape.is_open() {
+            return Err(format!("input {i} has no fixed rank"));
+        }
+        let dims: TVec<TDim> = fact
+            .shape
+            .dims()
+            .enumerate()
+            .map(|(j, d)| {
+                // A number in the graph stays; a named or unknown dimension is open.
+                let graph = d.concretize().filter(|d| d.to_i64().is_ok());
+                graph.unwrap_or_else(
+                    || match declared.get(i).and_then(|spec| spec.shape.get(j)) {
+                        Some(Dim::Fixed(n)) => TDim::Val(*n as i64),
+                        Some(Dim::Symbolic(name)) => symbols.sym(name).into(),
+                        None => d
+                            .concretize()
+                            .unwrap_or_else(|| symbols.sym(&format!("in{i}_{j}")).into()),
+                    },
+                )
+            })
+            .collect();
+        model
+            .set_input_fact(i, InferenceFact::dt_shape(dt, dims))
             .map_err(|e| format!("{e:#}"))?;
-        // Pin every input's fact. A dimension the graph leaves open takes the declared size, or
-        // becomes a symbol (the declared name, so inputs declared with the same name share it),
-        // so one optimised plan serves any batch size.
-        let symbols = model.symbols.clone();
-        let outlets = model
-            .input_outlets()
-            .map_err(|e| format!("{e:#}"))?
-            .to_vec();
-        let count = outlets.len();
-        // A declaration that does not name the graph's inputs in order pins nothing (the
-        // signature check then says what is wrong with it).
-        let names_fit = declared.len() == count
-            && outlets
-                .iter()
-                .zip(declared)
-                .all(|(o, d)| model.node(o.node).name == d.name);
-        let declared = if names_fit { declared } else { &[] };
-        for i in 0..count {
-            let fact = model.input_fact(i).map_err(|e| format!("{e:#}"))?.clone();
-            let dt = fact
-                .datum_type
-                .concretize()
-                .ok_or_else(|| format!("input {i} has no element type"))?;
-            if fact.shape.is_open() {
-                return Err(format!("input {i} has no fixed rank"));
-            }
-            let dims: TVec<TDim> = fact
+    }
+    model.into_typed().map_err(|e| format!("{e:#}"))
+}
+
+/// The inputs an ONNX file declares, before any typing: names, element types and shapes (a
+/// dimension the file leaves open is symbolic: by its name in the file, else `batch` for the
+/// first and `NAME_J` for the others). A
+/// caller changes the shapes it wants pinned and passes them to [`signature`] or a load.
+pub fn graph_inputs(bytes: &[u8]) -> Result<Vec<TensorSpec>, LoadError> {
+    let err = |e: tract_onnx::prelude::TractError| LoadError(format!("{e:#}"));
+    let model = tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true)
+        .model_for_read(&mut &bytes[..])
+        .map_err(err)?;
+    let mut inputs = Vec::new();
+    for (i, outlet) in model.input_outlets().map_err(err)?.iter().enumerate() {
+        let name = model.node(outlet.node).name.clone();
+        let fact = model.input_fact(i).map_err(err)?;
+        let datatype = fact
+            .datum_type
+            .concretize()
+            .and_then(datatype)
+            .ok_or_else(|| LoadError(format!("input `{name}` has no supported element type")))?;
+        if fact.shape.is_open() {
+            return Err(LoadError(format!("input `{name}` has no fixed rank")));
+        }
+        let shape = fact
+            .shape
+            .dims()
+            .enumerate()
+            .map(|(j, d)| match d.concretize() {
+                Some(TDim::Val(n)) if n >= 0 => Dim::Fixed(n as u64),
+                Some(TDim::Sym(s)) => Dim::Symbolic(s.to_string()),
+                // An unnamed leading dimension is, by convention, the batch.
+                _ if j == 0 => Dim::Symbolic("batch".into()),
+                _ => Dim::Symbolic(format!("{name}_{j}")),
+            })
+            .collect();
+        inputs.push(TensorSpec {
+            name,
+            datatype,
+            shape,
+        });
+    }
+    Ok(inputs)
+}
+
+/// The signature of an ONNX model as a device would load it with `declared` inputs: each
+/// input and output with its element type and shape (a symbolic dimension by its name in the
+/// graph, or `NAME_J` when the graph leaves it unnamed).
+pub fn signature(
+    bytes: &[u8],
+    declared: &[TensorSpec],
+) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), LoadError> {
+    let typed = typed(bytes, declared).map_err(LoadError)?;
+    let spec =
+        |outlet: tract_onnx::prelude::OutletId, name: String| -> Result<TensorSpec, LoadError> {
+            let fact = typed
+                .outlet_fact(outlet)
+                .map_err(|e| LoadError(format!("{e:#}")))?;
+            let datatype = datatype(fact.datum_type).ok_or_else(|| {
+                LoadError(format!(
+                    "`{name}` has unsupported type {:?}",
+                    fact.datum_type
+                ))
+            })?;
+            let shape = fact
                 .shape
-                .dims()
+                .iter()
                 .enumerate()
-                .map(|(j, d)| {
-                    // A number in the graph stays; a named or unknown dimension is open.
-                    let graph = d.concretize().filter(|d| d.to_i64().is_ok());
-                    graph.unwrap_or_else(|| {
-                        match declared.get(i).and_then(|spec| spec.shape.get(j)) {
-                            Some(Dim::Fixed(n)) => TDim::Val(*n as i64),
-                            Some(Dim::Symbolic(name)) => symbols.sym(name).into(),
-                            None => d
-                                .concretize()
-                                .unwrap_or_else(|| symbols.sym(&format!("in{i}_{j}")).into()),
-                        }
-                    })
+                .map(|(j, d)| match d.to_i64() {
+                    Ok(n) => Dim::Fixed(u64::try_from(n).unwrap_or(0)),
+                    Err(_) => match d {
+                        TDim::Sym(s) => Dim::Symbolic(s.to_string()),
+                        _ => Dim::Symbolic(format!("{name}_{j}")),
+                    },
                 })
                 .collect();
-            model
-                .set_input_fact(i, InferenceFact::dt_shape(dt, dims))
-                .map_err(|e| format!("{e:#}"))?;
-        }
-        let typed = model.into_typed().map_err(|e| format!("{e:#}"))?;
+            Ok(TensorSpec {
+                name,
+                datatype,
+                shape,
+            })
+        };
+    let mut inputs = Vec::new();
+    for &o in typed
+        .input_outlets()
+        .map_err(|e| LoadError(format!("{e:#}")))?
+    {
+        inputs.push(spec(o, typed.node(o.node).name.clone())?);
+    }
+    let mut outputs = Vec::new();
+    for &o in typed
+        .output_outlets()
+        .map_err(|e| LoadError(format!("{e:#}")))?
+    {
+        let name = typed
+            .outlet_label(o)
+            .map(str::to_owned)
+            .unwrap_or_else(|| typed.node(o.node).name.clone());
+        outputs.push(spec(o, name)?);
+    }
+    Ok((inputs, outputs))
+}
+
+impl TractModel {
+    fn load(bytes: &[u8], declared: &[TensorSpec]) -> Result<Self, String> {
+        let typed = typed(bytes, declared)?;
         let port = |outlet: tract_onnx::prelude::OutletId, name: String| -> Result<Port, String> {
             let fact = typed.outlet_fact(outlet).map_err(|e| format!("{e:#}"))?;
             Ok(Port {
@@ -346,5 +453,50 @@ mod tests {
             ..declared[0].clone()
         }];
         assert!(Tract.load(&reshape_onnx(), &other).is_err());
+    }
+
+    #[test]
+    fn the_signature_keeps_the_graphs_dimension_names_and_takes_pins() {
+        let digits = outpost_examples::DIGITS_ONNX;
+        let (inputs, outputs) = signature(digits, &[]).unwrap();
+        assert_eq!(inputs.len(), 1);
+        assert_eq!(inputs[0].name, "input");
+        assert_eq!(inputs[0].datatype, DataType::F32);
+        assert!(matches!(inputs[0].shape[0], Dim::Symbolic(_)), "{inputs:?}");
+        assert_eq!(inputs[0].shape[1], Dim::Fixed(64));
+        assert_eq!(outputs[0].name, "probabilities");
+        assert_eq!(outputs[0].shape[1], Dim::Fixed(10));
+        // The batch dimension is the same symbol on both sides.
+        assert_eq!(outputs[0].shape[0], inputs[0].shape[0]);
+
+        let pinned = vec![TensorSpec {
+            shape: vec![Dim::Fixed(1), Dim::Fixed(64)],
+            ..inputs[0].clone()
+        }];
+        let (inputs, outputs) = signature(digits, &pinned).unwrap();
+        assert_eq!(inputs[0].shape, [Dim::Fixed(1), Dim::Fixed(64)]);
+        assert_eq!(outputs[0].shape, [Dim::Fixed(1), Dim::Fixed(10)]);
+        assert!(signature(b"not onnx", &[]).is_err());
+    }
+
+    #[test]
+    fn graph_inputs_read_a_model_that_only_types_once_pinned() {
+        let bytes = reshape_onnx();
+        let mut inputs = graph_inputs(&bytes).unwrap();
+        assert_eq!(inputs.len(), 1);
+        assert_eq!(inputs[0].name, "x");
+        assert_eq!(
+            inputs[0].shape,
+            [Dim::Symbolic("n".into())],
+            "the name in the file"
+        );
+        assert!(
+            signature(&bytes, &inputs).is_err(),
+            "open, the Reshape does not type"
+        );
+        inputs[0].shape = vec![Dim::Fixed(4)];
+        let (_, outputs) = signature(&bytes, &inputs).unwrap();
+        assert_eq!(outputs[0].shape, [Dim::Fixed(2), Dim::Fixed(2)]);
+        assert!(graph_inputs(b"\x08\x07junk").is_err());
     }
 }

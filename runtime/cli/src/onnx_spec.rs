@@ -1,0 +1,237 @@
+//! `outpost bundle build --onnx`: the bundle spec for an ONNX file alone, with the built-in
+//! generic guest, its endpoint taking and returning the graph's own tensors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use outpost_bundle::manifest::{Api, Dim, ResourceLimits};
+use outpost_bundle::spec::{Spec, SpecModel};
+
+/// What `bundle build --onnx` was given.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct OnnxArgs {
+    /// Build from this ONNX file alone, with the built-in generic guest (tensors in, the model,
+    /// tensors out); writes the spec it used next to the bundle.
+    #[arg(long, conflicts_with = "spec", requires_all = ["name", "version"])]
+    pub onnx: Option<PathBuf>,
+    /// Model name for `--onnx` (`[a-z0-9][a-z0-9-]*`).
+    #[arg(long, requires = "onnx")]
+    pub name: Option<String>,
+    /// Model version for `--onnx` (semver, e.g. 1.0.0).
+    #[arg(long, requires = "onnx")]
+    pub version: Option<String>,
+    /// Anti-rollback counter for `--onnx`.
+    #[arg(long, requires = "onnx", default_value_t = 1)]
+    pub security_counter: u64,
+    /// Pin an input's shape, e.g. `image=1,3,224,224` or `input=batch,64` (a name keeps a
+    /// dimension open). Repeat for more inputs.
+    #[arg(long = "input-shape", value_name = "INPUT=DIMS", requires = "onnx")]
+    pub input_shapes: Vec<String>,
+    /// Class labels, one per line, for the bundle's `labels`.
+    #[arg(long, value_name = "FILE", requires = "onnx")]
+    pub labels: Option<PathBuf>,
+    /// Map an FP32 input's values to `x * SCALE + OFFSET` before the model sees them.
+    #[arg(long, value_name = "INPUT=SCALE[,OFFSET]", requires = "onnx")]
+    pub scale: Vec<String>,
+    /// Turn an FP32 output into probabilities (softmax over its last axis).
+    #[arg(long, value_name = "OUTPUT", requires = "onnx")]
+    pub softmax: Vec<String>,
+    /// Where to write the spec (default: next to the bundle, `NAME.bundle.toml`).
+    #[arg(long, value_name = "FILE", requires = "onnx")]
+    pub spec_out: Option<PathBuf>,
+}
+
+/// Parses `NAME=D1,D2,...`.
+fn parse_shape(arg: &str) -> Result<(String, Vec<Dim>)> {
+    let (name, dims) = arg
+        .split_once('=')
+        .with_context(|| format!("--input-shape `{arg}`: expected INPUT=D1,D2,..."))?;
+    let dims = dims
+        .split(',')
+        .map(str::trim)
+        .map(|d| match d.parse::<u64>() {
+            Ok(n) => Ok(Dim::Fixed(n)),
+            Err(_) if !d.is_empty() && d.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+                Ok(Dim::Symbolic(d.to_owned()))
+            }
+            Err(_) => bail!("--input-shape `{arg}`: `{d}` is neither a size nor a name"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((name.to_owned(), dims))
+}
+
+/// The spec for `onnx` (whose bytes are `bytes`), to be written at `spec_path`.
+pub(crate) fn spec_for(
+    args: &OnnxArgs,
+    onnx: &Path,
+    bytes: &[u8],
+    spec_path: &Path,
+) -> Result<Spec> {
+    let (Some(name), Some(version)) = (&args.name, &args.version) else {
+        bail!("--onnx needs --name and --version");
+    };
+    let version: semver::Version = version
+        .parse()
+        .with_context(|| format!("--version `{version}` is not a semver version"))?;
+    let mut inputs = outpost_inference::graph_inputs(bytes)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("cannot read `{}` as an ONNX model", onnx.display()))?;
+    for arg in &args.input_shapes {
+        let (input, dims) = parse_shape(arg)?;
+        let all = || {
+            inputs
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let names = all();
+        let Some(spec) = inputs.iter_mut().find(|t| t.name == input) else {
+            bail!("--input-shape `{arg}`: the model has no input `{input}` (its inputs: {names})");
+        };
+        if spec.shape.len() != dims.len() {
+            bail!(
+                "--input-shape `{arg}`: `{input}` has {} dimensions in the model, not {}",
+                spec.shape.len(),
+                dims.len()
+            );
+        }
+        if let Some((j, (g, _))) = spec
+            .shape
+            .iter()
+            .zip(&dims)
+            .enumerate()
+            .find(|(_, (g, d))| matches!((g, d), (Dim::Fixed(g), Dim::Fixed(d)) if g != d))
+        {
+            bail!("--input-shape `{arg}`: dimension {j} of `{input}` is fixed at {g} in the model");
+        }
+        spec.shape = dims;
+    }
+    let (inputs, outputs) = outpost_inference::signature(bytes, &inputs)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| {
+            format!(
+                "tract cannot load `{}` with these input shapes (pin open dimensions with \
+                 --input-shape INPUT=D1,D2,...)",
+                onnx.display()
+            )
+        })?;
+    let mut generic = serde_json::Map::new();
+    let mut steps = serde_json::Map::new();
+    for arg in &args.scale {
+        let (input, rest) = arg
+            .split_once('=')
+            .with_context(|| format!("--scale `{arg}`: expected INPUT=SCALE[,OFFSET]"))?;
+        let fp32 = inputs
+            .iter()
+            .any(|t| t.name == input && t.datatype.oip_name() == "FP32");
+        if !fp32 {
+            bail!("--scale `{arg}`: the model has no FP32 input `{input}`");
+        }
+        let (scale, offset) = rest.split_once(',').unwrap_or((rest, "0"));
+        let number = |s: &str| {
+            s.trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .with_context(|| format!("--scale `{arg}`: `{s}` is not a number"))
+        };
+        steps.insert(
+            input.to_owned(),
+            serde_json::json!({ "scale": number(scale)?, "offset": number(offset)? }),
+        );
+    }
+    if !steps.is_empty() {
+        generic.insert("inputs".into(), steps.into());
+    }
+    let mut steps = serde_json::Map::new();
+    for output in &args.softmax {
+        if !outputs
+            .iter()
+            .any(|t| &t.name == output && t.datatype.oip_name() == "FP32")
+        {
+            bail!("--softmax `{output}`: the model has no FP32 output `{output}`");
+        }
+        steps.insert(output.clone(), serde_json::json!({ "softmax": true }));
+    }
+    if !steps.is_empty() {
+        generic.insert("outputs".into(), steps.into());
+    }
+    let labels = match &args.labels {
+        None => Vec::new(),
+        Some(path) => crate::util::read_string(path)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    let mut metadata = BTreeMap::new();
+    if !generic.is_empty() {
+        metadata.insert("generic".to_owned(), serde_json::Value::Object(generic));
+    }
+    Ok(Spec {
+        name: name.clone(),
+        version,
+        security_counter: args.security_counter,
+        guest: None,
+        model: vec![SpecModel {
+            name: "model".into(),
+            path: relative_to(onnx, spec_path),
+            inputs: inputs.clone(),
+            outputs: outputs.clone(),
+        }],
+        // The endpoint's tensors are the graph's.
+        api: Api {
+            inputs,
+            outputs,
+            raw_content_types: Vec::new(),
+        },
+        limits: ResourceLimits::default(),
+        baseline: None,
+        labels,
+        metadata_file: None,
+        metadata,
+    })
+}
+
+/// `file` as the spec at `spec` should name it: by its name when they share a directory,
+/// otherwise by its absolute path.
+fn relative_to(file: &Path, spec: &Path) -> PathBuf {
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let file = absolute(file);
+    let dir = spec
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(|| absolute(Path::new(".")), absolute);
+    match file.strip_prefix(&dir) {
+        Ok(rel) => rel.to_path_buf(),
+        Err(_) => file,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn input_shapes_parse_sizes_and_names() {
+        let (name, dims) = parse_shape("image=1,3,batch_2,224").unwrap();
+        assert_eq!(name, "image");
+        assert_eq!(
+            dims,
+            [
+                Dim::Fixed(1),
+                Dim::Fixed(3),
+                Dim::Symbolic("batch_2".into()),
+                Dim::Fixed(224)
+            ]
+        );
+        assert!(parse_shape("image").is_err());
+        assert!(parse_shape("image=1,,2").is_err());
+        assert!(parse_shape("image=1,a-b").is_err());
+    }
+}
