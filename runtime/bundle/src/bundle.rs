@@ -105,6 +105,8 @@ pub struct ModelInput {
     pub inputs: Vec<TensorSpec>,
     /// Output tensors.
     pub outputs: Vec<TensorSpec>,
+    /// Exporter quirks the loader repairs in the file, recorded in the manifest.
+    pub repairs: Vec<String>,
 }
 
 /// Everything a new bundle is made of; [`Bundle::build`] computes sizes, hashes and paths.
@@ -178,6 +180,7 @@ impl Bundle {
                 sha256: f.sha256,
                 inputs: m.inputs,
                 outputs: m.outputs,
+                repairs: m.repairs,
             });
             if files.insert(f.path.clone(), m.bytes).is_some() {
                 return Err(BundleError::InvalidManifest(format!(

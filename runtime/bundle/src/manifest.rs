@@ -82,6 +82,10 @@ pub struct ModelEntry {
     /// Output tensors.
     #[serde(default)]
     pub outputs: Vec<TensorSpec>,
+    /// Exporter quirks the loader repairs in this file (`bundle build` found them; a device
+    /// makes the same repairs when it loads the file as signed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repairs: Vec<String>,
 }
 
 impl ModelEntry {

@@ -167,6 +167,7 @@ impl Spec {
                 name: m.name,
                 inputs: m.inputs,
                 outputs: m.outputs,
+                repairs: Vec::new(),
             });
         }
         let baseline = match self.baseline {

@@ -24,6 +24,7 @@ fn input(counter: u64) -> BuildInput {
                 shape: vec![Dim::Symbolic("batch".into()), Dim::Fixed(64)],
             }],
             outputs: vec![],
+            repairs: vec![],
         }],
         api: Default::default(),
         limits: Default::default(),

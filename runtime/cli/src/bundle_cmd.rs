@@ -216,6 +216,9 @@ fn describe(b: &Bundle, bytes: &[u8]) -> String {
         );
         let _ = writeln!(s, "            inputs   {}", tensors(&model.inputs));
         let _ = writeln!(s, "            outputs  {}", tensors(&model.outputs));
+        for r in &model.repairs {
+            let _ = writeln!(s, "            repaired {r}");
+        }
     }
     let _ = writeln!(s, "api       inputs   {}", tensors(&m.api.inputs));
     let _ = writeln!(s, "          outputs  {}", tensors(&m.api.outputs));
@@ -261,7 +264,7 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
             Some(outpost_examples::GENERIC_GUEST),
         )
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
-    let input = Loaded { guest_path, build };
+    let mut input = Loaded { guest_path, build };
     // Refuse what a device could not load: a guest wasmtime cannot compile or that does not
     // fit the host contract, an ONNX model tract cannot load.
     let engine = Engine::new().context("cannot start the WebAssembly engine")?;
@@ -275,6 +278,14 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
             )
         })?;
     let backend = outpost_inference::default_backend();
+    for m in &mut input.build.models {
+        m.repairs = outpost_inference::repairs(&m.bytes)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("cannot read ONNX model `{}`", m.name))?;
+        for r in &m.repairs {
+            println!("model {}: {r}", m.name);
+        }
+    }
     for m in &input.build.models {
         let cannot_load = || {
             format!(

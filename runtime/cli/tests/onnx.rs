@@ -188,3 +188,65 @@ fn a_bad_onnx_build_says_what_is_wrong_and_writes_nothing() {
         assert!(!dir.join("m.bundle.toml").exists(), "{args:?} wrote a spec");
     }
 }
+
+#[test]
+fn an_export_with_known_quirks_is_repaired_recorded_and_served() {
+    let dir = TempDir::new("onnx-quirks");
+    fs::write(
+        dir.join("clf.onnx"),
+        outpost_examples::graphs::quirky_classifier_onnx(),
+    )
+    .unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "--onnx",
+            "clf.onnx",
+            "--name",
+            "clf",
+            "--version",
+            "1.0.0",
+            "--out",
+            "clf.opb",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("dropped the ZipMap"), "{stdout}");
+    let bundle = fs::read(dir.join("clf.opb")).unwrap();
+    let manifest = Bundle::read(&bundle[..], &ReadLimits::default())
+        .unwrap()
+        .manifest()
+        .clone();
+    assert_eq!(
+        manifest.models[0].repairs.len(),
+        2,
+        "{:?}",
+        manifest.models[0]
+    );
+    let inspect = outpost(dir.path(), &["bundle", "inspect", "clf.opb"]);
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("repaired renamed 2 node(s)"));
+
+    let (url, _stop) = serve(&dir, &bundle);
+    let reply = post_json(
+        &format!("{url}/v2/models/clf/infer"),
+        &json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 1.0]}]}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["outputs"][0]["name"], "output_probability");
+    let p: Vec<f64> = body["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let e = (-1.0f64).exp();
+    assert!((p[1] - 1.0 / (1.0 + e)).abs() < 1e-6, "{p:?}");
+}

@@ -110,3 +110,71 @@ pub fn lookup_onnx() -> Vec<u8> {
         true,
     )
 }
+
+/// A classifier as converters often write it: `probabilities = Softmax(x * w)` over FP32
+/// `x [n, 2]`, both nodes named `node` (some converters reuse a name), then skl2onnx's default
+/// `ZipMap` turning the probabilities into a sequence of maps as the output
+/// `output_probability`. tract loads it only once the loader repairs both.
+pub fn quirky_classifier_onnx() -> Vec<u8> {
+    let node = |op: &str, domain: &str, input: Vec<&str>, output: &str| pb::NodeProto {
+        input: input.into_iter().map(str::to_owned).collect(),
+        output: vec![output.into()],
+        name: "node".into(),
+        op_type: op.into(),
+        domain: domain.into(),
+        ..Default::default()
+    };
+    let mut zipmap = node(
+        "ZipMap",
+        "ai.onnx.ml",
+        vec!["probabilities"],
+        "output_probability",
+    );
+    zipmap.attribute.push(pb::AttributeProto {
+        name: "classlabels_int64s".into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: vec![0, 1],
+        ..Default::default()
+    });
+    let graph = pb::GraphProto {
+        name: "quirky".into(),
+        node: vec![
+            node("Mul", "", vec!["x", "w"], "scores"),
+            node("Softmax", "", vec!["scores"], "probabilities"),
+            zipmap,
+        ],
+        initializer: vec![pb::TensorProto {
+            name: "w".into(),
+            dims: vec![2],
+            data_type: Pb::Float as i32,
+            float_data: vec![2.0, 3.0],
+            ..Default::default()
+        }],
+        input: vec![value(
+            "x",
+            Pb::Float,
+            vec![dim(D::DimParam("n".into())), dim(D::DimValue(2))],
+        )],
+        output: vec![pb::ValueInfoProto {
+            name: "output_probability".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![
+            pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            },
+            pb::OperatorSetIdProto {
+                domain: "ai.onnx.ml".into(),
+                version: 1,
+            },
+        ],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}

@@ -3,6 +3,8 @@
 //! default). Owns: loading, describing and running ONNX models. Never imports: wasmtime, the
 //! HTTP or MQTT stack, or the device's state.
 
+#[cfg(feature = "tract")]
+mod repair;
 mod tensor;
 #[cfg(feature = "tract")]
 mod tract;
@@ -13,7 +15,7 @@ use outpost_bundle::manifest::{DataType, TensorSpec};
 
 pub use tensor::Tensor;
 #[cfg(feature = "tract")]
-pub use tract::{Tract, graph_inputs, signature};
+pub use tract::{Tract, graph_inputs, repairs, signature};
 
 /// One input or output of a loaded model.
 #[derive(Debug, Clone, PartialEq, Eq)]

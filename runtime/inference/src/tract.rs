@@ -8,8 +8,8 @@ use outpost_bundle::manifest::{DataType, Dim, TensorSpec};
 use tract_onnx::tract_hir::infer::Factoid;
 
 use tract_onnx::prelude::{
-    Datum, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TDim,
-    TValue, TVec, Tensor as TractTensor, TypedModel, TypedRunnableModel, f16,
+    Datum, DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
+    IntoTValue, TDim, TValue, TVec, Tensor as TractTensor, TypedModel, TypedRunnableModel, f16,
 };
 
 use crate::{Backend, LoadError, Model, Port, RunError, Tensor, match_inputs};
@@ -64,11 +64,7 @@ fn dims(shape: impl Iterator<Item = TDim>) -> Vec<Option<u64>> {
 
 /// Reads an ONNX model and types it with the declared inputs' facts.
 fn typed(bytes: &[u8], declared: &[TensorSpec]) -> Result<TypedModel, String> {
-    let mut model = tract_onnx::onnx()
-        .with_ignore_output_shapes(true)
-        .with_ignore_value_info(true)
-        .model_for_read(&mut &bytes[..])
-        .map_err(|e| format!("{e:#}"))?;
+    let mut model = read(bytes)?.0;
     // Pin every input's fact. A dimension the graph leaves open takes the declared size, or
     // becomes a symbol (the declared name, so inputs declared with the same name share it),
     // so one optimised plan serves any batch size.
@@ -120,17 +116,36 @@ fn typed(bytes: &[u8], declared: &[TensorSpec]) -> Result<TypedModel, String> {
     model.into_typed().map_err(|e| format!("{e:#}"))
 }
 
+/// Reads an ONNX file as tract's inference model, after the known exporter quirks are
+/// repaired ([`repairs`] lists them). Shapes and types the file gives its outputs and
+/// intermediate values are ignored: tract infers them, and exporters get them wrong.
+fn read(bytes: &[u8]) -> Result<(InferenceModel, Vec<String>), String> {
+    let onnx = tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true);
+    let mut proto = onnx
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| format!("not an ONNX model: {e:#}"))?;
+    let repairs = crate::repair::repair(&mut proto);
+    let model = onnx
+        .model_for_proto_model(&proto)
+        .map_err(|e| format!("{e:#}"))?;
+    Ok((model, repairs))
+}
+
+/// The exporter quirks the loader repairs in this ONNX file, one line each (empty when there
+/// are none). `bundle build` records them in the manifest.
+pub fn repairs(bytes: &[u8]) -> Result<Vec<String>, LoadError> {
+    read(bytes).map(|(_, r)| r).map_err(LoadError)
+}
+
 /// The inputs an ONNX file declares, before any typing: names, element types and shapes (a
 /// dimension the file leaves open is symbolic: by its name in the file, else `batch` for the
 /// first and `NAME_J` for the others). A
 /// caller changes the shapes it wants pinned and passes them to [`signature`] or a load.
 pub fn graph_inputs(bytes: &[u8]) -> Result<Vec<TensorSpec>, LoadError> {
     let err = |e: tract_onnx::prelude::TractError| LoadError(format!("{e:#}"));
-    let model = tract_onnx::onnx()
-        .with_ignore_output_shapes(true)
-        .with_ignore_value_info(true)
-        .model_for_read(&mut &bytes[..])
-        .map_err(err)?;
+    let model = read(bytes).map_err(LoadError)?.0;
     let mut inputs = Vec::new();
     for (i, outlet) in model.input_outlets().map_err(err)?.iter().enumerate() {
         let name = model.node(outlet.node).name.clone();
@@ -381,7 +396,7 @@ fn from_tract(name: &str, t: &TractTensor) -> Result<Tensor, String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use outpost_examples::graphs::{lookup_onnx, reshape_onnx};
+    use outpost_examples::graphs::{lookup_onnx, quirky_classifier_onnx, reshape_onnx};
 
     use super::*;
 
@@ -498,5 +513,35 @@ mod tests {
         let (_, outputs) = signature(&bytes, &inputs).unwrap();
         assert_eq!(outputs[0].shape, [Dim::Fixed(2), Dim::Fixed(2)]);
         assert!(graph_inputs(b"\x08\x07junk").is_err());
+    }
+
+    #[test]
+    fn exporter_quirks_are_repaired_and_listed() {
+        let bytes = quirky_classifier_onnx();
+        let made = repairs(&bytes).unwrap();
+        assert_eq!(made.len(), 2, "{made:?}");
+        assert!(made[0].contains("renamed 2 node(s)"), "{made:?}");
+        assert!(made[1].contains("ZipMap after `probabilities`"), "{made:?}");
+        let model = Tract.load(&bytes, &[]).unwrap();
+        assert_eq!(model.outputs()[0].name, "output_probability");
+        assert_eq!(model.outputs()[0].datatype, DataType::F32);
+        let x = Tensor {
+            name: "x".into(),
+            datatype: DataType::F32,
+            shape: vec![1, 2],
+            data: [1.0f32, 1.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let out = model.run(vec![x], 1 << 20).unwrap();
+        let p: Vec<f32> = out[0]
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        // softmax([2, 3])
+        let e = (-1.0f32).exp();
+        assert!((p[0] - e / (1.0 + e)).abs() < 1e-6, "{p:?}");
+        assert!((p[1] - 1.0 / (1.0 + e)).abs() < 1e-6, "{p:?}");
+        // A clean graph needs none.
+        assert!(repairs(&reshape_onnx()).unwrap().is_empty());
     }
 }

@@ -59,6 +59,7 @@ pub fn hostile_bundle(timeout_ms: u64) -> Vec<u8> {
         bytes: outpost_examples::graphs::lookup_onnx(),
         inputs: Vec::new(),
         outputs: Vec::new(),
+        repairs: Vec::new(),
     });
     signed(input)
 }
