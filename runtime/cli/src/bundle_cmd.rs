@@ -281,7 +281,13 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
     for m in &mut input.build.models {
         m.repairs = outpost_inference::repairs(&m.bytes)
             .map_err(anyhow::Error::msg)
-            .with_context(|| format!("cannot read ONNX model `{}`", m.name))?;
+            .with_context(|| {
+                format!(
+                    "ONNX model `{}` cannot be loaded by {}",
+                    m.name,
+                    backend.name()
+                )
+            })?;
         for r in &m.repairs {
             println!("model {}: {r}", m.name);
         }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use outpost_bundle::manifest::{DataType, Dim, Manifest};
 use outpost_bundle::{Bundle, ReadLimits, TrustStore, sha256_hex};
@@ -393,6 +393,18 @@ impl Device {
         payload: Payload,
     ) -> Result<(Arc<Loaded>, CallOutput), InferError> {
         let loaded = self.resolve(name, version)?;
+        // The bundle's API is held here, before the guest runs.
+        if let Err(reason) = crate::contract::check(&loaded.manifest.api, &payload) {
+            let refused = InferError::InvalidInput(reason);
+            self.metrics.record(
+                name,
+                loaded.version(),
+                Duration::ZERO,
+                Some(refused.kind()),
+                &[],
+            );
+            return Err(refused);
+        }
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             self.metrics.record_busy();
             return Err(InferError::Busy(self.max_concurrent));

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+mod contract;
 pub mod device;
 mod error;
 mod fleet_link;

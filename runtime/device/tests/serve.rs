@@ -310,9 +310,9 @@ fn oip_error_cases() {
             "wrong dtype",
             infer.clone(),
             400,
-            "expected a numeric tensor",
+            "input `pixels` is BYTES; this model takes FP32",
         ),
-        ("wrong shape", infer.clone(), 400, "N × 64"),
+        ("wrong shape", infer.clone(), 400, "takes [batch, 64]"),
         (
             "data does not match shape",
             infer.clone(),
@@ -320,12 +320,24 @@ fn oip_error_cases() {
             "needs 256 bytes",
         ),
         (
-            "missing input",
+            "unknown input",
             infer.clone(),
             400,
-            "missing input tensor `pixels`",
+            "unknown input `other`; this model takes: pixels",
         ),
         ("out of range", infer.clone(), 400, "between 0 and 16"),
+        (
+            "FP64 for an FP32 input",
+            infer.clone(),
+            400,
+            "input `pixels` is FP64; this model takes FP32",
+        ),
+        (
+            "an unlisted raw content type",
+            format!("{}/v2/models/digits/raw", s.url),
+            400,
+            "`application/json` is not one this model takes",
+        ),
     ];
     let bodies = [
         json!({"inputs": []}).to_string(),
@@ -336,6 +348,8 @@ fn oip_error_cases() {
         json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [1, 2, 3]}]}).to_string(),
         json!({"inputs": [{"name": "other", "shape": [1], "datatype": "FP32", "data": [1]}]}).to_string(),
         digits_request(&[99.0; 64]).to_string(),
+        json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP64", "data": vec![0.0; 64]}]}).to_string(),
+        json!({"pixels": [0.0]}).to_string(),
     ];
     for ((what, url, status, msg), body) in cases.into_iter().zip(bodies) {
         let r = post(&url, "application/json", body.as_bytes());

@@ -49,7 +49,20 @@ pub fn hostile_bundle(timeout_ms: u64) -> Vec<u8> {
     input.name = "hostile".into();
     input.guest = outpost_examples::HOSTILE_GUEST.to_vec();
     input.api = Default::default();
-    input.api.raw_content_types = vec!["text/plain".into()];
+    // Its echo, and each attack it knows (tests/guests/hostile); the host refuses the rest.
+    input.api.raw_content_types = [
+        "text/plain",
+        "attack/spin",
+        "attack/grow",
+        "attack/huge-tensor",
+        "attack/huge-output",
+        "attack/lookup",
+        "attack/file",
+        "attack/socket",
+        "attack/panic",
+    ]
+    .map(String::from)
+    .to_vec();
     input.limits.memory_bytes = 16 << 20;
     input.limits.timeout_ms = timeout_ms;
     input.limits.max_tensor_bytes = 1 << 20;
