@@ -29,8 +29,8 @@ pub struct ApiLimits {
 }
 
 #[derive(Clone)]
-struct Ctx {
-    device: Arc<Device>,
+pub(crate) struct Ctx {
+    pub(crate) device: Arc<Device>,
     limits: ApiLimits,
 }
 
@@ -108,6 +108,17 @@ pub fn public_router(device: Arc<Device>, limits: ApiLimits) -> Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v2/models/{name}/raw", post(raw))
         .route("/v2/models/{name}/versions/{version}/raw", post(raw))
+        .route("/v2/models/{name}/config", get(crate::triton::config))
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(crate::triton::config),
+        )
+        .route("/v2/models/stats", get(crate::triton::stats_all))
+        .route("/v2/models/{name}/stats", get(crate::triton::stats))
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(crate::triton::stats),
+        )
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -118,7 +129,10 @@ async fn server_metadata() -> impl IntoResponse {
     axum::Json(json!({
         "name": "outpost",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_repository", "outpost_raw"],
+        "extensions": [
+            "binary_tensor_data", "classification", "model_repository", "model_configuration",
+            "statistics", "outpost_raw",
+        ],
     }))
 }
 
@@ -235,6 +249,7 @@ async fn infer(
                 &outputs,
                 &requested,
                 binary_output,
+                &loaded.manifest.labels,
             ) {
                 Ok((json, binary)) if binary.is_empty() => {
                     ([(header::CONTENT_TYPE, "application/json")], json).into_response()
@@ -295,7 +310,15 @@ async fn raw(
         Ok((loaded, out)) => match out.payload {
             Payload::Raw { content_type, body } => raw_response(content_type, body),
             Payload::Tensors(outputs) => {
-                match oip::encode_response(&name, loaded.version(), None, &outputs, &[], false) {
+                match oip::encode_response(
+                    &name,
+                    loaded.version(),
+                    None,
+                    &outputs,
+                    &[],
+                    false,
+                    &loaded.manifest.labels,
+                ) {
                     Ok((json, _)) => {
                         ([(header::CONTENT_TYPE, "application/json")], json).into_response()
                     }

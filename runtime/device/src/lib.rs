@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod oip;
 mod run;
 pub mod state;
+mod triton;
 
 pub use config::{Config, DEFAULT_CONFIG, GuestCaps};
 pub use device::Device;

@@ -17,7 +17,26 @@ struct Series {
     errors: BTreeMap<&'static str, u64>,
     buckets: [u64; BUCKETS.len()],
     sum: f64,
+    /// Unix milliseconds of the last request.
+    last_ms: u64,
     observations: BTreeMap<String, (u64, f64)>,
+}
+
+/// One model version's request counts, for the statistics endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionStats {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Requests that reached the version.
+    pub requests: u64,
+    /// Of those, the ones that failed.
+    pub failures: u64,
+    /// Total time spent on them, in seconds.
+    pub seconds: f64,
+    /// Unix milliseconds of the last one.
+    pub last_ms: u64,
 }
 
 /// Metrics for every model version that served a request.
@@ -53,6 +72,9 @@ impl Metrics {
             .entry((model.to_owned(), version.to_owned()))
             .or_default();
         s.requests += 1;
+        s.last_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         if let Some(kind) = error {
             *s.errors.entry(kind).or_default() += 1;
         }
@@ -77,6 +99,23 @@ impl Metrics {
         if let Ok(mut n) = self.rejected_busy.lock() {
             *n += 1;
         }
+    }
+
+    /// Request counts of every version that served a request.
+    pub fn stats(&self) -> Vec<VersionStats> {
+        let Ok(all) = self.series.lock() else {
+            return Vec::new();
+        };
+        all.iter()
+            .map(|((model, version), s)| VersionStats {
+                model: model.clone(),
+                version: version.clone(),
+                requests: s.requests,
+                failures: s.errors.values().sum(),
+                seconds: s.sum,
+                last_ms: s.last_ms,
+            })
+            .collect()
     }
 
     /// Snapshots of every series.

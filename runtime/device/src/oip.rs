@@ -44,6 +44,18 @@ struct RequestedOutput {
     parameters: Option<Map<String, Value>>,
 }
 
+/// An output a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// Its name.
+    pub name: String,
+    /// Whether it goes as binary data.
+    pub binary: bool,
+    /// The classification extension: the top `k` classes as `value:index[:label]` strings
+    /// instead of the tensor.
+    pub classification: Option<u64>,
+}
+
 /// A decoded inference request.
 #[derive(Debug)]
 pub struct Request {
@@ -51,8 +63,8 @@ pub struct Request {
     pub id: Option<String>,
     /// Input tensors.
     pub inputs: Vec<Tensor>,
-    /// Outputs to return (all when empty), each with whether it goes as binary data.
-    pub outputs: Vec<(String, bool)>,
+    /// Outputs to return (all when empty).
+    pub outputs: Vec<Wanted>,
     /// Whether every output goes as binary data.
     pub binary_output: bool,
 }
@@ -157,10 +169,22 @@ pub fn decode_request(
         .unwrap_or_default()
         .into_iter()
         .map(|o| {
-            let binary = flag(&o.parameters, "binary_data");
-            (o.name, binary)
+            let classification = match o.parameters.as_ref().and_then(|p| p.get("classification")) {
+                None => None,
+                Some(k) => Some(k.as_u64().filter(|&k| k > 0).ok_or_else(|| {
+                    bad(format!(
+                        "output `{}`: classification must be a positive number of classes",
+                        o.name
+                    ))
+                })?),
+            };
+            Ok(Wanted {
+                binary: flag(&o.parameters, "binary_data"),
+                name: o.name,
+                classification,
+            })
         })
-        .collect();
+        .collect::<Result<_, InferError>>()?;
     Ok(Request {
         id: req.id,
         inputs,
@@ -321,21 +345,33 @@ pub fn encode_response(
     version: &str,
     req_id: Option<&str>,
     outputs: &[Tensor],
-    requested: &[(String, bool)],
+    requested: &[Wanted],
     binary_output: bool,
+    labels: &[String],
 ) -> Result<(Vec<u8>, Vec<u8>), InferError> {
-    let mut binary = Vec::new();
-    let mut list = Vec::new();
+    let mut chosen: Vec<(std::borrow::Cow<'_, Tensor>, bool)> = Vec::new();
     for t in outputs {
         let wanted = if requested.is_empty() {
-            Some(binary_output)
+            Some((binary_output, None))
         } else {
             requested
                 .iter()
-                .find(|(n, _)| *n == t.name)
-                .map(|(_, b)| *b || binary_output)
+                .find(|w| w.name == t.name)
+                .map(|w| (w.binary || binary_output, w.classification))
         };
-        let Some(as_binary) = wanted else { continue };
+        let Some((as_binary, classification)) = wanted else {
+            continue;
+        };
+        let t = match classification {
+            None => std::borrow::Cow::Borrowed(t),
+            Some(k) => std::borrow::Cow::Owned(classify(t, k, labels)?),
+        };
+        chosen.push((t, as_binary));
+    }
+    let mut binary = Vec::new();
+    let mut list = Vec::new();
+    for (t, as_binary) in &chosen {
+        let (t, as_binary): (&Tensor, bool) = (t, *as_binary);
         if as_binary {
             binary.extend_from_slice(&t.data);
             list.push(OutputTensor {
@@ -355,11 +391,11 @@ pub fn encode_response(
             });
         }
     }
-    if let Some((missing, _)) = requested
+    if let Some(missing) = requested
         .iter()
-        .find(|(n, _)| !outputs.iter().any(|t| t.name == *n))
+        .find(|w| !outputs.iter().any(|t| t.name == w.name))
     {
-        return Err(bad(format!("the model has no output `{missing}`")));
+        return Err(bad(format!("the model has no output `{}`", missing.name)));
     }
     let mut doc = serde_json::json!({
         "model_name": model,
@@ -371,6 +407,51 @@ pub fn encode_response(
     }
     let json = serde_json::to_vec(&doc).map_err(|e| InferError::Internal(e.to_string()))?;
     Ok((json, binary))
+}
+
+/// The classification extension, as Triton answers it: for each row of `t` (its last axis),
+/// the `k` largest values, largest first, as BYTES elements `value:index` or
+/// `value:index:label` when the bundle has labels; the last dimension becomes `k` (or the row
+/// length, if smaller).
+fn classify(t: &Tensor, k: u64, labels: &[String]) -> Result<Tensor, InferError> {
+    if matches!(t.datatype, DataType::Bytes | DataType::Bool) {
+        return Err(bad(format!(
+            "output `{}` is {}; classification needs numbers",
+            t.name,
+            t.datatype.oip_name()
+        )));
+    }
+    let values: Vec<f64> = tensor_json(t)
+        .iter()
+        .map(|v| v.as_f64().unwrap_or(f64::NAN))
+        .collect();
+    let width = t.shape.last().copied().unwrap_or(1).max(1) as usize;
+    let k = (k as usize).min(width);
+    let mut data = Vec::new();
+    for row in values.chunks(width) {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &i in order.iter().take(k) {
+            let text = match labels.get(i) {
+                Some(label) => format!("{}:{i}:{label}", row[i]),
+                None => format!("{}:{i}", row[i]),
+            };
+            let len = u32::try_from(text.len()).map_err(|_| bad("label too long"))?;
+            data.extend_from_slice(&len.to_le_bytes());
+            data.extend_from_slice(text.as_bytes());
+        }
+    }
+    let mut shape = t.shape.clone();
+    match shape.last_mut() {
+        Some(last) => *last = k as u64,
+        None => shape.push(k as u64),
+    }
+    Ok(Tensor {
+        name: t.name.clone(),
+        datatype: DataType::Bytes,
+        shape,
+        data,
+    })
 }
 
 #[cfg(test)]
