@@ -343,7 +343,7 @@ async fn repository_index(State(ctx): State<Ctx>) -> Response {
                 "name": r.name,
                 "version": r.version,
                 "state": if ready { "READY" } else { "UNAVAILABLE" },
-                "reason": if ready { "" } else { "installed, not loaded" },
+                "reason": if ready { "" } else { "installed, not loaded (only the active version and the one it replaced are)" },
             })
         })
         .collect();

@@ -127,6 +127,30 @@ impl Device {
                 }
             }
         }
+        // The previous versions stay resident (and addressable) after a restart as before it.
+        for (name, version) in device.state.previous()? {
+            let serving = device
+                .slots
+                .read()
+                .map_err(|_| poisoned())?
+                .get(&name)
+                .and_then(|s| s.active.as_ref().map(|a| a.version() != version))
+                .unwrap_or(false);
+            if !serving {
+                continue;
+            }
+            match device.load(&name, &version) {
+                Ok(loaded) => {
+                    let mut slots = device.slots.write().map_err(|_| poisoned())?;
+                    if let Some(slot) = slots.get_mut(&name) {
+                        slot.resident.insert(version.clone(), loaded);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(model = %name, %version, error = %e, "cannot load the previous version")
+                }
+            }
+        }
         Ok(device)
     }
 

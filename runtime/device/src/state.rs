@@ -41,6 +41,8 @@ pub struct State {
     blobs: sled::Tree,
     installed: sled::Tree,
     active: sled::Tree,
+    /// The version each model had before its active one (kept loaded for a fast rollback).
+    previous: sled::Tree,
     counters: sled::Tree,
     compiled: sled::Tree,
 }
@@ -83,6 +85,7 @@ impl State {
             blobs: db.open_tree("blobs")?,
             installed: db.open_tree("installed")?,
             active: db.open_tree("active")?,
+            previous: db.open_tree("previous")?,
             counters: db.open_tree("counters")?,
             compiled: db.open_tree("compiled")?,
             db,
@@ -185,25 +188,30 @@ impl State {
         Ok(self.blobs.get(digest)?)
     }
 
-    /// Makes `version` the active version of `name`.
+    /// Makes `version` the active version of `name`; the one it replaces becomes the
+    /// previous version (kept loaded for a fast rollback, across restarts too).
     pub fn set_active(&self, name: &str, version: &str) -> Result<()> {
-        self.active.insert(name, version)?;
+        let result: std::result::Result<(), TransactionError<HostError>> =
+            (&self.active, &self.previous).transaction(|(active, previous)| {
+                let old = active.insert(name, version)?;
+                if let Some(old) = old.filter(|o| o.as_ref() != version.as_bytes()) {
+                    previous.insert(name, old)?;
+                }
+                Ok(())
+            });
+        result.map_err(abort)?;
         self.db.flush()?;
         Ok(())
     }
 
+    /// The previous active version of each model that has one.
+    pub fn previous(&self) -> Result<Vec<(String, String)>> {
+        pairs(&self.previous)
+    }
+
     /// The active version of each model.
     pub fn active(&self) -> Result<Vec<(String, String)>> {
-        self.active
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((
-                    String::from_utf8(k.to_vec()).map_err(corrupt)?,
-                    String::from_utf8(v.to_vec()).map_err(corrupt)?,
-                ))
-            })
-            .collect()
+        pairs(&self.active)
     }
 
     /// Removes an installed version (not the active one), and its bytes and compiled guest when
@@ -222,8 +230,14 @@ impl State {
             .iter()
             .any(|r| r.digest == record.digest && (r.name != name || r.version != version));
         let k = key(name, version);
-        let result = (&self.blobs, &self.installed, &self.active, &self.compiled).transaction(
-            |(blobs, installed, active, compiled)| {
+        let result = (
+            &self.blobs,
+            &self.installed,
+            &self.active,
+            &self.compiled,
+            &self.previous,
+        )
+            .transaction(|(blobs, installed, active, compiled, previous)| {
                 if active
                     .get(name)?
                     .is_some_and(|v| v.as_ref() == version.as_bytes())
@@ -236,13 +250,18 @@ impl State {
                     ));
                 }
                 installed.remove(k.as_slice())?;
+                if previous
+                    .get(name)?
+                    .is_some_and(|v| v.as_ref() == version.as_bytes())
+                {
+                    previous.remove(name)?;
+                }
                 if !shared {
                     blobs.remove(record.digest.as_bytes())?;
                     compiled.remove(record.digest.as_bytes())?;
                 }
                 Ok(())
-            },
-        );
+            });
         result.map_err(abort)?;
         self.db.flush()?;
         Ok(())
@@ -259,4 +278,17 @@ impl State {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Every key and value of `tree` as text.
+fn pairs(tree: &sled::Tree) -> Result<Vec<(String, String)>> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            Ok((
+                String::from_utf8(k.to_vec()).map_err(corrupt)?,
+                String::from_utf8(v.to_vec()).map_err(corrupt)?,
+            ))
+        })
+        .collect()
 }

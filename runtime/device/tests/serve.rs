@@ -604,3 +604,37 @@ fn admin_api_install_activate_remove() {
     let bundles = admin("GET", &format!("{a}/admin/bundles"), b"").json();
     assert_eq!(bundles.as_array().unwrap().len(), 1);
 }
+
+/// One behaviour before and after a restart: the active version and the one it replaced
+/// answer; an older installed version is a 404 either way.
+#[test]
+fn the_previous_version_stays_addressable_across_a_restart() {
+    let dir = TempDir::new("previous-version");
+    let config = config(&dir, "");
+    let bundle = |v| example_bundle(Example::Digits, Some(v));
+    let first = Device::with_trust(&config, trust()).unwrap();
+    for v in ["1.0.0", "1.1.0", "1.2.0"] {
+        first.install_and_activate(&bundle(v)).unwrap();
+    }
+    let mut first = Some(first);
+    let version_of = |url: &str, v: &str| {
+        post_json(
+            &format!("{url}/v2/models/digits/versions/{v}/infer"),
+            &digits_request(&[0.0; 64]),
+        )
+    };
+    for round in ["before", "after"] {
+        let device = match first.take() {
+            Some(d) => d,
+            None => Device::with_trust(&config, trust()).unwrap(),
+        };
+        let s = Server::start(device, &config);
+        for v in ["1.2.0", "1.1.0"] {
+            let r = version_of(&s.url, v);
+            assert_eq!(r.status, 200, "{round} restart, {v}: {}", r.text());
+            assert_eq!(r.json()["model_version"], v);
+        }
+        assert_eq!(version_of(&s.url, "1.0.0").status, 404, "{round} restart");
+        drop(s);
+    }
+}
