@@ -16,12 +16,13 @@ use outpost_proto::rest::DeployRequest;
 /// Arguments of `outpost demo`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
-    /// Address to serve on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Address of the admin API (a token is generated and printed).
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    admin_listen: SocketAddr,
+    /// Address to serve on [default: 127.0.0.1:8080, or a free port if taken].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address of the admin API; a token is generated and printed [default: a free port, so
+    /// the demo never takes a device's default admin port, 8081].
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// Address of the fleet manager's API [default: 127.0.0.1:7878, or a free port if taken].
     #[arg(long)]
     fleet_listen: Option<SocketAddr>,
@@ -54,7 +55,7 @@ fn default_or_free(given: Option<SocketAddr>, port: u16) -> SocketAddr {
         if std::net::TcpListener::bind(default).is_ok() {
             default
         } else {
-            eprintln!("port {port} is taken; the demo fleet uses a free one instead");
+            eprintln!("port {port} is taken; the demo uses a free one instead");
             SocketAddr::from(([127, 0, 0, 1], 0))
         }
     })
@@ -120,7 +121,10 @@ fn wait_ready(url: &str) -> Result<()> {
 }
 
 fn run_in(data_dir: &std::path::Path, args: &DemoArgs) -> Result<()> {
-    let (listen, admin_listen) = (args.listen, args.admin_listen);
+    let listen = default_or_free(args.listen, 8080);
+    let admin_listen = args
+        .admin_listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let key = SecretKey::generate()?;
     let mut trust = TrustStore::new();
     trust.allow(key.public(), ["digits", "sensor-anomaly"]);

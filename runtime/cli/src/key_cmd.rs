@@ -23,7 +23,8 @@ pub(crate) enum KeyCommand {
     Trust {
         /// The public key file (NAME.pub).
         public_key: PathBuf,
-        /// Model names it may sign: exact names, `prefix*`, or `*` for any.
+        /// Model names it may sign, comma-separated (`digits,sensor-*`): exact names,
+        /// `prefix*`, or `*` for any. May also be repeated.
         #[arg(long, value_delimiter = ',', required = true)]
         models: Vec<String>,
     },
