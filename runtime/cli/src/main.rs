@@ -10,6 +10,7 @@ mod demo_cmd;
 mod device_cmd;
 mod fleet_cmd;
 mod key_cmd;
+mod model_cmd;
 mod onnx_spec;
 #[cfg(feature = "fleet")]
 mod serve_cmd;
@@ -31,6 +32,9 @@ enum Command {
     /// Build, sign, verify and inspect model bundles (`*.opb`).
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCommand),
+    /// Look at an ONNX file as tract sees it, before it goes into a bundle.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// Run a device: serve installed bundles over HTTP.
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Key(cmd) => key_cmd::run(cmd),
         Command::Bundle(cmd) => bundle_cmd::run(cmd),
+        Command::Model(cmd) => model_cmd::run(cmd),
         Command::Device(cmd) => device_cmd::run(cmd),
         Command::Fleet(cmd) => fleet_cmd::run(cmd),
         #[cfg(feature = "fleet")]

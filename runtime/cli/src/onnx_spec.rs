@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use outpost_bundle::manifest::{Api, Dim, ResourceLimits};
+use outpost_bundle::manifest::{Api, Dim, ResourceLimits, TensorSpec};
 use outpost_bundle::spec::{Spec, SpecModel};
 
 /// What `bundle build --onnx` was given.
@@ -61,23 +61,9 @@ fn parse_shape(arg: &str) -> Result<(String, Vec<Dim>)> {
     Ok((name.to_owned(), dims))
 }
 
-/// The spec for `onnx` (whose bytes are `bytes`), to be written at `spec_path`.
-pub(crate) fn spec_for(
-    args: &OnnxArgs,
-    onnx: &Path,
-    bytes: &[u8],
-    spec_path: &Path,
-) -> Result<Spec> {
-    let (Some(name), Some(version)) = (&args.name, &args.version) else {
-        bail!("--onnx needs --name and --version");
-    };
-    let version: semver::Version = version
-        .parse()
-        .with_context(|| format!("--version `{version}` is not a semver version"))?;
-    let mut inputs = outpost_inference::graph_inputs(bytes)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("cannot read `{}` as an ONNX model", onnx.display()))?;
-    for arg in &args.input_shapes {
+/// `inputs` with the shapes `--input-shape` arguments give them.
+pub(crate) fn pin(mut inputs: Vec<TensorSpec>, args: &[String]) -> Result<Vec<TensorSpec>> {
+    for arg in args {
         let (input, dims) = parse_shape(arg)?;
         let all = || {
             inputs
@@ -108,6 +94,26 @@ pub(crate) fn spec_for(
         }
         spec.shape = dims;
     }
+    Ok(inputs)
+}
+
+/// The spec for `onnx` (whose bytes are `bytes`), to be written at `spec_path`.
+pub(crate) fn spec_for(
+    args: &OnnxArgs,
+    onnx: &Path,
+    bytes: &[u8],
+    spec_path: &Path,
+) -> Result<Spec> {
+    let (Some(name), Some(version)) = (&args.name, &args.version) else {
+        bail!("--onnx needs --name and --version");
+    };
+    let version: semver::Version = version
+        .parse()
+        .with_context(|| format!("--version `{version}` is not a semver version"))?;
+    let inputs = outpost_inference::graph_inputs(bytes)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("cannot read `{}` as an ONNX model", onnx.display()))?;
+    let inputs = pin(inputs, &args.input_shapes)?;
     let (inputs, outputs) = outpost_inference::signature(bytes, &inputs)
         .map_err(anyhow::Error::msg)
         .with_context(|| {

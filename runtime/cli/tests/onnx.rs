@@ -250,3 +250,54 @@ fn an_export_with_known_quirks_is_repaired_recorded_and_served() {
     let e = (-1.0f64).exp();
     assert!((p[1] - 1.0 / (1.0 + e)).abs() < 1e-6, "{p:?}");
 }
+
+#[test]
+fn model_inspect_shows_the_graph_as_tract_sees_it() {
+    let dir = TempDir::new("model-inspect");
+    fs::write(
+        dir.join("clf.onnx"),
+        outpost_examples::graphs::quirky_classifier_onnx(),
+    )
+    .unwrap();
+    fs::write(
+        dir.join("reshape.onnx"),
+        outpost_examples::graphs::reshape_onnx(),
+    )
+    .unwrap();
+    let text = |args: &[&str]| {
+        let out = outpost(dir.path(), args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let clf = text(&["model", "inspect", "clf.onnx"]);
+    for wanted in [
+        "inputs      x FP32[n, 2]",
+        "outputs     output_probability FP32[n, 2]",
+        "repaired    dropped the ZipMap",
+        "ai.onnx.ml.ZipMap×1",
+        "unsupported ZipMap (removed by the repairs above)",
+        "weights     2 parameters, 8 bytes",
+    ] {
+        assert!(clf.contains(wanted), "{wanted}\n{clf}");
+    }
+    // Open, the Reshape does not type; pinned, it does.
+    let open = text(&["model", "inspect", "reshape.onnx"]);
+    assert!(open.contains("tract cannot type the graph"), "{open}");
+    assert!(open.contains("--input-shape"), "{open}");
+    let pinned = text(&[
+        "model",
+        "inspect",
+        "reshape.onnx",
+        "--input-shape",
+        "x=4",
+        "--json",
+    ]);
+    let doc: Value = serde_json::from_str(&pinned).unwrap();
+    assert_eq!(doc["outputs"][0]["shape"], json!([2, 2]));
+    let bad = outpost(dir.path(), &["model", "inspect", "nothing.onnx"]);
+    assert!(!bad.status.success());
+}

@@ -4,6 +4,8 @@
 //! HTTP or MQTT stack, or the device's state.
 
 #[cfg(feature = "tract")]
+mod inspect;
+#[cfg(feature = "tract")]
 mod repair;
 mod tensor;
 #[cfg(feature = "tract")]
@@ -13,6 +15,8 @@ use std::sync::Arc;
 
 use outpost_bundle::manifest::{DataType, TensorSpec};
 
+#[cfg(feature = "tract")]
+pub use inspect::{Inspection, inspect};
 pub use tensor::Tensor;
 #[cfg(feature = "tract")]
 pub use tract::{Tract, graph_inputs, repairs, signature};
