@@ -98,6 +98,39 @@ pub struct Paths {
     pub max_bundle_bytes: u64,
 }
 
+/// The fleet link as the device's `/metrics` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// The MQTT session is connected to the broker.
+    pub connected: bool,
+    /// A fleet replica says it is online, so telemetry flows.
+    pub fleet_online: bool,
+    /// Records in the outbox, waiting for the broker's acknowledgement.
+    pub outbox_records: u64,
+    /// Bytes the outbox holds.
+    pub outbox_bytes: u64,
+    /// Records the outbox quota dropped, ever.
+    pub dropped_records: u64,
+}
+
+/// Reads the agent's [`LinkStatus`]; cheap to clone and to call from any thread.
+#[derive(Debug, Clone)]
+pub struct Link(Arc<Shared>);
+
+impl Link {
+    /// The link now.
+    pub fn status(&self) -> LinkStatus {
+        let shared = &self.0;
+        LinkStatus {
+            connected: shared.connected.load(Ordering::Relaxed),
+            fleet_online: shared.fleet_online.load(Ordering::Relaxed),
+            outbox_records: shared.outbox.pending(),
+            outbox_bytes: shared.outbox.bytes(),
+            dropped_records: shared.outbox.dropped(),
+        }
+    }
+}
+
 /// A running agent; dropping it does not stop it (the shutdown signal does).
 #[derive(Debug)]
 pub struct Agent {
@@ -115,6 +148,10 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// A transient failure is being retried.
     retrying: AtomicBool,
+    /// The MQTT session is connected.
+    connected: AtomicBool,
+    /// A fleet replica is online (the session's view, for [`Link`]).
+    fleet_online: AtomicBool,
     reported_changed: Notify,
     outbox_changed: Notify,
     started: Instant,
@@ -150,6 +187,8 @@ impl Agent {
             store,
             outbox,
             retrying: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            fleet_online: AtomicBool::new(false),
             reported_changed: Notify::new(),
             outbox_changed: Notify::new(),
             started: Instant::now(),
@@ -177,6 +216,11 @@ impl Agent {
             "fleet agent started"
         );
         Ok(Self { shared, mqtt })
+    }
+
+    /// A handle on the fleet link's status, for metrics.
+    pub fn link(&self) -> Link {
+        Link(Arc::clone(&self.shared))
     }
 
     /// Waits (up to a few seconds) for the MQTT task to say offline after shutdown.

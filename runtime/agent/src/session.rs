@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Session, SessionEvent, SessionOptions};
@@ -134,12 +135,16 @@ pub(crate) async fn run(
             biased;
             _ = shutdown.changed() => {
                 mqtt.close(Some((shared.topics.name(Topic::Status), Presence::to_vec(false)))).await;
+                shared.connected.store(false, Ordering::Relaxed);
+                shared.fleet_online.store(false, Ordering::Relaxed);
                 tracing::info!("fleet agent stopped");
                 return;
             }
             event = mqtt.next() => match event {
                 SessionEvent::Connected => {
                     tracing::info!("connected to the broker");
+                    shared.connected.store(true, Ordering::Relaxed);
+                    shared.fleet_online.store(false, Ordering::Relaxed);
                     last_failure.clear();
                     shared.outbox.clear_in_flight();
                     conn = Connection::default();
@@ -165,6 +170,7 @@ pub(crate) async fn run(
                         } else {
                             conn.fleet.remove(replica);
                         }
+                        shared.fleet_online.store(!conn.fleet.is_empty(), Ordering::Relaxed);
                         tracing::debug!(replicas = conn.fleet.len(), "fleet presence");
                         pump(&shared, &mut mqtt, &mut conn);
                     }
@@ -185,6 +191,8 @@ pub(crate) async fn run(
                         tracing::debug!(%error, "broker unreachable");
                     }
                     last_failure = error;
+                    shared.connected.store(false, Ordering::Relaxed);
+                    shared.fleet_online.store(false, Ordering::Relaxed);
                     // Whatever was in flight is sent again on the next connection.
                     shared.outbox.clear_in_flight();
                     conn = Connection::default();

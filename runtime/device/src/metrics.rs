@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+use outpost_agent::{Link, LinkStatus};
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 14] = [
@@ -44,6 +46,8 @@ pub struct VersionStats {
 pub struct Metrics {
     series: Mutex<BTreeMap<(String, String), Series>>,
     rejected_busy: Mutex<u64>,
+    /// The fleet agent's link, when the device has one.
+    link: OnceLock<Link>,
 }
 
 /// A snapshot of one model version's counters (the telemetry form).
@@ -248,6 +252,55 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE outpost_rejected_busy_total counter");
         let _ = writeln!(out, "outpost_rejected_busy_total {busy}");
+        if let Some(link) = self.link.get() {
+            render_link(&mut out, link.status());
+        }
         out
+    }
+
+    /// Shows the fleet agent's link in [`Metrics::render`] from now on (the first call wins).
+    pub fn set_link(&self, link: Link) {
+        let _ = self.link.set(link);
+    }
+}
+
+/// The fleet link's gauges and counters.
+fn render_link(out: &mut String, link: LinkStatus) {
+    let lines: [(&str, &str, &str, u64); 5] = [
+        (
+            "outpost_fleet_connected",
+            "gauge",
+            "1 while the fleet agent is connected to its MQTT broker.",
+            u64::from(link.connected),
+        ),
+        (
+            "outpost_fleet_online",
+            "gauge",
+            "1 while a fleet replica says it is online (telemetry flows).",
+            u64::from(link.fleet_online),
+        ),
+        (
+            "outpost_outbox_records",
+            "gauge",
+            "Telemetry records and events waiting for the broker's acknowledgement.",
+            link.outbox_records,
+        ),
+        (
+            "outpost_outbox_bytes",
+            "gauge",
+            "Bytes the telemetry outbox holds on disk.",
+            link.outbox_bytes,
+        ),
+        (
+            "outpost_outbox_dropped_records_total",
+            "counter",
+            "Records the outbox quota dropped, oldest first.",
+            link.dropped_records,
+        ),
+    ];
+    for (name, kind, help, value) in lines {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
     }
 }

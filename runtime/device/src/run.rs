@@ -84,6 +84,9 @@ pub async fn run(
         ),
         None => None,
     };
+    if let Some(agent) = &agent {
+        device.metrics.set_link(agent.link());
+    }
     tracing::info!(addr = %listeners.public_addr()?, "serving");
     let admin = match (listeners.admin, config.admin_token.clone()) {
         (Some(listener), Some(token)) => {

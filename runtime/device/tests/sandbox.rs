@@ -71,6 +71,8 @@ fn hostile_guests_fail_only_their_own_request() {
             "{kind}: {metrics}"
         );
     }
+    // A device without a fleet shows no fleet-link series.
+    assert!(!metrics.contains("outpost_fleet_connected"), "{metrics}");
 }
 
 #[test]

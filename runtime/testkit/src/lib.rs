@@ -1,6 +1,9 @@
-//! The test harness shared by Outpost's test suites.
+//! The test harness shared by Outpost's test suites. Owns: waiting, scratch directories, HTTP
+//! helpers for tests. Never imports: any Outpost crate (every suite can use it, none is tested
+//! through it), and it is never a dependency outside `[dev-dependencies]`.
 //!
-//! - [`eventually`]: the one way to wait for a condition (no fixed sleeps before assertions).
+//! - [`eventually`]: the one way to wait for a condition (no fixed sleeps before assertions);
+//!   [`throughout`]: the way to check that something does not happen for a while.
 //! - [`TempDir`]: a unique scratch directory, removed on drop.
 //! - HTTP over ureq, with non-2xx statuses returned as a [`Reply`] rather than an error:
 //!   [`get`], [`post`], [`post_json`], [`admin`], [`get_json`], and the [`agent`] behind them.
@@ -17,4 +20,4 @@ mod poll;
 pub use dir::{KEEP_ENV, TempDir};
 pub use http::{ADMIN_TOKEN, Reply, admin, agent, get, get_json, post, post_json};
 pub use oip::{digits_request, digits_version};
-pub use poll::eventually;
+pub use poll::{eventually, throughout};

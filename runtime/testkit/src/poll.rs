@@ -29,9 +29,45 @@ pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Calls `f` repeatedly for `period`, panicking, naming `what`, the first time it returns
+/// `false`: the way to check that something does *not* happen (a message that must not
+/// arrive, a state that must not change), not a pause before an assertion.
+pub fn throughout(period: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        assert!(f(), "after {:?}, no longer true: {what}", start.elapsed());
+        if start.elapsed() >= period {
+            return;
+        }
+        std::thread::sleep(MAX_PAUSE.min(period.saturating_sub(start.elapsed())));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throughout_checks_until_the_period_ends() {
+        let start = Instant::now();
+        let mut calls = 0;
+        throughout(Duration::from_millis(300), "always", || {
+            calls += 1;
+            true
+        });
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(calls >= 2, "{calls}");
+    }
+
+    #[test]
+    #[should_panic(expected = "no longer true: the third call")]
+    fn throughout_fails_when_it_stops_holding() {
+        let mut calls = 0;
+        throughout(Duration::from_secs(5), "the third call", || {
+            calls += 1;
+            calls < 3
+        });
+    }
 
     #[test]
     fn returns_the_first_value() {

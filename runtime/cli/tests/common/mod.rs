@@ -4,8 +4,6 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
-pub mod bed;
-
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -68,9 +66,6 @@ pub fn assert_no_repeated_cause(stderr: &str) {
         }
     }
 }
-
-/// The scratch directory of the fleet test bed, which calls it `Dir` (`Dir::new(tag)`, `.0`).
-pub use outpost_testkit::TempDir as Dir;
 
 /// Writes a signer key pair (`signer.key`, `signer.pub`) and a `trust.toml` letting it sign
 /// `digits`.

@@ -1,6 +1,6 @@
-//! Delivery across failures, as real processes on loopback: a broker outage under traffic, a
-//! broker that acknowledges out of order, `kill -9` mid-download, a full outbox, an artifact
-//! server that comes up late. Every record is counted at the fleet.
+//! Telemetry delivery across failures, as real processes on loopback: a broker outage under
+//! traffic, a full outbox, a broker that acknowledges out of order. Every record is counted at
+//! the fleet.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-mod common;
-use common::bed::*;
-use common::ok;
+mod support;
+use support::*;
 
 #[test]
 fn broker_outage_under_traffic_loses_and_duplicates_no_telemetry() {
@@ -58,16 +57,20 @@ fn broker_outage_under_traffic_loses_and_duplicates_no_telemetry() {
             .map(|r| r["seq"].as_u64().unwrap())
             .collect()
     };
-    let before = eventually(30, "telemetry before the outage", || {
+    let before = eventually(secs(30), "telemetry before the outage", || {
         let s = seqs(&fleet);
         (s.len() >= 5).then(|| *s.last().unwrap())
     });
     broker.stop();
-    std::thread::sleep(Duration::from_secs(3));
-    // The device went on producing (and serving) during the outage.
+    // The device goes on producing (and serving) during the outage: about 30 records.
+    eventually(secs(60), "records kept through the outage", || {
+        (device.metric("outpost_fleet_connected") == Some(0)
+            && device.metric("outpost_outbox_records") >= Some(30))
+        .then_some(())
+    });
     broker.restart();
     // At 10 records a second, 3 s of outage is about 30 records past `before`.
-    let last = eventually(90, "telemetry from the outage delivered", || {
+    let last = eventually(secs(90), "telemetry from the outage delivered", || {
         let s = seqs(&fleet);
         s.last().copied().filter(|&l| l >= before + 40)
     });
@@ -96,81 +99,6 @@ fn broker_outage_under_traffic_loses_and_duplicates_no_telemetry() {
 }
 
 #[test]
-fn kill_9_mid_download_resumes_and_completes() {
-    let d = bed("resume");
-    let dir = &d.0;
-    // The fleet's API port is needed for the proxy before the fleet starts: pick it.
-    let port = free_port();
-    let upstream = format!("http://127.0.0.1:{port}");
-    let (proxy, ranges) = slow_proxy(upstream.clone());
-    let listen = format!("127.0.0.1:{port}");
-    let fleet = Fleet::launch(dir, &["--listen", &listen, "--public-url", &proxy]);
-    assert_eq!(fleet.api, upstream);
-    let config = device_config(dir, "dev-r", &fleet.broker, &[]);
-    let mut device = Device::start(dir, &config);
-    online(&fleet, &["dev-r"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let size = fs::metadata(dir.join("digits-1.0.0.opb")).unwrap().len();
-    assert!(
-        size > 40_000,
-        "the bundle is too small to interrupt: {size}"
-    );
-    fleet.cli(
-        dir,
-        &["fleet", "deploy", "digits@1.0.0", "--device", "dev-r"],
-    );
-
-    let downloads = dir.join("dev-r-state").join("downloads");
-    let partial = eventually(60, "a partial download", || {
-        let entry = fs::read_dir(&downloads).ok()?.flatten().next()?;
-        let len = entry.metadata().ok()?.len();
-        (len >= 8192 && len < size).then_some(len)
-    });
-    device.proc.kill9();
-    let after_kill = fs::read_dir(&downloads)
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .metadata()
-        .unwrap()
-        .len();
-    assert!(after_kill >= partial && after_kill < size);
-
-    let device = Device::start(dir, &config);
-    let version = eventually(120, "the resumed deployment serving", || {
-        device.digits().ok()
-    });
-    assert_eq!(version, "1.0.0");
-    let ranges = ranges.lock().unwrap().clone();
-    assert_eq!(
-        ranges.first(),
-        Some(&None),
-        "the first request asks for everything"
-    );
-    let resumed: Vec<u64> = ranges
-        .iter()
-        .flatten()
-        .map(|r| {
-            r.trim_start_matches("bytes=")
-                .trim_end_matches('-')
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    assert!(
-        resumed
-            .iter()
-            .any(|&from| from >= after_kill.min(partial) && from > 0),
-        "no resumed request from the partial length {after_kill}: {ranges:?}"
-    );
-    assert!(
-        fs::read_dir(&downloads).unwrap().next().is_none(),
-        "the partial file is removed after install"
-    );
-}
-
-#[test]
 fn a_full_outbox_drops_oldest_telemetry_and_the_fleet_hears_how_many() {
     let d = bed("quota");
     let dir = &d.0;
@@ -191,14 +119,18 @@ fn a_full_outbox_drops_oldest_telemetry_and_the_fleet_hears_how_many() {
     )
     .unwrap();
     let device = Device::start(dir, &config);
-    std::thread::sleep(Duration::from_secs(4));
+    eventually(
+        secs(60),
+        "the outbox full, dropping its oldest records",
+        || (device.metric("outpost_outbox_dropped_records_total") > Some(0)).then_some(()),
+    );
     assert_eq!(get_json(&format!("{}/v2/health/live", device.url)).0, 200);
 
     broker.restart();
     let fleet = Fleet::start(dir, Some(&broker.url()), None);
     // Records are stored in order and sent ones are never dropped, so below the highest stored
     // sequence number every gap is a counted drop, and every counted drop is a gap.
-    eventually(60, "backlog delivered with a drop count", || {
+    eventually(secs(60), "backlog delivered with a drop count", || {
         let dropped = fleet.device("dev-q")?["dropped"].as_u64()?;
         (dropped > 0 && fleet.records("telemetry", "dev-q").len() > 100).then_some(())
     });
@@ -206,9 +138,7 @@ fn a_full_outbox_drops_oldest_telemetry_and_the_fleet_hears_how_many() {
     // stored after the count was read is newer than every gap it counts. Events travel on
     // their own subscription, so one may land a moment after the telemetry around it: the two
     // must agree within a few seconds, and never do when a record is lost or miscounted.
-    std::thread::sleep(Duration::from_secs(2));
-    let mut last = (0, 0, 0);
-    let agree = (0..20).any(|_| {
+    let (missing, dropped, max) = eventually(secs(30), "gaps and the drop count agreeing", || {
         let dropped = fleet.device("dev-q").unwrap()["dropped"].as_u64().unwrap();
         let mut stored: Vec<u64> = fleet
             .records("telemetry", "dev-q")
@@ -221,17 +151,9 @@ fn a_full_outbox_drops_oldest_telemetry_and_the_fleet_hears_how_many() {
         let present: BTreeSet<u64> = stored.iter().copied().collect();
         assert_eq!(present.len(), stored.len(), "stored twice");
         let missing = (1..=max).filter(|s| !present.contains(s)).count() as u64;
-        last = (missing, dropped, max);
-        if missing != dropped {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        missing == dropped
+        (missing == dropped).then_some((missing, dropped, max))
     });
-    let (missing, dropped, max) = last;
-    assert!(
-        agree,
-        "gaps ({missing}) and the device's drop count ({dropped}) disagree (max {max})"
-    );
+    assert!(dropped > 0, "{missing} gaps, {dropped} dropped, max {max}");
     let reported = fleet.reported("dev-q").unwrap();
     // The retained reported state says so too (as of its last publication).
     assert!(
@@ -245,57 +167,6 @@ fn a_full_outbox_drops_oldest_telemetry_and_the_fleet_hears_how_many() {
         )),
         "{metrics}"
     );
-}
-
-#[test]
-fn an_unreachable_artifact_server_is_retried_until_the_deployment_applies() {
-    let d = bed("retry");
-    let dir = &d.0;
-    // Devices are told to download from a port where nothing listens yet.
-    let port = free_port();
-    let public = format!("http://127.0.0.1:{port}");
-    let fleet = Fleet::start(dir, None, Some(&public));
-    let config = device_config(dir, "dev-t", &fleet.broker, &[]);
-    let device = Device::start(dir, &config);
-    online(&fleet, &["dev-t"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let deploy = {
-        let (dir, api) = (dir.clone(), fleet.api.clone());
-        std::thread::spawn(move || {
-            ok(
-                &dir,
-                &[
-                    "fleet",
-                    "deploy",
-                    "digits@1.0.0",
-                    "--device",
-                    "dev-t",
-                    "--wait",
-                    "--timeout",
-                    "120",
-                    "--fleet",
-                    &api,
-                ],
-            )
-        })
-    };
-    eventually(30, "the device retrying", || {
-        fleet.reported("dev-t").filter(|r| r["retrying"] == true)
-    });
-    assert_eq!(device.digits(), Err(404));
-    // The artifact server comes up; the next retry succeeds.
-    let (_, _) = proxy_on(
-        TcpListener::bind(("127.0.0.1", port)).unwrap(),
-        fleet.api.clone(),
-        Duration::ZERO,
-    );
-    let out = deploy.join().unwrap();
-    assert!(out.contains("dev-t: retrying after"), "{out}");
-    assert!(out.contains("dev-t: applied"), "{out}");
-    assert_eq!(device.digits(), Ok("1.0.0".into()));
-    let reported = fleet.reported("dev-t").unwrap();
-    assert_eq!(reported["retrying"], false);
-    assert!(reported["last_error"].is_null(), "{reported}");
 }
 
 /// Reads one MQTT packet (fixed header, remaining length, body) as raw bytes.
@@ -434,7 +305,7 @@ fn a_broker_acknowledging_out_of_order_loses_and_duplicates_no_telemetry() {
             .collect()
     };
     eventually(
-        120,
+        secs(120),
         "PUBACKs held across packet-id wraps, connections dropped",
         || {
             (reordered.load(Ordering::Relaxed) >= 6 && stalled.load(Ordering::Relaxed) >= 2)
@@ -445,23 +316,21 @@ fn a_broker_acknowledging_out_of_order_loses_and_duplicates_no_telemetry() {
     // outbox before its publish reached the broker would leave a gap that never fills. (Events
     // travel on their own subscription, so a gap may close a moment later; a lost record's
     // never does.)
-    let mut missing = Vec::new();
-    let complete = (0..100).any(|_| {
-        let telemetry = seqs("telemetry");
-        let unique: BTreeSet<u64> = telemetry.iter().copied().collect();
-        assert_eq!(unique.len(), telemetry.len(), "a record was stored twice");
-        let events: BTreeSet<u64> = seqs("events").into_iter().collect();
-        assert!(
-            unique.is_disjoint(&events),
-            "a record was stored in both streams"
-        );
-        let stored: BTreeSet<u64> = unique.union(&events).copied().collect();
-        let last = *stored.last().unwrap();
-        missing = (1..=last).filter(|s| !stored.contains(s)).collect();
-        if !missing.is_empty() {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        missing.is_empty()
-    });
-    assert!(complete, "lost records: {missing:?}");
+    eventually(
+        secs(30),
+        "every record up to the last stored one stored",
+        || {
+            let telemetry = seqs("telemetry");
+            let unique: BTreeSet<u64> = telemetry.iter().copied().collect();
+            assert_eq!(unique.len(), telemetry.len(), "a record was stored twice");
+            let events: BTreeSet<u64> = seqs("events").into_iter().collect();
+            assert!(
+                unique.is_disjoint(&events),
+                "a record was stored in both streams"
+            );
+            let stored: BTreeSet<u64> = unique.union(&events).copied().collect();
+            let last = *stored.last().unwrap();
+            (1..=last).all(|s| stored.contains(&s)).then_some(())
+        },
+    );
 }

@@ -1,5 +1,18 @@
-//! The fleet test bed: `outpost` processes (fleets, devices) and Mosquitto on loopback ports
-//! the OS picks, an artifact proxy, plain MQTT clients, and `eventually`.
+//! The scenario bed: `outpost` processes (fleets, devices) and Mosquitto on loopback ports the
+//! OS picks, an artifact proxy, plain MQTT clients. Waiting and HTTP come from
+//! `outpost-testkit`; running the CLI and making signed digits bundles from the CLI's own test
+//! helpers, shared with its single-process tests.
+
+#![allow(
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+#[path = "../../../runtime/cli/tests/common/mod.rs"]
+pub mod cli;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -7,22 +20,18 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Dir, bin, build_and_sign, digits_spec, ok, signer};
+pub use cli::{bin, build_and_sign, digits_spec, fails, ok, signer};
+/// The scratch directory of a scenario (`Dir::new(tag)`, `.0`).
+pub use outpost_testkit::TempDir as Dir;
+pub use outpost_testkit::{agent as http, eventually, get_json, throughout};
 
-/// Waits for `f` to return `Some`, panicking with `what` after `secs`.
-pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// `n` seconds, for [`eventually`] limits.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 pub fn free_port() -> u16 {
@@ -31,24 +40,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-pub fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(30)))
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-pub fn get_json(url: &str) -> (u16, Value) {
-    let mut r = http().get(url).call().unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 /// A child process killed on drop, with its stderr kept for failure messages.
@@ -242,27 +233,24 @@ impl Device {
     pub fn digits(&self) -> Result<String, u16> {
         digits(&self.url)
     }
-}
 
-/// The digits version answering at `url`, or the HTTP status when none does.
-pub fn digits(url: &str) -> Result<String, u16> {
-    {
-        let body = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![1.0; 64]}]});
-        let mut r = http()
-            .post(&format!("{url}/v2/models/digits/infer"))
-            .header("content-type", "application/json")
-            .send(body.to_string().as_bytes())
-            .unwrap();
-        if r.status() != 200 {
-            return Err(r.status().as_u16());
-        }
-        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
-        Ok(v["model_version"].as_str().unwrap().to_owned())
+    /// The value of an unlabelled series in the device's `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<u64> {
+        metric(&self.url, name)
     }
 }
 
+/// The value of the unlabelled series `name` in the Prometheus text at `url/metrics`.
+pub fn metric(url: &str, name: &str) -> Option<u64> {
+    let text = outpost_testkit::get(&format!("{url}/metrics")).text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+pub use outpost_testkit::digits_version as digits;
+
 pub fn online(fleet: &Fleet, ids: &[&str]) {
-    eventually(60, "devices online with reported state", || {
+    eventually(secs(60), "devices online with reported state", || {
         ids.iter()
             .all(|id| {
                 fleet
@@ -327,7 +315,7 @@ impl Mosquitto {
             .spawn()
             .expect("mosquitto is not installed (apt-get install mosquitto)");
         self.child = Some(child);
-        eventually(20, "mosquitto listening", || {
+        eventually(secs(20), "mosquitto listening", || {
             TcpStream::connect(("127.0.0.1", self.port))
                 .ok()
                 .map(|_| ())
@@ -469,17 +457,31 @@ pub fn retained(broker: &str, topic: &str) -> Vec<u8> {
     panic!("no retained message on {topic}");
 }
 
-/// The retained message on `topic`, if any arrives within a second.
+/// The retained message on `topic`, if there is one. A broker sends a subscription's retained
+/// messages before anything published after the subscription: so the answer is whatever
+/// arrives on `topic` before a probe this client publishes once subscribed.
 pub fn retained_now(broker: &str, topic: &str) -> Option<Vec<u8>> {
     let (client, mut connection) = mqtt_client(broker, "peek");
+    let probe = format!("outpost-test/probe/{}", free_port());
     client.subscribe(topic, rumqttc::QoS::AtLeastOnce).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline {
-        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
-            connection.recv_timeout(Duration::from_millis(100))
-        {
-            return Some(p.payload.to_vec());
+    client.subscribe(&probe, rumqttc::QoS::AtLeastOnce).unwrap();
+    let mut subscribed = 0;
+    for event in connection.iter() {
+        match event.unwrap() {
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                subscribed += 1;
+                if subscribed == 2 {
+                    client
+                        .publish(&probe, rumqttc::QoS::AtLeastOnce, false, b"probe".to_vec())
+                        .unwrap();
+                }
+            }
+            rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                let _ = client.disconnect();
+                return (p.topic == topic).then(|| p.payload.to_vec());
+            }
+            _ => {}
         }
     }
-    None
+    panic!("the broker closed the connection while reading {topic}");
 }

@@ -8,9 +8,8 @@ use std::fs;
 
 use serde_json::Value;
 
-mod common;
-use common::bed::*;
-use common::{Dir, bin, build_and_sign, digits_spec, fails, ok};
+mod support;
+use support::*;
 
 #[test]
 fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
@@ -45,12 +44,12 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
             .collect()
     };
     let expect_refusal = |n: usize, needle: &str| {
-        let reasons = eventually(30, needle, || {
+        let reasons = eventually(secs(30), needle, || {
             let r = refusals(&fleet);
             (r.len() >= n).then_some(r)
         });
         assert!(reasons[n - 1].contains(needle), "{reasons:?}");
-        let reported = eventually(30, "last_error reported", || {
+        let reported = eventually(secs(30), "last_error reported", || {
             fleet
                 .reported("dev-x")
                 .filter(|r| r["last_error"].as_str().is_some_and(|e| e.contains(needle)))
@@ -89,7 +88,7 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
             .filter(|r| r["body"]["event"] == "desired_accepted")
             .count()
     };
-    let accepted_before = eventually(30, "acceptance of 2.0.0 reported", || {
+    let accepted_before = eventually(secs(30), "acceptance of 2.0.0 reported", || {
         let n = accepted(&fleet);
         (n >= 2).then_some(n)
     });
@@ -153,7 +152,7 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
         stdout.contains("dev-x: failed") && stdout.contains("digest"),
         "{stdout}"
     );
-    let failed = eventually(30, "deployment_failed event", || {
+    let failed = eventually(secs(30), "deployment_failed event", || {
         fleet
             .records("events", "dev-x")
             .into_iter()
@@ -179,7 +178,7 @@ fn forged_replayed_expired_and_tampered_are_refused_and_reported() {
 }
 
 fn expect_refusal_version(fleet: &Fleet, device: &Device, n: usize, needle: &str, version: &str) {
-    let reasons = eventually(30, needle, || {
+    let reasons = eventually(secs(30), needle, || {
         let r: Vec<String> = fleet
             .records("events", "dev-x")
             .iter()
@@ -189,7 +188,7 @@ fn expect_refusal_version(fleet: &Fleet, device: &Device, n: usize, needle: &str
         (r.len() >= n).then_some(r)
     });
     assert!(reasons[n - 1].contains(needle), "{reasons:?}");
-    eventually(30, "last_error reported", || {
+    eventually(secs(30), "last_error reported", || {
         fleet
             .reported("dev-x")
             .filter(|r| r["last_error"].as_str().is_some_and(|e| e.contains(needle)))

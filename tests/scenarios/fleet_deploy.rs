@@ -1,19 +1,17 @@
-//! The fleet end to end, as real processes on loopback: `outpost fleet serve` (embedded broker
-//! or Mosquitto) and `outpost device run` agents: push and deploy to some devices, replicas on
-//! a shared broker, broker logins, a fleet killed and restarted, a device forgotten.
+//! Deploying through the fleet, as real processes on loopback: `outpost fleet serve` (embedded
+//! broker or Mosquitto) and `outpost device run` agents: push and deploy to some devices,
+//! replicas on a shared broker, broker logins.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-mod common;
-use common::bed::*;
-use common::bin;
+mod support;
+use support::*;
 
 /// Push, deploy to two of three devices, check who serves what and what the fleet says.
 fn deploy_to_two_of_three(dir: &Path, fleet: &Fleet) {
@@ -28,6 +26,13 @@ fn deploy_to_two_of_three(dir: &Path, fleet: &Fleet) {
     online(fleet, &["dev-a", "dev-b", "dev-c"]);
     for d in &devices {
         assert_eq!(d.digits(), Err(404), "nothing is installed yet");
+        // The device's metrics show the link: connected, a replica online, nothing queued up.
+        eventually(secs(30), "the link in the device's metrics", || {
+            (d.metric("outpost_fleet_connected") == Some(1)
+                && d.metric("outpost_fleet_online") == Some(1))
+            .then_some(())
+        });
+        assert_eq!(d.metric("outpost_outbox_dropped_records_total"), Some(0));
     }
 
     let pushed = fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb", "--json"]);
@@ -94,7 +99,7 @@ fn deploy_to_two_of_three(dir: &Path, fleet: &Fleet) {
     assert!(!line("dev-c").contains("digits@"), "{table}");
 
     // Events arrived: each target reported its activation.
-    eventually(30, "activation events", || {
+    eventually(secs(30), "activation events", || {
         ["dev-a", "dev-b"]
             .iter()
             .all(|id| {
@@ -106,7 +111,7 @@ fn deploy_to_two_of_three(dir: &Path, fleet: &Fleet) {
             .then_some(())
     });
     // And telemetry, with per-model counters once a request was served.
-    eventually(30, "telemetry with model counters", || {
+    eventually(secs(30), "telemetry with model counters", || {
         fleet
             .records("telemetry", "dev-a")
             .iter()
@@ -121,23 +126,20 @@ fn deploy_to_two_of_three(dir: &Path, fleet: &Fleet) {
     });
     // Offline when stopped: the last will, or the goodbye.
     drop(devices);
-    let mut last = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        last = fleet.devices();
-        if last.iter().all(|d| d["online"] == false) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("devices still online: {last:?}");
+    eventually(secs(60), "every device offline", || {
+        fleet
+            .devices()
+            .iter()
+            .all(|d| d["online"] == false)
+            .then_some(())
+    });
 }
 
 #[test]
 fn embedded_broker_push_and_deploy_to_two_of_three() {
     let d = bed("embedded");
     let fleet = Fleet::start(&d.0, None, None);
-    let info = eventually(30, "the fleet connected to its broker", || {
+    let info = eventually(secs(30), "the fleet connected to its broker", || {
         let (status, info) = get_json(&format!("{}/api/v1/fleet", fleet.api));
         (status == 200 && info["broker_connected"] == true).then_some(info)
     });
@@ -197,7 +199,7 @@ fn two_fleet_replicas_on_mosquitto_split_telemetry_through_shared_subscriptions(
         records.extend(fleet.records("events", "dev-s"));
         records.iter().map(|r| r["seq"].as_u64().unwrap()).collect()
     };
-    let (a, b) = eventually(60, "both replicas storing telemetry", || {
+    let (a, b) = eventually(secs(60), "both replicas storing telemetry", || {
         let (a, b) = (seqs(&one), seqs(&two));
         (a.len() >= 5 && b.len() >= 5 && a.len() + b.len() >= 40).then_some((a, b))
     });
@@ -231,7 +233,7 @@ fn embedded_broker_logins_admit_known_devices_only() {
     .unwrap();
     let fleet = Fleet::launch(dir, &["--mqtt-logins", "logins.txt"]);
     // The fleet logged itself in with a login of its own.
-    eventually(30, "fleet connected", || {
+    eventually(secs(30), "fleet connected", || {
         (get_json(&format!("{}/api/v1/fleet", fleet.api)).1["broker_connected"] == true)
             .then_some(())
     });
@@ -248,7 +250,7 @@ fn embedded_broker_logins_admit_known_devices_only() {
     let ok_device = Device::start(dir, "dev-ok.toml");
     let bad_device = Device::start(dir, "dev-bad.toml");
     online(&fleet, &["dev-ok"]);
-    eventually(30, "the refused login logged", || {
+    eventually(secs(30), "the refused login logged", || {
         bad_device
             .proc
             .logs()
@@ -265,105 +267,4 @@ fn embedded_broker_logins_admit_known_devices_only() {
         200
     );
     assert_eq!(ok_device.digits(), Err(404));
-}
-
-#[test]
-fn fleet_killed_and_restarted_keeps_its_state_and_its_devices() {
-    let d = bed("restart");
-    let dir = &d.0;
-    let (api_port, mqtt_port) = (free_port(), free_port());
-    let (api, mqtt) = (
-        format!("127.0.0.1:{api_port}"),
-        format!("127.0.0.1:{mqtt_port}"),
-    );
-    let start = || Fleet::launch(dir, &["--listen", &api, "--mqtt-listen", &mqtt]);
-    let fleet = start();
-    let config = device_config(dir, "dev-k", &fleet.broker, &["lab"]);
-    let device = Device::start(dir, &config);
-    online(&fleet, &["dev-k"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    fleet.cli(
-        dir,
-        &["fleet", "deploy", "digits@1.0.0", "--tag", "lab", "--wait"],
-    );
-    let key_before = fs::read(dir.join("fleet-data/fleet.key")).unwrap();
-    drop(fleet); // kill -9: the embedded broker goes with it
-
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        device.digits(),
-        Ok("1.0.0".into()),
-        "serving without its fleet"
-    );
-    let fleet = start();
-    assert_eq!(
-        fs::read(dir.join("fleet-data/fleet.key")).unwrap(),
-        key_before
-    );
-    // Its registry, bundles and deployments survived; the device comes back by itself.
-    let (_, bundles) = get_json(&format!("{}/api/v1/bundles", fleet.api));
-    assert_eq!(bundles[0]["version"], "1.0.0");
-    let (_, deployments) = get_json(&format!("{}/api/v1/deployments", fleet.api));
-    assert_eq!(deployments.as_array().unwrap().len(), 1);
-    let before = fleet.records("telemetry", "dev-k").len();
-    eventually(60, "the device back online and reporting", || {
-        let d = fleet.device("dev-k")?;
-        (d["online"] == true && fleet.records("telemetry", "dev-k").len() > before + 5)
-            .then_some(())
-    });
-    // Deploying again after the restart works end to end.
-    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
-    let out = fleet.cli(
-        dir,
-        &[
-            "fleet",
-            "deploy",
-            "digits@2.0.0",
-            "--device",
-            "dev-k",
-            "--wait",
-        ],
-    );
-    assert!(out.contains("dev-k: applied"), "{out}");
-    assert_eq!(device.digits(), Ok("2.0.0".into()));
-    let seqs: Vec<u64> = fleet
-        .records("telemetry", "dev-k")
-        .iter()
-        .map(|r| r["seq"].as_u64().unwrap())
-        .collect();
-    let unique: BTreeSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(unique.len(), seqs.len());
-}
-
-#[test]
-fn a_decommissioned_device_is_forgotten() {
-    let d = bed("forget");
-    let dir = &d.0;
-    let (fleet, mut device) = fleet_with_digits(dir, "dev-f");
-    assert!(retained_now(&fleet.broker, "outpost/v1/dev-f/desired").is_some());
-    device.proc.kill9();
-    let out = fleet.cli(dir, &["fleet", "forget", "dev-f"]);
-    assert!(out.contains("forgot dev-f"), "{out}");
-    assert!(fleet.device("dev-f").is_none());
-    assert!(fleet.devices().is_empty());
-    eventually(10, "retained messages cleared", || {
-        ["desired", "status", "reported"]
-            .iter()
-            .all(|leaf| retained_now(&fleet.broker, &format!("outpost/v1/dev-f/{leaf}")).is_none())
-            .then_some(())
-    });
-    // Its last will (the broker publishes it when the connection drops, possibly after the
-    // forget) neither registers it again nor stays retained.
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(retained_now(&fleet.broker, "outpost/v1/dev-f/status").is_none());
-    let (status, _) = get_json(&format!("{}/api/v1/devices/dev-f", fleet.api));
-    assert_eq!(status, 404);
-    let out = bin()
-        .args(["fleet", "forget", "dev-f", "--fleet", &fleet.api])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
-    // Its history stays until retention removes it.
-    assert!(!fleet.records("telemetry", "dev-f").is_empty());
 }
