@@ -136,3 +136,17 @@ impl Drop for Server {
         }
     }
 }
+
+/// A device serving every example, with a 64 KiB request limit.
+pub fn serve_examples(tag: &str) -> (TempDir, Server) {
+    let dir = TempDir::new(tag);
+    let config = config(&dir, "max_request_bytes = 65536\n");
+    let device = Device::with_trust(&config, trust()).unwrap();
+    for e in Example::ALL {
+        device
+            .install_and_activate(&example_bundle(e, None))
+            .unwrap();
+    }
+    let server = Server::start(device, &config);
+    (dir, server)
+}
