@@ -398,6 +398,45 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
             ));
         }
     }
+    if let Some(gate) = m.gate.get() {
+        for (name, help, kind, value) in [
+            (
+                "outpost_fleet_mqtt_connections_open",
+                "MQTT connections open at the embedded broker.",
+                "gauge",
+                &gate.open,
+            ),
+            (
+                "outpost_fleet_mqtt_connections_admitted_total",
+                "MQTT connections the embedded broker accepted.",
+                "counter",
+                &gate.admitted,
+            ),
+            (
+                "outpost_fleet_mqtt_refused_client_ids_total",
+                "MQTT CONNECTs refused for their client id (characters the broker's router rejects, too long, control characters).",
+                "counter",
+                &gate.refused_ids,
+            ),
+            (
+                "outpost_fleet_mqtt_malformed_connections_total",
+                "MQTT connections closed for not starting with a well-formed CONNECT in time.",
+                "counter",
+                &gate.malformed,
+            ),
+            (
+                "outpost_fleet_mqtt_over_capacity_total",
+                "MQTT connections closed because the embedded broker was at its connection cap.",
+                "counter",
+                &gate.over_capacity,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
+    }
     out.push_str("# HELP outpost_fleet_device_dropped_records Records a device's outbox quota dropped.\n# TYPE outpost_fleet_device_dropped_records gauge\n");
     for d in &devices {
         out.push_str(&format!(

@@ -1,23 +1,36 @@
 //! The embedded MQTT broker (rumqttd), so one command gives a working fleet on one machine.
 //!
 //! Devices and the fleet's own MQTT client connect to it over TCP exactly as they would to an
-//! external broker, so the embedded and external set-ups run the same code.
+//! external broker, so the embedded and external set-ups run the same code. They reach it
+//! through the [`gate`](crate::gate), which checks each CONNECT before rumqttd sees it; rumqttd
+//! itself listens on a loopback port of its own.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rumqttd::protocol::v4::V4;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 
 use crate::error::{FleetError, Result};
+use crate::gate::{self, GateLimits, GateStats};
 
 /// Largest MQTT payload the embedded broker accepts.
 const MAX_PAYLOAD: usize = 1 << 20;
+/// Connections the router accepts; the gate keeps below it (a refusal by the router is one of
+/// the paths that broke rumqttd).
+const ROUTER_MAX_CONNECTIONS: usize = 20_000;
+/// Connections the gate lets in at once.
+const GATE_MAX_CONNECTIONS: usize = 16_384;
+/// Time a client has to send its CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The embedded broker, running until [`EmbeddedBroker::stop`] (or drop).
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    stats: Arc<GateStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -29,15 +42,25 @@ impl EmbeddedBroker {
     /// The listener and every connection run on a thread of their own; the router (rumqttd's
     /// message switch) on another.
     pub fn start(listen: SocketAddr, logins: Option<HashMap<String, String>>) -> Result<Self> {
-        // rumqttd binds inside its own thread and only logs a failure, so the address is
-        // checked (and a port-0 request resolved) here first.
-        let probe = TcpListener::bind(listen)
+        // Clients connect to the gate on `listen`; rumqttd binds a loopback port of its own
+        // inside its thread and only logs a failure, so that port is picked here first.
+        let public = TcpListener::bind(listen)
             .map_err(|e| FleetError::Config(format!("cannot listen on {listen} (MQTT): {e}")))?;
-        let addr = probe.local_addr()?;
-        drop(probe);
+        public.set_nonblocking(true)?;
+        let addr = public.local_addr()?;
+        let inner = {
+            let probe = TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?
+        };
+        let stats = Arc::new(GateStats::default());
+        let limits = GateLimits {
+            max_connections: GATE_MAX_CONNECTIONS,
+            connect_timeout: CONNECT_TIMEOUT,
+            max_connect_bytes: MAX_PAYLOAD + 64 * 1024,
+        };
 
         let connections = ConnectionSettings {
-            connection_timeout_ms: 10_000,
+            connection_timeout_ms: CONNECT_TIMEOUT.as_millis() as u16,
             max_payload_size: MAX_PAYLOAD,
             max_inflight_count: 256,
             auth: logins.clone(),
@@ -46,7 +69,7 @@ impl EmbeddedBroker {
         };
         let settings = ServerSettings {
             name: "v4".to_owned(),
-            listen: addr,
+            listen: inner,
             tls: None,
             next_connection_delay_ms: 1,
             connections,
@@ -54,7 +77,7 @@ impl EmbeddedBroker {
         let router = Router::new(
             0,
             RouterConfig {
-                max_connections: 20_000,
+                max_connections: ROUTER_MAX_CONNECTIONS,
                 max_outgoing_packet_count: 512,
                 max_segment_size: 4 << 20,
                 max_segment_count: 16,
@@ -63,6 +86,7 @@ impl EmbeddedBroker {
         );
         let router_tx = router.spawn();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let gate_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("mqtt-broker".into())
             .spawn(move || {
@@ -78,7 +102,15 @@ impl EmbeddedBroker {
                 };
                 let mut server = Server::new(settings, router_tx, V4);
                 runtime.block_on(async {
+                    let public = match tokio::net::TcpListener::from_std(public) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "the MQTT gate cannot listen");
+                            return;
+                        }
+                    };
                     tokio::select! {
+                        () = gate::serve(public, inner, limits, gate_stats) => {}
                         result = server.start(LinkType::Remote) => {
                             if let Err(e) = result {
                                 tracing::error!(error = %e, "embedded MQTT broker stopped");
@@ -91,6 +123,7 @@ impl EmbeddedBroker {
             })?;
         let broker = Self {
             addr,
+            stats,
             stop: Some(stop_tx),
             thread: Some(thread),
         };
@@ -112,6 +145,11 @@ impl EmbeddedBroker {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// What its gate admitted and refused.
+    pub fn gate_stats(&self) -> Arc<GateStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Closes the listener and every connection, and waits until they are closed. (rumqttd's

@@ -40,6 +40,8 @@ pub struct FleetMetrics {
     pub artifact_bytes: AtomicU64,
     /// Artifact requests served.
     pub artifact_requests: AtomicU64,
+    /// The embedded broker's gate, when the broker is embedded.
+    pub gate: std::sync::OnceLock<std::sync::Arc<crate::gate::GateStats>>,
 }
 
 impl FleetMetrics {

@@ -11,6 +11,7 @@ pub mod api;
 pub mod broker;
 pub mod domain;
 mod error;
+pub mod gate;
 pub mod mqtt;
 pub mod store;
 
@@ -274,6 +275,9 @@ impl Server {
             },
             outbound_tx,
         ));
+        if let Some(broker) = &embedded {
+            let _ = fleet.metrics.gate.set(broker.gate_stats());
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let (subscribed_tx, subscribed_rx) = watch::channel(false);
         let mqtt = tokio::spawn(mqtt::run(
