@@ -1,5 +1,6 @@
 //! Desired-state acceptance: what the agent does with each envelope the broker delivers.
 
+use outpost_proto::text::{MAX_ERROR_TEXT, bounded};
 use outpost_proto::{DesiredState, Event, SignedDesired, Verdict};
 
 use crate::{Shared, now_secs};
@@ -48,10 +49,14 @@ impl Shared {
         }
     }
 
+    /// Logs, reports and records a refusal. The reason may quote what the broker delivered, so
+    /// it is bounded first: whoever can publish on the broker must not be able to make the
+    /// device's reported state too large to send.
     fn refuse(&self, reason: &str) {
+        let reason = bounded(reason, MAX_ERROR_TEXT - 32);
         tracing::warn!(%reason, "desired state refused");
         self.event(Event::DesiredRefused {
-            reason: reason.to_owned(),
+            reason: reason.clone(),
         });
         self.set_last_error(Some(format!("refused desired state: {reason}")));
     }

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outpost_proto::text::{MAX_ERROR_TEXT, bounded};
 use outpost_proto::{Event, Topics};
 use tokio::sync::{Notify, watch};
 
@@ -181,7 +182,8 @@ impl Agent {
         let outbox = store.outbox(fleet.outbox_quota_bytes)?;
         let shared = Arc::new(Shared {
             device,
-            last_error: Mutex::new(store.last_error()),
+            // Bounded again: a state written before errors were bounded heals at start.
+            last_error: Mutex::new(store.last_error().map(|e| bounded(&e, MAX_ERROR_TEXT))),
             fleet,
             topics,
             store,
@@ -231,7 +233,11 @@ impl Agent {
 }
 
 impl Shared {
+    /// Records (and persists) the last error, bounded to [`MAX_ERROR_TEXT`] bytes.
+    ///
+    /// [`MAX_ERROR_TEXT`]: outpost_proto::text::MAX_ERROR_TEXT
     fn set_last_error(&self, error: Option<String>) {
+        let error = error.map(|e| bounded(&e, MAX_ERROR_TEXT));
         if let Err(e) = self.store.set_last_error(error.as_deref()) {
             tracing::error!(error = %e, "cannot record the last error");
         }

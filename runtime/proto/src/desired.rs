@@ -109,7 +109,10 @@ impl SignedDesired {
         applied: Option<u64>,
     ) -> Result<Verdict, ProtoError> {
         if self.key_id != fleet_key.id() {
-            return Err(ProtoError::UnknownKey(self.key_id.clone()));
+            return Err(ProtoError::UnknownKey(crate::text::bounded(
+                &self.key_id,
+                crate::text::MAX_QUOTED,
+            )));
         }
         let mut sig = [0u8; 64];
         if self.signature.bytes().any(|b| b.is_ascii_uppercase())

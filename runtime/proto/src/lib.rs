@@ -14,6 +14,7 @@ mod broker;
 mod desired;
 mod messages;
 pub mod rest;
+pub mod text;
 
 pub use broker::{BadBrokerUrl, BrokerUrl};
 pub use desired::{Deployment, DesiredState, SignedDesired, Verdict};
@@ -57,7 +58,10 @@ impl DeviceId {
         if is_valid_device_id(&id) {
             Ok(Self(id))
         } else {
-            Err(ProtoError::InvalidDeviceId(id))
+            Err(ProtoError::InvalidDeviceId(text::bounded(
+                &id,
+                text::MAX_QUOTED,
+            )))
         }
     }
 
