@@ -74,3 +74,72 @@ fn a_refusal_quoting_a_megabyte_cannot_cut_a_device_off() {
             .filter(|r| r["last_error"].is_null())
     });
 }
+
+/// The generation in a retained desired-state envelope.
+fn generation(envelope: &[u8]) -> Option<u64> {
+    let envelope: serde_json::Value = serde_json::from_slice(envelope).ok()?;
+    let payload: serde_json::Value = serde_json::from_str(envelope["payload"].as_str()?).ok()?;
+    payload["generation"].as_u64()
+}
+
+#[test]
+fn garbage_over_an_offline_devices_desired_state_does_not_keep_its_deployment_from_it() {
+    let d = bed("garbage-desired");
+    let dir = &d.0;
+    let (fleet, mut device) = fleet_with_digits(dir, "dev-g");
+    let topic = "outpost/v1/dev-g/desired";
+    let first = generation(&retained(&fleet.broker, topic)).unwrap();
+    // The device goes away; a deployment is made for it; then an attacker overwrites the
+    // retained desired state it would find on its return.
+    device.proc.kill9();
+    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@2.0.0", "--device", "dev-g"],
+    );
+    eventually(secs(30), "the new desired state retained", || {
+        generation(&retained(&fleet.broker, topic)).filter(|&g| g > first)
+    });
+    publish_retained(&fleet.broker, topic, b"{\"garbage\": true}".to_vec());
+    assert_eq!(
+        retained_now(&fleet.broker, topic).as_deref(),
+        Some(&b"{\"garbage\": true}"[..])
+    );
+    // Back, it refuses the garbage, reports itself behind, and the fleet publishes the real
+    // one again.
+    let device = Device::start(dir, "dev-g.toml");
+    let version = eventually(secs(60), "the deployment applied after all", || {
+        device.digits().ok().filter(|v| v == "2.0.0")
+    });
+    assert_eq!(version, "2.0.0");
+    assert!(generation(&retained(&fleet.broker, topic)).unwrap() > first);
+}
+
+#[test]
+fn a_forged_offline_presence_for_the_fleet_does_not_halt_telemetry() {
+    let d = bed("forged-presence");
+    let dir = &d.0;
+    let (fleet, device) = fleet_with_digits(dir, "dev-p");
+    let replica = get_json(&format!("{}/api/v1/fleet", fleet.api)).1["replica"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let presence = format!("outpost/v1/_fleet/{replica}/status");
+    // Devices hold telemetry while no replica says online.
+    publish_retained(
+        &fleet.broker,
+        &presence,
+        br#"{"v":1,"online":false}"#.to_vec(),
+    );
+    eventually(secs(30), "the fleet announcing itself again", || {
+        let retained = retained_now(&fleet.broker, &presence)?;
+        let v: serde_json::Value = serde_json::from_slice(&retained).ok()?;
+        (v["online"] == true).then_some(())
+    });
+    let before = fleet.records("telemetry", "dev-p").len();
+    eventually(secs(30), "telemetry flowing on", || {
+        (fleet.records("telemetry", "dev-p").len() > before + 10
+            && device.metric("outpost_fleet_online") == Some(1))
+        .then_some(())
+    });
+}

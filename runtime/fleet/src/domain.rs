@@ -2,6 +2,8 @@
 //! The HTTP API ([`crate::api`]) and the MQTT adapter ([`crate::mqtt`]) call these; nothing here
 //! knows about either transport beyond the [`Outbound`] messages it queues for publishing.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -51,6 +53,9 @@ impl FleetMetrics {
     }
 }
 
+/// How often a device behind its desired state gets it published again, at most.
+pub const REPUBLISH_EVERY: Duration = Duration::from_secs(10);
+
 /// A running fleet: its store, key and settings. Shared by the API and the MQTT adapter.
 #[derive(Debug)]
 pub struct Fleet {
@@ -79,6 +84,8 @@ pub struct Fleet {
     /// Counters.
     pub metrics: FleetMetrics,
     outbound: mpsc::UnboundedSender<Outbound>,
+    /// When each device's desired state was last published again for it to catch up.
+    republished: Mutex<HashMap<String, u64>>,
 }
 
 /// What a [`Fleet`] is configured with.
@@ -137,6 +144,7 @@ impl Fleet {
             ingest_only,
             metrics: FleetMetrics::default(),
             outbound,
+            republished: Mutex::new(HashMap::new()),
         }
     }
 
@@ -285,6 +293,38 @@ impl Fleet {
         self.store.flush()?;
         self.publish_desired(&record)?;
         Ok(record)
+    }
+
+    /// Publishes `device`'s desired state again when its reported state says it has not
+    /// accepted the current generation: something overwrote the retained message (anyone on
+    /// the broker can), or the broker lost it. At most once per [`REPUBLISH_EVERY`] a device;
+    /// a device that already has it sees a duplicate and does nothing.
+    fn catch_up(&self, device: &DeviceId, accepted: Option<u64>, now: u64) {
+        if self.ingest_only {
+            return;
+        }
+        let Ok(Some(record)) = self.store.desired(device.as_str()) else {
+            return;
+        };
+        if accepted.is_some_and(|g| g >= record.generation) || record.expires_at <= now {
+            return;
+        }
+        {
+            let Ok(mut last) = self.republished.lock() else {
+                return;
+            };
+            if last
+                .get(device.as_str())
+                .is_some_and(|&t| now < t + REPUBLISH_EVERY.as_secs())
+            {
+                return;
+            }
+            last.insert(device.as_str().to_owned(), now);
+        }
+        tracing::info!(%device, generation = record.generation, "device behind its desired state; publishing it again");
+        if let Err(e) = self.publish_desired(&record) {
+            tracing::error!(%device, error = %e, "cannot publish a desired state again");
+        }
     }
 
     /// Deletes the broker's retained message on `topic` (an empty retained message does that).
@@ -459,13 +499,17 @@ impl Fleet {
                     }
                 }),
             Topic::Reported => match serde_json::from_slice::<ReportedState>(payload) {
-                Ok(state) if state.device == id => fleet
-                    .store
-                    .update_device(device, |d| {
+                Ok(state) if state.device == id => {
+                    let behind = state.accepted_generation;
+                    let stored = fleet.store.update_device(device, |d| {
                         d.reported = Some(state);
                         d.last_seen = Some(now);
-                    })
-                    .map(|_| ()),
+                    });
+                    if stored.is_ok() {
+                        fleet.catch_up(&id, behind, now);
+                    }
+                    stored.map(|_| ())
+                }
                 Ok(_) => {
                     tracing::warn!(%device, "reported state names another device; ignored");
                     Ok(())

@@ -52,6 +52,8 @@ fn session_options(fleet: &Fleet) -> SessionOptions {
         format!("{}/+/reported", outpost_proto::PREFIX),
         Topic::Telemetry.fleet_subscription(),
         Topic::Events.fleet_subscription(),
+        // Its own presence, to put it right when something else overwrites it.
+        fleet_presence_topic(&fleet.replica),
     ];
     options
 }
@@ -144,6 +146,19 @@ pub async fn run(
                             })),
                             Err(e) => tracing::error!(error = %e, "cannot read desired states"),
                         }
+                    }
+                }
+                SessionEvent::Message(message) if message.topic == fleet_presence_topic(&fleet.replica) => {
+                    // Devices hold their telemetry while no replica says online: anyone on the
+                    // broker could halt it with one retained "offline" here.
+                    if !Presence::is_online(&message.payload) && *subscribed.borrow() {
+                        tracing::warn!("the fleet's presence was overwritten; announcing it again");
+                        if let Err(e) = mqtt.publish(fleet_presence_topic(&fleet.replica), Presence::to_vec(true), true, None) {
+                            tracing::warn!(error = %e, "cannot announce the fleet's presence");
+                        }
+                    }
+                    if let Err(e) = mqtt.ack(&message) {
+                        tracing::warn!(error = %e, "cannot acknowledge");
                     }
                 }
                 SessionEvent::Message(message) => {
