@@ -53,6 +53,9 @@ impl FleetMetrics {
     }
 }
 
+/// How far ahead of the fleet's clock a record's time may be; later times are taken as now.
+pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(300);
+
 /// How often a device behind its desired state gets it published again, at most.
 pub const REPUBLISH_EVERY: Duration = Duration::from_secs(10);
 
@@ -561,7 +564,14 @@ fn store_batch(
     let mut new = 0u64;
     let mut duplicates = 0u64;
     for record in &batch.records {
-        if fleet.store.put_record(stream, device, record)? {
+        // A time from the future would exempt the record (and, since pruning stops at a
+        // device's first record young enough to keep, every later one) from retention.
+        let mut record = record.clone();
+        if record.time > now.saturating_add(MAX_CLOCK_AHEAD.as_secs()) {
+            tracing::debug!(%device, seq = record.seq, time = record.time, "record time in the future; taken as now");
+            record.time = now;
+        }
+        if fleet.store.put_record(stream, device, &record)? {
             new += 1;
         } else {
             duplicates += 1;

@@ -78,3 +78,45 @@ async fn a_stopped_fleet_releases_its_api_and_its_embedded_broker() {
     again.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_dated_in_the_far_future_cannot_escape_retention() {
+    let dir = std::env::temp_dir().join(format!("outpost-fleet-future-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = options(&dir);
+    let listeners = Listeners::bind(&options).await.unwrap();
+    let server = Server::start(options, listeners).await.unwrap();
+    let fleet = server.fleet();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A forged first record dated 2^64-1, then genuine ones.
+    let batch = |records: Vec<(u64, u64)>| {
+        serde_json::json!({
+            "v": 1,
+            "device": "dev-f",
+            "records": records.iter().map(|(seq, time)| serde_json::json!({"seq": seq, "time": time, "body": {}})).collect::<Vec<_>>(),
+            "dropped": 0,
+        })
+        .to_string()
+    };
+    let topic = "outpost/v1/dev-f/telemetry";
+    assert!(fleet.ingest(topic, batch(vec![(1, u64::MAX)]).as_bytes()));
+    assert!(fleet.ingest(topic, batch(vec![(2, now), (3, now)]).as_bytes()));
+    let stored = fleet
+        .store
+        .records(
+            outpost_fleet::store::Stream::Telemetry,
+            Some("dev-f"),
+            None,
+            10,
+        )
+        .unwrap();
+    assert_eq!(stored.len(), 3);
+    assert!(stored[0].record.time <= now + 300, "{:?}", stored[0]);
+    // Past the retention of everything stored, everything goes, the forged record first.
+    assert_eq!(fleet.prune(now + 3600).unwrap(), 3);
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
