@@ -174,10 +174,11 @@ impl Fleet {
         refreshed
     }
 
-    /// Deletes telemetry and events stored before `cutoff` (seconds); returns how many.
-    pub fn prune(&self, cutoff: u64) -> Result<usize> {
-        Ok(self.store.prune(Stream::Telemetry, cutoff)?
-            + self.store.prune(Stream::Events, cutoff)?)
+    /// Deletes telemetry and events stored before `cutoff` (seconds), at most `limit` of each
+    /// stream; returns how many. Call it again while it returns `limit` or more.
+    pub fn prune(&self, cutoff: u64, limit: usize) -> Result<usize> {
+        Ok(self.store.prune(Stream::Telemetry, cutoff, limit)?
+            + self.store.prune(Stream::Events, cutoff, limit)?)
     }
 
     /// The desired-state signing key's public half (hex), for device configs.

@@ -418,20 +418,44 @@ async fn refresh_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Deletes telemetry and events older than `retention`, every ten minutes (and at start).
+/// Records deleted per step of pruning: one step takes well under a second, and shutdown waits
+/// for at most one.
+const PRUNE_STEP: usize = 10_000;
+
+/// Deletes telemetry and events older than `retention`, every ten minutes (and at start), in
+/// steps of [`PRUNE_STEP`] records, stopping between steps when the fleet stops.
 async fn retention_task(fleet: Arc<Fleet>, retention: Duration, mut stop: watch::Receiver<bool>) {
     loop {
         let cutoff = now_secs().saturating_sub(retention.as_secs());
-        let pruned = tokio::task::spawn_blocking({
-            let fleet = Arc::clone(&fleet);
-            move || fleet.prune(cutoff)
-        })
-        .await;
-        match pruned {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(records = n, "pruned records past retention"),
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot prune old records"),
-            Err(e) => tracing::error!(error = %e, "pruning failed"),
+        let mut total = 0;
+        loop {
+            let pruned = tokio::task::spawn_blocking({
+                let fleet = Arc::clone(&fleet);
+                move || fleet.prune(cutoff, PRUNE_STEP)
+            })
+            .await;
+            match pruned {
+                Ok(Ok(n)) => {
+                    total += n;
+                    if n < PRUNE_STEP {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot prune old records");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pruning failed");
+                    break;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+        if total > 0 {
+            tracing::info!(records = total, "pruned records past retention");
         }
         tokio::select! {
             _ = stop.changed() => return,

@@ -251,16 +251,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes records taken before `cutoff` (Unix seconds); returns how many. Sequence numbers
-    /// grow with time per device, so each device's scan stops at its first newer record.
-    pub fn prune(&self, stream: Stream, cutoff: u64) -> Result<usize> {
+    /// Deletes records taken before `cutoff` (Unix seconds), at most `limit` of them; returns
+    /// how many. Sequence numbers grow with time per device, so each device's scan stops at its
+    /// first newer record.
+    pub fn prune(&self, stream: Stream, cutoff: u64, limit: usize) -> Result<usize> {
         let tree = match stream {
             Stream::Telemetry => &self.telemetry,
             Stream::Events => &self.events,
         };
         let mut removed = 0;
         let mut from: Vec<u8> = Vec::new();
-        loop {
+        while removed < limit {
             let Some(item) = tree.range(from.as_slice()..).next() else {
                 break;
             };

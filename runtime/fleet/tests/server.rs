@@ -115,8 +115,11 @@ async fn a_record_dated_in_the_far_future_cannot_escape_retention() {
         .unwrap();
     assert_eq!(stored.len(), 3);
     assert!(stored[0].record.time <= now + 300, "{:?}", stored[0]);
-    // Past the retention of everything stored, everything goes, the forged record first.
-    assert_eq!(fleet.prune(now + 3600).unwrap(), 3);
+    // Past the retention of everything stored, everything goes, the forged record first, in
+    // steps of at most the limit asked for.
+    assert_eq!(fleet.prune(now + 3600, 1).unwrap(), 1);
+    assert_eq!(fleet.prune(now + 3600, 1000).unwrap(), 2);
+    assert_eq!(fleet.prune(now + 3600, 1000).unwrap(), 0);
     server.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
