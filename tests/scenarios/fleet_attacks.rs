@@ -143,3 +143,79 @@ fn a_forged_offline_presence_for_the_fleet_does_not_halt_telemetry() {
         .then_some(())
     });
 }
+
+#[test]
+fn records_forged_ahead_of_a_device_do_not_erase_its_genuine_ones() {
+    let d = bed("forged-seqs");
+    let dir = &d.0;
+    let (fleet, _device) = fleet_with_digits(dir, "dev-s");
+    // Events and telemetry share one sequence: a genuine record may be in either stream.
+    let seqs = |fleet: &Fleet| -> Vec<(u64, bool)> {
+        let mut records = fleet.records("telemetry", "dev-s");
+        records.extend(fleet.records("events", "dev-s"));
+        let mut seqs: Vec<(u64, bool)> = records
+            .iter()
+            .map(|r| (r["seq"].as_u64().unwrap(), r["body"]["forged"] == true))
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    let last = eventually(secs(30), "telemetry stored", || {
+        seqs(&fleet).last().map(|&(s, _)| s)
+    });
+    // The device's next 40 sequence numbers, a few seconds ahead of it (10 records a second).
+    let (from, to) = (last + 20, last + 60);
+    let forged = serde_json::json!({
+        "v": 1,
+        "device": "dev-s",
+        "records": (from..to).map(|seq| serde_json::json!({"seq": seq, "time": 1, "body": {"forged": true}})).collect::<Vec<_>>(),
+        "dropped": 0,
+    });
+    let (client, mut connection) = mqtt_client(&fleet.broker, "forger");
+    client
+        .publish(
+            "outpost/v1/dev-s/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            forged.to_string().into_bytes(),
+        )
+        .unwrap();
+    for event in connection.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
+            break;
+        }
+        event.unwrap();
+    }
+    let _ = client.disconnect();
+    // The genuine records under those numbers arrive later, and are kept.
+    let stored = eventually(secs(60), "genuine records past the forged ones", || {
+        let s = seqs(&fleet);
+        s.iter()
+            .any(|&(seq, forged)| seq > to && !forged)
+            .then_some(s)
+    });
+    let missing: Vec<u64> = (from..to)
+        .filter(|seq| !stored.iter().any(|&(s, forged)| s == *seq && !forged))
+        .collect();
+    assert!(missing.is_empty(), "genuine records lost: {missing:?}");
+    // Each genuine telemetry record under a forged number is a conflict, counted.
+    let collided = fleet
+        .records("telemetry", "dev-s")
+        .iter()
+        .filter(|r| {
+            let seq = r["seq"].as_u64().unwrap();
+            (from..to).contains(&seq) && r["body"]["forged"] != true
+        })
+        .count() as u64;
+    assert!(collided > 0);
+    let device = fleet.device("dev-s").unwrap();
+    assert_eq!(device["conflicts"], collided, "{device}");
+    let (_, metrics) = get_json(&format!("{}/metrics", fleet.api));
+    assert!(
+        metrics.as_str().unwrap().contains(&format!(
+            "outpost_fleet_conflicting_records_total {}",
+            to - from
+        )),
+        "{metrics}"
+    );
+}

@@ -371,6 +371,12 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         m.records.load(Ordering::Relaxed).to_string(),
     );
     gauge(
+        "outpost_fleet_conflicting_records_total",
+        "Records that differed from one stored under the same device and sequence number (someone else published as that device); kept beside it, up to four per number.",
+        "counter",
+        m.conflicts.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
         "outpost_fleet_duplicate_records_total",
         "Records received again after a lost acknowledgement and discarded.",
         "counter",

@@ -15,7 +15,7 @@ use outpost_proto::{
 use tokio::sync::mpsc;
 
 use crate::error::{FleetError, Result};
-use crate::store::{BundleRecord, DeploymentRecord, DesiredRecord, Store, Stream, now_secs};
+use crate::store::{BundleRecord, DeploymentRecord, DesiredRecord, Put, Store, Stream, now_secs};
 use outpost_proto::rest::{DeployRequest, DeployResponse};
 
 /// A message for the MQTT task to publish.
@@ -38,6 +38,8 @@ pub struct FleetMetrics {
     pub records: AtomicU64,
     /// Duplicate records discarded.
     pub duplicates: AtomicU64,
+    /// Records that differ from one stored under the same (device, seq).
+    pub conflicts: AtomicU64,
     /// Artifact bytes served.
     pub artifact_bytes: AtomicU64,
     /// Artifact requests served.
@@ -564,6 +566,7 @@ fn store_batch(
 ) -> Result<()> {
     let mut new = 0u64;
     let mut duplicates = 0u64;
+    let mut conflicts = 0u64;
     for record in &batch.records {
         // A time from the future would exempt the record (and, since pruning stops at a
         // device's first record young enough to keep, every later one) from retention.
@@ -572,10 +575,18 @@ fn store_batch(
             tracing::debug!(%device, seq = record.seq, time = record.time, "record time in the future; taken as now");
             record.time = now;
         }
-        if fleet.store.put_record(stream, device, &record)? {
-            new += 1;
-        } else {
-            duplicates += 1;
+        match fleet.store.put_record(stream, device, &record)? {
+            Put::New => new += 1,
+            Put::Duplicate => duplicates += 1,
+            Put::Conflict => {
+                new += 1;
+                conflicts += 1;
+                tracing::debug!(%device, seq = record.seq, "a record differs from the one stored under its sequence number (one is forged); both kept");
+            }
+            Put::ConflictDropped => {
+                conflicts += 1;
+                tracing::debug!(%device, seq = record.seq, "too many different records under one sequence number; dropped");
+            }
         }
     }
     let last_event = (stream == Stream::Events)
@@ -584,6 +595,7 @@ fn store_batch(
     fleet.store.update_device(device, |d| {
         d.records += new;
         d.duplicates += duplicates;
+        d.conflicts += conflicts;
         d.dropped = batch.dropped;
         d.last_seen = Some(now);
         if last_event.is_some() {
@@ -591,5 +603,9 @@ fn store_batch(
         }
     })?;
     fleet.metrics.record_batch(new, duplicates);
+    fleet
+        .metrics
+        .conflicts
+        .fetch_add(conflicts, Ordering::Relaxed);
     Ok(())
 }

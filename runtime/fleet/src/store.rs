@@ -61,6 +61,22 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Records kept under one (device, seq): the first and up to three that conflict with it.
+pub const MAX_VARIANTS: u8 = 4;
+
+/// What [`Store::put_record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// Stored: the first record under its (device, seq).
+    New,
+    /// The same record was already stored (re-sent after a lost acknowledgement).
+    Duplicate,
+    /// Stored beside a different record under the same (device, seq).
+    Conflict,
+    /// A different record, and [`MAX_VARIANTS`] are stored already: not stored.
+    ConflictDropped,
+}
+
 fn record_key(device: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(device.len() + 9);
     key.extend_from_slice(device.as_bytes());
@@ -191,29 +207,42 @@ impl Store {
         self.devices.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// Stores a record unless (device, seq) is already there; returns whether it was new.
+    /// Stores a record unless the same record is already there under (device, seq).
+    ///
+    /// A different record under a (device, seq) already taken is a conflict: anyone who can
+    /// publish on the broker can send a device's next sequence numbers first, and discarding
+    /// what comes after as a duplicate would let them erase the genuine records. So a conflicting
+    /// record is kept too, after the first, up to [`MAX_VARIANTS`] per (device, seq).
     pub fn put_record(
         &self,
         stream: Stream,
         device: &str,
         record: &TelemetryRecord,
-    ) -> Result<bool> {
+    ) -> Result<Put> {
         let tree = match stream {
             Stream::Telemetry => &self.telemetry,
             Stream::Events => &self.events,
         };
-        let stored = StoredRecord {
+        let bytes = encode(&StoredRecord {
             device: device.to_owned(),
             record: record.clone(),
-        };
-        let inserted = tree
-            .compare_and_swap(
-                record_key(device, record.seq),
-                None::<&[u8]>,
-                Some(encode(&stored)?),
-            )?
-            .is_ok();
-        Ok(inserted)
+        })?;
+        let base = record_key(device, record.seq);
+        for variant in 0..MAX_VARIANTS {
+            let mut key = base.clone();
+            if variant > 0 {
+                key.push(variant);
+            }
+            match tree.compare_and_swap(&key, None::<&[u8]>, Some(bytes.as_slice()))? {
+                Ok(()) if variant == 0 => return Ok(Put::New),
+                Ok(()) => return Ok(Put::Conflict),
+                Err(e) if e.current.as_deref() == Some(bytes.as_slice()) => {
+                    return Ok(Put::Duplicate);
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(Put::ConflictDropped)
     }
 
     /// Records of one device (or all) after sequence number `after`, at most `limit`.
@@ -231,8 +260,10 @@ impl Store {
         let iter = match device {
             Some(d) => {
                 let start = record_key(d, after.map_or(0, |a| a.saturating_add(1)));
-                let end = record_key(d, u64::MAX);
-                tree.range(start..=end)
+                // Past every key of this device, conflicting variants included.
+                let mut end = d.as_bytes().to_vec();
+                end.push(1);
+                tree.range(start..end)
             }
             None => tree.range::<&[u8], _>(..),
         };
@@ -272,9 +303,10 @@ impl Store {
                 removed += 1;
                 from = key.to_vec();
             } else {
-                // Skip to the next device: its keys start after `device 0x00 <u64::MAX>`.
-                from = record_key(&record.device, u64::MAX);
-                from.push(0);
+                // Skip to the next device: every key of this one starts `device 0x00`, and no
+                // device id holds a byte below `-`, so `device 0x01` is past them all.
+                from = record.device.as_bytes().to_vec();
+                from.push(1);
             }
         }
         Ok(removed)
@@ -527,10 +559,15 @@ mod tests {
             time: 1,
             body: serde_json::json!({ "n": seq }),
         };
-        assert!(store.put_record(Stream::Telemetry, "a", &rec(1)).unwrap());
-        assert!(!store.put_record(Stream::Telemetry, "a", &rec(1)).unwrap());
-        assert!(store.put_record(Stream::Telemetry, "b", &rec(1)).unwrap());
-        assert!(store.put_record(Stream::Telemetry, "a", &rec(2)).unwrap());
+        let put = |device, record| {
+            store
+                .put_record(Stream::Telemetry, device, &record)
+                .unwrap()
+        };
+        assert_eq!(put("a", rec(1)), Put::New);
+        assert_eq!(put("a", rec(1)), Put::Duplicate);
+        assert_eq!(put("b", rec(1)), Put::New);
+        assert_eq!(put("a", rec(2)), Put::New);
         let a = store
             .records(Stream::Telemetry, Some("a"), None, 100)
             .unwrap();
@@ -552,6 +589,36 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_conflicting_record_is_kept_beside_the_first_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("fleet-conflict-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let rec = |seq, n| TelemetryRecord {
+            seq,
+            time: 1,
+            body: serde_json::json!({ "n": n }),
+        };
+        let put = |record| store.put_record(Stream::Telemetry, "a", &record).unwrap();
+        // A forger's record first, then the genuine one: both kept.
+        assert_eq!(put(rec(u64::MAX, 0)), Put::New);
+        assert_eq!(put(rec(u64::MAX, 1)), Put::Conflict);
+        assert_eq!(put(rec(u64::MAX, 1)), Put::Duplicate);
+        assert_eq!(put(rec(u64::MAX, 2)), Put::Conflict);
+        assert_eq!(put(rec(u64::MAX, 3)), Put::Conflict);
+        assert_eq!(put(rec(u64::MAX, 4)), Put::ConflictDropped);
+        assert_eq!(put(rec(5, 5)), Put::New);
+        let all = store
+            .records(Stream::Telemetry, Some("a"), None, 100)
+            .unwrap();
+        assert_eq!(all.len(), 5);
+        // Pruning passes over a device whose records are all young, variants included.
+        assert_eq!(store.prune(Stream::Telemetry, 0, 100).unwrap(), 0);
+        assert_eq!(store.prune(Stream::Telemetry, 2, 100).unwrap(), 5);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

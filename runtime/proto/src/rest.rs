@@ -37,6 +37,10 @@ pub struct DeviceRecord {
     pub records: u64,
     /// Records received more than once (re-sent after a lost acknowledgement) and discarded.
     pub duplicates: u64,
+    /// Records that differed from one already stored under the same sequence number: someone
+    /// else published as this device. Both are kept (up to four per number).
+    #[serde(default)]
+    pub conflicts: u64,
     /// Records its outbox quota dropped, as it last said.
     pub dropped: u64,
     /// The last event it sent.
