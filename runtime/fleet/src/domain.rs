@@ -1,4 +1,5 @@
-//! The fleet's domain operations: push, deploy, forget, re-sign, and ingest what devices send.
+//! The fleet's domain operations: push, deploy, forget, re-sign; ingesting what devices send
+//! is in `ingest.rs`.
 //! The HTTP API ([`crate::api`]) and the MQTT adapter ([`crate::mqtt`]) call these; nothing here
 //! knows about either transport beyond the [`Outbound`] messages it queues for publishing.
 
@@ -8,14 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use outpost_bundle::{Bundle, ReadLimits, SecretKey, TrustStore};
-use outpost_proto::{
-    DesiredState, DeviceId, PROTOCOL_VERSION, Presence, ReportedState, SignedDesired,
-    TelemetryBatch, Topic, Topics,
-};
+use outpost_proto::{DesiredState, DeviceId, PROTOCOL_VERSION, SignedDesired, Topic, Topics};
 use tokio::sync::mpsc;
 
 use crate::error::{FleetError, Result};
-use crate::store::{BundleRecord, DeploymentRecord, DesiredRecord, Put, Store, Stream, now_secs};
+use crate::store::{BundleRecord, DeploymentRecord, DesiredRecord, Store, Stream, now_secs};
 use outpost_proto::rest::{DeployRequest, DeployResponse};
 
 /// A message for the MQTT task to publish.
@@ -55,12 +53,6 @@ impl FleetMetrics {
     }
 }
 
-/// How far ahead of the fleet's clock a record's time may be; later times are taken as now.
-pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(300);
-
-/// How often a device behind its desired state gets it published again, at most.
-pub const REPUBLISH_EVERY: Duration = Duration::from_secs(10);
-
 /// A running fleet: its store, key and settings. Shared by the API and the MQTT adapter.
 #[derive(Debug)]
 pub struct Fleet {
@@ -90,7 +82,7 @@ pub struct Fleet {
     pub metrics: FleetMetrics,
     outbound: mpsc::UnboundedSender<Outbound>,
     /// When each device's desired state was last published again for it to catch up.
-    republished: Mutex<HashMap<String, u64>>,
+    pub(crate) republished: Mutex<HashMap<String, u64>>,
 }
 
 /// What a [`Fleet`] is configured with.
@@ -277,7 +269,7 @@ impl Fleet {
     }
 
     /// Publishes a stored desired state (retained) on its device's topic.
-    fn publish_desired(&self, record: &DesiredRecord) -> Result<()> {
+    pub(crate) fn publish_desired(&self, record: &DesiredRecord) -> Result<()> {
         let _ = self.outbound.send(Outbound {
             topic: Topics::new(&record.device).name(Topic::Desired),
             payload: record.envelope.to_vec()?,
@@ -301,40 +293,8 @@ impl Fleet {
         Ok(record)
     }
 
-    /// Publishes `device`'s desired state again when its reported state says it has not
-    /// accepted the current generation: something overwrote the retained message (anyone on
-    /// the broker can), or the broker lost it. At most once per [`REPUBLISH_EVERY`] a device;
-    /// a device that already has it sees a duplicate and does nothing.
-    fn catch_up(&self, device: &DeviceId, accepted: Option<u64>, now: u64) {
-        if self.ingest_only {
-            return;
-        }
-        let Ok(Some(record)) = self.store.desired(device.as_str()) else {
-            return;
-        };
-        if accepted.is_some_and(|g| g >= record.generation) || record.expires_at <= now {
-            return;
-        }
-        {
-            let Ok(mut last) = self.republished.lock() else {
-                return;
-            };
-            if last
-                .get(device.as_str())
-                .is_some_and(|&t| now < t + REPUBLISH_EVERY.as_secs())
-            {
-                return;
-            }
-            last.insert(device.as_str().to_owned(), now);
-        }
-        tracing::info!(%device, generation = record.generation, "device behind its desired state; publishing it again");
-        if let Err(e) = self.publish_desired(&record) {
-            tracing::error!(%device, error = %e, "cannot publish a desired state again");
-        }
-    }
-
     /// Deletes the broker's retained message on `topic` (an empty retained message does that).
-    fn clear_retained(&self, topic: &str) {
+    pub(crate) fn clear_retained(&self, topic: &str) {
         let _ = self.outbound.send(Outbound {
             topic: topic.to_owned(),
             payload: Vec::new(),
@@ -468,144 +428,4 @@ impl Fleet {
             generations,
         })
     }
-
-    /// Applies one message from a device to the store; false when it could not be stored.
-    /// (Malformed messages count as handled: delivering them again would not help.) The
-    /// caller flushes the store ([`Store::flush`]) before acknowledging what returned true.
-    pub fn ingest(&self, topic: &str, payload: &[u8]) -> bool {
-        let fleet = self;
-        let Some((id, leaf)) = Topics::parse(topic) else {
-            return true;
-        };
-        let device = id.as_str();
-        if payload.is_empty() {
-            // A cleared retained message (a forgotten device): nothing to record.
-            return true;
-        }
-        let now = now_secs();
-        let result = match leaf {
-            Topic::Status if Presence::is_online(payload) => fleet
-                .store
-                .update_device(device, |d| {
-                    d.online = true;
-                    d.last_seen = Some(now);
-                })
-                .map(|_| ()),
-            // Offline never registers a device: a forgotten device's last will can arrive after
-            // it was forgotten. Its retained "offline" is cleared instead of kept.
-            Topic::Status => fleet
-                .store
-                .update_known_device(device, |d| {
-                    d.online = false;
-                    d.last_seen = Some(now);
-                })
-                .map(|known| {
-                    if !known && !fleet.ingest_only {
-                        fleet.clear_retained(topic);
-                    }
-                }),
-            Topic::Reported => match serde_json::from_slice::<ReportedState>(payload) {
-                Ok(state) if state.device == id => {
-                    let behind = state.accepted_generation;
-                    let stored = fleet.store.update_device(device, |d| {
-                        d.reported = Some(state);
-                        d.last_seen = Some(now);
-                    });
-                    if stored.is_ok() {
-                        fleet.catch_up(&id, behind, now);
-                    }
-                    stored.map(|_| ())
-                }
-                Ok(_) => {
-                    tracing::warn!(%device, "reported state names another device; ignored");
-                    Ok(())
-                }
-                Err(e) => {
-                    tracing::warn!(%device, error = %e, "malformed reported state; ignored");
-                    Ok(())
-                }
-            },
-            Topic::Telemetry | Topic::Events => {
-                let stream = if leaf == Topic::Events {
-                    Stream::Events
-                } else {
-                    Stream::Telemetry
-                };
-                match serde_json::from_slice::<TelemetryBatch>(payload) {
-                    Ok(batch) if batch.device == id => {
-                        store_batch(fleet, stream, device, &batch, now)
-                    }
-                    Ok(_) => {
-                        tracing::warn!(%device, "batch names another device; ignored");
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tracing::warn!(%device, error = %e, "malformed batch; ignored");
-                        Ok(())
-                    }
-                }
-            }
-            Topic::Desired => Ok(()),
-        };
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(%device, error = %e, "cannot store a device message");
-                false
-            }
-        }
-    }
-}
-
-fn store_batch(
-    fleet: &Fleet,
-    stream: Stream,
-    device: &str,
-    batch: &TelemetryBatch,
-    now: u64,
-) -> Result<()> {
-    let mut new = 0u64;
-    let mut duplicates = 0u64;
-    let mut conflicts = 0u64;
-    for record in &batch.records {
-        // A time from the future would exempt the record (and, since pruning stops at a
-        // device's first record young enough to keep, every later one) from retention.
-        let mut record = record.clone();
-        if record.time > now.saturating_add(MAX_CLOCK_AHEAD.as_secs()) {
-            tracing::debug!(%device, seq = record.seq, time = record.time, "record time in the future; taken as now");
-            record.time = now;
-        }
-        match fleet.store.put_record(stream, device, &record)? {
-            Put::New => new += 1,
-            Put::Duplicate => duplicates += 1,
-            Put::Conflict => {
-                new += 1;
-                conflicts += 1;
-                tracing::debug!(%device, seq = record.seq, "a record differs from the one stored under its sequence number (one is forged); both kept");
-            }
-            Put::ConflictDropped => {
-                conflicts += 1;
-                tracing::debug!(%device, seq = record.seq, "too many different records under one sequence number; dropped");
-            }
-        }
-    }
-    let last_event = (stream == Stream::Events)
-        .then(|| batch.records.last().map(|r| r.body.clone()))
-        .flatten();
-    fleet.store.update_device(device, |d| {
-        d.records += new;
-        d.duplicates += duplicates;
-        d.conflicts += conflicts;
-        d.dropped = batch.dropped;
-        d.last_seen = Some(now);
-        if last_event.is_some() {
-            d.last_event = last_event;
-        }
-    })?;
-    fleet.metrics.record_batch(new, duplicates);
-    fleet
-        .metrics
-        .conflicts
-        .fetch_add(conflicts, Ordering::Relaxed);
-    Ok(())
 }

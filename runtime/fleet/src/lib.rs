@@ -12,6 +12,7 @@ pub mod broker;
 pub mod domain;
 mod error;
 pub mod gate;
+mod ingest;
 pub mod mqtt;
 pub mod store;
 
@@ -373,17 +374,39 @@ impl Server {
     /// closes every connection, and the store is flushed.
     pub async fn stop(mut self) -> Result<()> {
         let _ = self.stop.send(true);
-        if !self.api.is_finished() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.api).await;
+        if !self.api.is_finished()
+            && tokio::time::timeout(Duration::from_secs(5), &mut self.api)
+                .await
+                .is_err()
+        {
+            self.api.abort();
+            let _ = (&mut self.api).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(3), &mut self.mqtt).await;
+        if tokio::time::timeout(Duration::from_secs(3), &mut self.mqtt)
+            .await
+            .is_err()
+        {
+            self.mqtt.abort();
+            let _ = (&mut self.mqtt).await;
+        }
+        // An aborted task lets go of the fleet only once it has been dropped: wait for that.
         for task in self.tasks.drain(..) {
             task.abort();
+            let _ = task.await;
         }
         if let Some(broker) = self.broker.take() {
             let _ = tokio::task::spawn_blocking(move || broker.stop()).await;
         }
         self.fleet.store.flush()?;
+        // The store's lock goes with the last reference to the fleet; a connection the API is
+        // still dropping may hold one for a moment. The same directory must open again at once.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.fleet) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&self.fleet) > 1 {
+            tracing::warn!("something still holds the fleet; its data directory stays locked");
+        }
         tracing::info!("fleet stopped");
         Ok(())
     }
