@@ -111,6 +111,7 @@ fn main() {
         max_bundle_bytes: 1 << 20,
         retention: Duration::from_secs(3600),
         ingest_only: false,
+        insecure: false,
     };
     let server = runtime.block_on(async {
         let listeners = outpost_fleet::Listeners::bind(&options).await.unwrap();

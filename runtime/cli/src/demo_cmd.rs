@@ -79,6 +79,7 @@ fn start_fleet(
         max_bundle_bytes: 256 << 20,
         retention: Duration::from_secs(24 * 3600),
         ingest_only: false,
+        insecure: false,
     };
     let (ready_tx, ready_rx) = mpsc::channel();
     let thread = std::thread::spawn(move || -> Result<()> {

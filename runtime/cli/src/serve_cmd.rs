@@ -31,7 +31,8 @@ pub(crate) struct ServeArgs {
     /// A file holding the external broker's password.
     #[arg(long, requires = "broker_username")]
     broker_password_file: Option<PathBuf>,
-    /// Make the embedded broker require logins: a file of `user:password` lines.
+    /// Make the embedded broker require logins: a file of `user:password` lines, each user a
+    /// device id (confined to that device's topics) or `fleet/REPLICA`.
     #[arg(long, conflicts_with = "broker")]
     mqtt_logins: Option<PathBuf>,
     /// Base URL devices use to reach this fleet's artifacts (default: http://LISTEN).
@@ -59,6 +60,9 @@ pub(crate) struct ServeArgs {
     /// registry; leave pushes, deployments and desired states to the primary.
     #[arg(long, requires = "broker")]
     ingest_only: bool,
+    /// Let the embedded broker listen beyond loopback without --mqtt-logins.
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
@@ -80,7 +84,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 .mqtt_logins
                 .as_ref()
                 .map(|p| {
-                    outpost_fleet::read_logins(&util::read_string(p)?).map_err(anyhow::Error::from)
+                    outpost_fleet::Logins::parse(&util::read_string(p)?)
+                        .map_err(anyhow::Error::from)
                 })
                 .transpose()?;
             BrokerChoice::Embedded(args.mqtt_listen, logins)
@@ -108,6 +113,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         max_bundle_bytes: args.max_bundle_bytes,
         retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
         ingest_only: args.ingest_only,
+        insecure: args.insecure,
     };
     run_fleet(options, |ready| {
         println!(

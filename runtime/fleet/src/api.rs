@@ -436,6 +436,24 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
                 "counter",
                 &gate.over_capacity,
             ),
+            (
+                "outpost_fleet_mqtt_refused_logins_total",
+                "MQTT CONNECTs refused for an unknown login or a wrong password.",
+                "counter",
+                &gate.refused_logins,
+            ),
+            (
+                "outpost_fleet_mqtt_unauthorised_total",
+                "MQTT CONNECTs refused for a client id or last will not the login's own.",
+                "counter",
+                &gate.refused_unauthorised,
+            ),
+            (
+                "outpost_fleet_mqtt_forbidden_total",
+                "MQTT connections closed for a PUBLISH or SUBSCRIBE outside the login's own topics.",
+                "counter",
+                &gate.forbidden,
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",

@@ -5,7 +5,6 @@
 //! through the [`gate`](crate::gate), which checks each CONNECT before rumqttd sees it; rumqttd
 //! itself listens on a loopback port of its own.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +12,7 @@ use std::time::Duration;
 use rumqttd::protocol::v4::V4;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 
+use crate::acl::Logins;
 use crate::error::{FleetError, Result};
 use crate::gate::{self, GateLimits, GateStats};
 
@@ -37,11 +37,12 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts the broker on `listen` (port 0 picks a free port) and waits until it answers.
-    /// With `logins` (user name → password), clients must log in with one of them.
+    /// With `logins`, clients must log in with one of them, and each is confined to its own
+    /// topics (see [`acl`](crate::acl)).
     ///
     /// The listener and every connection run on a thread of their own; the router (rumqttd's
     /// message switch) on another.
-    pub fn start(listen: SocketAddr, logins: Option<HashMap<String, String>>) -> Result<Self> {
+    pub fn start(listen: SocketAddr, logins: Option<Logins>) -> Result<Self> {
         // Clients connect to the gate on `listen`; rumqttd binds a loopback port of its own
         // inside its thread and only logs a failure, so that port is picked here first.
         let public = TcpListener::bind(listen)
@@ -52,18 +53,30 @@ impl EmbeddedBroker {
             let probe = TcpListener::bind("127.0.0.1:0")?;
             probe.local_addr()?
         };
+        // A login of its own, to see that the broker answers (a fleet's: it may connect with
+        // a client id of its choosing).
+        let (logins, probe_login) = match logins {
+            Some(mut logins) => {
+                let mut secret = [0u8; 16];
+                getrandom::fill(&mut secret).map_err(|e| FleetError::Config(e.to_string()))?;
+                let login = ("fleet/.probe".to_owned(), hex::encode(secret));
+                logins.insert(&login.0, &login.1)?;
+                (Some(logins), Some(login))
+            }
+            None => (None, None),
+        };
         let stats = Arc::new(GateStats::default());
         let limits = GateLimits {
             max_connections: GATE_MAX_CONNECTIONS,
             connect_timeout: CONNECT_TIMEOUT,
-            max_connect_bytes: MAX_PAYLOAD + 64 * 1024,
+            max_packet_bytes: MAX_PAYLOAD + 64 * 1024,
         };
 
         let connections = ConnectionSettings {
             connection_timeout_ms: CONNECT_TIMEOUT.as_millis() as u16,
             max_payload_size: MAX_PAYLOAD,
             max_inflight_count: 256,
-            auth: logins.clone(),
+            auth: logins.as_ref().map(Logins::passwords),
             external_auth: None,
             dynamic_filters: true,
         };
@@ -87,6 +100,7 @@ impl EmbeddedBroker {
         let router_tx = router.spawn();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let gate_stats = Arc::clone(&stats);
+        let gate_logins = logins.map(Arc::new);
         let thread = std::thread::Builder::new()
             .name("mqtt-broker".into())
             .spawn(move || {
@@ -110,7 +124,7 @@ impl EmbeddedBroker {
                         }
                     };
                     tokio::select! {
-                        () = gate::serve(public, inner, limits, gate_stats) => {}
+                        () = gate::serve(public, inner, limits, gate_stats, gate_logins) => {}
                         result = server.start(LinkType::Remote) => {
                             if let Err(e) = result {
                                 tracing::error!(error = %e, "embedded MQTT broker stopped");
@@ -128,9 +142,6 @@ impl EmbeddedBroker {
             thread: Some(thread),
         };
         // Wait until it answers an MQTT CONNECT, so callers can connect at once.
-        let probe_login = logins
-            .as_ref()
-            .and_then(|l| l.iter().next().map(|(u, p)| (u.clone(), p.clone())));
         for _ in 0..200 {
             if probe_mqtt(addr, probe_login.as_ref()).is_ok() {
                 return Ok(broker);
@@ -191,7 +202,11 @@ fn probe_mqtt(addr: SocketAddr, login: Option<&(String, String)>) -> std::io::Re
         0x02
     };
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 10];
-    body.extend(field(b"outpost-broker-probe"));
+    body.extend(field(if login.is_some() {
+        b"outpost-fleet-.probe"
+    } else {
+        b"outpost-broker-probe"
+    }));
     if let Some((user, password)) = login {
         body.extend(field(user.as_bytes()));
         body.extend(field(password.as_bytes()));

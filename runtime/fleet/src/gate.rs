@@ -12,15 +12,23 @@
 //! so that write cannot fail. It also caps open connections below the router's limit (the
 //! router refusing one is the same stale-handler path), bounds the time and size of a CONNECT,
 //! and counts what it refused for the fleet's `/metrics`.
+//!
+//! With [`Logins`], the gate is where identity and authorisation live: it checks the login
+//! (CONNACK "bad user name or password" otherwise), binds the client id and the last will to the
+//! login's [`Identity`] (CONNACK "not authorised"), and reads every packet a device sends,
+//! closing the connection at the first PUBLISH or SUBSCRIBE outside its own topics (see
+//! [`acl`](crate::acl)). A fleet's connection is relayed untouched.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+use crate::acl::{Identity, Logins};
 
 /// How the gate bounds a connection before its CONNECT is accepted.
 #[derive(Debug, Clone, Copy)]
@@ -29,8 +37,8 @@ pub(crate) struct GateLimits {
     pub max_connections: usize,
     /// Time a client has to send its CONNECT, and the broker to answer it.
     pub connect_timeout: Duration,
-    /// Largest CONNECT (client id, will and login included).
-    pub max_connect_bytes: usize,
+    /// Largest packet a client may send (a CONNECT with its will and login included).
+    pub max_packet_bytes: usize,
 }
 
 /// Longest client id let through, in bytes.
@@ -49,6 +57,12 @@ pub struct GateStats {
     pub malformed: AtomicU64,
     /// Connections closed because the gate was at its connection cap.
     pub over_capacity: AtomicU64,
+    /// CONNECTs refused for an unknown login or a wrong password.
+    pub refused_logins: AtomicU64,
+    /// CONNECTs refused for a client id or a last will not the login's own.
+    pub refused_unauthorised: AtomicU64,
+    /// Connections closed for a PUBLISH or SUBSCRIBE outside the login's own topics.
+    pub forbidden: AtomicU64,
 }
 
 /// Why a connection went no further.
@@ -56,6 +70,12 @@ pub struct GateStats {
 enum Refusal {
     /// Answered with CONNACK "identifier rejected".
     Identifier,
+    /// Answered with CONNACK "bad user name or password".
+    Login,
+    /// Answered with CONNACK "not authorised": the client id or the will is not the login's.
+    NotAuthorised(&'static str),
+    /// Closed: a PUBLISH or SUBSCRIBE outside the login's own topics.
+    Forbidden(Identity, String),
     /// Closed: not a well-formed CONNECT, too large, or too slow.
     Malformed(&'static str),
     /// The broker or the client went away.
@@ -68,16 +88,19 @@ impl From<std::io::Error> for Refusal {
     }
 }
 
-/// CONNACK, MQTT 3.1.1, "identifier rejected".
-const CONNACK_IDENTIFIER_REJECTED: [u8; 4] = [0x20, 0x02, 0x00, 0x02];
+/// CONNACK, MQTT 3.1.1, with its return code.
+const fn connack(code: u8) -> [u8; 4] {
+    [0x20, 0x02, 0x00, code]
+}
 
 /// Accepts connections on `listener` until the task is dropped, passing each to the broker at
-/// `broker` once its CONNECT passes.
+/// `broker` once its CONNECT passes; with `logins`, only those, each confined to its topics.
 pub(crate) async fn serve(
     listener: TcpListener,
     broker: SocketAddr,
     limits: GateLimits,
     stats: Arc<GateStats>,
+    logins: Option<Arc<Logins>>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -96,13 +119,26 @@ pub(crate) async fn serve(
             continue;
         };
         let stats = Arc::clone(&stats);
+        let logins = logins.clone();
         tokio::spawn(async move {
             stats.open.fetch_add(1, Ordering::Relaxed);
-            match pass(client, broker, limits, &stats).await {
+            match pass(client, broker, limits, &stats, logins.as_deref()).await {
                 Ok(()) => {}
                 Err(Refusal::Io(e)) => tracing::debug!(%peer, error = %e, "MQTT connection ended"),
                 Err(Refusal::Identifier) => {
                     stats.refused_ids.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Refusal::Login) => {
+                    stats.refused_logins.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, "MQTT login refused");
+                }
+                Err(Refusal::NotAuthorised(why)) => {
+                    stats.refused_unauthorised.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, why, "MQTT connection refused");
+                }
+                Err(Refusal::Forbidden(identity, topic)) => {
+                    stats.forbidden.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, %identity, topic, "MQTT client closed: not its topic");
                 }
                 Err(Refusal::Malformed(why)) => {
                     stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -116,49 +152,158 @@ pub(crate) async fn serve(
 }
 
 /// Reads and checks the CONNECT, hands it to the broker, relays its CONNACK, then relays both
-/// ways until either side closes.
+/// ways until either side closes (reading a device's packets on the way).
 async fn pass(
     mut client: TcpStream,
     broker: SocketAddr,
     limits: GateLimits,
     stats: &GateStats,
+    logins: Option<&Logins>,
 ) -> Result<(), Refusal> {
-    let connect = tokio::time::timeout(
+    let packet = tokio::time::timeout(
         limits.connect_timeout,
-        read_packet(&mut client, limits.max_connect_bytes),
+        read_packet(&mut client, limits.max_packet_bytes),
     )
     .await
     .map_err(|_| Refusal::Malformed("no CONNECT in time"))??;
-    if let Err(refusal) = check_connect(&connect) {
-        if matches!(refusal, Refusal::Identifier) {
-            let _ = client.write_all(&CONNACK_IDENTIFIER_REJECTED).await;
-            let _ = client.shutdown().await;
+    let identity = match parse_connect(&packet).and_then(|c| admit(&c, logins)) {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            let code = match refusal {
+                Refusal::Identifier => Some(2),
+                Refusal::Login => Some(4),
+                Refusal::NotAuthorised(_) => Some(5),
+                _ => None,
+            };
+            if let Some(code) = code {
+                let _ = client.write_all(&connack(code)).await;
+                let _ = client.shutdown().await;
+            }
+            return Err(refusal);
         }
-        return Err(refusal);
-    }
+    };
     let mut upstream = TcpStream::connect(broker).await?;
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
-    upstream.write_all(&connect).await?;
+    upstream.write_all(&packet).await?;
     // The broker's CONNACK is read before anything else, with the broker's side held open, so
     // its write never fails (see the module doc). A broker that closes instead (a refused
     // login, a zero keep-alive) closes the client too.
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(limits.connect_timeout, upstream.read_exact(&mut connack))
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(limits.connect_timeout, upstream.read_exact(&mut ack))
         .await
         .map_err(|_| Refusal::Malformed("no CONNACK from the broker in time"))??;
-    client.write_all(&connack).await?;
-    if connack[3] != 0 {
+    client.write_all(&ack).await?;
+    if ack[3] != 0 {
         return Ok(());
     }
     stats.admitted.fetch_add(1, Ordering::Relaxed);
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-    Ok(())
+    match identity {
+        Some(identity @ Identity::Device(_)) => {
+            relay_checked(client, upstream, &identity, limits.max_packet_bytes).await
+        }
+        _ => {
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Who the CONNECT is, when there are logins; refuses an unknown login, and a client id or a
+/// last will not the login's own.
+fn admit(connect: &Connect<'_>, logins: Option<&Logins>) -> Result<Option<Identity>, Refusal> {
+    let Some(logins) = logins else {
+        return Ok(None);
+    };
+    let (Some(user), Some(password)) = (connect.user, connect.password) else {
+        return Err(Refusal::Login);
+    };
+    let user = std::str::from_utf8(user).map_err(|_| Refusal::Login)?;
+    let identity = logins.check(user, password).ok_or(Refusal::Login)?;
+    if connect.client_id != identity.client_id() {
+        return Err(Refusal::NotAuthorised("a client id not the login's own"));
+    }
+    if let Some(topic) = connect.will_topic
+        && !std::str::from_utf8(topic).is_ok_and(|t| identity.may_publish(t))
+    {
+        return Err(Refusal::NotAuthorised(
+            "a last will on a topic not the login's own",
+        ));
+    }
+    Ok(Some(identity.clone()))
+}
+
+/// Relays a device's connection, reading each packet it sends: the first PUBLISH or SUBSCRIBE
+/// outside its own topics closes the connection before the broker sees it.
+async fn relay_checked(
+    client: TcpStream,
+    upstream: TcpStream,
+    identity: &Identity,
+    max: usize,
+) -> Result<(), Refusal> {
+    let (client_read, mut client_write) = client.into_split();
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    let mut client_read = BufReader::new(client_read);
+    let down = tokio::io::copy(&mut upstream_read, &mut client_write);
+    let up = async {
+        loop {
+            let packet = match read_packet(&mut client_read, max).await {
+                Ok(packet) => packet,
+                Err(Refusal::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(topic) = forbidden(identity, &packet)? {
+                return Err(Refusal::Forbidden(identity.clone(), topic));
+            }
+            upstream_write.write_all(&packet).await?;
+        }
+    };
+    tokio::select! {
+        copied = down => copied.map(|_| ()).map_err(Refusal::Io),
+        checked = up => checked,
+    }
+}
+
+/// The topic or filter of a PUBLISH or SUBSCRIBE that `identity` may not use, if any; a second
+/// CONNECT or a malformed packet is refused.
+fn forbidden(identity: &Identity, packet: &[u8]) -> Result<Option<String>, Refusal> {
+    let body = packet.get(header_len(packet)..).unwrap_or_default();
+    let mut at = 0;
+    let shown = |t: &[u8]| {
+        outpost_proto::text::bounded(&String::from_utf8_lossy(t), outpost_proto::text::MAX_QUOTED)
+    };
+    match packet.first().map(|b| b >> 4) {
+        Some(1) => Err(Refusal::Malformed("a second CONNECT")),
+        Some(3) => {
+            let topic = string(body, &mut at)?;
+            Ok(
+                (!std::str::from_utf8(topic).is_ok_and(|t| identity.may_publish(t)))
+                    .then(|| shown(topic)),
+            )
+        }
+        Some(8) => {
+            at += 2;
+            while at < body.len() {
+                let filter = string(body, &mut at)?;
+                at += 1;
+                if !std::str::from_utf8(filter).is_ok_and(|f| identity.may_subscribe(f)) {
+                    return Ok(Some(shown(filter)));
+                }
+            }
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Reads one MQTT packet whole (fixed header, remaining length, body), refusing one larger
 /// than `max` before reading its body.
-async fn read_packet(stream: &mut TcpStream, max: usize) -> Result<Vec<u8>, Refusal> {
+async fn read_packet(
+    stream: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<Vec<u8>, Refusal> {
     let mut packet = vec![stream.read_u8().await?];
     let mut length = 0usize;
     for shift in 0..4 {
@@ -173,7 +318,7 @@ async fn read_packet(stream: &mut TcpStream, max: usize) -> Result<Vec<u8>, Refu
         }
     }
     if length > max {
-        return Err(Refusal::Malformed("CONNECT too large"));
+        return Err(Refusal::Malformed("packet too large"));
     }
     let start = packet.len();
     packet.resize(start + length, 0);
@@ -181,39 +326,75 @@ async fn read_packet(stream: &mut TcpStream, max: usize) -> Result<Vec<u8>, Refu
     Ok(packet)
 }
 
-/// A CONNECT whose client id the broker's router accepts: UTF-8, at most [`MAX_CLIENT_ID`]
-/// bytes, no `+ $ # /` (the router's rule) and no control characters (they reach logs).
-fn check_connect(packet: &[u8]) -> Result<(), Refusal> {
+/// The length of a packet's fixed header: the type byte and one to four length bytes.
+fn header_len(packet: &[u8]) -> usize {
+    1 + packet
+        .get(1..)
+        .unwrap_or_default()
+        .iter()
+        .position(|b| b & 0x80 == 0)
+        .map_or(packet.len(), |i| i + 1)
+}
+
+/// An MQTT string or binary field at `at`: two length bytes, then the bytes.
+fn string<'a>(body: &'a [u8], at: &mut usize) -> Result<&'a [u8], Refusal> {
+    let len = body
+        .get(*at..*at + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        .ok_or(Refusal::Malformed("truncated packet"))?;
+    let s = body
+        .get(*at + 2..*at + 2 + len)
+        .ok_or(Refusal::Malformed("truncated packet"))?;
+    *at += 2 + len;
+    Ok(s)
+}
+
+/// What the gate reads from a CONNECT.
+#[derive(Debug)]
+struct Connect<'a> {
+    client_id: &'a str,
+    will_topic: Option<&'a [u8]>,
+    user: Option<&'a [u8]>,
+    password: Option<&'a [u8]>,
+}
+
+/// Reads a CONNECT; refuses a client id the broker's router would not take: not UTF-8, over
+/// [`MAX_CLIENT_ID`] bytes, with `+ $ # /` (the router's rule) or control characters (they
+/// reach logs).
+fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     if packet.first().map(|b| b >> 4) != Some(1) {
         return Err(Refusal::Malformed("the first packet is not a CONNECT"));
     }
-    // Skip the fixed header: the type byte and one to four length bytes.
-    let header = 1 + packet[1..]
-        .iter()
-        .position(|b| b & 0x80 == 0)
-        .map_or(packet.len(), |i| i + 1);
-    let body = packet.get(header..).unwrap_or_default();
+    let body = packet.get(header_len(packet)..).unwrap_or_default();
     let mut at = 0;
-    let string = |at: &mut usize| -> Result<&[u8], Refusal> {
-        let len = body
-            .get(*at..*at + 2)
-            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-            .ok_or(Refusal::Malformed("truncated CONNECT"))?;
-        let s = body
-            .get(*at + 2..*at + 2 + len)
-            .ok_or(Refusal::Malformed("truncated CONNECT"))?;
-        *at += 2 + len;
-        Ok(s)
-    };
-    let _protocol = string(&mut at)?;
+    let _protocol = string(body, &mut at)?;
+    let flags = *body
+        .get(at + 1)
+        .ok_or(Refusal::Malformed("truncated CONNECT"))?;
     // Level, flags, keep-alive.
     at += 4;
-    let id = string(&mut at)?;
+    let id = string(body, &mut at)?;
     let id = std::str::from_utf8(id).map_err(|_| Refusal::Malformed("client id not UTF-8"))?;
     if id.len() > MAX_CLIENT_ID || id.chars().any(|c| "+$#/".contains(c) || c.is_control()) {
         return Err(Refusal::Identifier);
     }
-    Ok(())
+    let mut will_topic = None;
+    if flags & 0x04 != 0 {
+        will_topic = Some(string(body, &mut at)?);
+        let _will_message = string(body, &mut at)?;
+    }
+    let user = (flags & 0x80 != 0)
+        .then(|| string(body, &mut at))
+        .transpose()?;
+    let password = (flags & 0x40 != 0)
+        .then(|| string(body, &mut at))
+        .transpose()?;
+    Ok(Connect {
+        client_id: id,
+        will_topic,
+        user,
+        password,
+    })
 }
 
 #[cfg(test)]
@@ -237,24 +418,24 @@ mod tests {
 
     #[test]
     fn client_ids_the_router_would_refuse_are_refused_here() {
-        assert!(check_connect(&connect(b"outpost-dev-1")).is_ok());
-        assert!(check_connect(&connect(b"")).is_ok(), "rumqttd assigns one");
+        assert!(parse_connect(&connect(b"outpost-dev-1")).is_ok());
+        assert!(parse_connect(&connect(b"")).is_ok(), "rumqttd assigns one");
         for bad in [&b"a/b"[..], b"a+b", b"#", b"$SYS", b"a\nb", &[b'x'; 257]] {
             assert!(
-                matches!(check_connect(&connect(bad)), Err(Refusal::Identifier)),
+                matches!(parse_connect(&connect(bad)), Err(Refusal::Identifier)),
                 "{bad:?}"
             );
         }
         assert!(matches!(
-            check_connect(&connect(&[0xff])),
+            parse_connect(&connect(&[0xff])),
             Err(Refusal::Malformed(_))
         ));
         assert!(matches!(
-            check_connect(&[0x30, 0]),
+            parse_connect(&[0x30, 0]),
             Err(Refusal::Malformed(_))
         ));
         assert!(matches!(
-            check_connect(&connect(b"abc")[..8]),
+            parse_connect(&connect(b"abc")[..8]),
             Err(Refusal::Malformed(_))
         ));
     }

@@ -7,6 +7,7 @@
 //! states, telemetry and event storage (each record once per device and sequence number), and
 //! a REST API with `/metrics`.
 
+pub mod acl;
 pub mod api;
 pub mod broker;
 pub mod domain;
@@ -16,7 +17,6 @@ mod ingest;
 pub mod mqtt;
 pub mod store;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +27,7 @@ use outpost_bundle::{SecretKey, TrustStore};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+pub use acl::{Identity, Logins};
 pub use domain::{Fleet, FleetMetrics};
 pub use error::{FleetError, Result};
 use store::{Store, now_secs};
@@ -34,30 +35,11 @@ use store::{Store, now_secs};
 /// Where the fleet's MQTT broker is.
 #[derive(Debug, Clone)]
 pub enum BrokerChoice {
-    /// Run rumqttd in this process, listening here; with logins (user name → password), every
-    /// client must use one (the fleet gives itself one of its own).
-    Embedded(SocketAddr, Option<HashMap<String, String>>),
+    /// Run rumqttd in this process, listening here; with logins, every client must use one
+    /// and each is confined to its own topics (the fleet gives itself a login of its own).
+    Embedded(SocketAddr, Option<Logins>),
     /// Use an external broker at this host and port, with these credentials if any.
     External(String, u16, Option<(String, String)>),
-}
-
-/// Reads a login file: `user:password` per line; blank lines and `#` comments are skipped.
-pub fn read_logins(text: &str) -> Result<HashMap<String, String>> {
-    let mut logins = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (user, password) = line
-            .split_once(':')
-            .filter(|(u, p)| !u.is_empty() && !p.is_empty())
-            .ok_or_else(|| {
-                FleetError::Config(format!("login file line {}: expected user:password", n + 1))
-            })?;
-        logins.insert(user.to_owned(), password.to_owned());
-    }
-    Ok(logins)
 }
 
 /// How to run a fleet manager.
@@ -86,11 +68,15 @@ pub struct FleetOptions {
     /// A secondary replica: it stores telemetry, events and the registry, but neither accepts
     /// pushes and deployments nor publishes desired states (one replica owns those).
     pub ingest_only: bool,
+    /// Let the embedded broker listen beyond loopback without logins (anyone who reaches it
+    /// can read every device's messages and write their topics).
+    pub insecure: bool,
 }
 
 impl FleetOptions {
-    /// Refuses options a fleet must not run with: a short API token, or an API reachable
-    /// beyond this machine without one (anyone could deploy).
+    /// Refuses options a fleet must not run with: a short API token, an API reachable beyond
+    /// this machine without one (anyone could deploy), or an embedded broker reachable beyond
+    /// it without logins (unless `insecure`).
     pub fn validate(&self) -> Result<()> {
         if self.token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(FleetError::Config(
@@ -101,6 +87,16 @@ impl FleetOptions {
             return Err(FleetError::Config(format!(
                 "listening on {} without --token-file would let anyone deploy; give a token",
                 self.listen
+            )));
+        }
+        if let BrokerChoice::Embedded(listen, None) = &self.broker
+            && !listen.ip().is_loopback()
+            && !self.insecure
+        {
+            return Err(FleetError::Config(format!(
+                "the embedded broker would listen on {listen} without logins: anyone who \
+                 reaches it could read and write every device's topics; give --mqtt-logins \
+                 (or --insecure)"
             )));
         }
         Ok(())
@@ -227,8 +223,11 @@ impl Server {
                         let mut secret = [0u8; 16];
                         getrandom::fill(&mut secret)
                             .map_err(|e| FleetError::Config(e.to_string()))?;
-                        let login = (format!("outpost-fleet-{replica}"), hex::encode(secret));
-                        map.insert(login.0.clone(), login.1.clone());
+                        let login = (
+                            format!("{}{replica}", acl::FLEET_USER_PREFIX),
+                            hex::encode(secret),
+                        );
+                        map.insert(&login.0, &login.1)?;
                         Some(login)
                     }
                     None => None,

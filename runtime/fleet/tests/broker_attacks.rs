@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
@@ -49,6 +48,120 @@ fn connect_packet(client_id: &[u8], login: Option<(&str, &str)>) -> Vec<u8> {
     packet(0x10, &body)
 }
 
+/// Connects as `client_id` with `login`, expecting to be accepted.
+fn session(broker: SocketAddr, client_id: &str, login: (&str, &str)) -> TcpStream {
+    let mut stream = TcpStream::connect_timeout(&broker, Duration::from_secs(2)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(&connect_packet(client_id.as_bytes(), Some(login)))
+        .unwrap();
+    let mut ack = [0u8; 4];
+    stream.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, ACCEPTED], "{client_id}");
+    stream
+}
+
+/// SUBSCRIBE (packet id 1, QoS 1) to `filter`; the broker's first reply packet type, or `None`
+/// when it closed the connection.
+fn subscribe(stream: &mut TcpStream, filter: &str) -> Option<u8> {
+    let mut body = vec![0, 1];
+    body.extend(field(filter.as_bytes()));
+    body.push(1);
+    stream.write_all(&packet(0x82, &body)).ok()?;
+    reply(stream)
+}
+
+/// PUBLISH QoS 1 (packet id 2); the broker's first reply packet type, or `None` when it
+/// closed the connection.
+fn publish(stream: &mut TcpStream, topic: &str, payload: &[u8]) -> Option<u8> {
+    let mut body = field(topic.as_bytes());
+    body.extend([0, 2]);
+    body.extend(payload);
+    stream.write_all(&packet(0x32, &body)).ok()?;
+    reply(stream)
+}
+
+/// The type of the next packet the broker sends (its body skipped), `None` once it closed.
+fn reply(stream: &mut TcpStream) -> Option<u8> {
+    let mut first = [0u8; 2];
+    stream.read_exact(&mut first).ok()?;
+    let mut rest = vec![0u8; usize::from(first[1])];
+    stream.read_exact(&mut rest).ok()?;
+    Some(first[0] >> 4)
+}
+
+const SUBACK: u8 = 9;
+const PUBACK: u8 = 4;
+const PUBLISH: u8 = 3;
+
+#[test]
+fn a_device_login_reaches_its_own_topics_only() {
+    let logins = outpost_fleet::Logins::parse("dev-1:pw-1\nfleet/ops:pw-ops").unwrap();
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), Some(logins)).unwrap();
+    let device = ("dev-1", "pw-1");
+    // A fleet login reads what devices publish, through the gate's checked relay.
+    let mut fleet = session(broker.addr(), "outpost-fleet-ops", ("fleet/ops", "pw-ops"));
+    assert_eq!(
+        subscribe(&mut fleet, "outpost/v1/+/telemetry"),
+        Some(SUBACK)
+    );
+
+    // Everything a device's login must not do closes its connection before the broker sees it.
+    let forbidden: [(&str, &str); 7] = [
+        ("subscribe", "#"),
+        ("subscribe", "outpost/v1/+/telemetry"),
+        (
+            "subscribe",
+            "$share/outpost-fleet-telemetry/outpost/v1/+/telemetry",
+        ),
+        ("subscribe", "outpost/v1/dev-2/desired"),
+        ("publish", "outpost/v1/dev-2/telemetry"),
+        ("publish", "outpost/v1/dev-1/desired"),
+        ("publish", "outpost/v1/_fleet/ops/status"),
+    ];
+    for (what, topic) in forbidden {
+        let mut stream = session(broker.addr(), "outpost-dev-1", device);
+        let answer = match what {
+            "subscribe" => subscribe(&mut stream, topic),
+            _ => publish(&mut stream, topic, b"forged"),
+        };
+        assert_eq!(answer, None, "{what} {topic} was let through");
+    }
+    // Counted once the connection is closed: wait for the count rather than race it.
+    let stats = broker.gate_stats();
+    for _ in 0..500 {
+        if stats.forbidden.load(Ordering::Relaxed) >= 7 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(stats.forbidden.load(Ordering::Relaxed), 7);
+    // None of the forged publishes reached the fleet's subscription: the next message it gets
+    // is the device's own.
+    let mut stream = session(broker.addr(), "outpost-dev-1", device);
+    assert_eq!(
+        subscribe(&mut stream, "outpost/v1/dev-1/desired"),
+        Some(SUBACK)
+    );
+    assert_eq!(
+        subscribe(&mut stream, outpost_proto::FLEET_PRESENCE_FILTER),
+        Some(SUBACK)
+    );
+    assert_eq!(
+        publish(&mut stream, "outpost/v1/dev-1/telemetry", b"genuine"),
+        Some(PUBACK)
+    );
+    let mut first = [0u8; 2];
+    fleet.read_exact(&mut first).unwrap();
+    assert_eq!(first[0] >> 4, PUBLISH);
+    let mut body = vec![0u8; usize::from(first[1])];
+    fleet.read_exact(&mut body).unwrap();
+    assert!(body.starts_with(&field(b"outpost/v1/dev-1/telemetry")));
+    assert!(body.ends_with(b"genuine"), "{body:?}");
+}
+
 /// Sends a CONNECT; returns the CONNACK's return code, or `None` when the broker closed the
 /// connection or said nothing within 5 s.
 fn connack(broker: SocketAddr, client_id: &[u8], login: Option<(&str, &str)>) -> Option<u8> {
@@ -65,6 +178,8 @@ fn connack(broker: SocketAddr, client_id: &[u8], login: Option<(&str, &str)>) ->
 /// MQTT 3.1.1's CONNACK codes.
 const ACCEPTED: u8 = 0;
 const IDENTIFIER_REJECTED: u8 = 2;
+const BAD_LOGIN: u8 = 4;
+const NOT_AUTHORISED: u8 = 5;
 
 fn assert_serves(broker: SocketAddr, login: Option<(&str, &str)>) {
     for id in ["outpost-dev-1", "outpost-fleet-primary"] {
@@ -99,7 +214,7 @@ fn client_ids_the_router_refuses_are_refused_at_the_door_and_the_broker_serves_o
 
 #[test]
 fn a_refused_id_with_a_valid_login_does_not_stop_the_broker_either() {
-    let logins = HashMap::from([("dev-1".to_owned(), "pw-1".to_owned())]);
+    let logins = outpost_fleet::Logins::parse("dev-1:pw-1").unwrap();
     let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), Some(logins)).unwrap();
     let login = Some(("dev-1", "pw-1"));
     for _ in 0..3 {
@@ -110,10 +225,18 @@ fn a_refused_id_with_a_valid_login_does_not_stop_the_broker_either() {
     }
     assert_eq!(
         connack(broker.addr(), b"outpost-dev-1", Some(("dev-1", "wrong"))),
-        None,
-        "a wrong password is refused (rumqttd closes the connection)"
+        Some(BAD_LOGIN),
+        "a wrong password is refused"
     );
-    assert_serves(broker.addr(), login);
+    assert_eq!(
+        connack(broker.addr(), b"outpost-fleet-primary", login),
+        Some(NOT_AUTHORISED),
+        "a device's login cannot take the fleet's client id"
+    );
+    assert_eq!(
+        connack(broker.addr(), b"outpost-dev-1", login),
+        Some(ACCEPTED)
+    );
 }
 
 #[test]

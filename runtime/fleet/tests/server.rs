@@ -22,6 +22,7 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         max_bundle_bytes: 1 << 20,
         retention: Duration::from_secs(3600),
         ingest_only: false,
+        insecure: false,
     }
 }
 
@@ -122,4 +123,21 @@ async fn a_record_dated_in_the_far_future_cannot_escape_retention() {
     assert_eq!(fleet.prune(now + 3600, 1000).unwrap(), 0);
     server.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_open_embedded_broker_beyond_loopback_is_refused_unless_insecure() {
+    let dir = std::env::temp_dir().join("outpost-fleet-open-broker");
+    let mut open = options(&dir);
+    open.broker = BrokerChoice::Embedded("0.0.0.0:0".parse().unwrap(), None);
+    let err = open.validate().unwrap_err().to_string();
+    assert!(err.contains("without logins"), "{err}");
+    open.insecure = true;
+    open.validate().unwrap();
+    let mut guarded = options(&dir);
+    guarded.broker = BrokerChoice::Embedded(
+        "0.0.0.0:0".parse().unwrap(),
+        Some(outpost_fleet::Logins::parse("dev-1:pw").unwrap()),
+    );
+    guarded.validate().unwrap();
 }
