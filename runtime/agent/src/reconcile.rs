@@ -44,6 +44,10 @@ impl Shared {
             self.set_last_error(Some(failure.message.clone()));
             return Err(failure);
         }
+        // Error and retry flag are cleared before the generation is recorded: a reported state
+        // is read generation first, so one that shows this generation reconciled never carries
+        // the stale error of an earlier attempt.
+        self.set_last_error(None);
         self.set_retrying(false);
         if self.store.reconciled() < Some(state.generation) {
             if let Err(e) = self.store.set_reconciled(state.generation) {
@@ -52,8 +56,8 @@ impl Shared {
             self.event(Event::Reconciled {
                 generation: state.generation,
             });
+            self.reported_changed.notify_one();
         }
-        self.set_last_error(None);
         Ok(())
     }
 
