@@ -112,6 +112,8 @@ fn main() {
         retention: Duration::from_secs(3600),
         ingest_only: false,
         insecure: false,
+        require_enrolment: false,
+        share_group: None,
     };
     let server = runtime.block_on(async {
         let listeners = outpost_fleet::Listeners::bind(&options).await.unwrap();

@@ -80,6 +80,8 @@ fn start_fleet(
         retention: Duration::from_secs(24 * 3600),
         ingest_only: false,
         insecure: false,
+        require_enrolment: false,
+        share_group: None,
     };
     let (ready_tx, ready_rx) = mpsc::channel();
     let thread = std::thread::spawn(move || -> Result<()> {

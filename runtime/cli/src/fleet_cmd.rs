@@ -86,7 +86,18 @@ pub(crate) enum FleetCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Forget a decommissioned device: registry entry, desired state, retained messages.
+    /// Issue a device its broker credentials (registering it) and print its `[fleet]`
+    /// configuration; enrolling again replaces them.
+    Enroll(crate::enrol_cmd::EnrollArgs),
+    /// End a device's broker credentials: it is disconnected and no longer heard.
+    Revoke {
+        /// The device id.
+        device: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Forget a decommissioned device: registry entry, desired state, retained messages,
+    /// credentials.
     Forget {
         /// The device id.
         device: String,
@@ -156,6 +167,8 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             println!("removed {model} {version} (sha256 {})", removed.digest);
             Ok(())
         }
+        FleetCommand::Enroll(args) => crate::enrol_cmd::enroll(args),
+        FleetCommand::Revoke { device, remote } => crate::enrol_cmd::revoke(&device, &remote),
         FleetCommand::Forget { device, remote } => {
             let answer = remote.client().forget(&device)?;
             println!("forgot {device}: {}", answer.note);

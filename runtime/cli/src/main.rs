@@ -8,6 +8,7 @@ mod bundle_cmd;
 #[cfg(feature = "fleet")]
 mod demo_cmd;
 mod device_cmd;
+mod enrol_cmd;
 mod fleet_cmd;
 mod key_cmd;
 mod model_cmd;

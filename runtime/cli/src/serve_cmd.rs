@@ -32,7 +32,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, requires = "broker_username")]
     broker_password_file: Option<PathBuf>,
     /// Make the embedded broker require logins: a file of `user:password` lines, each user a
-    /// device id (confined to that device's topics) or `fleet/REPLICA`.
+    /// device id (confined to that device's topics) or `fleet/REPLICA`. Enrolled devices
+    /// (`outpost fleet enroll`) log in too.
     #[arg(long, conflicts_with = "broker")]
     mqtt_logins: Option<PathBuf>,
     /// Base URL devices use to reach this fleet's artifacts (default: http://LISTEN).
@@ -60,8 +61,20 @@ pub(crate) struct ServeArgs {
     /// registry; leave pushes, deployments and desired states to the primary.
     #[arg(long, requires = "broker")]
     ingest_only: bool,
-    /// Let the embedded broker listen beyond loopback without --mqtt-logins.
+    /// Register and hear only enrolled devices (`outpost fleet enroll`). With the embedded
+    /// broker, devices then log in with the credentials enrolment issued. Always on when the
+    /// embedded broker has --mqtt-logins or listens beyond loopback.
     #[arg(long)]
+    require_enrolment: bool,
+    /// The shared-subscription group replicas split telemetry in (default `outpost-fleet`). On
+    /// an external broker whose ACLs do not check subscriptions (Mosquitto), give every replica
+    /// the same secret name, e.g. from `openssl rand -hex 12`: a device that joined the group
+    /// would take a share of every device's records.
+    #[arg(long, value_name = "NAME")]
+    mqtt_share_group: Option<String>,
+    /// Let the embedded broker listen beyond loopback without logins: anyone who reaches it
+    /// can read and write every device's topics.
+    #[arg(long, conflicts_with_all = ["mqtt_logins", "require_enrolment"])]
     insecure: bool,
 }
 
@@ -114,6 +127,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
         ingest_only: args.ingest_only,
         insecure: args.insecure,
+        require_enrolment: args.require_enrolment,
+        share_group: args.mqtt_share_group,
     };
     run_fleet(options, |ready| {
         println!(

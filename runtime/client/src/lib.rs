@@ -7,8 +7,8 @@ use std::io::Read;
 use std::time::Duration;
 
 use outpost_proto::rest::{
-    BundleRecord, DeployRequest, DeployResponse, DeploymentRecord, DeviceView, ErrorBody,
-    FleetInfo, Forgotten, RecordQuery, Records,
+    BundleRecord, DeployRequest, DeployResponse, DeploymentRecord, DeviceView, Enrolment,
+    ErrorBody, FleetInfo, Forgotten, RecordQuery, Records, Revoked,
 };
 use serde::de::DeserializeOwned;
 
@@ -97,6 +97,22 @@ impl FleetClient {
     /// `DELETE /api/v1/devices/{id}`: forgets a decommissioned device.
     pub fn forget(&self, id: &str) -> Result<Forgotten> {
         self.delete(&format!("/api/v1/devices/{id}"))
+    }
+
+    /// `POST /api/v1/devices/{id}/enrolment`: issues the device new broker credentials (the
+    /// password is in this answer only; earlier credentials stop working).
+    pub fn enroll(&self, id: &str) -> Result<Enrolment> {
+        let path = format!("/api/v1/devices/{id}/enrolment");
+        let response = self
+            .authorized(self.http.post(&self.url(&path)))
+            .send_empty()
+            .map_err(|e| self.unreachable(e))?;
+        self.answer(response, &format!("POST {path}"))
+    }
+
+    /// `DELETE /api/v1/devices/{id}/enrolment`: ends the device's credentials.
+    pub fn revoke(&self, id: &str) -> Result<Revoked> {
+        self.delete(&format!("/api/v1/devices/{id}/enrolment"))
     }
 
     /// `GET /api/v1/bundles`.

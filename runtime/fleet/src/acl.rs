@@ -9,8 +9,13 @@
 //! presence, or join the fleet's shared subscriptions (where it would take a share of every
 //! device's telemetry). A fleet's login (`fleet/{replica}`) connects as
 //! `outpost-fleet-{replica}` and may do anything.
+//!
+//! Logins come from a file (`--mqtt-logins`) and from enrolment (`outpost fleet enroll`),
+//! which adds and revokes them while the fleet runs ([`LiveLogins`]); an enrolled password is
+//! kept only as its SHA-256 (it is 256 random bits, so no slow hash is needed).
 
 use std::collections::HashMap;
+use std::sync::RwLock;
 
 use outpost_proto::{DeviceId, FLEET_PRESENCE_FILTER, Topic, Topics};
 
@@ -87,10 +92,36 @@ impl std::fmt::Display for Identity {
     }
 }
 
+/// How a login's password is known.
+#[derive(Clone)]
+enum Secret {
+    /// As written in a login file.
+    Plain(String),
+    /// As its SHA-256 (an enrolled device's).
+    Sha256([u8; 32]),
+}
+
+impl Secret {
+    fn matches(&self, password: &[u8]) -> bool {
+        match self {
+            Self::Plain(expected) => constant_time_eq(expected.as_bytes(), password),
+            Self::Sha256(expected) => constant_time_eq(expected, &sha256(password)),
+        }
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&sha2::Sha256::digest(bytes));
+    out
+}
+
 /// The logins the embedded broker accepts, each with the identity it stands for.
 #[derive(Clone, Default)]
 pub struct Logins {
-    by_user: HashMap<String, (String, Identity)>,
+    by_user: HashMap<String, (Secret, Identity)>,
 }
 
 impl std::fmt::Debug for Logins {
@@ -134,23 +165,30 @@ impl Logins {
                 outpost_proto::text::bounded(user, outpost_proto::text::MAX_QUOTED)
             ))
         })?;
-        self.by_user
-            .insert(user.to_owned(), (password.to_owned(), identity));
+        self.by_user.insert(
+            user.to_owned(),
+            (Secret::Plain(password.to_owned()), identity),
+        );
         Ok(())
+    }
+
+    /// Adds (or replaces) an enrolled device's login, known by its password's SHA-256.
+    pub(crate) fn insert_enrolled(&mut self, device: &DeviceId, sha256: [u8; 32]) {
+        self.by_user.insert(
+            device.as_str().to_owned(),
+            (Secret::Sha256(sha256), Identity::Device(device.clone())),
+        );
     }
 
     /// Who logs in with `user` and `password`, if the pair is known.
     pub fn check(&self, user: &str, password: &[u8]) -> Option<&Identity> {
         let (expected, identity) = self.by_user.get(user)?;
-        constant_time_eq(expected.as_bytes(), password).then_some(identity)
+        expected.matches(password).then_some(identity)
     }
 
-    /// User name → password, for rumqttd's own check behind the gate.
-    pub(crate) fn passwords(&self) -> HashMap<String, String> {
-        self.by_user
-            .iter()
-            .map(|(user, (password, _))| (user.clone(), password.clone()))
-            .collect()
+    /// Whether `user` has a login.
+    pub fn contains(&self, user: &str) -> bool {
+        self.by_user.contains_key(user)
     }
 
     /// How many logins there are.
@@ -161,6 +199,73 @@ impl Logins {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.by_user.is_empty()
+    }
+}
+
+/// The logins in force while the fleet runs, shared by the broker's gate and the fleet:
+/// enrolment adds and revokes them, and every change is announced so the gate can close the
+/// connections of a login that no longer holds.
+#[derive(Debug)]
+pub struct LiveLogins {
+    logins: RwLock<Logins>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl LiveLogins {
+    /// Starts from `logins`.
+    pub fn new(logins: Logins) -> Self {
+        Self {
+            logins: RwLock::new(logins),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Who logs in with `user` and `password`, if the pair is known now.
+    pub fn check(&self, user: &str, password: &[u8]) -> Option<Identity> {
+        self.logins
+            .read()
+            .ok()
+            .and_then(|l| l.check(user, password).cloned())
+    }
+
+    /// Whether `user` has a login now.
+    pub fn contains(&self, user: &str) -> bool {
+        self.logins.read().is_ok_and(|l| l.contains(user))
+    }
+
+    /// Adds a login from a file line or an internal secret.
+    pub(crate) fn insert(&self, user: &str, password: &str) -> Result<()> {
+        self.change(|l| l.insert(user, password))
+    }
+
+    /// Adds or replaces an enrolled device's login; an earlier password stops working at once.
+    pub(crate) fn enrol(&self, device: &DeviceId, sha256: [u8; 32]) -> Result<()> {
+        self.change(|l| {
+            l.insert_enrolled(device, sha256);
+            Ok(())
+        })
+    }
+
+    /// Removes `user`'s login; returns whether there was one.
+    pub(crate) fn revoke(&self, user: &str) -> Result<bool> {
+        self.change(|l| Ok(l.by_user.remove(user).is_some()))
+    }
+
+    /// A receiver told of every change.
+    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn change<T>(&self, f: impl FnOnce(&mut Logins) -> Result<T>) -> Result<T> {
+        let out = {
+            let mut logins = self
+                .logins
+                .write()
+                .map_err(|_| FleetError::Config("the login table is poisoned".into()))?;
+            f(&mut logins)?
+        };
+        self.changed.send_modify(|n| *n += 1);
+        Ok(out)
     }
 }
 
@@ -236,5 +341,27 @@ mod tests {
             assert!(Logins::parse(bad).is_err(), "{bad}");
         }
         assert!(!format!("{logins:?}").contains("pw-1"));
+    }
+
+    #[test]
+    fn enrolled_logins_are_checked_by_hash_and_revoked_at_once() {
+        let live = LiveLogins::new(Logins::parse("dev-1:pw-1\n").unwrap());
+        let mut changes = live.watch();
+        let dev2 = DeviceId::new("dev-2").unwrap();
+        live.enrol(&dev2, sha256(b"secret-2")).unwrap();
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(live.check("dev-2", b"secret-2"), Some(device("dev-2")));
+        assert_eq!(live.check("dev-2", b"secret-3"), None);
+        // Enrolling again replaces the password.
+        live.enrol(&dev2, sha256(b"secret-3")).unwrap();
+        assert_eq!(live.check("dev-2", b"secret-2"), None);
+        assert_eq!(live.check("dev-2", b"secret-3"), Some(device("dev-2")));
+        assert!(live.revoke("dev-2").unwrap());
+        assert!(!live.revoke("dev-2").unwrap());
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(live.check("dev-2", b"secret-3"), None);
+        assert_eq!(live.check("dev-1", b"pw-1"), Some(device("dev-1")));
+        assert!(live.contains("dev-1") && !live.contains("dev-2"));
     }
 }

@@ -19,10 +19,10 @@ use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use outpost_proto::rest::{FleetInfo, Forgotten, RecordQuery, Records};
+use outpost_proto::rest::{FleetInfo, Forgotten, RecordQuery, Records, Revoked};
 
 use crate::domain::Fleet;
 use crate::error::FleetError;
@@ -80,6 +80,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .route("/fleet", get(fleet_info))
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device).delete(forget))
+        .route("/devices/{id}/enrolment", post(enroll).delete(revoke))
         .route("/bundles", get(bundles).post(push))
         .route(
             "/bundles/{name}/{version}",
@@ -140,6 +141,7 @@ fn view(fleet: &Fleet, mut record: DeviceRecord) -> Result<DeviceView, FleetErro
                     .collect()
             })
             .unwrap_or_default(),
+        enrolled: fleet.is_enrolled(&record.id),
         record,
     })
 }
@@ -178,6 +180,30 @@ async fn forget(
         }
         .to_owned(),
         forgotten: id,
+    }))
+}
+
+async fn enroll(
+    State(fleet): Shared,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, FleetError> {
+    Ok((StatusCode::CREATED, Json(fleet.enroll(&id)?)))
+}
+
+async fn revoke(State(fleet): Shared, Path(id): Path<String>) -> Result<Json<Revoked>, FleetError> {
+    if !fleet.revoke(&id)? {
+        return Err(FleetError::NotFound(format!(
+            "credentials of device `{id}`"
+        )));
+    }
+    Ok(Json(Revoked {
+        note: if fleet.logins.is_some() {
+            "its connection is closed and it cannot log in again; `outpost fleet forget` removes it from the registry (a login from --mqtt-logins comes back at restart unless removed from the file)"
+        } else {
+            "the fleet no longer hears it; remove its login from the broker too"
+        }
+        .to_owned(),
+        revoked: id,
     }))
 }
 
@@ -377,6 +403,12 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         m.conflicts.load(Ordering::Relaxed).to_string(),
     );
     gauge(
+        "outpost_fleet_unenrolled_total",
+        "Messages from devices not enrolled, ignored (enrolment is required).",
+        "counter",
+        m.unenrolled.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
         "outpost_fleet_duplicate_records_total",
         "Records received again after a lost acknowledgement and discarded.",
         "counter",
@@ -453,6 +485,12 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
                 "MQTT connections closed for a PUBLISH or SUBSCRIBE outside the login's own topics.",
                 "counter",
                 &gate.forbidden,
+            ),
+            (
+                "outpost_fleet_mqtt_revoked_total",
+                "MQTT connections closed because their login was revoked or replaced.",
+                "counter",
+                &gate.revoked,
             ),
         ] {
             out.push_str(&format!(

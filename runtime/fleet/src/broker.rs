@@ -12,7 +12,7 @@ use std::time::Duration;
 use rumqttd::protocol::v4::V4;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 
-use crate::acl::Logins;
+use crate::acl::LiveLogins;
 use crate::error::{FleetError, Result};
 use crate::gate::{self, GateLimits, GateStats};
 
@@ -37,12 +37,13 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts the broker on `listen` (port 0 picks a free port) and waits until it answers.
-    /// With `logins`, clients must log in with one of them, and each is confined to its own
-    /// topics (see [`acl`](crate::acl)).
+    /// With `logins`, clients must log in with one of them (as they are at the time: they may
+    /// change while it runs), and each is confined to its own topics (see [`acl`](crate::acl)).
+    /// The broker adds a login of its own to them, to see that it answers.
     ///
     /// The listener and every connection run on a thread of their own; the router (rumqttd's
     /// message switch) on another.
-    pub fn start(listen: SocketAddr, logins: Option<Logins>) -> Result<Self> {
+    pub fn start(listen: SocketAddr, logins: Option<Arc<LiveLogins>>) -> Result<Self> {
         // Clients connect to the gate on `listen`; rumqttd binds a loopback port of its own
         // inside its thread and only logs a failure, so that port is picked here first.
         let public = TcpListener::bind(listen)
@@ -55,15 +56,15 @@ impl EmbeddedBroker {
         };
         // A login of its own, to see that the broker answers (a fleet's: it may connect with
         // a client id of its choosing).
-        let (logins, probe_login) = match logins {
-            Some(mut logins) => {
+        let probe_login = match &logins {
+            Some(logins) => {
                 let mut secret = [0u8; 16];
                 getrandom::fill(&mut secret).map_err(|e| FleetError::Config(e.to_string()))?;
                 let login = ("fleet/.probe".to_owned(), hex::encode(secret));
                 logins.insert(&login.0, &login.1)?;
-                (Some(logins), Some(login))
+                Some(login)
             }
-            None => (None, None),
+            None => None,
         };
         let stats = Arc::new(GateStats::default());
         let limits = GateLimits {
@@ -72,14 +73,23 @@ impl EmbeddedBroker {
             max_packet_bytes: MAX_PAYLOAD + 64 * 1024,
         };
 
-        let connections = ConnectionSettings {
+        let mut connections = ConnectionSettings {
             connection_timeout_ms: CONNECT_TIMEOUT.as_millis() as u16,
             max_payload_size: MAX_PAYLOAD,
             max_inflight_count: 256,
-            auth: logins.as_ref().map(Logins::passwords),
+            auth: None,
             external_auth: None,
             dynamic_filters: true,
         };
+        // rumqttd checks the login again behind the gate (anything on this machine can reach
+        // its loopback port), against the same table.
+        if let Some(logins) = &logins {
+            let logins = Arc::clone(logins);
+            connections.set_auth_handler(move |_client_id, user: String, password: String| {
+                let known = logins.check(&user, password.as_bytes()).is_some();
+                async move { known }
+            });
+        }
         let settings = ServerSettings {
             name: "v4".to_owned(),
             listen: inner,
@@ -100,7 +110,7 @@ impl EmbeddedBroker {
         let router_tx = router.spawn();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let gate_stats = Arc::clone(&stats);
-        let gate_logins = logins.map(Arc::new);
+        let gate_logins = logins;
         let thread = std::thread::Builder::new()
             .name("mqtt-broker".into())
             .spawn(move || {

@@ -38,6 +38,8 @@ pub struct FleetMetrics {
     pub duplicates: AtomicU64,
     /// Records that differ from one stored under the same (device, seq).
     pub conflicts: AtomicU64,
+    /// Messages from devices not enrolled, when enrolment is required, ignored.
+    pub unenrolled: AtomicU64,
     /// Artifact bytes served.
     pub artifact_bytes: AtomicU64,
     /// Artifact requests served.
@@ -78,6 +80,12 @@ pub struct Fleet {
     pub max_bundle_bytes: u64,
     /// Whether this replica only ingests (see [`FleetOptions::ingest_only`]).
     pub ingest_only: bool,
+    /// Whether only enrolled devices are registered and heard.
+    pub require_enrolment: bool,
+    /// The shared-subscription group replicas split telemetry and events in.
+    pub share_group: String,
+    /// The embedded broker's logins, when it has any (enrolment changes them).
+    pub logins: Option<std::sync::Arc<crate::acl::LiveLogins>>,
     /// Counters.
     pub metrics: FleetMetrics,
     outbound: mpsc::UnboundedSender<Outbound>,
@@ -106,6 +114,12 @@ pub struct Settings {
     pub max_bundle_bytes: u64,
     /// Whether this replica only ingests.
     pub ingest_only: bool,
+    /// Whether only enrolled devices are registered and heard.
+    pub require_enrolment: bool,
+    /// The shared-subscription group replicas split telemetry and events in.
+    pub share_group: String,
+    /// The embedded broker's logins, when it has any.
+    pub logins: Option<std::sync::Arc<crate::acl::LiveLogins>>,
 }
 
 impl Fleet {
@@ -126,6 +140,9 @@ impl Fleet {
             desired_ttl,
             max_bundle_bytes,
             ingest_only,
+            require_enrolment,
+            share_group,
+            logins,
         } = settings;
         Self {
             store,
@@ -139,6 +156,9 @@ impl Fleet {
             desired_ttl,
             max_bundle_bytes,
             ingest_only,
+            require_enrolment,
+            share_group,
+            logins,
             metrics: FleetMetrics::default(),
             outbound,
             republished: Mutex::new(HashMap::new()),
@@ -185,7 +205,7 @@ impl Fleet {
         self.key.id()
     }
 
-    fn owns_deployments(&self) -> Result<()> {
+    pub(crate) fn owns_deployments(&self) -> Result<()> {
         if self.ingest_only {
             return Err(FleetError::BadRequest(format!(
                 "replica `{}` only ingests telemetry (--ingest-only); push and deploy through the primary replica",
@@ -336,7 +356,9 @@ impl Fleet {
     pub fn forget(&self, device: &str) -> Result<()> {
         self.owns_deployments()?;
         let id = DeviceId::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
-        if !self.store.remove_device(id.as_str())? {
+        // A forgotten device keeps no credentials: it could register itself again with them.
+        let enrolled = self.revoke(id.as_str())?;
+        if !self.store.remove_device(id.as_str())? && !enrolled {
             return Err(FleetError::NotFound(format!("device `{device}`")));
         }
         let topics = Topics::new(&id);

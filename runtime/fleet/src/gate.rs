@@ -17,7 +17,9 @@
 //! (CONNACK "bad user name or password" otherwise), binds the client id and the last will to the
 //! login's [`Identity`] (CONNACK "not authorised"), and reads every packet a device sends,
 //! closing the connection at the first PUBLISH or SUBSCRIBE outside its own topics (see
-//! [`acl`](crate::acl)). A fleet's connection is relayed untouched.
+//! [`acl`](crate::acl)). A fleet's connection is relayed untouched. Logins change while the
+//! broker runs (enrolment, revocation): a device connection whose login no longer holds is
+//! closed at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::acl::{Identity, Logins};
+use crate::acl::{Identity, LiveLogins};
 
 /// How the gate bounds a connection before its CONNECT is accepted.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +65,8 @@ pub struct GateStats {
     pub refused_unauthorised: AtomicU64,
     /// Connections closed for a PUBLISH or SUBSCRIBE outside the login's own topics.
     pub forbidden: AtomicU64,
+    /// Connections closed because their login was revoked or replaced.
+    pub revoked: AtomicU64,
 }
 
 /// Why a connection went no further.
@@ -76,6 +80,8 @@ enum Refusal {
     NotAuthorised(&'static str),
     /// Closed: a PUBLISH or SUBSCRIBE outside the login's own topics.
     Forbidden(Identity, String),
+    /// Closed: the login was revoked or its password replaced.
+    Revoked(Identity),
     /// Closed: not a well-formed CONNECT, too large, or too slow.
     Malformed(&'static str),
     /// The broker or the client went away.
@@ -100,7 +106,7 @@ pub(crate) async fn serve(
     broker: SocketAddr,
     limits: GateLimits,
     stats: Arc<GateStats>,
-    logins: Option<Arc<Logins>>,
+    logins: Option<Arc<LiveLogins>>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -140,6 +146,10 @@ pub(crate) async fn serve(
                     stats.forbidden.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%peer, %identity, topic, "MQTT client closed: not its topic");
                 }
+                Err(Refusal::Revoked(identity)) => {
+                    stats.revoked.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, %identity, "MQTT client closed: its login was revoked");
+                }
                 Err(Refusal::Malformed(why)) => {
                     stats.malformed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, why, "MQTT connection closed");
@@ -158,7 +168,7 @@ async fn pass(
     broker: SocketAddr,
     limits: GateLimits,
     stats: &GateStats,
-    logins: Option<&Logins>,
+    logins: Option<&LiveLogins>,
 ) -> Result<(), Refusal> {
     let packet = tokio::time::timeout(
         limits.connect_timeout,
@@ -166,8 +176,17 @@ async fn pass(
     )
     .await
     .map_err(|_| Refusal::Malformed("no CONNECT in time"))??;
-    let identity = match parse_connect(&packet).and_then(|c| admit(&c, logins)) {
-        Ok(identity) => identity,
+    let admitted = parse_connect(&packet).and_then(|c| {
+        let identity = admit(&c, logins)?;
+        // What a later change of the logins is checked against.
+        let login = (
+            String::from_utf8_lossy(c.user.unwrap_or_default()).into_owned(),
+            c.password.unwrap_or_default().to_vec(),
+        );
+        Ok((identity, login))
+    });
+    let (identity, login) = match admitted {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             let code = match refusal {
                 Refusal::Identifier => Some(2),
@@ -198,9 +217,15 @@ async fn pass(
         return Ok(());
     }
     stats.admitted.fetch_add(1, Ordering::Relaxed);
-    match identity {
-        Some(identity @ Identity::Device(_)) => {
-            relay_checked(client, upstream, &identity, limits.max_packet_bytes).await
+    match (identity, logins) {
+        (Some(identity @ Identity::Device(_)), Some(logins)) => {
+            let held = LoginHeld {
+                logins,
+                user: &login.0,
+                password: &login.1,
+                identity: &identity,
+            };
+            relay_checked(client, upstream, held, limits.max_packet_bytes).await
         }
         _ => {
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
@@ -211,7 +236,7 @@ async fn pass(
 
 /// Who the CONNECT is, when there are logins; refuses an unknown login, and a client id or a
 /// last will not the login's own.
-fn admit(connect: &Connect<'_>, logins: Option<&Logins>) -> Result<Option<Identity>, Refusal> {
+fn admit(connect: &Connect<'_>, logins: Option<&LiveLogins>) -> Result<Option<Identity>, Refusal> {
     let Some(logins) = logins else {
         return Ok(None);
     };
@@ -230,17 +255,51 @@ fn admit(connect: &Connect<'_>, logins: Option<&Logins>) -> Result<Option<Identi
             "a last will on a topic not the login's own",
         ));
     }
-    Ok(Some(identity.clone()))
+    Ok(Some(identity))
+}
+
+/// A device's login as it connected, checked again whenever the logins change.
+#[derive(Clone, Copy)]
+struct LoginHeld<'a> {
+    logins: &'a LiveLogins,
+    user: &'a str,
+    password: &'a [u8],
+    identity: &'a Identity,
+}
+
+impl LoginHeld<'_> {
+    fn holds(&self) -> bool {
+        self.logins.check(self.user, self.password).as_ref() == Some(self.identity)
+    }
 }
 
 /// Relays a device's connection, reading each packet it sends: the first PUBLISH or SUBSCRIBE
-/// outside its own topics closes the connection before the broker sees it.
+/// outside its own topics closes the connection before the broker sees it, and so does the
+/// login being revoked or replaced.
 async fn relay_checked(
     client: TcpStream,
     upstream: TcpStream,
-    identity: &Identity,
+    login: LoginHeld<'_>,
     max: usize,
 ) -> Result<(), Refusal> {
+    let identity = login.identity;
+    let mut changes = login.logins.watch();
+    changes.mark_unchanged();
+    // A change between the CONNECT's check and the watch above would go unseen otherwise.
+    if !login.holds() {
+        return Err(Refusal::Revoked(identity.clone()));
+    }
+    let revoked = async {
+        loop {
+            if changes.changed().await.is_err() {
+                // The logins are gone with the fleet: nothing more to watch.
+                std::future::pending::<()>().await;
+            }
+            if !login.holds() {
+                return Refusal::Revoked(identity.clone());
+            }
+        }
+    };
     let (client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     let mut client_read = BufReader::new(client_read);
@@ -263,6 +322,7 @@ async fn relay_checked(
     tokio::select! {
         copied = down => copied.map(|_| ()).map_err(Refusal::Io),
         checked = up => checked,
+        refusal = revoked => Err(refusal),
     }
 }
 

@@ -30,6 +30,10 @@ impl Fleet {
             // A cleared retained message (a forgotten device): nothing to record.
             return true;
         }
+        if !fleet.admits(&id) {
+            // Registration is by enrolment: publishing does not make a device.
+            return true;
+        }
         let now = now_secs();
         let result = match leaf {
             Topic::Status if Presence::is_online(payload) => fleet

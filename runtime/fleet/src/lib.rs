@@ -11,6 +11,7 @@ pub mod acl;
 pub mod api;
 pub mod broker;
 pub mod domain;
+mod enrol;
 mod error;
 pub mod gate;
 mod ingest;
@@ -27,7 +28,7 @@ use outpost_bundle::{SecretKey, TrustStore};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-pub use acl::{Identity, Logins};
+pub use acl::{Identity, LiveLogins, Logins};
 pub use domain::{Fleet, FleetMetrics};
 pub use error::{FleetError, Result};
 use store::{Store, now_secs};
@@ -36,7 +37,10 @@ use store::{Store, now_secs};
 #[derive(Debug, Clone)]
 pub enum BrokerChoice {
     /// Run rumqttd in this process, listening here; with logins, every client must use one
-    /// and each is confined to its own topics (the fleet gives itself a login of its own).
+    /// (from this table or from enrolment) and each is confined to its own topics (the fleet
+    /// gives itself a login of its own). Logins are on, with enrolled devices only, when none
+    /// are given but enrolment is required or the broker listens beyond loopback (unless
+    /// [`FleetOptions::insecure`]).
     Embedded(SocketAddr, Option<Logins>),
     /// Use an external broker at this host and port, with these credentials if any.
     External(String, u16, Option<(String, String)>),
@@ -71,16 +75,32 @@ pub struct FleetOptions {
     /// Let the embedded broker listen beyond loopback without logins (anyone who reaches it
     /// can read every device's messages and write their topics).
     pub insecure: bool,
+    /// Register and hear only enrolled devices (`outpost fleet enroll`). Always so when the
+    /// embedded broker has logins.
+    pub require_enrolment: bool,
+    /// The shared-subscription group the replicas split telemetry and events in (default
+    /// `outpost-fleet`). On an external broker whose ACLs do not check subscriptions
+    /// (Mosquitto's), a device that joins the group takes a share of every device's records,
+    /// which then never reach the fleet: give every replica the same name nobody can guess.
+    pub share_group: Option<String>,
 }
 
 impl FleetOptions {
-    /// Refuses options a fleet must not run with: a short API token, an API reachable beyond
-    /// this machine without one (anyone could deploy), or an embedded broker reachable beyond
-    /// it without logins (unless `insecure`).
+    /// Refuses options a fleet must not run with: a short API token, or an API reachable
+    /// beyond this machine without one (anyone could deploy).
     pub fn validate(&self) -> Result<()> {
         if self.token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(FleetError::Config(
                 "the API token must be at least 16 characters".into(),
+            ));
+        }
+        if let Some(group) = &self.share_group
+            && (group.is_empty()
+                || group.len() > 64
+                || group.chars().any(|c| "/+#$".contains(c) || c.is_control()))
+        {
+            return Err(FleetError::Config(
+                "the share group must be 1 to 64 characters, without / + # $".into(),
             ));
         }
         if self.token.is_none() && !self.listen.ip().is_loopback() {
@@ -89,17 +109,22 @@ impl FleetOptions {
                 self.listen
             )));
         }
-        if let BrokerChoice::Embedded(listen, None) = &self.broker
-            && !listen.ip().is_loopback()
-            && !self.insecure
-        {
-            return Err(FleetError::Config(format!(
-                "the embedded broker would listen on {listen} without logins: anyone who \
-                 reaches it could read and write every device's topics; give --mqtt-logins \
-                 (or --insecure)"
-            )));
-        }
         Ok(())
+    }
+
+    /// The embedded broker's logins, if it has any: those given, or (none given) an empty
+    /// table to be filled by enrolment when enrolment is required or the broker listens beyond
+    /// loopback without `insecure`.
+    fn embedded_logins(&self) -> Option<Logins> {
+        match &self.broker {
+            BrokerChoice::Embedded(_, Some(logins)) => Some(logins.clone()),
+            BrokerChoice::Embedded(listen, None)
+                if self.require_enrolment || (!listen.ip().is_loopback() && !self.insecure) =>
+            {
+                Some(Logins::default())
+            }
+            _ => None,
+        }
     }
 }
 
@@ -215,11 +240,18 @@ impl Server {
         let store = Store::open(&options.data_dir)?;
         let key = load_or_create_key(&options.data_dir)?;
         let replica = replica_name(&store, options.replica.clone())?;
+        let live_logins = options
+            .embedded_logins()
+            .map(|l| Arc::new(LiveLogins::new(l)));
+        let enrolled = match &live_logins {
+            Some(logins) => enrol::load_enrolled(&store, logins)?,
+            None => store.credentials()?.len(),
+        };
+        let require_enrolment = options.require_enrolment || live_logins.is_some();
         let (broker_addr, broker_login, embedded) = match &options.broker {
-            BrokerChoice::Embedded(listen, logins) => {
-                let mut logins = logins.clone();
-                let own = match &mut logins {
-                    Some(map) => {
+            BrokerChoice::Embedded(listen, _) => {
+                let own = match &live_logins {
+                    Some(logins) => {
                         let mut secret = [0u8; 16];
                         getrandom::fill(&mut secret)
                             .map_err(|e| FleetError::Config(e.to_string()))?;
@@ -227,12 +259,12 @@ impl Server {
                             format!("{}{replica}", acl::FLEET_USER_PREFIX),
                             hex::encode(secret),
                         );
-                        map.insert(&login.0, &login.1)?;
+                        logins.insert(&login.0, &login.1)?;
                         Some(login)
                     }
                     None => None,
                 };
-                let (listen, logins_for_broker) = (*listen, logins);
+                let (listen, logins_for_broker) = (*listen, live_logins.clone());
                 let embedded = tokio::task::spawn_blocking(move || {
                     broker::EmbeddedBroker::start(listen, logins_for_broker)
                 })
@@ -272,9 +304,21 @@ impl Server {
                 desired_ttl: options.desired_ttl,
                 max_bundle_bytes: options.max_bundle_bytes,
                 ingest_only: options.ingest_only,
+                require_enrolment,
+                share_group: options
+                    .share_group
+                    .clone()
+                    .unwrap_or_else(|| outpost_proto::FLEET_GROUP.to_owned()),
+                logins: live_logins,
             },
             outbound_tx,
         ));
+        if require_enrolment {
+            tracing::info!(
+                enrolled,
+                "only enrolled devices are heard (outpost fleet enroll)"
+            );
+        }
         if let Some(broker) = &embedded {
             let _ = fleet.metrics.gate.set(broker.gate_stats());
         }

@@ -50,8 +50,8 @@ fn session_options(fleet: &Fleet) -> SessionOptions {
     options.subscriptions = vec![
         format!("{}/+/status", outpost_proto::PREFIX),
         format!("{}/+/reported", outpost_proto::PREFIX),
-        Topic::Telemetry.fleet_subscription(),
-        Topic::Events.fleet_subscription(),
+        Topic::Telemetry.fleet_subscription_in(&fleet.share_group),
+        Topic::Events.fleet_subscription_in(&fleet.share_group),
         // Its own presence, to put it right when something else overwrites it.
         fleet_presence_topic(&fleet.replica),
     ];

@@ -28,6 +28,15 @@ pub struct DesiredRecord {
     pub envelope: SignedDesired,
 }
 
+/// An enrolled device's credential: its broker password's SHA-256 (hex), never the password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// Lower-case hex SHA-256 of the password.
+    pub sha256: String,
+    /// Unix seconds when it was issued.
+    pub issued_at: u64,
+}
+
 /// Which stream a record came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -49,6 +58,7 @@ pub struct Store {
     deployments: sled::Tree,
     telemetry: sled::Tree,
     events: sled::Tree,
+    credentials: sled::Tree,
     artifacts: PathBuf,
     /// Serialises read-modify-write of device and desired records.
     write: Mutex<()>,
@@ -100,6 +110,24 @@ pub fn is_digest(d: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Opens the sled database at `path`. The fleet's own lock is held by now, so a sled lock
+/// still taken is an earlier store of this process whose background writes are finishing
+/// (sled lets go of its lock only when they are done): wait for it, a few seconds at most.
+fn open_db(path: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -117,7 +145,7 @@ impl Store {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(FleetError::Io(e)),
         }
-        let db = sled::Config::new().path(dir.join("state")).open()?;
+        let db = open_db(&dir.join("state"))?;
         let artifacts = dir.join("artifacts");
         std::fs::create_dir_all(&artifacts)?;
         Ok(Self {
@@ -127,6 +155,7 @@ impl Store {
             deployments: db.open_tree("deployments")?,
             telemetry: db.open_tree("telemetry")?,
             events: db.open_tree("events")?,
+            credentials: db.open_tree("credentials")?,
             artifacts,
             write: Mutex::new(()),
             _lock: lock,
@@ -179,6 +208,44 @@ impl Store {
         let desired = self.desired.remove(id)?.is_some();
         self.db.flush()?;
         Ok(known || desired)
+    }
+
+    /// Enrols `device` with `credential` (replacing an earlier one) and registers it.
+    pub fn put_credential(&self, device: &str, credential: &Credential) -> Result<()> {
+        let _guard = self.lock()?;
+        self.credentials.insert(device, encode(credential)?)?;
+        if self.devices.get(device)?.is_none() {
+            let record = DeviceRecord {
+                id: device.to_owned(),
+                ..DeviceRecord::default()
+            };
+            self.devices.insert(device, encode(&record)?)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Ends `device`'s credential; returns whether it had one.
+    pub fn remove_credential(&self, device: &str) -> Result<bool> {
+        let removed = self.credentials.remove(device)?.is_some();
+        self.db.flush()?;
+        Ok(removed)
+    }
+
+    /// Every enrolled device's credential, by device id.
+    pub fn credentials(&self) -> Result<Vec<(String, Credential)>> {
+        self.credentials
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((String::from_utf8_lossy(&key).into_owned(), decode(&value)?))
+            })
+            .collect()
+    }
+
+    /// Whether `device` is enrolled.
+    pub fn is_enrolled(&self, device: &str) -> Result<bool> {
+        Ok(self.credentials.contains_key(device)?)
     }
 
     /// Applies `change` to a device's record only if the device is known; returns whether it was.

@@ -9,97 +9,25 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outpost_fleet::broker::EmbeddedBroker;
+use outpost_fleet::{LiveLogins, Logins};
 
-/// An MQTT string: length, then the bytes.
-fn field(bytes: &[u8]) -> Vec<u8> {
-    let mut v = (bytes.len() as u16).to_be_bytes().to_vec();
-    v.extend_from_slice(bytes);
-    v
+mod raw;
+use raw::*;
+
+/// Logins for a broker started alone.
+fn logins(text: &str) -> Option<std::sync::Arc<LiveLogins>> {
+    Some(std::sync::Arc::new(LiveLogins::new(
+        Logins::parse(text).unwrap(),
+    )))
 }
-
-/// A packet: type and flags, remaining length, body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-/// A CONNECT with a clean session, a 10 s keep-alive, `client_id` and maybe a login.
-fn connect_packet(client_id: &[u8], login: Option<(&str, &str)>) -> Vec<u8> {
-    let flags: u8 = if login.is_some() { 0xc2 } else { 0x02 };
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 10];
-    body.extend(field(client_id));
-    if let Some((user, password)) = login {
-        body.extend(field(user.as_bytes()));
-        body.extend(field(password.as_bytes()));
-    }
-    packet(0x10, &body)
-}
-
-/// Connects as `client_id` with `login`, expecting to be accepted.
-fn session(broker: SocketAddr, client_id: &str, login: (&str, &str)) -> TcpStream {
-    let mut stream = TcpStream::connect_timeout(&broker, Duration::from_secs(2)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(&connect_packet(client_id.as_bytes(), Some(login)))
-        .unwrap();
-    let mut ack = [0u8; 4];
-    stream.read_exact(&mut ack).unwrap();
-    assert_eq!(ack, [0x20, 2, 0, ACCEPTED], "{client_id}");
-    stream
-}
-
-/// SUBSCRIBE (packet id 1, QoS 1) to `filter`; the broker's first reply packet type, or `None`
-/// when it closed the connection.
-fn subscribe(stream: &mut TcpStream, filter: &str) -> Option<u8> {
-    let mut body = vec![0, 1];
-    body.extend(field(filter.as_bytes()));
-    body.push(1);
-    stream.write_all(&packet(0x82, &body)).ok()?;
-    reply(stream)
-}
-
-/// PUBLISH QoS 1 (packet id 2); the broker's first reply packet type, or `None` when it
-/// closed the connection.
-fn publish(stream: &mut TcpStream, topic: &str, payload: &[u8]) -> Option<u8> {
-    let mut body = field(topic.as_bytes());
-    body.extend([0, 2]);
-    body.extend(payload);
-    stream.write_all(&packet(0x32, &body)).ok()?;
-    reply(stream)
-}
-
-/// The type of the next packet the broker sends (its body skipped), `None` once it closed.
-fn reply(stream: &mut TcpStream) -> Option<u8> {
-    let mut first = [0u8; 2];
-    stream.read_exact(&mut first).ok()?;
-    let mut rest = vec![0u8; usize::from(first[1])];
-    stream.read_exact(&mut rest).ok()?;
-    Some(first[0] >> 4)
-}
-
-const SUBACK: u8 = 9;
-const PUBACK: u8 = 4;
-const PUBLISH: u8 = 3;
 
 #[test]
 fn a_device_login_reaches_its_own_topics_only() {
-    let logins = outpost_fleet::Logins::parse("dev-1:pw-1\nfleet/ops:pw-ops").unwrap();
-    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), Some(logins)).unwrap();
+    let broker = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        logins("dev-1:pw-1\nfleet/ops:pw-ops"),
+    )
+    .unwrap();
     let device = ("dev-1", "pw-1");
     // A fleet login reads what devices publish, through the gate's checked relay.
     let mut fleet = session(broker.addr(), "outpost-fleet-ops", ("fleet/ops", "pw-ops"));
@@ -162,25 +90,6 @@ fn a_device_login_reaches_its_own_topics_only() {
     assert!(body.ends_with(b"genuine"), "{body:?}");
 }
 
-/// Sends a CONNECT; returns the CONNACK's return code, or `None` when the broker closed the
-/// connection or said nothing within 5 s.
-fn connack(broker: SocketAddr, client_id: &[u8], login: Option<(&str, &str)>) -> Option<u8> {
-    let mut stream = TcpStream::connect_timeout(&broker, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(&connect_packet(client_id, login)).ok()?;
-    let mut ack = [0u8; 4];
-    stream.read_exact(&mut ack).ok()?;
-    assert_eq!(&ack[..2], &[0x20, 2], "not a CONNACK: {ack:?}");
-    let _ = stream.write_all(&[0xe0, 0]);
-    Some(ack[3])
-}
-
-/// MQTT 3.1.1's CONNACK codes.
-const ACCEPTED: u8 = 0;
-const IDENTIFIER_REJECTED: u8 = 2;
-const BAD_LOGIN: u8 = 4;
-const NOT_AUTHORISED: u8 = 5;
-
 fn assert_serves(broker: SocketAddr, login: Option<(&str, &str)>) {
     for id in ["outpost-dev-1", "outpost-fleet-primary"] {
         assert_eq!(
@@ -214,8 +123,8 @@ fn client_ids_the_router_refuses_are_refused_at_the_door_and_the_broker_serves_o
 
 #[test]
 fn a_refused_id_with_a_valid_login_does_not_stop_the_broker_either() {
-    let logins = outpost_fleet::Logins::parse("dev-1:pw-1").unwrap();
-    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), Some(logins)).unwrap();
+    let broker =
+        EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), logins("dev-1:pw-1")).unwrap();
     let login = Some(("dev-1", "pw-1"));
     for _ in 0..3 {
         assert_eq!(

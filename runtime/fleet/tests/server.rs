@@ -7,7 +7,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use outpost_fleet::{BrokerChoice, FleetOptions, Listeners, Server};
+
+mod raw;
+use raw::*;
 
 fn options(dir: &std::path::Path) -> FleetOptions {
     FleetOptions {
@@ -23,6 +28,8 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         retention: Duration::from_secs(3600),
         ingest_only: false,
         insecure: false,
+        require_enrolment: false,
+        share_group: None,
     }
 }
 
@@ -125,19 +132,141 @@ async fn a_record_dated_in_the_far_future_cannot_escape_retention() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn an_open_embedded_broker_beyond_loopback_is_refused_unless_insecure() {
-    let dir = std::env::temp_dir().join("outpost-fleet-open-broker");
-    let mut open = options(&dir);
-    open.broker = BrokerChoice::Embedded("0.0.0.0:0".parse().unwrap(), None);
-    let err = open.validate().unwrap_err().to_string();
-    assert!(err.contains("without logins"), "{err}");
-    open.insecure = true;
-    open.validate().unwrap();
-    let mut guarded = options(&dir);
-    guarded.broker = BrokerChoice::Embedded(
-        "0.0.0.0:0".parse().unwrap(),
-        Some(outpost_fleet::Logins::parse("dev-1:pw").unwrap()),
+/// Starts a fleet on `options` and waits until it subscribes on its broker.
+async fn started(options: &FleetOptions) -> Server {
+    let listeners = Listeners::bind(options).await.unwrap();
+    let server = Server::start(options.clone(), listeners).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), server.subscribed())
+        .await
+        .expect("the fleet subscribes on its own broker");
+    server
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("outpost-fleet-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_broker_beyond_loopback_demands_logins_unless_insecure() {
+    let dir = scratch("open-broker");
+    let mut options = options(&dir);
+    options.broker = BrokerChoice::Embedded("0.0.0.0:0".parse().unwrap(), None);
+    let server = started(&options).await;
+    let port = broker_addr(&server.ready().broker).port();
+    let broker = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(
+        connack(broker, b"outpost-dev-1", None),
+        Some(BAD_LOGIN),
+        "an anonymous client was let in"
     );
-    guarded.validate().unwrap();
+    assert!(server.fleet().require_enrolment);
+    server.stop().await.unwrap();
+
+    options.insecure = true;
+    let server = started(&options).await;
+    let port = broker_addr(&server.ready().broker).port();
+    let broker = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(connack(broker, b"outpost-dev-1", None), Some(ACCEPTED));
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_issues_a_login_at_once_and_revocation_closes_and_refuses_it() {
+    let dir = scratch("enrolment");
+    let mut options = options(&dir);
+    options.require_enrolment = true;
+    let server = started(&options).await;
+    let broker = broker_addr(&server.ready().broker);
+    let fleet = server.fleet();
+    // Not enrolled: no login, and publishing does not register a device.
+    assert_eq!(
+        connack(broker, b"outpost-dev-1", Some(("dev-1", "guess"))),
+        Some(BAD_LOGIN)
+    );
+    assert_eq!(connack(broker, b"outpost-dev-1", None), Some(BAD_LOGIN));
+    assert!(fleet.ingest("outpost/v1/ghost/status", br#"{"v":1,"online":true}"#));
+    assert!(
+        fleet.store.device("ghost").unwrap().is_none(),
+        "a ghost registered"
+    );
+    assert_eq!(fleet.metrics.unenrolled.load(Ordering::Relaxed), 1);
+
+    let first = fleet.enroll("dev-1").unwrap();
+    assert!(!first.replaced);
+    assert_eq!(first.username, "dev-1");
+    assert_eq!(first.fleet_key, server.ready().public_key);
+    assert!(
+        fleet.store.device("dev-1").unwrap().is_some(),
+        "enrolment registers"
+    );
+    assert!(fleet.is_enrolled("dev-1"));
+    let mut stream = session(broker, "outpost-dev-1", ("dev-1", &first.password));
+    assert_eq!(
+        subscribe(&mut stream, "outpost/v1/dev-1/desired"),
+        Some(SUBACK)
+    );
+    // Another device's login is not this one's.
+    assert_eq!(
+        connack(broker, b"outpost-dev-2", Some(("dev-2", &first.password))),
+        Some(BAD_LOGIN)
+    );
+
+    // Enrolling again replaces the password: the connection that used the old one is closed.
+    let second = fleet.enroll("dev-1").unwrap();
+    assert!(second.replaced);
+    assert_ne!(second.password, first.password);
+    assert!(
+        closed(&mut stream),
+        "the old login's connection is still open"
+    );
+    assert_eq!(
+        connack(broker, b"outpost-dev-1", Some(("dev-1", &first.password))),
+        Some(BAD_LOGIN)
+    );
+    server.stop().await.unwrap();
+
+    // Kept across a restart, as a hash only.
+    let server = started(&options).await;
+    let broker = broker_addr(&server.ready().broker);
+    let fleet = server.fleet();
+    let stored = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .flatten()
+        .any(|f| {
+            std::fs::read(f.path())
+                .is_ok_and(|b| b.windows(64).any(|w| w == second.password.as_bytes()))
+        });
+    assert!(!stored, "the password is stored in clear");
+    let mut stream = session(broker, "outpost-dev-1", ("dev-1", &second.password));
+    assert_eq!(
+        subscribe(&mut stream, "outpost/v1/dev-1/desired"),
+        Some(SUBACK)
+    );
+
+    // Revoked: closed at once, refused after; the registry keeps the device, not enrolled.
+    assert!(fleet.revoke("dev-1").unwrap());
+    assert!(
+        closed(&mut stream),
+        "a revoked login's connection is still open"
+    );
+    assert_eq!(
+        connack(broker, b"outpost-dev-1", Some(("dev-1", &second.password))),
+        Some(BAD_LOGIN)
+    );
+    assert!(!fleet.is_enrolled("dev-1"));
+    assert!(fleet.store.device("dev-1").unwrap().is_some());
+    assert!(!fleet.revoke("dev-1").unwrap(), "revoked twice");
+    let revoked = fleet
+        .metrics
+        .gate
+        .get()
+        .unwrap()
+        .revoked
+        .load(Ordering::Relaxed);
+    assert!(revoked >= 1, "{revoked}");
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

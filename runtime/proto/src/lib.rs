@@ -160,8 +160,13 @@ impl Topic {
     /// What the fleet subscribes to for this topic across all devices, as a shared
     /// subscription.
     pub fn fleet_subscription(self) -> String {
+        self.fleet_subscription_in(FLEET_GROUP)
+    }
+
+    /// The same, in the shared-subscription group `group` (of which this names one per leaf).
+    pub fn fleet_subscription_in(self, group: &str) -> String {
         let leaf = self.leaf();
-        format!("$share/{FLEET_GROUP}-{leaf}/{PREFIX}/+/{leaf}")
+        format!("$share/{group}-{leaf}/{PREFIX}/+/{leaf}")
     }
 }
 

@@ -74,6 +74,36 @@ pub struct DeviceView {
     pub desired: std::collections::BTreeMap<String, String>,
     /// Whether it reports having applied the fleet's current generation.
     pub in_sync: bool,
+    /// Whether it holds credentials from `outpost fleet enroll`.
+    #[serde(default)]
+    pub enrolled: bool,
+}
+
+/// `POST /api/v1/devices/{id}/enrolment`: a device's new broker credentials. The password is
+/// shown this once; the fleet keeps only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    /// The device id.
+    pub device: String,
+    /// Its broker user name (the device id).
+    pub username: String,
+    /// Its broker password.
+    pub password: String,
+    /// The broker URL devices connect to.
+    pub broker: String,
+    /// The fleet's public key (hex), for the device's `fleet_key`.
+    pub fleet_key: String,
+    /// Whether it replaced earlier credentials (which no longer work).
+    pub replaced: bool,
+}
+
+/// `DELETE /api/v1/devices/{id}/enrolment`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// The device id.
+    pub revoked: String,
+    /// What happens next.
+    pub note: String,
 }
 
 /// `DELETE /api/v1/devices/{id}`.

@@ -13,6 +13,9 @@
 
 #[path = "../../../runtime/cli/tests/common/mod.rs"]
 pub mod cli;
+/// Raw MQTT 3.1.1 packets, as an attacker sends them.
+#[path = "../../../runtime/fleet/tests/raw/mod.rs"]
+pub mod raw;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -285,11 +288,16 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "allow_anonymous true\n")
+    }
+
+    /// Mosquitto on a free loopback port with `settings` for its listener.
+    pub fn start_with(dir: &Path, settings: &str) -> Self {
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
         fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\npersistence false\n{settings}"),
         )
         .unwrap();
         let mut m = Self {
@@ -320,6 +328,17 @@ impl Mosquitto {
                 .ok()
                 .map(|_| ())
         });
+    }
+
+    /// Makes it read its password and ACL files again (SIGHUP).
+    pub fn reload(&self) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args(["-HUP", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
     }
 
     pub fn stop(&mut self) {
