@@ -57,6 +57,10 @@ pub(crate) struct ServeArgs {
     /// How long telemetry and events are kept, in hours.
     #[arg(long, default_value_t = 168)]
     retention_hours: u64,
+    /// MiB of telemetry and events one device may have stored at once; past it, its records
+    /// are refused until retention frees room.
+    #[arg(long, default_value_t = 64)]
+    device_quota_mib: u64,
     /// Run as a secondary replica on a shared broker: store telemetry, events and the
     /// registry; leave pushes, deployments and desired states to the primary.
     #[arg(long, requires = "broker")]
@@ -125,6 +129,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         replica: args.replica,
         max_bundle_bytes: args.max_bundle_bytes,
         retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
+        device_quota_bytes: args.device_quota_mib.saturating_mul(1 << 20),
         ingest_only: args.ingest_only,
         insecure: args.insecure,
         require_enrolment: args.require_enrolment,

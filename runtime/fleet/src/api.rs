@@ -403,6 +403,12 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         m.conflicts.load(Ordering::Relaxed).to_string(),
     );
     gauge(
+        "outpost_fleet_over_quota_records_total",
+        "Records refused because their device held its quota of stored bytes already.",
+        "counter",
+        m.over_quota.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
         "outpost_fleet_unenrolled_total",
         "Messages from devices not enrolled, ignored (enrolment is required).",
         "counter",
@@ -485,6 +491,12 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
                 "MQTT connections closed for a PUBLISH or SUBSCRIBE outside the login's own topics.",
                 "counter",
                 &gate.forbidden,
+            ),
+            (
+                "outpost_fleet_mqtt_throttled_total",
+                "Times a device's publishing was held back for going past its rate at the embedded broker.",
+                "counter",
+                &gate.throttled,
             ),
             (
                 "outpost_fleet_mqtt_revoked_total",

@@ -25,6 +25,12 @@ const ROUTER_MAX_CONNECTIONS: usize = 20_000;
 const GATE_MAX_CONNECTIONS: usize = 16_384;
 /// Time a client has to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// What one device's login may publish: 256 KiB/s sustained, 4 MiB at once (a device's outbox
+/// of 16 MiB drains in about a minute after an outage).
+const DEVICE_RATE: gate::Rate = gate::Rate {
+    per_second: 256 << 10,
+    burst: 4 << 20,
+};
 
 /// The embedded broker, running until [`EmbeddedBroker::stop`] (or drop).
 #[derive(Debug)]
@@ -71,6 +77,7 @@ impl EmbeddedBroker {
             max_connections: GATE_MAX_CONNECTIONS,
             connect_timeout: CONNECT_TIMEOUT,
             max_packet_bytes: MAX_PAYLOAD + 64 * 1024,
+            device_rate: DEVICE_RATE,
         };
 
         let mut connections = ConnectionSettings {

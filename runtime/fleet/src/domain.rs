@@ -40,6 +40,8 @@ pub struct FleetMetrics {
     pub conflicts: AtomicU64,
     /// Messages from devices not enrolled, when enrolment is required, ignored.
     pub unenrolled: AtomicU64,
+    /// Records refused because their device held its quota already.
+    pub over_quota: AtomicU64,
     /// Artifact bytes served.
     pub artifact_bytes: AtomicU64,
     /// Artifact requests served.
@@ -78,6 +80,8 @@ pub struct Fleet {
     pub desired_ttl: Duration,
     /// Largest bundle.
     pub max_bundle_bytes: u64,
+    /// Bytes of telemetry and events one device may have stored at once.
+    pub device_quota_bytes: u64,
     /// Whether this replica only ingests (see [`FleetOptions::ingest_only`]).
     pub ingest_only: bool,
     /// Whether only enrolled devices are registered and heard.
@@ -112,6 +116,8 @@ pub struct Settings {
     pub desired_ttl: Duration,
     /// Largest bundle.
     pub max_bundle_bytes: u64,
+    /// Bytes of telemetry and events one device may have stored at once.
+    pub device_quota_bytes: u64,
     /// Whether this replica only ingests.
     pub ingest_only: bool,
     /// Whether only enrolled devices are registered and heard.
@@ -139,6 +145,7 @@ impl Fleet {
             trust,
             desired_ttl,
             max_bundle_bytes,
+            device_quota_bytes,
             ingest_only,
             require_enrolment,
             share_group,
@@ -155,6 +162,7 @@ impl Fleet {
             trust,
             desired_ttl,
             max_bundle_bytes,
+            device_quota_bytes,
             ingest_only,
             require_enrolment,
             share_group,

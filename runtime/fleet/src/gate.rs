@@ -21,10 +21,11 @@
 //! broker runs (enrolment, revocation): a device connection whose login no longer holds is
 //! closed at once.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,6 +42,47 @@ pub(crate) struct GateLimits {
     pub connect_timeout: Duration,
     /// Largest packet a client may send (a CONNECT with its will and login included).
     pub max_packet_bytes: usize,
+    /// How fast one device's login may publish.
+    pub device_rate: Rate,
+}
+
+/// A sustained rate and a burst, in bytes: what one device may publish. Past it the gate stops
+/// reading from the device (TCP holds it back), so one client's flood cannot fill the broker's
+/// in-memory log and push other clients' messages out of it before the fleet reads them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rate {
+    /// Bytes per second, sustained.
+    pub per_second: u64,
+    /// Bytes at once, after a quiet spell.
+    pub burst: u64,
+}
+
+/// One token bucket per device identity (kept across its reconnections, so reconnecting does
+/// not buy a fresh burst).
+#[derive(Debug, Default)]
+struct Buckets {
+    by_device: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl Buckets {
+    /// Takes `bytes` from `device`'s bucket; how long to wait before passing them on.
+    fn take(&self, device: &str, bytes: usize, rate: Rate) -> Duration {
+        let Ok(mut buckets) = self.by_device.lock() else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        let burst = rate.burst as f64;
+        let per_second = rate.per_second.max(1) as f64;
+        let (tokens, at) = buckets.entry(device.to_owned()).or_insert((burst, now));
+        let refilled = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
+        *tokens = refilled - bytes as f64;
+        *at = now;
+        if *tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-*tokens / per_second)
+        }
+    }
 }
 
 /// Longest client id let through, in bytes.
@@ -67,6 +109,8 @@ pub struct GateStats {
     pub forbidden: AtomicU64,
     /// Connections closed because their login was revoked or replaced.
     pub revoked: AtomicU64,
+    /// Times a device's publishing was held back for going past its rate.
+    pub throttled: AtomicU64,
 }
 
 /// Why a connection went no further.
@@ -109,6 +153,7 @@ pub(crate) async fn serve(
     logins: Option<Arc<LiveLogins>>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let buckets = Arc::new(Buckets::default());
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -126,9 +171,15 @@ pub(crate) async fn serve(
         };
         let stats = Arc::clone(&stats);
         let logins = logins.clone();
+        let buckets = Arc::clone(&buckets);
         tokio::spawn(async move {
             stats.open.fetch_add(1, Ordering::Relaxed);
-            match pass(client, broker, limits, &stats, logins.as_deref()).await {
+            let door = Door {
+                limits,
+                stats: &stats,
+                buckets: &buckets,
+            };
+            match pass(client, broker, door, logins.as_deref()).await {
                 Ok(()) => {}
                 Err(Refusal::Io(e)) => tracing::debug!(%peer, error = %e, "MQTT connection ended"),
                 Err(Refusal::Identifier) => {
@@ -161,15 +212,24 @@ pub(crate) async fn serve(
     }
 }
 
+/// What every connection through the gate shares.
+#[derive(Clone, Copy)]
+struct Door<'a> {
+    limits: GateLimits,
+    stats: &'a GateStats,
+    buckets: &'a Buckets,
+}
+
 /// Reads and checks the CONNECT, hands it to the broker, relays its CONNACK, then relays both
 /// ways until either side closes (reading a device's packets on the way).
 async fn pass(
     mut client: TcpStream,
     broker: SocketAddr,
-    limits: GateLimits,
-    stats: &GateStats,
+    door: Door<'_>,
     logins: Option<&LiveLogins>,
 ) -> Result<(), Refusal> {
+    let limits = door.limits;
+    let stats = door.stats;
     let packet = tokio::time::timeout(
         limits.connect_timeout,
         read_packet(&mut client, limits.max_packet_bytes),
@@ -225,7 +285,7 @@ async fn pass(
                 password: &login.1,
                 identity: &identity,
             };
-            relay_checked(client, upstream, held, limits.max_packet_bytes).await
+            relay_checked(client, upstream, held, door).await
         }
         _ => {
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
@@ -280,9 +340,10 @@ async fn relay_checked(
     client: TcpStream,
     upstream: TcpStream,
     login: LoginHeld<'_>,
-    max: usize,
+    door: Door<'_>,
 ) -> Result<(), Refusal> {
     let identity = login.identity;
+    let max = door.limits.max_packet_bytes;
     let mut changes = login.logins.watch();
     changes.mark_unchanged();
     // A change between the CONNECT's check and the watch above would go unseen otherwise.
@@ -315,6 +376,15 @@ async fn relay_checked(
             };
             if let Some(topic) = forbidden(identity, &packet)? {
                 return Err(Refusal::Forbidden(identity.clone(), topic));
+            }
+            if packet.first().map(|b| b >> 4) == Some(3) {
+                let wait = door
+                    .buckets
+                    .take(login.user, packet.len(), door.limits.device_rate);
+                if !wait.is_zero() {
+                    door.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(wait).await;
+                }
             }
             upstream_write.write_all(&packet).await?;
         }
@@ -474,6 +544,25 @@ mod tests {
         p.push(len as u8);
         p.extend(body);
         p
+    }
+
+    #[test]
+    fn a_device_past_its_burst_waits_at_its_rate_and_reconnecting_buys_nothing() {
+        let rate = Rate {
+            per_second: 1000,
+            burst: 5000,
+        };
+        let buckets = Buckets::default();
+        assert_eq!(buckets.take("dev-1", 5000, rate), Duration::ZERO);
+        let wait = buckets.take("dev-1", 2000, rate);
+        assert!(
+            wait > Duration::from_millis(1900) && wait <= Duration::from_secs(2),
+            "{wait:?}"
+        );
+        // The same device again (a new connection): still in debt.
+        assert!(buckets.take("dev-1", 1, rate) > Duration::from_millis(1900));
+        // Another device has its own bucket.
+        assert_eq!(buckets.take("dev-2", 5000, rate), Duration::ZERO);
     }
 
     #[test]

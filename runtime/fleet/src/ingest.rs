@@ -151,7 +151,16 @@ fn store_batch(
     let mut new = 0u64;
     let mut duplicates = 0u64;
     let mut conflicts = 0u64;
+    let mut over_quota = 0u64;
+    // What one device may have stored at once: a flood from one device (or from someone
+    // publishing as it) fills its own quota, not the fleet's disk and memory.
+    let held = fleet.store.device(device)?.map_or(0, |d| d.stored_bytes);
+    let mut added = 0u64;
     for record in &batch.records {
+        if held + added >= fleet.device_quota_bytes {
+            over_quota += 1;
+            continue;
+        }
         // A time from the future would exempt the record (and, since pruning stops at a
         // device's first record young enough to keep, every later one) from retention.
         let mut record = record.clone();
@@ -159,7 +168,9 @@ fn store_batch(
             tracing::debug!(%device, seq = record.seq, time = record.time, "record time in the future; taken as now");
             record.time = now;
         }
-        match fleet.store.put_record(stream, device, &record)? {
+        let (put, size) = fleet.store.put_record_sized(stream, device, &record)?;
+        added += size;
+        match put {
             Put::New => new += 1,
             Put::Duplicate => duplicates += 1,
             Put::Conflict => {
@@ -180,6 +191,8 @@ fn store_batch(
         d.records += new;
         d.duplicates += duplicates;
         d.conflicts += conflicts;
+        d.stored_bytes += added;
+        d.over_quota += over_quota;
         d.dropped = batch.dropped;
         d.last_seen = Some(now);
         if last_event.is_some() {
@@ -191,5 +204,12 @@ fn store_batch(
         .metrics
         .conflicts
         .fetch_add(conflicts, Ordering::Relaxed);
+    if over_quota > 0 {
+        fleet
+            .metrics
+            .over_quota
+            .fetch_add(over_quota, Ordering::Relaxed);
+        tracing::debug!(%device, over_quota, "records refused: the device's quota is full");
+    }
     Ok(())
 }

@@ -69,6 +69,9 @@ pub struct FleetOptions {
     pub max_bundle_bytes: u64,
     /// How long telemetry and events are kept.
     pub retention: Duration,
+    /// Bytes of telemetry and events one device may have stored at once; past it its records
+    /// are refused (counted per device and in `/metrics`) until retention frees room.
+    pub device_quota_bytes: u64,
     /// A secondary replica: it stores telemetry, events and the registry, but neither accepts
     /// pushes and deployments nor publishes desired states (one replica owns those).
     pub ingest_only: bool,
@@ -303,6 +306,7 @@ impl Server {
                 trust: options.trust.clone(),
                 desired_ttl: options.desired_ttl,
                 max_bundle_bytes: options.max_bundle_bytes,
+                device_quota_bytes: options.device_quota_bytes,
                 ingest_only: options.ingest_only,
                 require_enrolment,
                 share_group: options

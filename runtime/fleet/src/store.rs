@@ -286,6 +286,18 @@ impl Store {
         device: &str,
         record: &TelemetryRecord,
     ) -> Result<Put> {
+        self.put_record_sized(stream, device, record)
+            .map(|(put, _)| put)
+    }
+
+    /// [`Store::put_record`], also telling the stored size in bytes (what the device's quota
+    /// counts, and what pruning gives back).
+    pub fn put_record_sized(
+        &self,
+        stream: Stream,
+        device: &str,
+        record: &TelemetryRecord,
+    ) -> Result<(Put, u64)> {
         let tree = match stream {
             Stream::Telemetry => &self.telemetry,
             Stream::Events => &self.events,
@@ -300,16 +312,17 @@ impl Store {
             if variant > 0 {
                 key.push(variant);
             }
+            let size = bytes.len() as u64;
             match tree.compare_and_swap(&key, None::<&[u8]>, Some(bytes.as_slice()))? {
-                Ok(()) if variant == 0 => return Ok(Put::New),
-                Ok(()) => return Ok(Put::Conflict),
+                Ok(()) if variant == 0 => return Ok((Put::New, size)),
+                Ok(()) => return Ok((Put::Conflict, size)),
                 Err(e) if e.current.as_deref() == Some(bytes.as_slice()) => {
-                    return Ok(Put::Duplicate);
+                    return Ok((Put::Duplicate, 0));
                 }
                 Err(_) => {}
             }
         }
-        Ok(Put::ConflictDropped)
+        Ok((Put::ConflictDropped, 0))
     }
 
     /// Records of one device (or all) after sequence number `after`, at most `limit`.
@@ -358,6 +371,7 @@ impl Store {
             Stream::Events => &self.events,
         };
         let mut removed = 0;
+        let mut freed: std::collections::HashMap<String, u64> = Default::default();
         let mut from: Vec<u8> = Vec::new();
         while removed < limit {
             let Some(item) = tree.range(from.as_slice()..).next() else {
@@ -368,6 +382,7 @@ impl Store {
             if record.record.time < cutoff {
                 tree.remove(&key)?;
                 removed += 1;
+                *freed.entry(record.device).or_default() += value.len() as u64;
                 from = key.to_vec();
             } else {
                 // Skip to the next device: every key of this one starts `device 0x00`, and no
@@ -375,6 +390,11 @@ impl Store {
                 from = record.device.as_bytes().to_vec();
                 from.push(1);
             }
+        }
+        for (device, bytes) in freed {
+            self.update_known_device(&device, |d| {
+                d.stored_bytes = d.stored_bytes.saturating_sub(bytes);
+            })?;
         }
         Ok(removed)
     }

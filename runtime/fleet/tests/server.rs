@@ -30,6 +30,7 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         insecure: false,
         require_enrolment: false,
         share_group: None,
+        device_quota_bytes: 64 << 20,
     }
 }
 
@@ -267,6 +268,159 @@ async fn enrolment_issues_a_login_at_once_and_revocation_closes_and_refuses_it()
         .revoked
         .load(Ordering::Relaxed);
     assert!(revoked >= 1, "{revoked}");
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_past_its_quota_is_refused_until_retention_frees_room() {
+    let dir = scratch("quota");
+    let mut options = options(&dir);
+    options.device_quota_bytes = 8 * 1024;
+    let server = started(&options).await;
+    let fleet = server.fleet();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let batch = |device: &str, seqs: std::ops::Range<u64>| {
+        let records: Vec<_> = seqs
+            .map(|seq| serde_json::json!({"seq": seq, "time": now, "body": {"pad": "x".repeat(200)}}))
+            .collect();
+        serde_json::json!({"v": 1, "device": device, "records": records, "dropped": 0}).to_string()
+    };
+    let stored = |device: &str| {
+        fleet
+            .store
+            .records(
+                outpost_fleet::store::Stream::Telemetry,
+                Some(device),
+                None,
+                10_000,
+            )
+            .unwrap()
+            .len()
+    };
+    // A flood from one device fills its own quota only.
+    assert!(fleet.ingest(
+        "outpost/v1/dev-q/telemetry",
+        batch("dev-q", 1..1001).as_bytes()
+    ));
+    assert!(fleet.ingest(
+        "outpost/v1/dev-r/telemetry",
+        batch("dev-r", 1..21).as_bytes()
+    ));
+    let flooder = fleet.store.device("dev-q").unwrap().unwrap();
+    let kept = stored("dev-q");
+    assert!(kept > 10 && kept < 60, "{kept} records kept");
+    assert!(
+        flooder.stored_bytes <= 8 * 1024 + 512,
+        "{}",
+        flooder.stored_bytes
+    );
+    assert_eq!(flooder.over_quota, 1000 - kept as u64);
+    assert_eq!(
+        fleet.metrics.over_quota.load(Ordering::Relaxed),
+        1000 - kept as u64
+    );
+    assert_eq!(stored("dev-r"), 20, "another device's records were refused");
+    // Retention frees the room (and the count of what is held) again.
+    assert!(fleet.prune(now + 3600, 100_000).unwrap() >= kept);
+    assert_eq!(
+        fleet.store.device("dev-q").unwrap().unwrap().stored_bytes,
+        0
+    );
+    assert!(fleet.ingest(
+        "outpost/v1/dev-q/telemetry",
+        batch("dev-q", 2000..2005).as_bytes()
+    ));
+    assert_eq!(stored("dev-q"), 5);
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_device_does_not_push_out_another_devices_records() {
+    let dir = scratch("flood");
+    let mut options = options(&dir);
+    options.require_enrolment = true;
+    let server = started(&options).await;
+    let broker = broker_addr(&server.ready().broker);
+    let fleet = server.fleet();
+    let flooder = fleet.enroll("dev-flood").unwrap();
+    let genuine = fleet.enroll("dev-ok").unwrap();
+    let batch = |device: &str, seq: u64, pad: usize| {
+        serde_json::json!({"v": 1, "device": device, "dropped": 0, "records": [
+            {"seq": seq, "time": 1, "body": {"pad": "x".repeat(pad)}}
+        ]})
+        .to_string()
+    };
+    // One device publishes 900 KiB batches at QoS 0 as fast as its socket takes them, for 3 s.
+    let flood = {
+        let password = flooder.password.clone();
+        let batch = batch("dev-flood", 0, 900 * 1024);
+        std::thread::spawn(move || {
+            let mut stream = session(broker, "outpost-dev-flood", ("dev-flood", &password));
+            stream
+                .set_write_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            let started = std::time::Instant::now();
+            let mut sent = 0u64;
+            while started.elapsed() < Duration::from_secs(3) {
+                let mut body = field(b"outpost/v1/dev-flood/telemetry");
+                body.extend(batch.as_bytes());
+                if stream.write_all(&packet(0x30, &body)).is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // Meanwhile another device sends 30 records, each acknowledged by the broker.
+    let mut stream = session(broker, "outpost-dev-ok", ("dev-ok", &genuine.password));
+    for seq in 1..=30 {
+        let payload = batch("dev-ok", seq, 100);
+        assert_eq!(
+            publish(
+                &mut stream,
+                "outpost/v1/dev-ok/telemetry",
+                payload.as_bytes()
+            ),
+            Some(PUBACK)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = flood.join().unwrap();
+    let stored = || {
+        fleet
+            .store
+            .records(
+                outpost_fleet::store::Stream::Telemetry,
+                Some("dev-ok"),
+                None,
+                100,
+            )
+            .unwrap()
+            .len()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stored() < 30 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(stored(), 30, "records lost under a flood of {sent} batches");
+    let throttled = fleet
+        .metrics
+        .gate
+        .get()
+        .unwrap()
+        .throttled
+        .load(Ordering::Relaxed);
+    assert!(
+        throttled > 0,
+        "the flood was never held back ({sent} batches)"
+    );
+    drop(stream);
     server.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -43,6 +43,12 @@ pub struct DeviceRecord {
     pub conflicts: u64,
     /// Records its outbox quota dropped, as it last said.
     pub dropped: u64,
+    /// Bytes of its telemetry and events the fleet holds now.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Records the fleet refused because it held its quota of them already.
+    #[serde(default)]
+    pub over_quota: u64,
     /// The last event it sent.
     pub last_event: Option<serde_json::Value>,
 }
