@@ -22,6 +22,7 @@ pub struct FleetSection {
     outbox_quota_bytes: Option<u64>,
     username: Option<String>,
     password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
 }
 
 /// How a device reaches its fleet.
@@ -41,6 +42,9 @@ pub struct FleetConfig {
     pub outbox_quota_bytes: u64,
     /// Broker user name and password, if the broker requires them.
     pub credentials: Option<(String, String)>,
+    /// The TLS client configuration for an `mqtts://` broker (trusting `ca_file`, or the
+    /// system's roots).
+    pub tls: Option<std::sync::Arc<outpost_tls::rustls::ClientConfig>>,
 }
 
 fn hostname() -> Option<String> {
@@ -108,8 +112,19 @@ impl FleetSection {
             }
             _ => return Err("[fleet] username and password_file go together".into()),
         };
+        let ca_file = self.ca_file.map(|p| base.join(p));
+        let tls = match (broker.tls(), &ca_file) {
+            (true, ca) => {
+                Some(outpost_tls::client_config(ca.as_deref()).map_err(|e| e.to_string())?)
+            }
+            (false, Some(_)) => {
+                return Err("[fleet] ca_file is for an mqtts:// broker".into());
+            }
+            (false, None) => None,
+        };
         Ok(Some(FleetConfig {
             credentials,
+            tls,
             broker,
             fleet_key,
             device_id,

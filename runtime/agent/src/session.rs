@@ -49,6 +49,7 @@ fn session_options(shared: &Shared) -> SessionOptions {
         (shared.topics.name(Topic::Status), Presence::to_vec(false)),
     );
     options.credentials = shared.fleet.credentials.clone();
+    options.tls = shared.fleet.tls.clone();
     options.subscriptions = vec![
         shared.topics.name(Topic::Desired),
         FLEET_PRESENCE_FILTER.to_owned(),

@@ -31,6 +31,10 @@ pub(crate) struct ServeArgs {
     /// A file holding the external broker's password.
     #[arg(long, requires = "broker_username")]
     broker_password_file: Option<PathBuf>,
+    /// For an mqtts:// broker: the CA certificates (PEM) its certificate must chain to
+    /// (default: the system's roots).
+    #[arg(long, requires = "broker", value_name = "FILE")]
+    broker_ca_file: Option<PathBuf>,
     /// Make the embedded broker require logins: a file of `user:password` lines, each user a
     /// device id (confined to that device's topics) or `fleet/REPLICA`. Enrolled devices
     /// (`outpost fleet enroll`) log in too.
@@ -94,7 +98,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 }
                 _ => None,
             };
-            BrokerChoice::External(host, port, login)
+            let tls = match (url.tls(), &args.broker_ca_file) {
+                (true, ca) => Some(outpost_tls::client_config(ca.as_deref())?),
+                (false, Some(_)) => anyhow::bail!("--broker-ca-file is for an mqtts:// broker"),
+                (false, None) => None,
+            };
+            BrokerChoice::External(host, port, login, tls)
         }
         None => {
             let logins = args

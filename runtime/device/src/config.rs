@@ -56,11 +56,13 @@ tags = []
 telemetry_interval_ms = 60000
 # The telemetry outbox's size on disk; above it the oldest telemetry is dropped and counted.
 outbox_quota_bytes = 16777216
-# Broker credentials, when the broker requires them (the user name is usually the device id, so
-# broker ACLs can confine each device to outpost/v1/<device id>/#). No TLS is built in: use a
-# private network or a TLS-terminating tunnel between devices and the broker.
+# Broker credentials, when the broker requires them (`outpost fleet enroll` issues them; the
+# user name is the device id, so the broker can confine each device to its own topics).
 # username = "edge-0001"
 # password_file = "/etc/outpost/mqtt-password"
+# For an mqtts:// broker: the CA certificates (PEM) its certificate must chain to (default: the
+# system's roots).
+# ca_file = "/etc/outpost/fleet-ca.pem"
 "#;
 
 #[derive(Debug, Deserialize)]

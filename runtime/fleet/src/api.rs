@@ -115,7 +115,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
 async fn fleet_info(State(fleet): Shared) -> Json<FleetInfo> {
     Json(FleetInfo {
         replica: fleet.replica.clone(),
-        broker: outpost_proto::BrokerUrl::new(fleet.broker.0.clone(), fleet.broker.1).to_string(),
+        broker: fleet.public_broker.to_string(),
         public_key: fleet.public_key(),
         key_id: fleet.key_id().to_owned(),
         artifacts: fleet.artifact_base.clone(),

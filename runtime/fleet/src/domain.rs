@@ -70,6 +70,10 @@ pub struct Fleet {
     pub broker: (String, u16),
     /// The fleet's own broker login, if the broker wants one.
     pub broker_login: Option<(String, String)>,
+    /// TLS to the broker, when it speaks it.
+    pub broker_tls: Option<std::sync::Arc<outpost_tls::rustls::ClientConfig>>,
+    /// The broker as devices reach it (shown by the API and in enrolments).
+    pub public_broker: outpost_proto::BrokerUrl,
     /// Base URL of `/artifacts/`.
     pub artifact_base: String,
     /// Bearer token for `/api/v1`.
@@ -106,6 +110,10 @@ pub struct Settings {
     pub broker: (String, u16),
     /// The fleet's own broker login, if the broker wants one.
     pub broker_login: Option<(String, String)>,
+    /// TLS to the broker, when it speaks it.
+    pub broker_tls: Option<std::sync::Arc<outpost_tls::rustls::ClientConfig>>,
+    /// The broker as devices reach it.
+    pub public_broker: outpost_proto::BrokerUrl,
     /// Base URL of `/artifacts/`.
     pub artifact_base: String,
     /// Bearer token for `/api/v1`.
@@ -140,6 +148,8 @@ impl Fleet {
             replica,
             broker,
             broker_login,
+            broker_tls,
+            public_broker,
             artifact_base,
             token,
             trust,
@@ -157,6 +167,8 @@ impl Fleet {
             replica,
             broker,
             broker_login,
+            broker_tls,
+            public_broker,
             artifact_base,
             token,
             trust,

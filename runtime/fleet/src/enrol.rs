@@ -62,7 +62,7 @@ impl Fleet {
             device: id.as_str().to_owned(),
             username: id.as_str().to_owned(),
             password,
-            broker: outpost_proto::BrokerUrl::new(self.broker.0.clone(), self.broker.1).to_string(),
+            broker: self.public_broker.to_string(),
             fleet_key: self.public_key(),
             replaced,
         })

@@ -42,8 +42,14 @@ pub enum BrokerChoice {
     /// are given but enrolment is required or the broker listens beyond loopback (unless
     /// [`FleetOptions::insecure`]).
     Embedded(SocketAddr, Option<Logins>),
-    /// Use an external broker at this host and port, with these credentials if any.
-    External(String, u16, Option<(String, String)>),
+    /// Use an external broker at this host and port, with these credentials if any, over TLS
+    /// with this client configuration when given (`mqtts://`).
+    External(
+        String,
+        u16,
+        Option<(String, String)>,
+        Option<Arc<outpost_tls::rustls::ClientConfig>>,
+    ),
 }
 
 /// How to run a fleet manager.
@@ -277,10 +283,16 @@ impl Server {
                 tracing::info!(%addr, logins = own.is_some(), "embedded MQTT broker listening");
                 ((addr.ip().to_string(), addr.port()), own, Some(embedded))
             }
-            BrokerChoice::External(host, port, login) => {
+            BrokerChoice::External(host, port, login, _) => {
                 ((host.clone(), *port), login.clone(), None)
             }
         };
+        let broker_tls = match &options.broker {
+            BrokerChoice::External(_, _, _, tls) => tls.clone(),
+            BrokerChoice::Embedded(..) => None,
+        };
+        let public_broker = outpost_proto::BrokerUrl::new(broker_addr.0.clone(), broker_addr.1)
+            .with_tls(broker_tls.is_some());
         let api_addr = listeners.api_addr()?;
         let artifact_base = match &options.public_url {
             Some(url) => format!("{}/artifacts", url.trim_end_matches('/')),
@@ -301,6 +313,8 @@ impl Server {
                 replica,
                 broker: broker_addr,
                 broker_login,
+                broker_tls,
+                public_broker,
                 artifact_base,
                 token: options.token.clone(),
                 trust: options.trust.clone(),
@@ -346,14 +360,9 @@ impl Server {
             options.retention,
             stop_rx.clone(),
         )));
-        let broker_host = if fleet.broker.0.contains(':') {
-            format!("[{}]", fleet.broker.0)
-        } else {
-            fleet.broker.0.clone()
-        };
         let ready = Ready {
             api: api_addr,
-            broker: format!("mqtt://{broker_host}:{}", fleet.broker.1),
+            broker: fleet.public_broker.to_string(),
             public_key: fleet.public_key(),
             public_key_file: options.data_dir.join("fleet.pub"),
         };

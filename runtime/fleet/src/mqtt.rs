@@ -41,6 +41,7 @@ fn session_options(fleet: &Fleet) -> SessionOptions {
         ),
     );
     options.credentials = fleet.broker_login.clone();
+    options.tls = fleet.broker_tls.clone();
     // A persistent session: a broker with persistence queues QoS 1 messages for the fleet
     // while it is away. Messages are acknowledged once stored.
     options.clean_session = false;

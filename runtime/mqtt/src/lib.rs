@@ -56,6 +56,8 @@ pub struct SessionOptions {
     pub max_backoff: Duration,
     /// Requests rumqttc queues before [`Session::publish`] reports the queue full.
     pub queue: usize,
+    /// TLS to the broker (`mqtts://`), with this client configuration; plain TCP without.
+    pub tls: Option<std::sync::Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl SessionOptions {
@@ -81,6 +83,7 @@ impl SessionOptions {
             min_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(30),
             queue: 64,
+            tls: None,
         }
     }
 
@@ -99,6 +102,11 @@ impl SessionOptions {
             ));
         if let Some((user, password)) = &self.credentials {
             options.set_credentials(user.clone(), password.clone());
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(std::sync::Arc::clone(tls)),
+            ));
         }
         options
     }

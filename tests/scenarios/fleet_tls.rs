@@ -1,0 +1,82 @@
+//! The fleet link over TLS: devices and the fleet reach the broker with `mqtts://`, checking its
+//! certificate against the CA file in their configuration; a certificate from another CA is
+//! refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+use support::*;
+
+/// Adds `ca_file` to a device configuration written by [`device_config`].
+fn with_ca(dir: &std::path::Path, config: &str, ca: &std::path::Path) {
+    let path = dir.join(config);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("ca_file = \"{}\"\n", ca.display()));
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn devices_and_the_fleet_reach_mosquitto_over_tls_and_refuse_a_foreign_certificate() {
+    let d = bed("tls-mosquitto");
+    let dir = &d.0;
+    let (ca, cert, key) = tls_files(dir, "broker");
+    let (other_ca, _, _) = tls_files(dir, "other");
+    let broker = Mosquitto::start_with(
+        dir,
+        &format!(
+            "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let ca_text = ca.to_str().unwrap();
+    let fleet = Fleet::launch(dir, &["--broker", &url, "--broker-ca-file", ca_text]);
+    assert_eq!(
+        fleet.broker, url,
+        "the fleet shows the broker as devices reach it"
+    );
+    let config = device_config(dir, "dev-tls", &url, &[]);
+    with_ca(dir, &config, &ca);
+    let device = Device::start(dir, &config);
+    // A device that trusts another CA never gets through.
+    let config = device_config(dir, "dev-other", &url, &[]);
+    with_ca(dir, &config, &other_ca);
+    let stranger = Device::start(dir, &config);
+    online(&fleet, &["dev-tls"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let out = fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.0.0",
+            "--device",
+            "dev-tls",
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert!(out.contains("dev-tls: applied"), "{out}");
+    assert_eq!(device.digits(), Ok("1.0.0".into()));
+    assert!(!fleet.records("telemetry", "dev-tls").is_empty());
+    eventually(secs(20), "the stranger's certificate error logged", || {
+        stranger
+            .proc
+            .logs()
+            .to_lowercase()
+            .contains("certificate")
+            .then_some(())
+    });
+    assert!(
+        fleet.device("dev-other").is_none(),
+        "connected with a foreign CA"
+    );
+    // A configuration that asks for TLS with a CA file that is not one is refused at start.
+    let config = device_config(dir, "dev-bad", &url, &[]);
+    with_ca(dir, &config, &dir.join("trust.toml"));
+    let err = fails(dir, &["device", "run", "--config", &config]);
+    assert!(err.contains("no PEM certificate"), "{err}");
+}
