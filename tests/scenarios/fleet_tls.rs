@@ -80,3 +80,75 @@ fn devices_and_the_fleet_reach_mosquitto_over_tls_and_refuse_a_foreign_certifica
     let err = fails(dir, &["device", "run", "--config", &config]);
     assert!(err.contains("no PEM certificate"), "{err}");
 }
+
+#[test]
+fn the_embedded_broker_speaks_tls_to_enrolled_devices_and_closes_plain_mqtt() {
+    let d = bed("tls-embedded");
+    let dir = &d.0;
+    let (ca, cert, key) = tls_files(dir, "fleet");
+    let fleet = Fleet::launch(
+        dir,
+        &[
+            "--mqtt-tls-cert",
+            cert.to_str().unwrap(),
+            "--mqtt-tls-key",
+            key.to_str().unwrap(),
+            "--require-enrolment",
+        ],
+    );
+    assert!(
+        fleet.broker.starts_with("mqtts://127.0.0.1:"),
+        "{}",
+        fleet.broker
+    );
+    let section = enroll(&fleet, dir, "dev-e");
+    assert!(
+        section.contains(&format!("broker = \"{}\"", fleet.broker)),
+        "{section}"
+    );
+    let config = enrolled_config(dir, "dev-e", &section);
+    with_ca(dir, &config, &ca);
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-e"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let out = fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.0.0",
+            "--device",
+            "dev-e",
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert!(out.contains("dev-e: applied"), "{out}");
+    assert_eq!(device.digits(), Ok("1.0.0".into()));
+    // Plain MQTT to the TLS port gets no CONNACK, even with a valid login.
+    let port: u16 = fleet.broker.rsplit(':').next().unwrap().parse().unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let password = std::fs::read_to_string(dir.join("dev-e.pw")).unwrap();
+    let mut plain = std::net::TcpStream::connect(addr).unwrap();
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    use std::io::{Read, Write};
+    plain
+        .write_all(&support::raw::connect_packet(
+            b"outpost-dev-e",
+            Some(("dev-e", password.trim())),
+        ))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert_ne!(answer.first(), Some(&0x20), "a CONNACK in plain MQTT");
+    // What it gets is a TLS alert record, then the connection closes.
+    assert_eq!(answer.first(), Some(&0x15), "{answer:?}");
+    eventually(secs(10), "the plain connection counted", || {
+        (metric(&fleet.api, "outpost_fleet_mqtt_malformed_connections_total") > Some(0))
+            .then_some(())
+    });
+    assert_eq!(device.digits(), Ok("1.0.0".into()));
+}

@@ -114,6 +114,7 @@ fn main() {
         insecure: false,
         require_enrolment: false,
         share_group: None,
+        mqtt_tls: None,
         device_quota_bytes: 64 << 20,
     };
     let server = runtime.block_on(async {

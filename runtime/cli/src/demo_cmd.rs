@@ -82,6 +82,7 @@ fn start_fleet(
         insecure: false,
         require_enrolment: false,
         share_group: None,
+        mqtt_tls: None,
         device_quota_bytes: 64 << 20,
     };
     let (ready_tx, ready_rx) = mpsc::channel();

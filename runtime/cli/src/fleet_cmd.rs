@@ -27,7 +27,7 @@ pub(crate) struct Remote {
 pub(crate) enum FleetCommand {
     /// Run the fleet manager: MQTT broker (embedded unless --broker), REST API, artifact store.
     #[cfg(feature = "fleet")]
-    Serve(crate::serve_cmd::ServeArgs),
+    Serve(Box<crate::serve_cmd::ServeArgs>),
     /// Upload a signed bundle to the fleet's artifact store.
     Push {
         /// The bundle (`*.opb`).
@@ -129,7 +129,7 @@ pub(crate) enum FleetCommand {
 pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
     match cmd {
         #[cfg(feature = "fleet")]
-        FleetCommand::Serve(args) => crate::serve_cmd::serve(args),
+        FleetCommand::Serve(args) => crate::serve_cmd::serve(*args),
         FleetCommand::Push {
             bundle,
             remote,

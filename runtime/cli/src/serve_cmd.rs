@@ -35,6 +35,17 @@ pub(crate) struct ServeArgs {
     /// (default: the system's roots).
     #[arg(long, requires = "broker", value_name = "FILE")]
     broker_ca_file: Option<PathBuf>,
+    /// The embedded broker speaks TLS (mqtts://) with this certificate chain (PEM)...
+    #[arg(
+        long,
+        conflicts_with = "broker",
+        requires = "mqtt_tls_key",
+        value_name = "FILE"
+    )]
+    mqtt_tls_cert: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, requires = "mqtt_tls_cert", value_name = "FILE")]
+    mqtt_tls_key: Option<PathBuf>,
     /// Make the embedded broker require logins: a file of `user:password` lines, each user a
     /// device id (confined to that device's topics) or `fleet/REPLICA`. Enrolled devices
     /// (`outpost fleet enroll`) log in too.
@@ -143,6 +154,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         insecure: args.insecure,
         require_enrolment: args.require_enrolment,
         share_group: args.mqtt_share_group,
+        mqtt_tls: match (&args.mqtt_tls_cert, &args.mqtt_tls_key) {
+            (Some(cert), Some(key)) => Some(outpost_tls::server_config(cert, key)?),
+            _ => None,
+        },
     };
     run_fleet(options, |ready| {
         println!(

@@ -36,6 +36,8 @@ const DEVICE_RATE: gate::Rate = gate::Rate {
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    inner: SocketAddr,
+    tls: bool,
     stats: Arc<GateStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -50,6 +52,19 @@ impl EmbeddedBroker {
     /// The listener and every connection run on a thread of their own; the router (rumqttd's
     /// message switch) on another.
     pub fn start(listen: SocketAddr, logins: Option<Arc<LiveLogins>>) -> Result<Self> {
+        Self::start_tls(listen, logins, None)
+    }
+
+    /// [`EmbeddedBroker::start`], with clients speaking TLS to it when `tls` is given (the
+    /// gate ends TLS; rumqttd behind it on loopback speaks plain MQTT, and [`Self::inner_addr`]
+    /// reaches it without TLS from this machine).
+    pub fn start_tls(
+        listen: SocketAddr,
+        logins: Option<Arc<LiveLogins>>,
+        tls: Option<Arc<outpost_tls::rustls::ServerConfig>>,
+    ) -> Result<Self> {
+        let tls_on = tls.is_some();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         // Clients connect to the gate on `listen`; rumqttd binds a loopback port of its own
         // inside its thread and only logs a failure, so that port is picked here first.
         let public = TcpListener::bind(listen)
@@ -141,7 +156,7 @@ impl EmbeddedBroker {
                         }
                     };
                     tokio::select! {
-                        () = gate::serve(public, inner, limits, gate_stats, gate_logins) => {}
+                        () = gate::serve(public, inner, limits, gate_stats, gate_logins, acceptor) => {}
                         result = server.start(LinkType::Remote) => {
                             if let Err(e) = result {
                                 tracing::error!(error = %e, "embedded MQTT broker stopped");
@@ -154,13 +169,17 @@ impl EmbeddedBroker {
             })?;
         let broker = Self {
             addr,
+            inner,
+            tls: tls_on,
             stats,
             stop: Some(stop_tx),
             thread: Some(thread),
         };
         // Wait until it answers an MQTT CONNECT, so callers can connect at once.
         for _ in 0..200 {
-            if probe_mqtt(addr, probe_login.as_ref()).is_ok() {
+            // Over TLS, the gate cannot be probed in plain MQTT: rumqttd is, behind it.
+            let probed = if tls_on { inner } else { addr };
+            if probe_mqtt(probed, probe_login.as_ref()).is_ok() {
                 return Ok(broker);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -173,6 +192,16 @@ impl EmbeddedBroker {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where rumqttd itself listens, on loopback behind the gate, in plain MQTT.
+    pub fn inner_addr(&self) -> SocketAddr {
+        self.inner
+    }
+
+    /// Whether clients speak TLS to it.
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// What its gate admitted and refused.

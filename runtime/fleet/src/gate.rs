@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -144,13 +144,15 @@ const fn connack(code: u8) -> [u8; 4] {
 }
 
 /// Accepts connections on `listener` until the task is dropped, passing each to the broker at
-/// `broker` once its CONNECT passes; with `logins`, only those, each confined to its topics.
+/// `broker` once its CONNECT passes; with `logins`, only those, each confined to its topics;
+/// with `tls`, each connection is TLS (the gate ends it, the broker behind speaks plain MQTT).
 pub(crate) async fn serve(
     listener: TcpListener,
     broker: SocketAddr,
     limits: GateLimits,
     stats: Arc<GateStats>,
     logins: Option<Arc<LiveLogins>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let buckets = Arc::new(Buckets::default());
@@ -172,6 +174,7 @@ pub(crate) async fn serve(
         let stats = Arc::clone(&stats);
         let logins = logins.clone();
         let buckets = Arc::clone(&buckets);
+        let tls = tls.clone();
         tokio::spawn(async move {
             stats.open.fetch_add(1, Ordering::Relaxed);
             let door = Door {
@@ -179,7 +182,23 @@ pub(crate) async fn serve(
                 stats: &stats,
                 buckets: &buckets,
             };
-            match pass(client, broker, door, logins.as_deref()).await {
+            let _ = client.set_nodelay(true);
+            let passed = match tls {
+                None => pass(client, broker, door, logins.as_deref()).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.connect_timeout, acceptor.accept(client))
+                        .await
+                    {
+                        Ok(Ok(stream)) => pass(stream, broker, door, logins.as_deref()).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Err(Refusal::Malformed("TLS handshake failed"))
+                        }
+                        Err(_) => Err(Refusal::Malformed("no TLS handshake in time")),
+                    }
+                }
+            };
+            match passed {
                 Ok(()) => {}
                 Err(Refusal::Io(e)) => tracing::debug!(%peer, error = %e, "MQTT connection ended"),
                 Err(Refusal::Identifier) => {
@@ -222,8 +241,8 @@ struct Door<'a> {
 
 /// Reads and checks the CONNECT, hands it to the broker, relays its CONNACK, then relays both
 /// ways until either side closes (reading a device's packets on the way).
-async fn pass(
-    mut client: TcpStream,
+async fn pass<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: S,
     broker: SocketAddr,
     door: Door<'_>,
     logins: Option<&LiveLogins>,
@@ -263,7 +282,6 @@ async fn pass(
     };
     let mut upstream = TcpStream::connect(broker).await?;
     let _ = upstream.set_nodelay(true);
-    let _ = client.set_nodelay(true);
     upstream.write_all(&packet).await?;
     // The broker's CONNACK is read before anything else, with the broker's side held open, so
     // its write never fails (see the module doc). A broker that closes instead (a refused
@@ -336,8 +354,8 @@ impl LoginHeld<'_> {
 /// Relays a device's connection, reading each packet it sends: the first PUBLISH or SUBSCRIBE
 /// outside its own topics closes the connection before the broker sees it, and so does the
 /// login being revoked or replaced.
-async fn relay_checked(
-    client: TcpStream,
+async fn relay_checked<S: AsyncRead + AsyncWrite + Unpin>(
+    client: S,
     upstream: TcpStream,
     login: LoginHeld<'_>,
     door: Door<'_>,
@@ -361,7 +379,7 @@ async fn relay_checked(
             }
         }
     };
-    let (client_read, mut client_write) = client.into_split();
+    let (client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     let mut client_read = BufReader::new(client_read);
     let down = tokio::io::copy(&mut upstream_read, &mut client_write);

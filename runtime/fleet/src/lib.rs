@@ -87,6 +87,8 @@ pub struct FleetOptions {
     /// Register and hear only enrolled devices (`outpost fleet enroll`). Always so when the
     /// embedded broker has logins.
     pub require_enrolment: bool,
+    /// The embedded broker speaks TLS (`mqtts://`) with this server configuration.
+    pub mqtt_tls: Option<Arc<outpost_tls::rustls::ServerConfig>>,
     /// The shared-subscription group the replicas split telemetry and events in (default
     /// `outpost-fleet`). On an external broker whose ACLs do not check subscriptions
     /// (Mosquitto's), a device that joins the group takes a share of every device's records,
@@ -274,14 +276,26 @@ impl Server {
                     None => None,
                 };
                 let (listen, logins_for_broker) = (*listen, live_logins.clone());
+                let tls = options.mqtt_tls.clone();
                 let embedded = tokio::task::spawn_blocking(move || {
-                    broker::EmbeddedBroker::start(listen, logins_for_broker)
+                    broker::EmbeddedBroker::start_tls(listen, logins_for_broker, tls)
                 })
                 .await
                 .map_err(|e| FleetError::Config(format!("the embedded broker: {e}")))??;
                 let addr = embedded.addr();
-                tracing::info!(%addr, logins = own.is_some(), "embedded MQTT broker listening");
-                ((addr.ip().to_string(), addr.port()), own, Some(embedded))
+                tracing::info!(%addr, logins = own.is_some(), tls = embedded.tls(), "embedded MQTT broker listening");
+                // Over TLS the fleet's own client reaches rumqttd on loopback, behind the gate
+                // (a fleet's connection passes the gate untouched anyway).
+                let own_addr = if embedded.tls() {
+                    embedded.inner_addr()
+                } else {
+                    addr
+                };
+                (
+                    (own_addr.ip().to_string(), own_addr.port()),
+                    own,
+                    Some(embedded),
+                )
             }
             BrokerChoice::External(host, port, login, _) => {
                 ((host.clone(), *port), login.clone(), None)
@@ -291,8 +305,15 @@ impl Server {
             BrokerChoice::External(_, _, _, tls) => tls.clone(),
             BrokerChoice::Embedded(..) => None,
         };
-        let public_broker = outpost_proto::BrokerUrl::new(broker_addr.0.clone(), broker_addr.1)
-            .with_tls(broker_tls.is_some());
+        let public_broker = match &embedded {
+            Some(embedded) => {
+                let addr = embedded.addr();
+                outpost_proto::BrokerUrl::new(addr.ip().to_string(), addr.port())
+                    .with_tls(embedded.tls())
+            }
+            None => outpost_proto::BrokerUrl::new(broker_addr.0.clone(), broker_addr.1)
+                .with_tls(broker_tls.is_some()),
+        };
         let api_addr = listeners.api_addr()?;
         let artifact_base = match &options.public_url {
             Some(url) => format!("{}/artifacts", url.trim_end_matches('/')),

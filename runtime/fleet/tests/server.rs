@@ -30,6 +30,7 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         insecure: false,
         require_enrolment: false,
         share_group: None,
+        mqtt_tls: None,
         device_quota_bytes: 64 << 20,
     }
 }

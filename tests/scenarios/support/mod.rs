@@ -583,3 +583,37 @@ pub fn tls_files(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
     (ca, cert, key)
 }
+
+/// The configuration of a device whose `[fleet]` section is what `fleet enroll` printed.
+pub fn enrolled_config(dir: &Path, id: &str, fleet_section: &str) -> String {
+    let name = format!("{id}.toml");
+    let section = fleet_section.replace("[fleet]\n", "[fleet]\ntelemetry_interval_ms = 100\n");
+    std::fs::write(
+        dir.join(&name),
+        format!(
+            "data_dir = \"{id}-state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\
+             trust_store = \"trust.toml\"\n{section}"
+        ),
+    )
+    .unwrap();
+    name
+}
+
+/// `outpost fleet enroll ID --tag lab`, the password written to `ID.pw`; the printed section.
+pub fn enroll(fleet: &Fleet, dir: &Path, id: &str) -> String {
+    let pw = format!("{id}.pw");
+    fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "enroll",
+            id,
+            "--tag",
+            "lab",
+            "--password-out",
+            &pw,
+            "--device-password-file",
+            &pw,
+        ],
+    )
+}
