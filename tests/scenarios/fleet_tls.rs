@@ -152,3 +152,85 @@ fn the_embedded_broker_speaks_tls_to_enrolled_devices_and_closes_plain_mqtt() {
     });
     assert_eq!(device.digits(), Ok("1.0.0".into()));
 }
+
+#[test]
+fn over_https_devices_download_their_bundles_and_operators_need_the_fleet_ca() {
+    let d = bed("tls-https");
+    let dir = &d.0;
+    let (ca, cert, key) = tls_files(dir, "fleet");
+    let (cert, key, ca_text) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        ca.to_str().unwrap(),
+    );
+    let fleet = Fleet::launch(
+        dir,
+        &[
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--mqtt-tls-cert",
+            cert,
+            "--mqtt-tls-key",
+            key,
+            "--require-enrolment",
+        ],
+    );
+    assert!(fleet.api.starts_with("https://127.0.0.1:"), "{}", fleet.api);
+    let with_ca = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--fleet-ca-file", ca_text]);
+        fleet.cli(dir, &all)
+    };
+    // Without the fleet's CA an operator command is refused with a certificate error.
+    let err = fails(dir, &["fleet", "devices", "--fleet", &fleet.api]);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let pw = "dev-h.pw";
+    let section = with_ca(&[
+        "fleet",
+        "enroll",
+        "dev-h",
+        "--password-out",
+        pw,
+        "--device-password-file",
+        pw,
+    ]);
+    let config = enrolled_config(dir, "dev-h", &section);
+    let mut text = std::fs::read_to_string(dir.join(&config)).unwrap();
+    text.push_str(&format!("ca_file = \"{ca_text}\"\n"));
+    std::fs::write(dir.join(&config), text).unwrap();
+    let device = Device::start(dir, &config);
+    eventually(secs(60), "dev-h online", || {
+        let list: serde_json::Value =
+            serde_json::from_str(&with_ca(&["fleet", "devices", "--json"])).unwrap();
+        list.as_array()?
+            .iter()
+            .any(|d| d["id"] == "dev-h" && d["online"] == true && !d["reported"].is_null())
+            .then_some(())
+    });
+    with_ca(&["fleet", "push", "digits-1.0.0.opb"]);
+    let out = with_ca(&[
+        "fleet",
+        "deploy",
+        "digits@1.0.0",
+        "--device",
+        "dev-h",
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(out.contains("dev-h: applied"), "{out}");
+    assert_eq!(device.digits(), Ok("1.0.0".into()));
+    assert!(
+        device.proc.logs().contains("url=https://127.0.0.1:"),
+        "the bundle did not come over https"
+    );
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = fleet.api.replace("https://", "http://");
+    let answer = http().get(&format!("{plain}/healthz")).call();
+    assert!(
+        answer.as_ref().map_or(true, |r| r.status() != 200),
+        "plain HTTP was answered: {answer:?}"
+    );
+}

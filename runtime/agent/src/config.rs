@@ -45,6 +45,9 @@ pub struct FleetConfig {
     /// The TLS client configuration for an `mqtts://` broker (trusting `ca_file`, or the
     /// system's roots).
     pub tls: Option<std::sync::Arc<outpost_tls::rustls::ClientConfig>>,
+    /// What `https://` artifact downloads trust: `ca_file`'s certificates, or the system's
+    /// (none when it has none: such downloads then fail with a certificate error).
+    pub roots: std::sync::Arc<Vec<outpost_tls::Certificate<'static>>>,
 }
 
 fn hostname() -> Option<String> {
@@ -112,19 +115,21 @@ impl FleetSection {
             }
             _ => return Err("[fleet] username and password_file go together".into()),
         };
+        // One CA file for the fleet: its broker (mqtts://) and its artifact server (https://).
         let ca_file = self.ca_file.map(|p| base.join(p));
-        let tls = match (broker.tls(), &ca_file) {
-            (true, ca) => {
-                Some(outpost_tls::client_config(ca.as_deref()).map_err(|e| e.to_string())?)
-            }
-            (false, Some(_)) => {
-                return Err("[fleet] ca_file is for an mqtts:// broker".into());
-            }
-            (false, None) => None,
+        let roots = match &ca_file {
+            Some(path) => outpost_tls::root_certificates(Some(path)).map_err(|e| e.to_string())?,
+            None => outpost_tls::root_certificates(None).unwrap_or_default(),
+        };
+        let tls = if broker.tls() {
+            Some(outpost_tls::client_config(ca_file.as_deref()).map_err(|e| e.to_string())?)
+        } else {
+            None
         };
         Ok(Some(FleetConfig {
             credentials,
             tls,
+            roots: std::sync::Arc::new(roots),
             broker,
             fleet_key,
             device_id,

@@ -81,12 +81,13 @@ pub struct Artifact<'a> {
 }
 
 /// The HTTP agent downloads use: connect and response-head timeouts, no whole-body timeout
-/// (a slow link may take long), HTTP errors as statuses.
-pub fn agent() -> ureq::Agent {
+/// (a slow link may take long), HTTP errors as statuses; `https://` checked against `roots`.
+pub fn agent(roots: &[outpost_tls::Certificate<'static>]) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_response(Some(Duration::from_secs(30)))
+        .tls_config(outpost_tls::ureq_tls_config(roots))
         .build()
         .new_agent()
 }
@@ -300,7 +301,7 @@ mod tests {
             digest: &digest,
             size: 1000,
         };
-        let err = fetch(&agent(), &artifact, 1 << 20, &d).unwrap_err();
+        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap_err();
         assert!(
             matches!(err, DownloadError::Oversized { expected: 1000 }),
             "{err}"
@@ -330,12 +331,12 @@ mod tests {
             digest: &digest,
             size: body.len() as u64,
         };
-        let too_large = fetch(&agent(), &artifact, 100, &d).unwrap_err();
+        let too_large = fetch(&agent(&[]), &artifact, 100, &d).unwrap_err();
         assert!(matches!(too_large, DownloadError::TooLarge { .. }) && !too_large.is_transient());
         // A stale partial file: the 200 answer restarts from zero and the result verifies.
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(part_path(&d, &digest), &body[..1234]).unwrap();
-        let path = fetch(&agent(), &artifact, 1 << 20, &d).unwrap();
+        let path = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), body);
         // The wrong digest: refused, the file is deleted.
         let wrong = "0".repeat(64);
@@ -344,7 +345,7 @@ mod tests {
             digest: &wrong,
             size: body.len() as u64,
         };
-        let err = fetch(&agent(), &artifact, 1 << 20, &d).unwrap_err();
+        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap_err();
         assert!(
             matches!(err, DownloadError::DigestMismatch { .. }) && !err.is_transient(),
             "{err}"
@@ -356,7 +357,7 @@ mod tests {
             size: 1,
         };
         assert!(matches!(
-            fetch(&agent(), &bad, 1 << 20, &d),
+            fetch(&agent(&[]), &bad, 1 << 20, &d),
             Err(DownloadError::BadDigest(_))
         ));
         let _ = std::fs::remove_dir_all(&d);
@@ -379,7 +380,7 @@ mod tests {
             digest: &digest,
             size: 100,
         };
-        let err = fetch(&agent(), &artifact, 1 << 20, &d).unwrap_err();
+        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap_err();
         assert!(
             matches!(err, DownloadError::Status(503)) && err.is_transient(),
             "{err}"

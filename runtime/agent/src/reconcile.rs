@@ -98,7 +98,7 @@ impl Shared {
                 digest: &d.digest,
                 size: d.size,
             };
-            let agent = download::agent();
+            let agent = download::agent(&self.fleet.roots);
             let path = download::fetch(&agent, &artifact, self.max_bundle_bytes, &self.downloads)
                 .map_err(|e: DownloadError| Failure {
                 transient: e.is_transient(),

@@ -115,6 +115,7 @@ fn main() {
         require_enrolment: false,
         share_group: None,
         mqtt_tls: None,
+        api_tls: None,
         device_quota_bytes: 64 << 20,
     };
     let server = runtime.block_on(async {

@@ -83,6 +83,7 @@ fn start_fleet(
         require_enrolment: false,
         share_group: None,
         mqtt_tls: None,
+        api_tls: None,
         device_quota_bytes: 64 << 20,
     };
     let (ready_tx, ready_rx) = mpsc::channel();

@@ -38,7 +38,7 @@ pub(crate) struct EnrollArgs {
 
 /// Issues a device its credentials and prints its `[fleet]` configuration.
 pub(crate) fn enroll(args: EnrollArgs) -> Result<()> {
-    let mut enrolment = args.remote.client().enroll(&args.device)?;
+    let mut enrolment = args.remote.client()?.enroll(&args.device)?;
     if let Some(broker) = &args.broker {
         let url: outpost_proto::BrokerUrl = broker.parse()?;
         enrolment.broker = url.to_string();
@@ -77,7 +77,7 @@ pub(crate) fn enroll(args: EnrollArgs) -> Result<()> {
 
 /// Ends a device's credentials.
 pub(crate) fn revoke(device: &str, remote: &Remote) -> Result<()> {
-    let answer = remote.client().revoke(device)?;
+    let answer = remote.client()?.revoke(device)?;
     println!("revoked {}: {}", answer.revoked, answer.note);
     Ok(())
 }

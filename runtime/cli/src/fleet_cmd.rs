@@ -20,6 +20,10 @@ pub(crate) struct Remote {
     /// Bearer token for the fleet API, if it has one.
     #[arg(long, env = "OUTPOST_FLEET_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// For an https:// fleet: the CA certificates (PEM) its certificate must chain to
+    /// (default: the system's roots).
+    #[arg(long, env = "OUTPOST_FLEET_CA", value_name = "FILE")]
+    fleet_ca_file: Option<PathBuf>,
 }
 
 /// Fleet subcommands.
@@ -163,14 +167,14 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
         FleetCommand::Devices { remote, json } => devices(&remote, json),
         FleetCommand::RemoveBundle { target, remote } => {
             let (model, version) = split_target(&target)?;
-            let removed = remote.client().remove_bundle(model, version)?;
+            let removed = remote.client()?.remove_bundle(model, version)?;
             println!("removed {model} {version} (sha256 {})", removed.digest);
             Ok(())
         }
         FleetCommand::Enroll(args) => crate::enrol_cmd::enroll(args),
         FleetCommand::Revoke { device, remote } => crate::enrol_cmd::revoke(&device, &remote),
         FleetCommand::Forget { device, remote } => {
-            let answer = remote.client().forget(&device)?;
+            let answer = remote.client()?.forget(&device)?;
             println!("forgot {device}: {}", answer.note);
             Ok(())
         }
@@ -196,8 +200,12 @@ fn split_target(target: &str) -> Result<(&str, &str)> {
 
 impl Remote {
     /// The fleet's API client.
-    pub(crate) fn client(&self) -> FleetClient {
-        FleetClient::new(&self.fleet, self.token.clone())
+    pub(crate) fn client(&self) -> Result<FleetClient> {
+        let client = FleetClient::new(&self.fleet, self.token.clone());
+        Ok(match &self.fleet_ca_file {
+            Some(ca) => client.with_ca_file(Some(ca))?,
+            None => client,
+        })
     }
 }
 
@@ -236,7 +244,7 @@ fn push(remote: &Remote, path: &std::path::Path, json: bool) -> Result<()> {
         shown: u64::MAX,
         tty: std::io::stderr().is_terminal(),
     };
-    let record = remote.client().push(reader, total)?;
+    let record = remote.client()?.push(reader, total)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&record)?);
     } else {
@@ -254,7 +262,7 @@ fn deploy(
     wait: Option<Duration>,
     json: bool,
 ) -> Result<()> {
-    let deployed = remote.client().deploy(request)?;
+    let deployed = remote.client()?.deploy(request)?;
     if !json {
         println!(
             "deployment {}: {} {} to {} device(s): {}",
@@ -271,7 +279,7 @@ fn deploy(
         }
         return Ok(());
     };
-    let outcome = wait_for(&remote.client(), &deployed, timeout, json)?;
+    let outcome = wait_for(&remote.client()?, &deployed, timeout, json)?;
     if json {
         println!(
             "{}",
@@ -382,7 +390,7 @@ fn ago(seconds: Option<u64>) -> String {
 }
 
 fn devices(remote: &Remote, json: bool) -> Result<()> {
-    let views = remote.client().devices()?;
+    let views = remote.client()?.devices()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -406,7 +414,7 @@ fn devices(remote: &Remote, json: bool) -> Result<()> {
 }
 
 fn status(remote: &Remote, json: bool) -> Result<()> {
-    let views = remote.client().devices()?;
+    let views = remote.client()?.devices()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -458,7 +466,7 @@ fn telemetry(
         after,
         limit: Some(limit),
     };
-    let client = remote.client();
+    let client = remote.client()?;
     let page = if events {
         client.events(&query)?
     } else {

@@ -35,6 +35,12 @@ pub(crate) struct ServeArgs {
     /// (default: the system's roots).
     #[arg(long, requires = "broker", value_name = "FILE")]
     broker_ca_file: Option<PathBuf>,
+    /// The API and artifact server speak HTTPS with this certificate chain (PEM)...
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// The embedded broker speaks TLS (mqtts://) with this certificate chain (PEM)...
     #[arg(
         long,
@@ -154,14 +160,23 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         insecure: args.insecure,
         require_enrolment: args.require_enrolment,
         share_group: args.mqtt_share_group,
+        api_tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(outpost_tls::server_config(cert, key)?),
+            _ => None,
+        },
         mqtt_tls: match (&args.mqtt_tls_cert, &args.mqtt_tls_key) {
             (Some(cert), Some(key)) => Some(outpost_tls::server_config(cert, key)?),
             _ => None,
         },
     };
+    let scheme = if options.api_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     run_fleet(options, |ready| {
         println!(
-            "Outpost fleet: API http://{}  broker {}\nFleet public key: {} (also in {})",
+            "Outpost fleet: API {scheme}://{}  broker {}\nFleet public key: {} (also in {})",
             ready.api,
             ready.broker,
             ready.public_key,

@@ -61,17 +61,31 @@ pub struct FleetClient {
 impl FleetClient {
     /// A client of the fleet at `base` (`http://127.0.0.1:7878`), sending `token` as a bearer
     /// token when given.
+    /// An `https://` fleet's certificate is checked against the system's roots; see
+    /// [`FleetClient::with_ca_file`] for a fleet with its own CA.
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .build()
-            .new_agent();
+        let roots = if base.starts_with("https://") {
+            outpost_tls::root_certificates(None).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         Self {
             base: base.trim_end_matches('/').to_owned(),
             token,
-            http,
+            http: http_agent(&roots),
         }
+    }
+
+    /// The same client trusting `ca_file`'s certificates (or the system's) for an `https://`
+    /// fleet.
+    pub fn with_ca_file(mut self, ca_file: Option<&std::path::Path>) -> Result<Self> {
+        let roots =
+            outpost_tls::root_certificates(ca_file).map_err(|e| ClientError::Unreachable {
+                base: self.base.clone(),
+                reason: e.to_string(),
+            })?;
+        self.http = http_agent(&roots);
+        Ok(self)
     }
 
     /// The fleet's base URL.
@@ -230,6 +244,16 @@ impl FleetClient {
             reason: e.to_string(),
         })
     }
+}
+
+/// The agent every call uses: HTTP errors as statuses, a connect timeout, TLS trusting `roots`.
+fn http_agent(roots: &[outpost_tls::Certificate<'static>]) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .tls_config(outpost_tls::ureq_tls_config(roots))
+        .build()
+        .new_agent()
 }
 
 fn query_string(q: &RecordQuery) -> String {

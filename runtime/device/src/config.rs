@@ -60,8 +60,8 @@ outbox_quota_bytes = 16777216
 # user name is the device id, so the broker can confine each device to its own topics).
 # username = "edge-0001"
 # password_file = "/etc/outpost/mqtt-password"
-# For an mqtts:// broker: the CA certificates (PEM) its certificate must chain to (default: the
-# system's roots).
+# The fleet's CA certificates (PEM), for an mqtts:// broker and https:// artifact downloads
+# (default: the system's roots).
 # ca_file = "/etc/outpost/fleet-ca.pem"
 "#;
 

@@ -17,6 +17,7 @@ pub mod gate;
 mod ingest;
 pub mod mqtt;
 pub mod store;
+mod tls_listener;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -89,6 +90,8 @@ pub struct FleetOptions {
     pub require_enrolment: bool,
     /// The embedded broker speaks TLS (`mqtts://`) with this server configuration.
     pub mqtt_tls: Option<Arc<outpost_tls::rustls::ServerConfig>>,
+    /// The API and artifact server speak HTTPS with this server configuration.
+    pub api_tls: Option<Arc<outpost_tls::rustls::ServerConfig>>,
     /// The shared-subscription group the replicas split telemetry and events in (default
     /// `outpost-fleet`). On an external broker whose ACLs do not check subscriptions
     /// (Mosquitto's), a device that joins the group takes a share of every device's records,
@@ -315,6 +318,11 @@ impl Server {
                 .with_tls(broker_tls.is_some()),
         };
         let api_addr = listeners.api_addr()?;
+        let scheme = if options.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let artifact_base = match &options.public_url {
             Some(url) => format!("{}/artifacts", url.trim_end_matches('/')),
             None => {
@@ -323,7 +331,7 @@ impl Server {
                 } else {
                     api_addr
                 };
-                format!("http://{shown}/artifacts")
+                format!("{scheme}://{shown}/artifacts")
             }
         };
         let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
@@ -389,15 +397,27 @@ impl Server {
         };
         let app = api::router(Arc::clone(&fleet));
         let mut api_stop = stop_rx;
-        let api = tokio::spawn(async move {
-            axum::serve(listeners.api, app)
-                .with_graceful_shutdown(async move {
-                    let _ = api_stop.wait_for(|stop| *stop).await;
+        let stopped = async move {
+            let _ = api_stop.wait_for(|stop| *stop).await;
+        };
+        let api = match &options.api_tls {
+            None => tokio::spawn(async move {
+                axum::serve(listeners.api, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }),
+            Some(tls) => {
+                let listener = tls_listener::TlsListener::new(listeners.api, Arc::clone(tls))?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
                 })
-                .await
-        });
+            }
+        };
         tracing::info!(
             api = %ready.api,
+            tls = options.api_tls.is_some(),
             broker = %ready.broker,
             replica = %fleet.replica,
             key_id = fleet.key_id(),

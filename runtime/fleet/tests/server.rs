@@ -31,6 +31,7 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         require_enrolment: false,
         share_group: None,
         mqtt_tls: None,
+        api_tls: None,
         device_quota_bytes: 64 << 20,
     }
 }

@@ -16,6 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 pub use rustls;
+pub use rustls::pki_types::CertificateDer as Certificate;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -42,26 +43,29 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
-/// The roots a client trusts: the certificates in `ca_file`, or the system's.
-pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
+/// The certificates a client trusts: those in `ca_file`, or the system's.
+pub fn root_certificates(ca_file: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     match ca_file {
-        Some(path) => {
-            for cert in read_certificates(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| TlsError(format!("`{}`: {e}", path.display())))?;
-            }
-        }
+        Some(path) => read_certificates(path),
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
+            let found = rustls_native_certs::load_native_certs().certs;
+            if found.is_empty() {
                 return Err(TlsError(
                     "no system CA certificates found; give a CA file".into(),
                 ));
             }
+            Ok(found)
         }
+    }
+}
+
+/// The roots a client trusts: the certificates in `ca_file`, or the system's.
+pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let certs = root_certificates(ca_file)?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(TlsError("no usable CA certificate".into()));
     }
     Ok(roots)
 }
@@ -88,6 +92,20 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
         .with_single_cert(chain, key)
         .map_err(|e| TlsError(format!("`{}`: {e}", cert_file.display())))?;
     Ok(Arc::new(config))
+}
+
+/// ureq's TLS settings: rustls with this provider, trusting `roots`.
+#[cfg(feature = "ureq")]
+pub fn ureq_tls_config(roots: &[Certificate<'static>]) -> ureq::tls::TlsConfig {
+    let roots: Vec<ureq::tls::Certificate<'static>> = roots
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(provider())
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+        .build()
 }
 
 #[cfg(test)]

@@ -132,9 +132,14 @@ impl Fleet {
         }
         let (proc, rest) = Proc::start(dir, &all, "fleet ready api=");
         let i = rest.find("broker=").unwrap();
+        let scheme = if args.contains(&"--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
         Self {
             _proc: proc,
-            api: format!("http://{}", first_word(&rest)),
+            api: format!("{scheme}://{}", first_word(&rest)),
             broker: first_word(&rest[i + 7..]),
         }
     }
