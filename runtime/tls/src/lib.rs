@@ -90,7 +90,15 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
         .map_err(|e| TlsError(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| TlsError(format!("`{}`: {e}", cert_file.display())))?;
+        .map_err(|e| {
+            let hint = if format!("{e:?}").contains("UnsupportedCertVersion") {
+                " (an X.509 v1 certificate: make it with extensions, e.g. `openssl x509 -req \
+                 ... -extfile` naming its subjectAltName)"
+            } else {
+                ""
+            };
+            TlsError(format!("`{}`: {e}{hint}", cert_file.display()))
+        })?;
     Ok(Arc::new(config))
 }
 
