@@ -208,7 +208,8 @@ impl Logins {
 #[derive(Debug)]
 pub struct LiveLogins {
     logins: RwLock<Logins>,
-    changed: tokio::sync::watch::Sender<u64>,
+    /// The user name of each change, so a connection re-checks only its own login's.
+    changed: tokio::sync::broadcast::Sender<String>,
 }
 
 impl LiveLogins {
@@ -216,7 +217,7 @@ impl LiveLogins {
     pub fn new(logins: Logins) -> Self {
         Self {
             logins: RwLock::new(logins),
-            changed: tokio::sync::watch::Sender::new(0),
+            changed: tokio::sync::broadcast::Sender::new(CHANGES_QUEUED),
         }
     }
 
@@ -235,12 +236,12 @@ impl LiveLogins {
 
     /// Adds a login from a file line or an internal secret.
     pub(crate) fn insert(&self, user: &str, password: &str) -> Result<()> {
-        self.change(|l| l.insert(user, password))
+        self.change(user, |l| l.insert(user, password))
     }
 
     /// Adds or replaces an enrolled device's login; an earlier password stops working at once.
     pub(crate) fn enrol(&self, device: &DeviceId, sha256: [u8; 32]) -> Result<()> {
-        self.change(|l| {
+        self.change(device.as_str(), |l| {
             l.insert_enrolled(device, sha256);
             Ok(())
         })
@@ -248,15 +249,16 @@ impl LiveLogins {
 
     /// Removes `user`'s login; returns whether there was one.
     pub(crate) fn revoke(&self, user: &str) -> Result<bool> {
-        self.change(|l| Ok(l.by_user.remove(user).is_some()))
+        self.change(user, |l| Ok(l.by_user.remove(user).is_some()))
     }
 
-    /// A receiver told of every change.
-    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// A receiver told the user name of every change (lagging behind means: any may have
+    /// changed).
+    pub(crate) fn watch(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.changed.subscribe()
     }
 
-    fn change<T>(&self, f: impl FnOnce(&mut Logins) -> Result<T>) -> Result<T> {
+    fn change<T>(&self, user: &str, f: impl FnOnce(&mut Logins) -> Result<T>) -> Result<T> {
         let out = {
             let mut logins = self
                 .logins
@@ -264,10 +266,14 @@ impl LiveLogins {
                 .map_err(|_| FleetError::Config("the login table is poisoned".into()))?;
             f(&mut logins)?
         };
-        self.changed.send_modify(|n| *n += 1);
+        // No receiver (no device connected) is not an error.
+        let _ = self.changed.send(user.to_owned());
         Ok(out)
     }
 }
+
+/// Changes a connection may fall behind on before it re-checks its login whatever they were.
+const CHANGES_QUEUED: usize = 256;
 
 /// Compares without stopping at the first difference (the length is not secret).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -349,8 +355,7 @@ mod tests {
         let mut changes = live.watch();
         let dev2 = DeviceId::new("dev-2").unwrap();
         live.enrol(&dev2, sha256(b"secret-2")).unwrap();
-        assert!(changes.has_changed().unwrap());
-        changes.mark_unchanged();
+        assert_eq!(changes.try_recv().unwrap(), "dev-2");
         assert_eq!(live.check("dev-2", b"secret-2"), Some(device("dev-2")));
         assert_eq!(live.check("dev-2", b"secret-3"), None);
         // Enrolling again replaces the password.
@@ -359,7 +364,8 @@ mod tests {
         assert_eq!(live.check("dev-2", b"secret-3"), Some(device("dev-2")));
         assert!(live.revoke("dev-2").unwrap());
         assert!(!live.revoke("dev-2").unwrap());
-        assert!(changes.has_changed().unwrap());
+        assert_eq!(changes.try_recv().unwrap(), "dev-2", "the second enrolment");
+        assert_eq!(changes.try_recv().unwrap(), "dev-2", "the revocation");
         assert_eq!(live.check("dev-2", b"secret-3"), None);
         assert_eq!(live.check("dev-1", b"pw-1"), Some(device("dev-1")));
         assert!(live.contains("dev-1") && !live.contains("dev-2"));

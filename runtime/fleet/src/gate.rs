@@ -363,16 +363,20 @@ async fn relay_checked<S: AsyncRead + AsyncWrite + Unpin>(
     let identity = login.identity;
     let max = door.limits.max_packet_bytes;
     let mut changes = login.logins.watch();
-    changes.mark_unchanged();
     // A change between the CONNECT's check and the watch above would go unseen otherwise.
     if !login.holds() {
         return Err(Refusal::Revoked(identity.clone()));
     }
     let revoked = async {
+        use tokio::sync::broadcast::error::RecvError;
         loop {
-            if changes.changed().await.is_err() {
+            match changes.recv().await {
+                // Another login's change: nothing to check (thousands of connections need
+                // not hash their passwords for every device enrolled).
+                Ok(user) if user != login.user => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
                 // The logins are gone with the fleet: nothing more to watch.
-                std::future::pending::<()>().await;
+                Err(RecvError::Closed) => std::future::pending::<()>().await,
             }
             if !login.holds() {
                 return Refusal::Revoked(identity.clone());

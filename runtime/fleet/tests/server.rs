@@ -216,6 +216,14 @@ async fn enrolment_issues_a_login_at_once_and_revocation_closes_and_refuses_it()
         connack(broker, b"outpost-dev-2", Some(("dev-2", &first.password))),
         Some(BAD_LOGIN)
     );
+    // Another device enrolled, or revoked, leaves this connection alone.
+    fleet.enroll("dev-9").unwrap();
+    assert!(fleet.revoke("dev-9").unwrap());
+    assert_eq!(
+        subscribe(&mut stream, outpost_proto::FLEET_PRESENCE_FILTER),
+        Some(SUBACK),
+        "another device's enrolment closed this connection"
+    );
 
     // Enrolling again replaces the password: the connection that used the old one is closed.
     let second = fleet.enroll("dev-1").unwrap();
