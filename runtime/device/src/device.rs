@@ -159,8 +159,9 @@ impl Device {
         &self.state
     }
 
-    /// Verifies a bundle and records it; does not activate it. The device is untouched when
-    /// verification fails.
+    /// Verifies a bundle, checks that it would load (its guest compiles as a component that
+    /// exports the contract, every model loads with its declared inputs), and records it; does
+    /// not activate it. The device is untouched when any of that fails.
     pub fn install(&self, bytes: &[u8]) -> Result<InstalledRecord> {
         let _guard = self.admin.lock().map_err(|_| poisoned())?;
         let opened = Bundle::read(bytes, &self.read_limits)?;
@@ -168,14 +169,21 @@ impl Device {
         let highest = self.state.highest_counter(&name)?;
         let verified = opened.verify(&self.trust, highest)?;
         let m = verified.manifest();
+        let version = m.version.to_string();
+        let digest = sha256_hex(bytes);
+        let (_, _, compiled) = self.prepare(&m.name, &version, &digest, &verified)?;
         let record = self.state.install(
             &m.name,
-            &m.version.to_string(),
+            &version,
             m.security_counter,
             verified.signer(),
-            &sha256_hex(bytes),
+            &digest,
             bytes,
         )?;
+        // Activation then starts from the compiled guest.
+        if let Some(artifact) = compiled {
+            self.state.put_compiled(&digest, &artifact)?;
+        }
         tracing::info!(model = %record.name, version = %record.version, digest = %record.digest, "installed");
         Ok(record)
     }
@@ -263,12 +271,52 @@ impl Device {
         // Verified again on every load: the trust store may have changed since the install.
         let verified = Bundle::read_verified(&bytes[..], &self.read_limits, &self.trust, highest)?;
         let manifest = verified.manifest().clone();
+        let (guest, models, compiled) = self.prepare(name, version, &record.digest, &verified)?;
+        if let Some(artifact) = compiled {
+            self.state.put_compiled(&record.digest, &artifact)?;
+        }
+        let l = manifest.limits;
+        let context = GuestContext {
+            label: format!("{name} {version}"),
+            models,
+            metadata: manifest.metadata.clone(),
+            limits: CallLimits {
+                memory_bytes: l.memory_bytes.min(self.caps.memory_bytes),
+                timeout_ms: l.timeout_ms.min(self.caps.timeout_ms),
+                max_tensor_bytes: l.max_tensor_bytes.min(self.caps.max_tensor_bytes),
+            },
+        };
+        Ok(Arc::new(Loaded {
+            manifest,
+            record,
+            guest,
+            context: Arc::new(context),
+        }))
+    }
+
+    /// Compiles the guest (or takes it from the compile cache) and loads every model with its
+    /// declared inputs: what activation needs, and what install checks before it records
+    /// anything. A fresh compile's artifact comes back for the cache.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        name: &str,
+        version: &str,
+        digest: &str,
+        verified: &outpost_bundle::VerifiedBundle,
+    ) -> Result<(
+        Guest,
+        HashMap<String, Arc<dyn outpost_inference::Model>>,
+        Option<Vec<u8>>,
+    )> {
+        let manifest = verified.manifest();
         let guest_error = |reason: String| HostError::Guest {
             model: name.into(),
             version: version.into(),
             reason,
         };
-        let cached = self.state.compiled(&record.digest)?;
+        let mut compiled = None;
+        let cached = self.state.compiled(digest)?;
         let guest = match cached.map(|artifact| self.engine.load_compiled(&artifact)) {
             Some(Ok(Some(guest))) => guest,
             other => {
@@ -279,7 +327,7 @@ impl Device {
                     .engine
                     .compile(verified.guest())
                     .map_err(|e| guest_error(format!("{e:#}")))?;
-                self.state.put_compiled(&record.digest, &artifact)?;
+                compiled = Some(artifact);
                 guest
             }
         };
@@ -303,23 +351,7 @@ impl Device {
                 .map_err(onnx_error)?;
             models.insert(entry.name.clone(), model);
         }
-        let l = manifest.limits;
-        let context = GuestContext {
-            label: format!("{name} {version}"),
-            models,
-            metadata: manifest.metadata.clone(),
-            limits: CallLimits {
-                memory_bytes: l.memory_bytes.min(self.caps.memory_bytes),
-                timeout_ms: l.timeout_ms.min(self.caps.timeout_ms),
-                max_tensor_bytes: l.max_tensor_bytes.min(self.caps.max_tensor_bytes),
-            },
-        };
-        Ok(Arc::new(Loaded {
-            manifest,
-            record,
-            guest,
-            context: Arc::new(context),
-        }))
+        Ok((guest, models, compiled))
     }
 
     fn check_not_revoked(&self, record: &InstalledRecord) -> Result<()> {

@@ -294,10 +294,34 @@ fn rejected_bundles_leave_the_device_exactly_as_it_was() {
             "{what}"
         );
     }
-    // A bundle that verifies but cannot load is installed, but activation fails and the
-    // active version keeps serving.
-    let err = device.install_and_activate(&signed(bad_onnx)).unwrap_err();
-    assert!(err.to_string().contains("cannot be loaded"), "{err}");
+    // A bundle that verifies but could not load is refused at install, not at activation:
+    // nothing is recorded and the active version keeps serving.
+    let mut bad_guest = Example::Digits.build_input().unwrap();
+    bad_guest.version = "4.1.0".parse().unwrap();
+    bad_guest.guest = b"\0asm\x01\0\0\0".to_vec();
+    let mut no_guest = Example::Digits.build_input().unwrap();
+    no_guest.version = "4.2.0".parse().unwrap();
+    no_guest.guest = b"not wasm at all".to_vec();
+    for (what, bytes, expected) in [
+        (
+            "an ONNX model tract cannot load",
+            signed(bad_onnx),
+            "cannot be loaded",
+        ),
+        ("a core module, not a component", signed(bad_guest), "guest"),
+        ("not WebAssembly", signed(no_guest), "guest"),
+    ] {
+        let err = device.install(&bytes).unwrap_err();
+        assert!(err.to_string().contains(expected), "{what}: {err}");
+        assert_eq!(
+            (
+                device.installed().unwrap(),
+                format!("{:?}", device.status().unwrap())
+            ),
+            before,
+            "{what}"
+        );
+    }
     assert_eq!(device.resolve("digits", None).unwrap().version(), "1.0.0");
 
     device.install(&signed(raised)).unwrap();
