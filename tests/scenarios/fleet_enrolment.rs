@@ -21,6 +21,24 @@ fn only_enrolled_devices_join_and_a_revoked_one_is_cut_off_at_once() {
     let d = bed("enrolment");
     let dir = &d.0;
     let fleet = Fleet::launch(dir, &["--require-enrolment"]);
+    // A password file that cannot be written is found out before the fleet issues anything.
+    let err = fails(
+        dir,
+        &[
+            "fleet",
+            "enroll",
+            "dev-z",
+            "--password-out",
+            "no-such-dir/dev-z.pw",
+            "--fleet",
+            &fleet.api,
+        ],
+    );
+    assert!(err.contains("cannot write"), "{err}");
+    assert!(
+        fleet.device("dev-z").is_none(),
+        "enrolled without its password kept"
+    );
     let section = enroll(&fleet, dir, "dev-e");
     assert!(section.contains("username = \"dev-e\""), "{section}");
     let password = std::fs::read_to_string(dir.join("dev-e.pw")).unwrap();

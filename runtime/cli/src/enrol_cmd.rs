@@ -16,7 +16,8 @@ pub(crate) struct EnrollArgs {
     /// Write the password to this file (mode 0600) instead of printing it.
     #[arg(long, value_name = "FILE")]
     password_out: Option<PathBuf>,
-    /// The broker URL as devices reach it (default: the fleet's own).
+    /// The broker URL as devices reach it (default: the one the fleet reports, which is its
+    /// listen address: give this when that is 0.0.0.0 or not what devices can reach).
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
     /// Where the device keeps its password, for the printed configuration.
@@ -38,13 +39,39 @@ pub(crate) struct EnrollArgs {
 
 /// Issues a device its credentials and prints its `[fleet]` configuration.
 pub(crate) fn enroll(args: EnrollArgs) -> Result<()> {
-    let mut enrolment = args.remote.client()?.enroll(&args.device)?;
-    if let Some(broker) = &args.broker {
-        let url: outpost_proto::BrokerUrl = broker.parse()?;
-        enrolment.broker = url.to_string();
-    }
+    // Everything that can fail locally is checked before the fleet replaces the device's
+    // password: afterwards, the new password must not be lost.
+    let broker = args
+        .broker
+        .as_deref()
+        .map(str::parse::<outpost_proto::BrokerUrl>)
+        .transpose()?;
     if let Some(path) = &args.password_out {
-        util::write_atomic(path, format!("{}\n", enrolment.password).as_bytes(), true)?;
+        util::write_atomic(path, b"", true)?;
+    }
+    let mut enrolment = args.remote.client()?.enroll(&args.device)?;
+    match broker {
+        Some(url) => enrolment.broker = url.to_string(),
+        None if enrolment.broker.contains("://0.0.0.0:")
+            || enrolment.broker.contains("://[::]:") =>
+        {
+            eprintln!(
+                "warning: the fleet reports its broker as {}, which devices cannot reach; give --broker",
+                enrolment.broker
+            );
+        }
+        None => {}
+    }
+    if let Some(path) = &args.password_out
+        && let Err(e) =
+            util::write_atomic(path, format!("{}\n", enrolment.password).as_bytes(), true)
+    {
+        // Enrolled already: the old password no longer works, so this one must not be lost.
+        eprintln!(
+            "error: {e:#}\nthe new password (shown this once):\n{}",
+            enrolment.password
+        );
+        return Err(e);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&enrolment)?);

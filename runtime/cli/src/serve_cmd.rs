@@ -57,7 +57,8 @@ pub(crate) struct ServeArgs {
     /// (`outpost fleet enroll`) log in too.
     #[arg(long, conflicts_with = "broker")]
     mqtt_logins: Option<PathBuf>,
-    /// Base URL devices use to reach this fleet's artifacts (default: http://LISTEN).
+    /// Base URL devices use to reach this fleet's artifacts (default: http(s)://LISTEN, with
+    /// 127.0.0.1 for 0.0.0.0: give it whenever devices are on other machines).
     #[arg(long)]
     public_url: Option<String>,
     /// A file holding the bearer token the API requires (default: no token; loopback only).

@@ -37,6 +37,9 @@ pub enum ClientError {
         /// The fleet's message.
         message: String,
     },
+    /// The client's own TLS set-up failed (a CA file missing or holding no certificate).
+    #[error("{0}")]
+    Tls(String),
     /// The answer is not what the API promises.
     #[error("{what}: unexpected answer: {reason}")]
     Malformed {
@@ -80,10 +83,7 @@ impl FleetClient {
     /// fleet.
     pub fn with_ca_file(mut self, ca_file: Option<&std::path::Path>) -> Result<Self> {
         let roots =
-            outpost_tls::root_certificates(ca_file).map_err(|e| ClientError::Unreachable {
-                base: self.base.clone(),
-                reason: e.to_string(),
-            })?;
+            outpost_tls::root_certificates(ca_file).map_err(|e| ClientError::Tls(e.to_string()))?;
         self.http = http_agent(&roots);
         Ok(self)
     }

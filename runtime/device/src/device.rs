@@ -180,9 +180,12 @@ impl Device {
             &digest,
             bytes,
         )?;
-        // Activation then starts from the compiled guest.
-        if let Some(artifact) = compiled {
-            self.state.put_compiled(&digest, &artifact)?;
+        // Activation then starts from the compiled guest (a cache: if it cannot be written,
+        // activation compiles again).
+        if let Some(artifact) = compiled
+            && let Err(e) = self.state.put_compiled(&digest, &artifact)
+        {
+            tracing::warn!(model = %record.name, version = %record.version, error = %e, "cannot keep the compiled guest");
         }
         tracing::info!(model = %record.name, version = %record.version, digest = %record.digest, "installed");
         Ok(record)

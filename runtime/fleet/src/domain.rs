@@ -99,6 +99,9 @@ pub struct Fleet {
     outbound: mpsc::UnboundedSender<Outbound>,
     /// When each device's desired state was last published again for it to catch up.
     pub(crate) republished: Mutex<HashMap<String, u64>>,
+    /// Held across an enrolment's or revocation's store and login-table updates, so two of
+    /// them never interleave.
+    pub(crate) enrolling: Mutex<()>,
 }
 
 /// What a [`Fleet`] is configured with.
@@ -182,6 +185,7 @@ impl Fleet {
             metrics: FleetMetrics::default(),
             outbound,
             republished: Mutex::new(HashMap::new()),
+            enrolling: Mutex::new(()),
         }
     }
 

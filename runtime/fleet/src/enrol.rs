@@ -46,6 +46,7 @@ impl Fleet {
         getrandom::fill(&mut secret).map_err(|e| FleetError::Config(e.to_string()))?;
         let password = hex::encode(secret);
         let hash = sha256(password.as_bytes());
+        let _serial = self.enrolling.lock().map_err(|_| poisoned())?;
         let replaced = self.store.is_enrolled(id.as_str())?;
         self.store.put_credential(
             id.as_str(),
@@ -73,6 +74,7 @@ impl Fleet {
     pub fn revoke(&self, device: &str) -> Result<bool> {
         self.owns_deployments()?;
         let id = DeviceId::new(device).map_err(|e| FleetError::BadRequest(e.to_string()))?;
+        let _serial = self.enrolling.lock().map_err(|_| poisoned())?;
         let stored = self.store.remove_credential(id.as_str())?;
         let live = match &self.logins {
             Some(logins) => logins.revoke(id.as_str())?,
@@ -86,6 +88,10 @@ impl Fleet {
         }
         Ok(stored || live)
     }
+}
+
+fn poisoned() -> FleetError {
+    FleetError::Corrupt("the enrolment lock is poisoned".into())
 }
 
 /// Puts every credential in `store` into `logins` (at start, before the broker listens).

@@ -318,6 +318,12 @@ impl Server {
                 .with_tls(broker_tls.is_some()),
         };
         let api_addr = listeners.api_addr()?;
+        if options.public_url.is_none() && api_addr.ip().is_unspecified() {
+            tracing::warn!(
+                listen = %api_addr,
+                "no --public-url: devices are told to download artifacts from 127.0.0.1, which works only on this machine"
+            );
+        }
         let scheme = if options.api_tls.is_some() {
             "https"
         } else {
