@@ -52,21 +52,7 @@ fn only_enrolled_devices_join_and_a_revoked_one_is_cut_off_at_once() {
     // never registered, and so cannot make a deployment to the tag fail.
     let ghost = Device::start(dir, &device_config(dir, "dev-x", &fleet.broker, &["lab"]));
     online(&fleet, &["dev-e"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let out = fleet.cli(
-        dir,
-        &[
-            "fleet",
-            "deploy",
-            "digits@1.0.0",
-            "--tag",
-            "lab",
-            "--wait",
-            "--timeout",
-            "60",
-        ],
-    );
-    assert!(out.contains("dev-e: applied"), "{out}");
+    push_and_deploy_digits(|args| fleet.cli(dir, args), &["--tag", "lab"], &["dev-e"]);
     assert_eq!(enrolled.digits(), Ok("1.0.0".into()));
     assert!(
         fleet.device("dev-x").is_none(),
@@ -223,21 +209,7 @@ fn mosquitto_with_the_documented_acl_confines_each_device_to_its_own_topics() {
     std::fs::write(dir.join(&config), text).unwrap();
     let _stray = Device::start(dir, &config);
     online(&fleet, &["dev-1"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let out = fleet.cli(
-        dir,
-        &[
-            "fleet",
-            "deploy",
-            "digits@1.0.0",
-            "--tag",
-            "lab",
-            "--wait",
-            "--timeout",
-            "60",
-        ],
-    );
-    assert!(out.contains("dev-1: applied"), "{out}");
+    push_and_deploy_digits(|args| fleet.cli(dir, args), &["--tag", "lab"], &["dev-1"]);
     assert_eq!(device.digits(), Ok("1.0.0".into()));
     eventually(secs(30), "the stray device's messages ignored", || {
         (fleet_metric(&fleet, "outpost_fleet_unenrolled_total") > 0).then_some(())

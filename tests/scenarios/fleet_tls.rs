@@ -45,21 +45,11 @@ fn devices_and_the_fleet_reach_mosquitto_over_tls_and_refuse_a_foreign_certifica
     with_ca(dir, &config, &other_ca);
     let stranger = Device::start(dir, &config);
     online(&fleet, &["dev-tls"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let out = fleet.cli(
-        dir,
-        &[
-            "fleet",
-            "deploy",
-            "digits@1.0.0",
-            "--device",
-            "dev-tls",
-            "--wait",
-            "--timeout",
-            "60",
-        ],
+    push_and_deploy_digits(
+        |args| fleet.cli(dir, args),
+        &["--device", "dev-tls"],
+        &["dev-tls"],
     );
-    assert!(out.contains("dev-tls: applied"), "{out}");
     assert_eq!(device.digits(), Ok("1.0.0".into()));
     assert!(!fleet.records("telemetry", "dev-tls").is_empty());
     eventually(secs(20), "the stranger's certificate error logged", || {
@@ -110,21 +100,11 @@ fn the_embedded_broker_speaks_tls_to_enrolled_devices_and_closes_plain_mqtt() {
     with_ca(dir, &config, &ca);
     let device = Device::start(dir, &config);
     online(&fleet, &["dev-e"]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let out = fleet.cli(
-        dir,
-        &[
-            "fleet",
-            "deploy",
-            "digits@1.0.0",
-            "--device",
-            "dev-e",
-            "--wait",
-            "--timeout",
-            "60",
-        ],
+    push_and_deploy_digits(
+        |args| fleet.cli(dir, args),
+        &["--device", "dev-e"],
+        &["dev-e"],
     );
-    assert!(out.contains("dev-e: applied"), "{out}");
     assert_eq!(device.digits(), Ok("1.0.0".into()));
     // Plain MQTT to the TLS port gets no CONNACK, even with a valid login.
     let port: u16 = fleet.broker.rsplit(':').next().unwrap().parse().unwrap();
@@ -209,18 +189,7 @@ fn over_https_devices_download_their_bundles_and_operators_need_the_fleet_ca() {
             .any(|d| d["id"] == "dev-h" && d["online"] == true && !d["reported"].is_null())
             .then_some(())
     });
-    with_ca(&["fleet", "push", "digits-1.0.0.opb"]);
-    let out = with_ca(&[
-        "fleet",
-        "deploy",
-        "digits@1.0.0",
-        "--device",
-        "dev-h",
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.contains("dev-h: applied"), "{out}");
+    push_and_deploy_digits(with_ca, &["--device", "dev-h"], &["dev-h"]);
     assert_eq!(device.digits(), Ok("1.0.0".into()));
     assert!(
         device.proc.logs().contains("url=https://127.0.0.1:"),

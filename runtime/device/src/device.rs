@@ -163,6 +163,11 @@ impl Device {
     /// exports the contract, every model loads with its declared inputs), and records it; does
     /// not activate it. The device is untouched when any of that fails.
     pub fn install(&self, bytes: &[u8]) -> Result<InstalledRecord> {
+        self.install_loaded(bytes).map(|l| l.record.clone())
+    }
+
+    /// [`Device::install`], keeping what it loaded for an activation that follows.
+    fn install_loaded(&self, bytes: &[u8]) -> Result<Arc<Loaded>> {
         let _guard = self.admin.lock().map_err(|_| poisoned())?;
         let opened = Bundle::read(bytes, &self.read_limits)?;
         let name = opened.manifest().name.clone();
@@ -171,7 +176,7 @@ impl Device {
         let m = verified.manifest();
         let version = m.version.to_string();
         let digest = sha256_hex(bytes);
-        let (_, _, compiled) = self.prepare(&m.name, &version, &digest, &verified)?;
+        let (guest, models, compiled) = self.prepare(&m.name, &version, &digest, &verified)?;
         let record = self.state.install(
             &m.name,
             &version,
@@ -188,13 +193,14 @@ impl Device {
             tracing::warn!(model = %record.name, version = %record.version, error = %e, "cannot keep the compiled guest");
         }
         tracing::info!(model = %record.name, version = %record.version, digest = %record.digest, "installed");
-        Ok(record)
+        Ok(self.loaded(record, m.clone(), guest, models))
     }
 
-    /// Installs a bundle and activates it.
+    /// Installs a bundle and activates it (with the guest and models install loaded).
     pub fn install_and_activate(&self, bytes: &[u8]) -> Result<InstalledRecord> {
-        let record = self.install(bytes)?;
-        self.activate(&record.name, &record.version)?;
+        let loaded = self.install_loaded(bytes)?;
+        let record = loaded.record.clone();
+        self.activate_with(&record.name, &record.version, Some(loaded))?;
         Ok(record)
     }
 
@@ -202,6 +208,11 @@ impl Device {
     /// it the active version in one atomic swap. Requests in flight finish on the version they
     /// started with.
     pub fn activate(&self, name: &str, version: &str) -> Result<()> {
+        self.activate_with(name, version, None)
+    }
+
+    /// [`Device::activate`], with the version already loaded when `ready` is given.
+    fn activate_with(&self, name: &str, version: &str, ready: Option<Arc<Loaded>>) -> Result<()> {
         let _guard = self.admin.lock().map_err(|_| poisoned())?;
         let resident = self
             .slots
@@ -209,7 +220,7 @@ impl Device {
             .map_err(|_| poisoned())?
             .get(name)
             .and_then(|s| s.resident.get(version).cloned());
-        let loaded = match resident {
+        let loaded = match resident.or(ready) {
             Some(l) => {
                 self.check_not_revoked(&l.record)?;
                 l
@@ -278,6 +289,19 @@ impl Device {
         if let Some(artifact) = compiled {
             self.state.put_compiled(&record.digest, &artifact)?;
         }
+        Ok(self.loaded(record, manifest, guest, models))
+    }
+
+    /// A loaded version: its guest and models under the manifest's limits capped by the
+    /// device's.
+    fn loaded(
+        &self,
+        record: InstalledRecord,
+        manifest: Manifest,
+        guest: Guest,
+        models: HashMap<String, Arc<dyn outpost_inference::Model>>,
+    ) -> Arc<Loaded> {
+        let (name, version) = (&record.name, &record.version);
         let l = manifest.limits;
         let context = GuestContext {
             label: format!("{name} {version}"),
@@ -289,12 +313,12 @@ impl Device {
                 max_tensor_bytes: l.max_tensor_bytes.min(self.caps.max_tensor_bytes),
             },
         };
-        Ok(Arc::new(Loaded {
+        Arc::new(Loaded {
             manifest,
             record,
             guest,
             context: Arc::new(context),
-        }))
+        })
     }
 
     /// Compiles the guest (or takes it from the compile cache) and loads every model with its

@@ -275,13 +275,28 @@ pub fn fleet_with_digits(dir: &Path, id: &str) -> (Fleet, Device) {
     let config = device_config(dir, id, &fleet.broker, &[]);
     let device = Device::start(dir, &config);
     online(&fleet, &[id]);
-    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let out = fleet.cli(
-        dir,
-        &["fleet", "deploy", "digits@1.0.0", "--device", id, "--wait"],
-    );
-    assert!(out.contains(&format!("{id}: applied")), "{out}");
+    push_and_deploy_digits(|args| fleet.cli(dir, args), &["--device", id], &[id]);
     (fleet, device)
+}
+
+/// Pushes digits 1.0.0 through `cli` (a fleet's own CLI, or one with more flags) and deploys it
+/// to `target` (`["--device", ID]`, `["--tag", TAG]`) with `--wait`; asserts that every device
+/// in `applied` applied it.
+pub fn push_and_deploy_digits(cli: impl Fn(&[&str]) -> String, target: &[&str], applied: &[&str]) {
+    cli(&["fleet", "push", "digits-1.0.0.opb"]);
+    let mut args = vec![
+        "fleet",
+        "deploy",
+        "digits@1.0.0",
+        "--wait",
+        "--timeout",
+        "120",
+    ];
+    args.extend_from_slice(target);
+    let out = cli(&args);
+    for id in applied {
+        assert!(out.contains(&format!("{id}: applied")), "{out}");
+    }
 }
 
 /// A Mosquitto broker on a free loopback port (Debian's package), restartable on that port.
