@@ -102,6 +102,10 @@ pub(crate) struct ServeArgs {
     /// can read and write every device's topics.
     #[arg(long, conflicts_with_all = ["mqtt_logins", "require_enrolment"])]
     insecure: bool,
+    /// API connections open at once; at the cap the one idle longest is closed to make room
+    /// (default: a quarter of the file descriptors the process may open, less 256).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_api_connections: Option<u32>,
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
@@ -161,6 +165,13 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         insecure: args.insecure,
         require_enrolment: args.require_enrolment,
         share_group: args.mqtt_share_group,
+        http: {
+            let mut limits = outpost_fleet::default_http_limits();
+            if let Some(n) = args.max_api_connections {
+                limits.max_connections = n as usize;
+            }
+            limits
+        },
         api_tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(outpost_tls::server_config(cert, key)?),
             _ => None,

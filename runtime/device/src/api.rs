@@ -488,15 +488,26 @@ async fn admin_remove(
     }
 }
 
+/// How the endpoints' front doors are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Doors {
+    /// The inference endpoint's.
+    pub public: outpost_http::Limits,
+    /// The admin endpoint's.
+    pub admin: outpost_http::Limits,
+}
+
 /// Serves the public router on `public` (and the admin router on `admin`, if given) until
-/// `shutdown` completes; in-flight requests finish first.
+/// `shutdown` completes, each behind its front door (timeouts and a connection cap, counted in
+/// the device's metrics); in-flight requests finish first.
 pub async fn serve(
     device: Arc<Device>,
     limits: ApiLimits,
+    doors: Doors,
     public: TcpListener,
     admin: Option<(TcpListener, String)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -505,14 +516,30 @@ pub async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let public_server = axum::serve(public, public_router(Arc::clone(&device), limits))
-        .with_graceful_shutdown(wait(rx.clone()));
+    let public_stats = Arc::new(outpost_http::Stats::default());
+    let admin_stats = Arc::new(outpost_http::Stats::default());
+    let mut listeners = vec![("public".to_owned(), Arc::clone(&public_stats))];
+    if admin.is_some() {
+        listeners.push(("admin".to_owned(), Arc::clone(&admin_stats)));
+    }
+    device.metrics.set_http(listeners);
+    let public_server = outpost_http::serve(
+        public,
+        public_router(Arc::clone(&device), limits),
+        doors.public,
+        public_stats,
+        wait(rx.clone()),
+    );
     match admin {
         Some((listener, token)) => {
-            let admin_server = axum::serve(listener, admin_router(device, limits, token))
-                .with_graceful_shutdown(wait(rx));
-            let (a, b) = tokio::join!(public_server, admin_server);
-            a.and(b)
+            let admin_server = outpost_http::serve(
+                listener,
+                admin_router(device, limits, token),
+                doors.admin,
+                admin_stats,
+                wait(rx),
+            );
+            tokio::join!(public_server, admin_server);
         }
         None => public_server.await,
     }

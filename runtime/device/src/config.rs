@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use outpost_agent::{FleetConfig, FleetSection};
+use outpost_http::Limits;
 use serde::Deserialize;
 
 use crate::error::{HostError, Result};
@@ -33,6 +35,21 @@ max_request_bytes = 8388608
 
 # Largest bundle accepted for install, in bytes.
 max_bundle_bytes = 268435456
+
+# The HTTP front door of both endpoints.
+[http]
+# Connections open at once on the inference endpoint. At the cap a new connection is let in by
+# closing the one idle longest (or else the one waiting longest for a request body); only when
+# all of them are running requests is it answered 503. Default: 3/4 of the file descriptors
+# the process may open, less 256 kept for everything else.
+# max_connections = 576
+# The same for the admin endpoint.
+admin_max_connections = 64
+# Time a client has to send a request's head, its body, and how long a connection may stay
+# open with no request under way.
+header_timeout_ms = 10000
+body_timeout_ms = 30000
+idle_timeout_ms = 60000
 
 # Device-wide caps: a bundle's own limits are lowered to these, never raised.
 [guest_caps]
@@ -80,7 +97,65 @@ struct RawConfig {
     #[serde(default)]
     guest_caps: RawCaps,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     fleet: FleetSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    max_connections: Option<usize>,
+    admin_max_connections: Option<usize>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+}
+
+impl RawHttp {
+    /// The public endpoint's limits and the admin endpoint's.
+    fn validate(&self) -> Result<(Limits, Limits)> {
+        let defaults = Limits::default();
+        let ms = |field: &str, v: Option<u64>, default: Duration| match v {
+            Some(0) => Err(HostError::Config(format!("http.{field} must be positive"))),
+            Some(v) => Ok(Duration::from_millis(v)),
+            None => Ok(default),
+        };
+        let count = |field: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(HostError::Config(format!(
+                "http.{field} must be at least 1"
+            ))),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let public = Limits {
+            max_connections: count(
+                "max_connections",
+                self.max_connections,
+                Limits::for_share_of_fds(0.75).max_connections,
+            )?,
+            header_timeout: ms(
+                "header_timeout_ms",
+                self.header_timeout_ms,
+                defaults.header_timeout,
+            )?,
+            body_timeout: ms(
+                "body_timeout_ms",
+                self.body_timeout_ms,
+                defaults.body_timeout,
+            )?,
+            idle_timeout: ms(
+                "idle_timeout_ms",
+                self.idle_timeout_ms,
+                defaults.idle_timeout,
+            )?,
+        };
+        let admin = Limits {
+            max_connections: count("admin_max_connections", self.admin_max_connections, 64)?,
+            ..public
+        };
+        Ok((public, admin))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +208,10 @@ pub struct Config {
     pub max_bundle_bytes: u64,
     /// Device-wide guest caps.
     pub guest_caps: GuestCaps,
+    /// The inference endpoint's connection cap and timeouts.
+    pub http: Limits,
+    /// The admin endpoint's.
+    pub admin_http: Limits,
     /// Fleet sync, when a broker is configured.
     pub fleet: Option<FleetConfig>,
 }
@@ -196,7 +275,10 @@ impl Config {
             ));
         }
         let fleet = raw.fleet.validate(base).map_err(HostError::Config)?;
+        let (http, admin_http) = raw.http.validate()?;
         Ok(Self {
+            http,
+            admin_http,
             fleet,
             data_dir: base.join(raw.data_dir.unwrap_or_else(|| "/var/lib/outpost".into())),
             listen: addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:8080"))?,
@@ -232,6 +314,9 @@ mod tests {
         assert_eq!(c.admin_listen, None, "no token, no admin listener");
         assert_eq!(c.guest_caps, GuestCaps::default());
         assert_eq!(c.max_concurrent_requests, 8);
+        assert_eq!(c.admin_http.max_connections, 64);
+        assert_eq!(c.http.header_timeout, Limits::default().header_timeout);
+        assert!(c.http.max_connections >= 32);
     }
 
     #[test]
@@ -240,6 +325,8 @@ mod tests {
         assert!(Config::from_toml("listen = \"nowhere\"", Path::new("/")).is_err());
         assert!(Config::from_toml("admin_token = \"short\"", Path::new("/")).is_err());
         assert!(Config::from_toml("max_concurrent_requests = 0", Path::new("/")).is_err());
+        assert!(Config::from_toml("[http]\nidle_timeout_ms = 0", Path::new("/")).is_err());
+        assert!(Config::from_toml("[http]\nmax_connections = 0", Path::new("/")).is_err());
         assert!(Config::from_toml("[fleet]\nbroker = \"mqtt://h:1\"", Path::new("/")).is_err());
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use outpost_agent::{Link, LinkStatus};
@@ -48,6 +48,8 @@ pub struct Metrics {
     rejected_busy: Mutex<u64>,
     /// The fleet agent's link, when the device has one.
     link: OnceLock<Link>,
+    /// The HTTP front doors' counters, by listener.
+    http: OnceLock<Vec<(String, Arc<outpost_http::Stats>)>>,
 }
 
 /// A snapshot of one model version's counters (the telemetry form).
@@ -255,7 +257,18 @@ impl Metrics {
         if let Some(link) = self.link.get() {
             render_link(&mut out, link.status());
         }
+        if let Some(http) = self.http.get() {
+            let listeners: Vec<(&str, &outpost_http::Stats)> =
+                http.iter().map(|(name, s)| (name.as_str(), &**s)).collect();
+            out.push_str(&outpost_http::render("outpost_http", &listeners));
+        }
         out
+    }
+
+    /// Shows the HTTP front doors' counters in [`Metrics::render`] from now on (the first call
+    /// wins).
+    pub fn set_http(&self, listeners: Vec<(String, Arc<outpost_http::Stats>)>) {
+        let _ = self.http.set(listeners);
     }
 
     /// Shows the fleet agent's link in [`Metrics::render`] from now on (the first call wins).

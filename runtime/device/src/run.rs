@@ -8,7 +8,7 @@ use std::sync::Arc;
 use outpost_agent::{Agent, Paths};
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiLimits};
+use crate::api::{self, ApiLimits, Doors};
 use crate::config::Config;
 use crate::device::Device;
 use crate::error::{HostError, Result};
@@ -99,7 +99,11 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    api::serve(device, limits, listeners.public, admin, shutdown).await?;
+    let doors = Doors {
+        public: config.http,
+        admin: config.admin_http,
+    };
+    api::serve(device, limits, doors, listeners.public, admin, shutdown).await;
     if let Some(agent) = agent {
         agent.stopped().await;
     }

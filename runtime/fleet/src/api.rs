@@ -511,6 +511,10 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
             ));
         }
     }
+    out.push_str(&outpost_http::render(
+        "outpost_fleet_http",
+        &[("api", &m.http)],
+    ));
     out.push_str("# HELP outpost_fleet_device_dropped_records Records a device's outbox quota dropped.\n# TYPE outpost_fleet_device_dropped_records gauge\n");
     for d in &devices {
         out.push_str(&format!(

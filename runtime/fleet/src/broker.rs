@@ -21,8 +21,17 @@ const MAX_PAYLOAD: usize = 1 << 20;
 /// Connections the router accepts; the gate keeps below it (a refusal by the router is one of
 /// the paths that broke rumqttd).
 const ROUTER_MAX_CONNECTIONS: usize = 20_000;
-/// Connections the gate lets in at once.
+/// Connections the gate lets in at most (each costs two file descriptors, the client's and
+/// the broker's side).
 const GATE_MAX_CONNECTIONS: usize = 16_384;
+
+/// Connections the gate lets in at once: [`GATE_MAX_CONNECTIONS`], or fewer so that they take
+/// at most 60% of the file descriptors left after the reserve (the API has 25%).
+fn gate_max_connections() -> usize {
+    let fds = outpost_http::fd_limit().unwrap_or(1024);
+    let usable = fds.saturating_sub(outpost_http::Limits::FD_RESERVE) as f64 * 0.6 / 2.0;
+    (usable as usize).clamp(32, GATE_MAX_CONNECTIONS)
+}
 /// Time a client has to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What one device's login may publish: 256 KiB/s sustained, 4 MiB at once (a device's outbox
@@ -89,7 +98,7 @@ impl EmbeddedBroker {
         };
         let stats = Arc::new(GateStats::default());
         let limits = GateLimits {
-            max_connections: GATE_MAX_CONNECTIONS,
+            max_connections: gate_max_connections(),
             connect_timeout: CONNECT_TIMEOUT,
             max_packet_bytes: MAX_PAYLOAD + 64 * 1024,
             device_rate: DEVICE_RATE,

@@ -48,6 +48,8 @@ pub struct FleetMetrics {
     pub artifact_requests: AtomicU64,
     /// The embedded broker's gate, when the broker is embedded.
     pub gate: std::sync::OnceLock<std::sync::Arc<crate::gate::GateStats>>,
+    /// The API's front door.
+    pub http: std::sync::Arc<outpost_http::Stats>,
 }
 
 impl FleetMetrics {

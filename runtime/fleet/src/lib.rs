@@ -97,6 +97,15 @@ pub struct FleetOptions {
     /// (Mosquitto's), a device that joins the group takes a share of every device's records,
     /// which then never reach the fleet: give every replica the same name nobody can guess.
     pub share_group: Option<String>,
+    /// The API's connection cap and timeouts (default: a quarter of the file descriptors,
+    /// leaving the embedded broker its share).
+    pub http: outpost_http::Limits,
+}
+
+/// The API's front door on its defaults: timeouts of [`outpost_http::Limits::default`] and a
+/// quarter of the process's file descriptors (after the reserve) for connections.
+pub fn default_http_limits() -> outpost_http::Limits {
+    outpost_http::Limits::for_share_of_fds(0.25)
 }
 
 impl FleetOptions {
@@ -239,7 +248,7 @@ pub struct Server {
     ready: Ready,
     fleet: Arc<Fleet>,
     stop: watch::Sender<bool>,
-    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    api: tokio::task::JoinHandle<()>,
     mqtt: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     subscribed: watch::Receiver<bool>,
@@ -406,19 +415,18 @@ impl Server {
         let stopped = async move {
             let _ = api_stop.wait_for(|stop| *stop).await;
         };
+        let (limits, stats) = (options.http, Arc::clone(&fleet.metrics.http));
         let api = match &options.api_tls {
-            None => tokio::spawn(async move {
-                axum::serve(listeners.api, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }),
+            None => tokio::spawn(outpost_http::serve(
+                listeners.api,
+                app,
+                limits,
+                stats,
+                stopped,
+            )),
             Some(tls) => {
                 let listener = tls_listener::TlsListener::new(listeners.api, Arc::clone(tls))?;
-                tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                })
+                tokio::spawn(outpost_http::serve(listener, app, limits, stats, stopped))
             }
         };
         tracing::info!(
@@ -458,7 +466,7 @@ impl Server {
         let _ = subscribed.wait_for(|s| *s).await;
     }
 
-    /// Runs until `shutdown` completes (or the API fails), then stops.
+    /// Runs until `shutdown` completes (or the API's task fails), then stops.
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let failed = tokio::select! {
             _ = shutdown => None,
@@ -466,7 +474,6 @@ impl Server {
         };
         let stopped = self.stop().await;
         match failed {
-            Some(Ok(Err(e))) => Err(FleetError::Io(e)),
             Some(Err(e)) => Err(FleetError::Io(std::io::Error::other(e.to_string()))),
             _ => stopped,
         }

@@ -55,7 +55,27 @@ impl Proc {
     /// Starts `outpost ARGS` in `dir`, waiting for a stderr line containing `marker`; returns
     /// the process and the rest of that line after the marker.
     pub fn start(dir: &Path, args: &[&str], marker: &str) -> (Self, String) {
-        let mut child = bin()
+        Self::start_limited(dir, args, marker, None)
+    }
+
+    /// [`Proc::start`], with at most `fds` open file descriptors (by `prlimit`) when given.
+    pub fn start_limited(
+        dir: &Path,
+        args: &[&str],
+        marker: &str,
+        fds: Option<u64>,
+    ) -> (Self, String) {
+        let mut command = match fds {
+            None => bin(),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(bin().get_program());
+                c
+            }
+        };
+        let mut child = command
             .args(args)
             .current_dir(dir)
             .env("OUTPOST_LOG", "info")
@@ -120,6 +140,11 @@ pub struct Fleet {
 impl Fleet {
     /// `outpost fleet serve ARGS`, with a fresh data dir and free ports unless ARGS say otherwise.
     pub fn launch(dir: &Path, args: &[&str]) -> Self {
+        Self::launch_limited(dir, args, None)
+    }
+
+    /// [`Fleet::launch`] with at most `fds` open file descriptors, when given.
+    pub fn launch_limited(dir: &Path, args: &[&str], fds: Option<u64>) -> Self {
         let mut all = vec!["fleet", "serve"];
         all.extend(args);
         for (flag, default) in [("--data-dir", "fleet-data"), ("--listen", "127.0.0.1:0")] {
@@ -130,7 +155,7 @@ impl Fleet {
         if !args.contains(&"--mqtt-listen") && !args.contains(&"--broker") {
             all.extend(["--mqtt-listen", "127.0.0.1:0"]);
         }
-        let (proc, rest) = Proc::start(dir, &all, "fleet ready api=");
+        let (proc, rest) = Proc::start_limited(dir, &all, "fleet ready api=", fds);
         let i = rest.find("broker=").unwrap();
         let scheme = if args.contains(&"--tls-cert") {
             "https"
@@ -229,8 +254,17 @@ pub struct Device {
 
 impl Device {
     pub fn start(dir: &Path, config: &str) -> Self {
-        let (proc, rest) =
-            Proc::start(dir, &["device", "run", "--config", config], "serving addr=");
+        Self::start_limited(dir, config, None)
+    }
+
+    /// [`Device::start`] with at most `fds` open file descriptors, when given.
+    pub fn start_limited(dir: &Path, config: &str, fds: Option<u64>) -> Self {
+        let (proc, rest) = Proc::start_limited(
+            dir,
+            &["device", "run", "--config", config],
+            "serving addr=",
+            fds,
+        );
         Self {
             proc,
             url: format!("http://{}", first_word(&rest)),
