@@ -16,14 +16,14 @@ use tokio::net::TcpListener;
 
 use crate::device::{Device, Loaded};
 use crate::error::{HostError, InferError};
-use crate::oip;
-use outpost_engine::Payload;
 
 /// Limits the routers enforce before handing a request to the device.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
     /// Largest inference request body.
     pub max_request_bytes: u64,
+    /// Largest JSON inference response.
+    pub max_response_bytes: u64,
     /// Largest bundle upload.
     pub max_bundle_bytes: u64,
 }
@@ -31,7 +31,7 @@ pub struct ApiLimits {
 #[derive(Clone)]
 pub(crate) struct Ctx {
     pub(crate) device: Arc<Device>,
-    limits: ApiLimits,
+    pub(crate) limits: ApiLimits,
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
@@ -70,7 +70,11 @@ fn host_error(e: HostError) -> Response {
 
 /// Reads a body up to `limit` bytes: a declared length above the limit is refused before any
 /// byte is read, and a chunked body is cut off at the limit.
-async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Vec<u8>, InferError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<Vec<u8>, InferError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -104,10 +108,16 @@ pub fn public_router(device: Arc<Device>, limits: ApiLimits) -> Router {
             "/v2/models/{name}/versions/{version}/ready",
             get(model_ready),
         )
-        .route("/v2/models/{name}/infer", post(infer))
-        .route("/v2/models/{name}/versions/{version}/infer", post(infer))
-        .route("/v2/models/{name}/raw", post(raw))
-        .route("/v2/models/{name}/versions/{version}/raw", post(raw))
+        .route("/v2/models/{name}/infer", post(crate::api_infer::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(crate::api_infer::infer),
+        )
+        .route("/v2/models/{name}/raw", post(crate::api_infer::raw))
+        .route(
+            "/v2/models/{name}/versions/{version}/raw",
+            post(crate::api_infer::raw),
+        )
         .route("/v2/models/{name}/config", get(crate::triton::config))
         .route(
             "/v2/models/{name}/versions/{version}/config",
@@ -178,10 +188,10 @@ fn metadata_of(device: &Device, loaded: &Loaded) -> serde_json::Value {
 
 /// A model path: `/v2/models/{name}` or `/v2/models/{name}/versions/{version}`.
 #[derive(Deserialize)]
-struct ModelRef {
-    name: String,
+pub(crate) struct ModelRef {
+    pub(crate) name: String,
     #[serde(default)]
-    version: Option<String>,
+    pub(crate) version: Option<String>,
 }
 
 async fn model_metadata(State(ctx): State<Ctx>, Path(m): Path<ModelRef>) -> Response {
@@ -195,137 +205,6 @@ async fn model_ready(State(ctx): State<Ctx>, Path(m): Path<ModelRef>) -> Respons
     match ctx.device.resolve(&m.name, m.version.as_deref()) {
         Ok(l) => axum::Json(json!({ "name": m.name, "version": l.version(), "ready": true }))
             .into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn infer(
-    State(ctx): State<Ctx>,
-    Path(ModelRef { name, version }): Path<ModelRef>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let result = async {
-        // Resolve first so an unknown model is a 404 whatever the body.
-        ctx.device.resolve(&name, version.as_deref())?;
-        let bytes = read_body(&headers, body, ctx.limits.max_request_bytes).await?;
-        let json_len = headers
-            .get(oip::HEADER_LENGTH)
-            .map(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|s| s.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        InferError::BadRequest(
-                            "Inference-Header-Content-Length must be a number".into(),
-                        )
-                    })
-            })
-            .transpose()?;
-        let request = oip::decode_request(&bytes, json_len, ctx.limits.max_request_bytes)?;
-        let (loaded, out) = ctx
-            .device
-            .infer(&name, version.as_deref(), Payload::Tensors(request.inputs))
-            .await?;
-        Ok::<_, InferError>((
-            loaded,
-            out.payload,
-            request.id,
-            request.outputs,
-            request.binary_output,
-        ))
-    }
-    .await;
-    let (loaded, payload, id, requested, binary_output) = match result {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    match payload {
-        Payload::Tensors(outputs) => {
-            match oip::encode_response(
-                &name,
-                loaded.version(),
-                id.as_deref(),
-                &outputs,
-                &requested,
-                binary_output,
-                &loaded.manifest.labels,
-            ) {
-                Ok((json, binary)) if binary.is_empty() => {
-                    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
-                }
-                Ok((json, binary)) => {
-                    let len = json.len().to_string();
-                    let mut body = json;
-                    body.extend_from_slice(&binary);
-                    (
-                        [
-                            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-                            (header::HeaderName::from_static(oip::HEADER_LENGTH), len),
-                        ],
-                        body,
-                    )
-                        .into_response()
-                }
-                Err(e) => e.into_response(),
-            }
-        }
-        Payload::Raw { content_type, body } => raw_response(content_type, body),
-    }
-}
-
-fn raw_response(content_type: String, body: Vec<u8>) -> Response {
-    let ct = HeaderValue::from_str(&content_type)
-        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    ([(header::CONTENT_TYPE, ct)], body).into_response()
-}
-
-async fn raw(
-    State(ctx): State<Ctx>,
-    Path(ModelRef { name, version }): Path<ModelRef>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let result = async {
-        ctx.device.resolve(&name, version.as_deref())?;
-        let bytes = read_body(&headers, body, ctx.limits.max_request_bytes).await?;
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/octet-stream")
-            .to_owned();
-        ctx.device
-            .infer(
-                &name,
-                version.as_deref(),
-                Payload::Raw {
-                    content_type,
-                    body: bytes,
-                },
-            )
-            .await
-    }
-    .await;
-    match result {
-        Ok((loaded, out)) => match out.payload {
-            Payload::Raw { content_type, body } => raw_response(content_type, body),
-            Payload::Tensors(outputs) => {
-                match oip::encode_response(
-                    &name,
-                    loaded.version(),
-                    None,
-                    &outputs,
-                    &[],
-                    false,
-                    &loaded.manifest.labels,
-                ) {
-                    Ok((json, _)) => {
-                        ([(header::CONTENT_TYPE, "application/json")], json).into_response()
-                    }
-                    Err(e) => e.into_response(),
-                }
-            }
-        },
         Err(e) => e.into_response(),
     }
 }
@@ -353,7 +232,7 @@ async fn repository_index(State(ctx): State<Ctx>) -> Response {
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.device.metrics.render(),
+        ctx.device.metrics.render() + &ctx.device.budget.render(),
     )
         .into_response()
 }

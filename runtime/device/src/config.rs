@@ -33,6 +33,16 @@ max_concurrent_requests = 8
 # Largest inference request body, in bytes (413 above it, before reading the body).
 max_request_bytes = 8388608
 
+# Largest JSON inference response, in bytes (an upper bound reckoned before it is written;
+# above it the client is told to ask for binary outputs).
+max_response_bytes = 33554432
+
+# Bytes of requests (their bodies and the tensors decoded from them) and responses in flight
+# at once, over all connections. A request takes its share before its body is read; what does
+# not fit now is answered 503, what could never fit 413. See docs/reliability.md for the
+# memory bound this gives.
+max_inflight_bytes = 67108864
+
 # Largest bundle accepted for install, in bytes.
 max_bundle_bytes = 268435456
 
@@ -93,6 +103,8 @@ struct RawConfig {
     trust_store: Option<PathBuf>,
     max_concurrent_requests: Option<usize>,
     max_request_bytes: Option<u64>,
+    max_response_bytes: Option<u64>,
+    max_inflight_bytes: Option<u64>,
     max_bundle_bytes: Option<u64>,
     #[serde(default)]
     guest_caps: RawCaps,
@@ -204,6 +216,10 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Largest inference request body.
     pub max_request_bytes: u64,
+    /// Largest JSON inference response.
+    pub max_response_bytes: u64,
+    /// Bytes of requests and responses in flight at once.
+    pub max_inflight_bytes: u64,
     /// Largest bundle upload.
     pub max_bundle_bytes: u64,
     /// Device-wide guest caps.
@@ -276,6 +292,15 @@ impl Config {
         }
         let fleet = raw.fleet.validate(base).map_err(HostError::Config)?;
         let (http, admin_http) = raw.http.validate()?;
+        let max_request_bytes = raw.max_request_bytes.unwrap_or(8 << 20);
+        let max_response_bytes = raw.max_response_bytes.unwrap_or(32 << 20);
+        let max_inflight_bytes = raw.max_inflight_bytes.unwrap_or(64 << 20);
+        if max_inflight_bytes < max_request_bytes.max(max_response_bytes) {
+            return Err(HostError::Config(format!(
+                "max_inflight_bytes ({max_inflight_bytes}) must hold at least one largest request \
+                 ({max_request_bytes}) and one largest response ({max_response_bytes})"
+            )));
+        }
         Ok(Self {
             http,
             admin_http,
@@ -289,7 +314,9 @@ impl Config {
                     .unwrap_or_else(|| "/etc/outpost/trust.toml".into()),
             ),
             max_concurrent_requests,
-            max_request_bytes: raw.max_request_bytes.unwrap_or(8 << 20),
+            max_request_bytes,
+            max_response_bytes,
+            max_inflight_bytes,
             max_bundle_bytes: raw.max_bundle_bytes.unwrap_or(256 << 20),
             guest_caps: caps,
         })
@@ -326,6 +353,7 @@ mod tests {
         assert!(Config::from_toml("admin_token = \"short\"", Path::new("/")).is_err());
         assert!(Config::from_toml("max_concurrent_requests = 0", Path::new("/")).is_err());
         assert!(Config::from_toml("[http]\nidle_timeout_ms = 0", Path::new("/")).is_err());
+        assert!(Config::from_toml("max_inflight_bytes = 1024", Path::new("/")).is_err());
         assert!(Config::from_toml("[http]\nmax_connections = 0", Path::new("/")).is_err());
         assert!(Config::from_toml("[fleet]\nbroker = \"mqtt://h:1\"", Path::new("/")).is_err());
     }

@@ -56,6 +56,8 @@ pub struct Device {
     admin: std::sync::Mutex<()>,
     permits: Arc<Semaphore>,
     max_concurrent: usize,
+    /// Bytes of requests and responses in flight.
+    pub(crate) budget: crate::budget::Budget,
     /// Request metrics.
     pub metrics: Metrics,
 }
@@ -111,6 +113,7 @@ impl Device {
             admin: std::sync::Mutex::new(()),
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             max_concurrent: config.max_concurrent_requests,
+            budget: crate::budget::Budget::new(config.max_inflight_bytes),
             metrics: Metrics::default(),
         };
         for (name, version) in device.state.active()? {

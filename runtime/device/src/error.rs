@@ -138,6 +138,32 @@ pub enum InferError {
     /// Too many requests are running (503).
     #[error("busy: {0} requests are running; retry later")]
     Busy(usize),
+    /// The bytes in flight are at the device's budget (503).
+    #[error(
+        "busy: the device holds its {0} bytes of requests and responses in flight; retry later"
+    )]
+    BudgetBusy(u64),
+    /// A request that could never fit in the budget (413).
+    #[error(
+        "{what} would take {bytes} bytes in flight, more than the device's max_inflight_bytes ({budget})"
+    )]
+    OverBudget {
+        /// What would not fit.
+        what: String,
+        /// How much it needs.
+        bytes: u64,
+        /// The whole budget.
+        budget: u64,
+    },
+    /// A JSON response longer than allowed (400): the client can ask for binary outputs.
+    #[error(
+        "the JSON response is longer than max_response_bytes ({limit}); ask for the outputs as \
+         binary data (parameters.binary_data_output = true) or for fewer outputs"
+    )]
+    ResponseTooLarge {
+        /// The limit.
+        limit: u64,
+    },
     /// The guest refused the input (400).
     #[error("{0}")]
     InvalidInput(String),
@@ -160,9 +186,11 @@ impl InferError {
     pub fn status(&self) -> u16 {
         match self {
             InferError::UnknownModel(_) | InferError::UnknownVersion { .. } => 404,
-            InferError::BadRequest(_) | InferError::InvalidInput(_) => 400,
-            InferError::TooLarge(_) => 413,
-            InferError::Busy(_) => 503,
+            InferError::BadRequest(_)
+            | InferError::InvalidInput(_)
+            | InferError::ResponseTooLarge { .. } => 400,
+            InferError::TooLarge(_) | InferError::OverBudget { .. } => 413,
+            InferError::Busy(_) | InferError::BudgetBusy(_) => 503,
             InferError::Internal(_)
             | InferError::Deadline(_)
             | InferError::Memory(_)
@@ -175,8 +203,10 @@ impl InferError {
         match self {
             InferError::UnknownModel(_) | InferError::UnknownVersion { .. } => "not_found",
             InferError::BadRequest(_) | InferError::InvalidInput(_) => "invalid_input",
-            InferError::TooLarge(_) => "too_large",
-            InferError::Busy(_) => "busy",
+            InferError::TooLarge(_)
+            | InferError::OverBudget { .. }
+            | InferError::ResponseTooLarge { .. } => "too_large",
+            InferError::Busy(_) | InferError::BudgetBusy(_) => "busy",
             InferError::Internal(_) => "internal",
             InferError::Deadline(_) => "deadline",
             InferError::Memory(_) => "memory",

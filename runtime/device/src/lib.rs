@@ -5,6 +5,8 @@
 //! `outpost-inference`), rumqttc, or the fleet server.
 
 pub mod api;
+mod api_infer;
+mod budget;
 pub mod config;
 mod contract;
 pub mod device;
@@ -14,6 +16,7 @@ pub mod metrics;
 pub mod oip;
 mod run;
 pub mod state;
+mod tensor_json;
 mod triton;
 
 pub use config::{Config, DEFAULT_CONFIG, GuestCaps};

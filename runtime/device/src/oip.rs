@@ -2,6 +2,7 @@
 //! data extension (`Inference-Header-Content-Length`).
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use outpost_bundle::manifest::DataType;
@@ -14,26 +15,28 @@ pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct InferRequest {
+struct InferRequest<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    inputs: Vec<InputTensor>,
+    #[serde(borrow)]
+    inputs: Vec<InputTensor<'a>>,
     #[serde(default)]
     outputs: Option<Vec<RequestedOutput>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct InputTensor {
+struct InputTensor<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    #[serde(default)]
-    data: Option<Value>,
+    /// Kept as its text until the datatype is known (see `tensor_json`).
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +95,45 @@ pub fn decode_request(
     json_len: Option<usize>,
     max_tensor_bytes: u64,
 ) -> Result<Request, InferError> {
+    decode_request_within(body, json_len, max_tensor_bytes, |_| Ok(())).map(|(r, ())| r)
+}
+
+/// An upper bound of the bytes `input`'s tensor decodes to, before it is decoded: binary data
+/// is copied as it is; a JSON element takes at least two characters (`0,`).
+fn decoded_bound(input: &InputTensor<'_>, datatype: DataType, cap: u64) -> u64 {
+    let bound = match (&input.data, binary_size(input)) {
+        (_, Some(n)) => n,
+        (Some(raw), None) => {
+            let text = raw.get().len() as u64;
+            match datatype {
+                // A length prefix of 4 bytes per element of at least 3 characters (`"",`), and
+                // the characters themselves.
+                DataType::Bytes => text * 2 + 4,
+                other => text.div_ceil(2) * other.element_size().unwrap_or(8) as u64,
+            }
+        }
+        (None, None) => 0,
+    };
+    bound.min(cap)
+}
+
+fn binary_size(input: &InputTensor<'_>) -> Option<u64> {
+    input
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get("binary_data_size"))
+        .and_then(Value::as_u64)
+}
+
+/// [`decode_request`], calling `reserve` with an upper bound of the bytes the tensors will
+/// take once the request's header has been parsed and before any tensor is decoded (the
+/// caller takes them from its budget); returns what `reserve` returned.
+pub fn decode_request_within<R>(
+    body: &[u8],
+    json_len: Option<usize>,
+    max_tensor_bytes: u64,
+    reserve: impl FnOnce(u64) -> Result<R, InferError>,
+) -> Result<(Request, R), InferError> {
     let (json, mut binary) = match json_len {
         Some(n) if n <= body.len() => body.split_at(n),
         Some(n) => {
@@ -104,6 +146,12 @@ pub fn decode_request(
     };
     let req: InferRequest = serde_json::from_slice(json)
         .map_err(|e| bad(format!("malformed inference request: {e}")))?;
+    let mut bound = 0u64;
+    for input in &req.inputs {
+        let datatype = parse_datatype(&input.datatype)?;
+        bound = bound.saturating_add(decoded_bound(input, datatype, max_tensor_bytes));
+    }
+    let reserved = reserve(bound)?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in req.inputs {
         let datatype = parse_datatype(&input.datatype)?;
@@ -138,7 +186,9 @@ pub fn decode_request(
                 binary = rest;
                 head.to_vec()
             }
-            (None, Some(value)) => encode_json(&input.name, datatype, &value, max_tensor_bytes)?,
+            (None, Some(raw)) => {
+                crate::tensor_json::decode(&input.name, datatype, raw, max_tensor_bytes)?
+            }
             (Some(_), Some(_)) => {
                 return Err(bad(format!(
                     "input `{}` has both data and binary_data_size",
@@ -185,138 +235,19 @@ pub fn decode_request(
             })
         })
         .collect::<Result<_, InferError>>()?;
-    Ok(Request {
-        id: req.id,
-        inputs,
-        outputs,
-        binary_output,
-    })
+    Ok((
+        Request {
+            id: req.id,
+            inputs,
+            outputs,
+            binary_output,
+        },
+        reserved,
+    ))
 }
 
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>, limit: usize) -> Result<(), InferError> {
-    match value {
-        Value::Array(items) => {
-            for item in items {
-                flatten(item, out, limit)?;
-            }
-        }
-        other => {
-            if out.len() >= limit {
-                return Err(bad("tensor data is larger than the limit"));
-            }
-            out.push(other);
-        }
-    }
-    Ok(())
-}
-
-fn encode_json(
-    name: &str,
-    datatype: DataType,
-    value: &Value,
-    cap: u64,
-) -> Result<Vec<u8>, InferError> {
-    let mut items = Vec::new();
-    flatten(
-        value,
-        &mut items,
-        usize::try_from(cap).unwrap_or(usize::MAX),
-    )?;
-    let wrong = |v: &Value| {
-        bad(format!(
-            "input `{name}`: {v} is not a valid {}",
-            datatype.oip_name()
-        ))
-    };
-    let mut out = Vec::with_capacity(items.len() * datatype.element_size().unwrap_or(8));
-    for v in items {
-        let int = || {
-            v.as_i64()
-                .map(i128::from)
-                .or_else(|| v.as_u64().map(i128::from))
-        };
-        macro_rules! int_as {
-            ($t:ty) => {{
-                let x = int()
-                    .and_then(|i| <$t>::try_from(i).ok())
-                    .ok_or_else(|| wrong(v))?;
-                out.extend_from_slice(&x.to_le_bytes());
-            }};
-        }
-        match datatype {
-            DataType::Bool => out.push(u8::from(v.as_bool().ok_or_else(|| wrong(v))?)),
-            DataType::U8 => int_as!(u8),
-            DataType::U16 => int_as!(u16),
-            DataType::U32 => int_as!(u32),
-            DataType::U64 => int_as!(u64),
-            DataType::I8 => int_as!(i8),
-            DataType::I16 => int_as!(i16),
-            DataType::I32 => int_as!(i32),
-            DataType::I64 => int_as!(i64),
-            DataType::F32 => {
-                out.extend_from_slice(&(v.as_f64().ok_or_else(|| wrong(v))? as f32).to_le_bytes())
-            }
-            DataType::F64 => {
-                out.extend_from_slice(&v.as_f64().ok_or_else(|| wrong(v))?.to_le_bytes())
-            }
-            DataType::F16 => return Err(bad(format!("input `{name}`: send FP16 as binary data"))),
-            DataType::Bytes => {
-                let s = v.as_str().ok_or_else(|| wrong(v))?;
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Decodes packed elements to JSON values.
-pub fn tensor_json(t: &Tensor) -> Vec<Value> {
-    let d = &t.data;
-    macro_rules! num {
-        ($t:ty, $n:expr) => {
-            d.chunks_exact($n)
-                .map(|c| {
-                    let mut a = [0u8; $n];
-                    a.copy_from_slice(c);
-                    serde_json::json!(<$t>::from_le_bytes(a))
-                })
-                .collect()
-        };
-    }
-    match t.datatype {
-        DataType::Bool => d.iter().map(|&b| Value::Bool(b != 0)).collect(),
-        DataType::U8 => num!(u8, 1),
-        DataType::U16 => num!(u16, 2),
-        DataType::U32 => num!(u32, 4),
-        DataType::U64 => num!(u64, 8),
-        DataType::I8 => num!(i8, 1),
-        DataType::I16 => num!(i16, 2),
-        DataType::I32 => num!(i32, 4),
-        DataType::I64 => num!(i64, 8),
-        DataType::F32 => num!(f32, 4),
-        DataType::F64 => num!(f64, 8),
-        DataType::F16 => d
-            .chunks_exact(2)
-            .map(|c| serde_json::json!(half_to_f32(u16::from_le_bytes([c[0], c[1]]))))
-            .collect(),
-        DataType::Bytes => {
-            let mut out = Vec::new();
-            let mut rest = &d[..];
-            while rest.len() >= 4 {
-                let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                let Some(item) = rest.get(4..4 + len) else {
-                    break;
-                };
-                out.push(Value::String(String::from_utf8_lossy(item).into_owned()));
-                rest = &rest[4 + len..];
-            }
-            out
-        }
-    }
-}
-
-fn half_to_f32(h: u16) -> f32 {
+/// An IEEE half-precision float's value.
+pub(crate) fn half_to_f32(h: u16) -> f32 {
     let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
     let exp = i32::from((h >> 10) & 0x1f);
     let frac = f32::from(h & 0x3ff);
@@ -336,19 +267,72 @@ struct OutputTensor<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     parameters: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<Vec<Value>>,
+    data: Option<crate::tensor_json::Data<'a>>,
 }
 
-/// Encodes a response: the JSON document and the binary section (empty when none).
-pub fn encode_response(
+/// An inference response's JSON document, written straight from the output tensors.
+#[derive(Serialize)]
+struct InferResponse<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    model_name: &'a str,
+    model_version: &'a str,
+    outputs: Vec<OutputTensor<'a>>,
+}
+
+/// A buffer that refuses to grow past `cap` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.cap {
+            return Err(std::io::Error::other(
+                "the response is longer than its limit",
+            ));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How a response is to be written.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoding<'a> {
+    /// Outputs asked for (all when empty).
+    pub requested: &'a [Wanted],
+    /// Every output as binary data.
+    pub binary_output: bool,
+    /// The bundle's labels (for classification).
+    pub labels: &'a [String],
+    /// The longest JSON document allowed.
+    pub max_json_bytes: u64,
+}
+
+/// Encodes a response: the JSON document and the binary section (empty when none). Before
+/// writing, `reserve` is called with an upper bound of both together (the caller takes it
+/// from its budget); a JSON document longer than `max_json_bytes` is refused with
+/// [`InferError::ResponseTooLarge`].
+pub fn encode_response<R>(
     model: &str,
     version: &str,
     req_id: Option<&str>,
     outputs: &[Tensor],
-    requested: &[Wanted],
-    binary_output: bool,
-    labels: &[String],
-) -> Result<(Vec<u8>, Vec<u8>), InferError> {
+    how: Encoding<'_>,
+    reserve: impl FnOnce(u64) -> Result<R, InferError>,
+) -> Result<(Vec<u8>, Vec<u8>, R), InferError> {
+    let Encoding {
+        requested,
+        binary_output,
+        labels,
+        max_json_bytes,
+    } = how;
     let mut chosen: Vec<(std::borrow::Cow<'_, Tensor>, bool)> = Vec::new();
     for t in outputs {
         let wanted = if requested.is_empty() {
@@ -368,7 +352,22 @@ pub fn encode_response(
         };
         chosen.push((t, as_binary));
     }
-    let mut binary = Vec::new();
+    // Names, shapes and the document around the tensors: generously.
+    let mut json_bound = 256 + model.len() as u64 + version.len() as u64;
+    json_bound += req_id.map_or(0, |id| 6 * id.len() as u64);
+    let mut binary_len = 0u64;
+    for (t, as_binary) in &chosen {
+        json_bound += 128 + 6 * t.name.len() as u64 + 21 * t.shape.len() as u64;
+        if *as_binary {
+            binary_len += t.data.len() as u64;
+        } else {
+            json_bound += crate::tensor_json::json_bound(t);
+        }
+    }
+    // The bound is pessimistic (16 characters for every FP32): the document is written into a
+    // buffer that refuses to grow past the limit, and only that much is reserved.
+    let reserved = reserve(json_bound.min(max_json_bytes) + binary_len)?;
+    let mut binary = Vec::with_capacity(usize::try_from(binary_len).unwrap_or(0));
     let mut list = Vec::new();
     for (t, as_binary) in &chosen {
         let (t, as_binary): (&Tensor, bool) = (t, *as_binary);
@@ -387,7 +386,7 @@ pub fn encode_response(
                 datatype: t.datatype.oip_name(),
                 shape: &t.shape,
                 parameters: None,
-                data: Some(tensor_json(t)),
+                data: Some(crate::tensor_json::Data(t)),
             });
         }
     }
@@ -397,16 +396,27 @@ pub fn encode_response(
     {
         return Err(bad(format!("the model has no output `{}`", missing.name)));
     }
-    let mut doc = serde_json::json!({
-        "model_name": model,
-        "model_version": version,
-        "outputs": list,
-    });
-    if let Some(id) = req_id {
-        doc["id"] = Value::String(id.to_owned());
+    let doc = InferResponse {
+        id: req_id,
+        model_name: model,
+        model_version: version,
+        outputs: list,
+    };
+    let mut json = Capped {
+        buf: Vec::new(),
+        cap: usize::try_from(max_json_bytes).unwrap_or(usize::MAX),
+    };
+    if let Err(e) = serde_json::to_writer(&mut json, &doc) {
+        return Err(if e.is_io() {
+            InferError::ResponseTooLarge {
+                limit: max_json_bytes,
+            }
+        } else {
+            InferError::Internal(e.to_string())
+        });
     }
-    let json = serde_json::to_vec(&doc).map_err(|e| InferError::Internal(e.to_string()))?;
-    Ok((json, binary))
+    let json = json.buf;
+    Ok((json, binary, reserved))
 }
 
 /// The classification extension, as Triton answers it: for each row of `t` (its last axis),
@@ -421,10 +431,7 @@ fn classify(t: &Tensor, k: u64, labels: &[String]) -> Result<Tensor, InferError>
             t.datatype.oip_name()
         )));
     }
-    let values: Vec<f64> = tensor_json(t)
-        .iter()
-        .map(|v| v.as_f64().unwrap_or(f64::NAN))
-        .collect();
+    let values = crate::tensor_json::as_f64s(t);
     let width = t.shape.last().copied().unwrap_or(1).max(1) as usize;
     let k = (k as usize).min(width);
     let mut data = Vec::new();
@@ -465,13 +472,8 @@ mod tests {
         assert_eq!(r.id.as_deref(), Some("7"));
         assert_eq!(r.inputs[0].shape, vec![2, 2]);
         assert_eq!(
-            tensor_json(&r.inputs[0]),
-            vec![
-                serde_json::json!(1.0),
-                serde_json::json!(2.0),
-                serde_json::json!(3.0),
-                serde_json::json!(4.5)
-            ]
+            crate::tensor_json::as_f64s(&r.inputs[0]),
+            vec![1.0, 2.0, 3.0, 4.5]
         );
     }
 
@@ -482,10 +484,7 @@ mod tests {
         body.extend_from_slice(&7i32.to_le_bytes());
         body.extend_from_slice(&(-1i32).to_le_bytes());
         let r = decode_request(&body, Some(json.len()), 1 << 20).unwrap();
-        assert_eq!(
-            tensor_json(&r.inputs[0]),
-            vec![serde_json::json!(7), serde_json::json!(-1)]
-        );
+        assert_eq!(crate::tensor_json::as_f64s(&r.inputs[0]), vec![7.0, -1.0]);
     }
 
     #[test]
@@ -503,6 +502,76 @@ mod tests {
             let e = decode_request(body, None, 1 << 20).unwrap_err();
             assert_eq!(e.status(), 400, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn a_json_response_past_its_limit_is_refused_with_a_hint_and_reserves_its_bound() {
+        let t = Tensor {
+            name: "y".into(),
+            datatype: DataType::F32,
+            shape: vec![1000],
+            data: vec![0; 4000],
+        };
+        let outputs = [t];
+        let how = Encoding {
+            requested: &[],
+            binary_output: false,
+            labels: &[],
+            max_json_bytes: 1000,
+        };
+        let e = encode_response("m", "1", None, &outputs, how, |_| Ok(())).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("binary_data_output"), "{e}");
+        let mut reserved = 0;
+        let roomy = Encoding {
+            max_json_bytes: 1 << 20,
+            ..how
+        };
+        let (json, binary, ()) = encode_response("m", "1", None, &outputs, roomy, |n| {
+            reserved = n;
+            Ok(())
+        })
+        .unwrap();
+        assert!(
+            binary.is_empty() && json.len() as u64 <= reserved,
+            "{reserved}"
+        );
+        // As binary data the same output fits the small limit, and its bytes are reserved.
+        let binary_how = Encoding {
+            binary_output: true,
+            ..how
+        };
+        let (_, binary, ()) = encode_response("m", "1", None, &outputs, binary_how, |n| {
+            reserved = n;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(binary.len(), 4000);
+        assert!(reserved >= 4000);
+        // A refusal to reserve is the answer.
+        let e = encode_response("m", "1", None, &outputs, roomy, |_| {
+            Err::<(), _>(InferError::BudgetBusy(1))
+        })
+        .unwrap_err();
+        assert_eq!(e.status(), 503);
+    }
+
+    #[test]
+    fn decoding_reserves_a_bound_of_the_tensors_before_decoding_them() {
+        let body = br#"{"inputs":[{"name":"x","shape":[4],"datatype":"FP64","data":[0,0,0,0]}]}"#;
+        let mut reserved = 0;
+        let (r, ()) = decode_request_within(body, None, 1 << 20, |n| {
+            reserved = n;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(r.inputs[0].data.len(), 32);
+        assert!(reserved >= 32, "{reserved}");
+        let e = decode_request_within(body, None, 1 << 20, |_| {
+            Err::<(), _>(InferError::BudgetBusy(1))
+        })
+        .unwrap_err();
+        assert_eq!(e.status(), 503);
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub async fn run(
 ) -> Result<()> {
     let limits = ApiLimits {
         max_request_bytes: config.max_request_bytes,
+        max_response_bytes: config.max_response_bytes,
         max_bundle_bytes: config.max_bundle_bytes,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

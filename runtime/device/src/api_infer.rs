@@ -1,0 +1,189 @@
+//! The inference handlers (OIP `infer` and the raw endpoint), within the device's byte
+//! budget: a request takes its share before its body is read, more for its decoded tensors,
+//! and its response keeps a share until it has been sent.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::api::{Ctx, ModelRef, read_body};
+use crate::budget::{self, Held};
+use crate::error::InferError;
+use crate::oip::{self, Encoding};
+use outpost_engine::Payload;
+
+/// Reads an inference body after taking its share of the budget: its declared length, or the
+/// largest allowed when it is chunked.
+async fn read_within(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Vec<u8>, Held), InferError> {
+    let limit = ctx.limits.max_request_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(InferError::TooLarge(limit));
+    }
+    let share = ctx
+        .device
+        .budget
+        .take(declared.unwrap_or(limit), "the request body")?;
+    let bytes = read_body(headers, body, limit).await?;
+    Ok((bytes, share))
+}
+
+fn json_header_length(headers: &HeaderMap) -> Result<Option<usize>, InferError> {
+    headers
+        .get(oip::HEADER_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    InferError::BadRequest(
+                        "Inference-Header-Content-Length must be a number".into(),
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// `POST /v2/models/{name}[/versions/{version}]/infer`.
+pub(crate) async fn infer(
+    State(ctx): State<Ctx>,
+    Path(ModelRef { name, version }): Path<ModelRef>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        // Resolve first so an unknown model is a 404 whatever the body.
+        ctx.device.resolve(&name, version.as_deref())?;
+        let (bytes, body_share) = read_within(&ctx, &headers, body).await?;
+        let json_len = json_header_length(&headers)?;
+        let (request, tensor_share) =
+            oip::decode_request_within(&bytes, json_len, ctx.limits.max_request_bytes, |n| {
+                ctx.device.budget.take(n, "the request's tensors")
+            })?;
+        drop((bytes, body_share));
+        let (loaded, out) = ctx
+            .device
+            .infer(&name, version.as_deref(), Payload::Tensors(request.inputs))
+            .await?;
+        drop(tensor_share);
+        Ok::<_, InferError>((
+            loaded,
+            out.payload,
+            request.id,
+            request.outputs,
+            request.binary_output,
+        ))
+    }
+    .await;
+    let (loaded, payload, id, requested, binary_output) = match result {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let outputs = match payload {
+        Payload::Tensors(outputs) => outputs,
+        Payload::Raw { content_type, body } => return raw_response(&ctx, content_type, body),
+    };
+    let how = Encoding {
+        requested: &requested,
+        binary_output,
+        labels: &loaded.manifest.labels,
+        max_json_bytes: ctx.limits.max_response_bytes,
+    };
+    let encoded =
+        oip::encode_response(&name, loaded.version(), id.as_deref(), &outputs, how, |n| {
+            ctx.device.budget.take(n, "the response")
+        });
+    drop(outputs);
+    match encoded {
+        Ok((json, binary, share)) if binary.is_empty() => (
+            [(header::CONTENT_TYPE, "application/json")],
+            budget::body(json, share),
+        )
+            .into_response(),
+        Ok((json, binary, share)) => {
+            let len = json.len().to_string();
+            let mut body = json;
+            body.extend_from_slice(&binary);
+            drop(binary);
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::HeaderName::from_static(oip::HEADER_LENGTH), len),
+                ],
+                budget::body(body, share),
+            )
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A raw response, keeping its share of the budget until it has been sent.
+fn raw_response(ctx: &Ctx, content_type: String, body: Vec<u8>) -> Response {
+    let share = match ctx.device.budget.take(body.len() as u64, "the response") {
+        Ok(share) => share,
+        Err(e) => return e.into_response(),
+    };
+    let ct = HeaderValue::from_str(&content_type)
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    ([(header::CONTENT_TYPE, ct)], budget::body(body, share)).into_response()
+}
+
+/// `POST /v2/models/{name}[/versions/{version}]/raw`.
+pub(crate) async fn raw(
+    State(ctx): State<Ctx>,
+    Path(ModelRef { name, version }): Path<ModelRef>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        ctx.device.resolve(&name, version.as_deref())?;
+        let (bytes, share) = read_within(&ctx, &headers, body).await?;
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_owned();
+        let payload = Payload::Raw {
+            content_type,
+            body: bytes,
+        };
+        let out = ctx.device.infer(&name, version.as_deref(), payload).await;
+        drop(share);
+        out
+    }
+    .await;
+    let (loaded, out) = match result {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match out.payload {
+        Payload::Raw { content_type, body } => raw_response(&ctx, content_type, body),
+        Payload::Tensors(outputs) => {
+            let how = Encoding {
+                requested: &[],
+                binary_output: false,
+                labels: &loaded.manifest.labels,
+                max_json_bytes: ctx.limits.max_response_bytes,
+            };
+            match oip::encode_response(&name, loaded.version(), None, &outputs, how, |n| {
+                ctx.device.budget.take(n, "the response")
+            }) {
+                Ok((json, _, share)) => (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    budget::body(json, share),
+                )
+                    .into_response(),
+                Err(e) => e.into_response(),
+            }
+        }
+    }
+}
