@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use crate::api::{Ctx, ModelRef, read_body};
 use crate::budget::{self, Held};
 use crate::error::InferError;
-use crate::oip::{self, Encoding};
 use outpost_engine::Payload;
+use outpost_oip::{self as oip, Encoding};
 
 /// Reads an inference body after taking its share of the budget: its declared length, or the
 /// largest allowed when it is chunked.

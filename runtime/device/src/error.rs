@@ -215,6 +215,17 @@ impl InferError {
     }
 }
 
+impl From<outpost_oip::OipError> for InferError {
+    fn from(e: outpost_oip::OipError) -> Self {
+        use outpost_oip::OipError as O;
+        match e {
+            O::BadRequest(m) => InferError::BadRequest(m),
+            O::ResponseTooLarge { limit } => InferError::ResponseTooLarge { limit },
+            O::Internal(m) => InferError::Internal(m),
+        }
+    }
+}
+
 impl From<outpost_engine::CallError> for InferError {
     fn from(e: outpost_engine::CallError) -> Self {
         use outpost_engine::CallError as C;

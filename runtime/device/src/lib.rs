@@ -13,14 +13,14 @@ pub mod device;
 mod error;
 mod fleet_link;
 pub mod metrics;
-pub mod oip;
 mod run;
 pub mod state;
-mod tensor_json;
 mod triton;
 
 pub use config::{Config, DEFAULT_CONFIG, GuestCaps};
 pub use device::Device;
 pub use error::{HostError, InferError, Result};
 pub use outpost_agent::FleetConfig;
+/// The OIP codec the HTTP API uses.
+pub use outpost_oip as oip;
 pub use run::{Listeners, run};

@@ -10,12 +10,12 @@ use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeSeq, Serializer};
 use serde_json::value::RawValue;
 
-use crate::error::InferError;
+use crate::OipError;
 use outpost_bundle::manifest::DataType;
 use outpost_inference::Tensor;
 
-fn bad(msg: impl Into<String>) -> InferError {
-    InferError::BadRequest(msg.into())
+fn bad(msg: impl Into<String>) -> OipError {
+    OipError::BadRequest(msg.into())
 }
 
 /// Parses `raw` (a number, string or bool, or nested arrays of them) into packed elements of
@@ -25,7 +25,7 @@ pub(crate) fn decode(
     datatype: DataType,
     raw: &RawValue,
     cap: u64,
-) -> Result<Vec<u8>, InferError> {
+) -> Result<Vec<u8>, OipError> {
     if datatype == DataType::F16 {
         return Err(bad(format!("input `{name}`: send FP16 as binary data")));
     }
@@ -217,9 +217,7 @@ impl Serialize for Data<'_> {
             DataType::F64 => each!(f64, 8),
             DataType::F16 => {
                 for c in d.chunks_exact(2) {
-                    seq.serialize_element(&crate::oip::half_to_f32(u16::from_le_bytes([
-                        c[0], c[1],
-                    ])))?;
+                    seq.serialize_element(&crate::half_to_f32(u16::from_le_bytes([c[0], c[1]])))?;
                 }
             }
             DataType::Bytes => {
@@ -292,7 +290,7 @@ pub(crate) fn as_f64s(t: &Tensor) -> Vec<f64> {
         DataType::F64 => each!(f64, 8),
         DataType::F16 => d
             .chunks_exact(2)
-            .map(|c| f64::from(crate::oip::half_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+            .map(|c| f64::from(crate::half_to_f32(u16::from_le_bytes([c[0], c[1]]))))
             .collect(),
         DataType::Bool | DataType::Bytes => vec![f64::NAN; d.len()],
     }

@@ -1,7 +1,7 @@
 //! Fuzzes the bundle reader: any input must give `Ok` or a `BundleError`, never a panic, and
 //! never an allocation beyond the read limits.
 //!
-//! Run with: `cargo +nightly fuzz run bundle_reader` from `runtime/bundle`.
+//! Run with `.ci/fuzz bundle_reader SECONDS` (stable toolchain; see `.ci/fuzz`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

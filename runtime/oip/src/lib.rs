@@ -1,5 +1,8 @@
 //! Open Inference Protocol v2 request and response bodies: JSON tensors and the binary tensor
-//! data extension (`Inference-Header-Content-Length`).
+//! data extension (`Inference-Header-Content-Length`). No transport: the device's HTTP API
+//! calls it, and so do the fuzz targets.
+
+mod tensor_json;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -7,7 +10,25 @@ use serde_json::{Map, Value};
 
 use outpost_bundle::manifest::DataType;
 
-use crate::error::InferError;
+/// A request the codec refuses, or a response it cannot write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OipError {
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A JSON response longer than allowed (400): the client can ask for binary outputs.
+    #[error(
+        "the JSON response is longer than max_response_bytes ({limit}); ask for the outputs as \
+         binary data (parameters.binary_data_output = true) or for fewer outputs"
+    )]
+    ResponseTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// The response could not be written.
+    #[error("cannot write the response: {0}")]
+    Internal(String),
+}
 use outpost_inference::Tensor;
 
 /// Header naming the length of the JSON part of a binary-extension body.
@@ -72,12 +93,12 @@ pub struct Request {
     pub binary_output: bool,
 }
 
-fn bad(msg: impl Into<String>) -> InferError {
-    InferError::BadRequest(msg.into())
+fn bad<E: From<OipError>>(msg: impl Into<String>) -> E {
+    OipError::BadRequest(msg.into()).into()
 }
 
 /// Parses a datatype name (`FP32`, ...).
-pub fn parse_datatype(name: &str) -> Result<DataType, InferError> {
+pub fn parse_datatype(name: &str) -> Result<DataType, OipError> {
     DataType::from_oip_name(name).ok_or_else(|| bad(format!("unknown datatype `{name}`")))
 }
 
@@ -94,15 +115,18 @@ pub fn decode_request(
     body: &[u8],
     json_len: Option<usize>,
     max_tensor_bytes: u64,
-) -> Result<Request, InferError> {
-    decode_request_within(body, json_len, max_tensor_bytes, |_| Ok(())).map(|(r, ())| r)
+) -> Result<Request, OipError> {
+    decode_request_within(body, json_len, max_tensor_bytes, |_| Ok::<_, OipError>(()))
+        .map(|(r, ())| r)
 }
 
 /// An upper bound of the bytes `input`'s tensor decodes to, before it is decoded: binary data
-/// is copied as it is; a JSON element takes at least two characters (`0,`).
+/// is copied as it is; a JSON element takes at least two characters (`0,`) and decodes to at
+/// most `cap` bytes.
 fn decoded_bound(input: &InputTensor<'_>, datatype: DataType, cap: u64) -> u64 {
     let bound = match (&input.data, binary_size(input)) {
-        (_, Some(n)) => n,
+        // Copied as it is, however long (it cannot be longer than the body).
+        (_, Some(n)) => return n,
         (Some(raw), None) => {
             let text = raw.get().len() as u64;
             match datatype {
@@ -128,12 +152,12 @@ fn binary_size(input: &InputTensor<'_>) -> Option<u64> {
 /// [`decode_request`], calling `reserve` with an upper bound of the bytes the tensors will
 /// take once the request's header has been parsed and before any tensor is decoded (the
 /// caller takes them from its budget); returns what `reserve` returned.
-pub fn decode_request_within<R>(
+pub fn decode_request_within<R, E: From<OipError>>(
     body: &[u8],
     json_len: Option<usize>,
     max_tensor_bytes: u64,
-    reserve: impl FnOnce(u64) -> Result<R, InferError>,
-) -> Result<(Request, R), InferError> {
+    reserve: impl FnOnce(u64) -> Result<R, E>,
+) -> Result<(Request, R), E> {
     let (json, mut binary) = match json_len {
         Some(n) if n <= body.len() => body.split_at(n),
         Some(n) => {
@@ -234,7 +258,7 @@ pub fn decode_request_within<R>(
                 classification,
             })
         })
-        .collect::<Result<_, InferError>>()?;
+        .collect::<Result<_, OipError>>()?;
     Ok((
         Request {
             id: req.id,
@@ -318,15 +342,15 @@ pub struct Encoding<'a> {
 /// Encodes a response: the JSON document and the binary section (empty when none). Before
 /// writing, `reserve` is called with an upper bound of both together (the caller takes it
 /// from its budget); a JSON document longer than `max_json_bytes` is refused with
-/// [`InferError::ResponseTooLarge`].
-pub fn encode_response<R>(
+/// [`OipError::ResponseTooLarge`].
+pub fn encode_response<R, E: From<OipError>>(
     model: &str,
     version: &str,
     req_id: Option<&str>,
     outputs: &[Tensor],
     how: Encoding<'_>,
-    reserve: impl FnOnce(u64) -> Result<R, InferError>,
-) -> Result<(Vec<u8>, Vec<u8>, R), InferError> {
+    reserve: impl FnOnce(u64) -> Result<R, E>,
+) -> Result<(Vec<u8>, Vec<u8>, R), E> {
     let Encoding {
         requested,
         binary_output,
@@ -408,11 +432,12 @@ pub fn encode_response<R>(
     };
     if let Err(e) = serde_json::to_writer(&mut json, &doc) {
         return Err(if e.is_io() {
-            InferError::ResponseTooLarge {
+            OipError::ResponseTooLarge {
                 limit: max_json_bytes,
             }
+            .into()
         } else {
-            InferError::Internal(e.to_string())
+            OipError::Internal(e.to_string()).into()
         });
     }
     let json = json.buf;
@@ -423,7 +448,7 @@ pub fn encode_response<R>(
 /// the `k` largest values, largest first, as BYTES elements `value:index` or
 /// `value:index:label` when the bundle has labels; the last dimension becomes `k` (or the row
 /// length, if smaller).
-fn classify(t: &Tensor, k: u64, labels: &[String]) -> Result<Tensor, InferError> {
+fn classify(t: &Tensor, k: u64, labels: &[String]) -> Result<Tensor, OipError> {
     if matches!(t.datatype, DataType::Bytes | DataType::Bool) {
         return Err(bad(format!(
             "output `{}` is {}; classification needs numbers",
@@ -500,7 +525,11 @@ mod tests {
         ];
         for body in cases {
             let e = decode_request(body, None, 1 << 20).unwrap_err();
-            assert_eq!(e.status(), 400, "{}", String::from_utf8_lossy(body));
+            assert!(
+                matches!(e, OipError::BadRequest(_)),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -519,8 +548,9 @@ mod tests {
             labels: &[],
             max_json_bytes: 1000,
         };
-        let e = encode_response("m", "1", None, &outputs, how, |_| Ok(())).unwrap_err();
-        assert_eq!(e.status(), 400);
+        let e =
+            encode_response("m", "1", None, &outputs, how, |_| Ok::<_, OipError>(())).unwrap_err();
+        assert_eq!(e, OipError::ResponseTooLarge { limit: 1000 });
         assert!(e.to_string().contains("binary_data_output"), "{e}");
         let mut reserved = 0;
         let roomy = Encoding {
@@ -529,7 +559,7 @@ mod tests {
         };
         let (json, binary, ()) = encode_response("m", "1", None, &outputs, roomy, |n| {
             reserved = n;
-            Ok(())
+            Ok::<_, OipError>(())
         })
         .unwrap();
         assert!(
@@ -543,17 +573,17 @@ mod tests {
         };
         let (_, binary, ()) = encode_response("m", "1", None, &outputs, binary_how, |n| {
             reserved = n;
-            Ok(())
+            Ok::<_, OipError>(())
         })
         .unwrap();
         assert_eq!(binary.len(), 4000);
         assert!(reserved >= 4000);
         // A refusal to reserve is the answer.
         let e = encode_response("m", "1", None, &outputs, roomy, |_| {
-            Err::<(), _>(InferError::BudgetBusy(1))
+            Err::<(), _>(OipError::Internal("full".into()))
         })
         .unwrap_err();
-        assert_eq!(e.status(), 503);
+        assert_eq!(e, OipError::Internal("full".into()));
     }
 
     #[test]
@@ -562,16 +592,16 @@ mod tests {
         let mut reserved = 0;
         let (r, ()) = decode_request_within(body, None, 1 << 20, |n| {
             reserved = n;
-            Ok(())
+            Ok::<_, OipError>(())
         })
         .unwrap();
         assert_eq!(r.inputs[0].data.len(), 32);
         assert!(reserved >= 32, "{reserved}");
         let e = decode_request_within(body, None, 1 << 20, |_| {
-            Err::<(), _>(InferError::BudgetBusy(1))
+            Err::<(), _>(OipError::Internal("full".into()))
         })
         .unwrap_err();
-        assert_eq!(e.status(), 503);
+        assert_eq!(e, OipError::Internal("full".into()));
     }
 
     #[test]
