@@ -57,6 +57,7 @@ fn host_error(e: HostError) -> Response {
         HostError::Bundle(_) => StatusCode::BAD_REQUEST,
         HostError::UnknownModel(_) | HostError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
         HostError::Revoked { .. } | HostError::RemoveActive { .. } => StatusCode::CONFLICT,
+        HostError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         HostError::Guest { .. } | HostError::Onnx { .. } | HostError::WarmUp { .. } => {
             StatusCode::UNPROCESSABLE_ENTITY
         }

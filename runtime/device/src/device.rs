@@ -180,6 +180,9 @@ impl Device {
         let version = m.version.to_string();
         let digest = sha256_hex(bytes);
         let (guest, models, compiled) = self.prepare(&m.name, &version, &digest, &verified)?;
+        let size = bytes.len() + compiled.as_ref().map_or(0, Vec::len);
+        self.state
+            .ensure_room(size as u64, &format!("installing {name} {version}"))?;
         let record = self.state.install(
             &m.name,
             &version,
@@ -231,6 +234,8 @@ impl Device {
             None => self.load(name, version)?,
         };
         self.warm_up(&loaded)?;
+        self.state
+            .ensure_room(0, &format!("activating {name} {version}"))?;
         self.state.set_active(name, version)?;
         let mut slots = self.slots.write().map_err(|_| poisoned())?;
         let slot = slots.entry(name.to_owned()).or_default();
@@ -289,8 +294,15 @@ impl Device {
         let verified = Bundle::read_verified(&bytes[..], &self.read_limits, &self.trust, highest)?;
         let manifest = verified.manifest().clone();
         let (guest, models, compiled) = self.prepare(name, version, &record.digest, &verified)?;
+        // A cache: kept when there is room for it (a full disk must not stop an activation).
         if let Some(artifact) = compiled {
-            self.state.put_compiled(&record.digest, &artifact)?;
+            let kept = self
+                .state
+                .ensure_room(artifact.len() as u64, "keeping the compiled guest")
+                .and_then(|()| self.state.put_compiled(&record.digest, &artifact));
+            if let Err(e) = kept {
+                tracing::warn!(model = %name, %version, error = %e, "cannot keep the compiled guest");
+            }
         }
         Ok(self.loaded(record, manifest, guest, models))
     }

@@ -16,6 +16,23 @@ pub enum HostError {
     /// The state database failed.
     #[error("state database error: {0}")]
     Store(sled::Error),
+    /// Too little room on the disk for a write (507): nothing was written.
+    #[error(
+        "the disk is full: {what} needs {wanted} bytes free on the file system of `{}` \
+         (its own size and 4 MiB for the state database), {free} are; free some space and \
+         try again",
+        dir.display()
+    )]
+    DiskFull {
+        /// What was refused.
+        what: String,
+        /// Bytes it needs free.
+        wanted: u64,
+        /// Bytes free.
+        free: u64,
+        /// The data directory.
+        dir: std::path::PathBuf,
+    },
     /// The state database holds something it should not.
     #[error("state database is inconsistent: {0}")]
     Corrupt(String),

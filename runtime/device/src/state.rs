@@ -45,7 +45,13 @@ pub struct State {
     previous: sled::Tree,
     counters: sled::Tree,
     compiled: sled::Tree,
+    /// Where the database lives (its file system's free space is checked before writes).
+    dir: std::path::PathBuf,
 }
+
+/// Free space kept beyond what a write itself needs: sled's log segments and snapshots. sled
+/// must never meet a full disk: after a failed write its flushes hang.
+const DISK_MARGIN: u64 = 4 << 20;
 
 fn key(name: &str, version: &str) -> Vec<u8> {
     format!("{name}/{version}").into_bytes()
@@ -89,7 +95,32 @@ impl State {
             counters: db.open_tree("counters")?,
             compiled: db.open_tree("compiled")?,
             db,
+            dir: dir.to_owned(),
         })
+    }
+
+    /// Bytes free for this process on the file system holding the database.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let stat = rustix::fs::statvfs(&self.dir).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// Refuses `what` with [`HostError::DiskFull`] unless `needed` bytes and a margin for the
+    /// database are free.
+    pub fn ensure_room(&self, needed: u64, what: &str) -> Result<()> {
+        let Some(free) = self.free_bytes() else {
+            return Ok(());
+        };
+        let wanted = needed.saturating_add(DISK_MARGIN);
+        if free < wanted {
+            return Err(HostError::DiskFull {
+                what: what.to_owned(),
+                wanted,
+                free,
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Bytes the database occupies on disk.
