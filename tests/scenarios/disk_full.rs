@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use outpost_testkit::{ADMIN_TOKEN, admin};
+use outpost_testkit::admin;
 use support::*;
 
 /// A tmpfs mounted at a path, unmounted on drop.
@@ -63,56 +63,14 @@ impl Drop for Tmpfs {
     }
 }
 
-fn start(dir: &Path) -> (Device, String) {
-    let device = Device::start(dir, "device.toml");
-    let admin_url = eventually(secs(30), "the admin API to listen", || {
-        let logs = device.proc.logs();
-        let line = logs.lines().find(|l| l.contains("admin API listening"))?;
-        Some(format!(
-            "http://{}",
-            first_word(line.split("addr=").nth(1)?)
-        ))
-    });
-    (device, admin_url)
-}
-
-fn installed(admin_url: &str) -> Vec<String> {
-    let reply = admin("GET", &format!("{admin_url}/admin/bundles"), b"");
-    reply
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["version"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[test]
 fn a_full_disk_refuses_an_install_clearly_and_loses_nothing() {
     let dir = bed("disk-full");
     // One installed digits takes about 1.2 MB (the bundle and its compiled guest), and the
     // device keeps 4 MiB free beyond what an install writes: 6 MiB hold one install, not two.
     let disk = Tmpfs::new(&dir.0.join("state"), 6 * 1024);
-    fs::write(
-        dir.0.join("device.toml"),
-        format!(
-            "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             admin_token = \"{ADMIN_TOKEN}\"\ntrust_store = \"trust.toml\"\n"
-        ),
-    )
-    .unwrap();
-    ok(
-        &dir.0,
-        &[
-            "device",
-            "install",
-            "digits-1.0.0.opb",
-            "--config",
-            "device.toml",
-            "--activate",
-        ],
-    );
-    let (device, admin_url) = start(&dir.0);
+    admin_device_config(&dir.0);
+    let (device, admin_url) = start_admin_device(&dir.0);
     assert_eq!(device.digits(), Ok("1.0.0".to_owned()));
 
     let v2 = fs::read(dir.0.join("digits-2.0.0.opb")).unwrap();
@@ -125,16 +83,16 @@ fn a_full_disk_refuses_an_install_clearly_and_loses_nothing() {
         "the error does not say the disk is full: {message}"
     );
     assert_eq!(
-        installed(&admin_url),
+        installed_digits(&admin_url),
         ["1.0.0"],
         "nothing half-written is listed"
     );
     assert_eq!(device.digits(), Ok("1.0.0".to_owned()));
 
     drop(device);
-    let (device, admin_url) = start(&dir.0);
+    let (device, admin_url) = start_admin_device(&dir.0);
     assert_eq!(device.digits(), Ok("1.0.0".to_owned()), "after a restart");
-    assert_eq!(installed(&admin_url), ["1.0.0"]);
+    assert_eq!(installed_digits(&admin_url), ["1.0.0"]);
 
     // Room again: the same install goes through.
     disk.resize(16 * 1024);

@@ -20,27 +20,8 @@ struct Running {
 }
 
 fn start(dir: &Path) -> Running {
-    let device = Device::start(dir, "device.toml");
-    let admin = eventually(secs(30), "the admin API to listen", || {
-        let logs = device.proc.logs();
-        let line = logs.lines().find(|l| l.contains("admin API listening"))?;
-        let addr = line.split("addr=").nth(1)?;
-        Some(format!("http://{}", first_word(addr)))
-    });
+    let (device, admin) = start_admin_device(dir);
     Running { device, admin }
-}
-
-fn installed(admin_url: &str) -> Vec<String> {
-    let reply = admin("GET", &format!("{admin_url}/admin/bundles"), b"");
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|b| b["name"] == "digits")
-        .map(|b| b["version"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// A small xorshift, seeded from the clock: the moments of the kills.
@@ -58,25 +39,7 @@ fn a_kill_9_during_install_and_activation_leaves_the_old_or_the_new_version_serv
         .and_then(|r| r.parse().ok())
         .unwrap_or(10);
     let dir = bed("power-loss");
-    fs::write(
-        dir.0.join("device.toml"),
-        format!(
-            "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             admin_token = \"{ADMIN_TOKEN}\"\ntrust_store = \"trust.toml\"\n"
-        ),
-    )
-    .unwrap();
-    ok(
-        &dir.0,
-        &[
-            "device",
-            "install",
-            "digits-1.0.0.opb",
-            "--config",
-            "device.toml",
-            "--activate",
-        ],
-    );
+    admin_device_config(&dir.0);
     let bundles = [
         ("1.0.0", fs::read(dir.0.join("digits-1.0.0.opb")).unwrap()),
         ("2.0.0", fs::read(dir.0.join("digits-2.0.0.opb")).unwrap()),
@@ -100,7 +63,7 @@ fn a_kill_9_during_install_and_activation_leaves_the_old_or_the_new_version_serv
             .find(|(v, _)| *v != serving)
             .cloned()
             .unwrap();
-        if installed(&running.admin).contains(&target.to_owned()) {
+        if installed_digits(&running.admin).contains(&target.to_owned()) {
             let gone = admin(
                 "DELETE",
                 &format!("{}/admin/models/digits/versions/{target}", running.admin),
@@ -144,7 +107,7 @@ fn a_kill_9_during_install_and_activation_leaves_the_old_or_the_new_version_serv
             );
         }
         // Whatever the device lists as installed is whole: it activates.
-        for version in installed(&running.admin) {
+        for version in installed_digits(&running.admin) {
             let reply = admin(
                 "POST",
                 &format!("{}/admin/models/digits/activate", running.admin),

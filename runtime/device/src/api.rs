@@ -69,6 +69,14 @@ fn host_error(e: HostError) -> Response {
     error(status, e)
 }
 
+/// The `Content-Length` a request declares, if it declares one.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads a body up to `limit` bytes: a declared length above the limit is refused before any
 /// byte is read, and a chunked body is cut off at the limit.
 pub(crate) async fn read_body(
@@ -76,11 +84,7 @@ pub(crate) async fn read_body(
     body: Body,
     limit: u64,
 ) -> Result<Vec<u8>, InferError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    if declared_length(headers).is_some_and(|n| n > limit) {
         return Err(InferError::TooLarge(limit));
     }
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::api::{Ctx, ModelRef, read_body};
+use crate::api::{Ctx, ModelRef, declared_length, read_body};
 use crate::budget::{self, Held};
 use crate::error::InferError;
 use outpost_engine::Payload;
@@ -21,10 +21,7 @@ async fn read_within(
     body: Body,
 ) -> Result<(Vec<u8>, Held), InferError> {
     let limit = ctx.limits.max_request_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|n| n > limit) {
         return Err(InferError::TooLarge(limit));
     }

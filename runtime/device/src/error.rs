@@ -173,10 +173,7 @@ pub enum InferError {
         budget: u64,
     },
     /// A JSON response longer than allowed (400): the client can ask for binary outputs.
-    #[error(
-        "the JSON response is longer than max_response_bytes ({limit}); ask for the outputs as \
-         binary data (parameters.binary_data_output = true) or for fewer outputs"
-    )]
+    #[error("{}", outpost_oip::OipError::ResponseTooLarge { limit: *limit })]
     ResponseTooLarge {
         /// The limit.
         limit: u64,

@@ -671,3 +671,56 @@ pub fn enroll(fleet: &Fleet, dir: &Path, id: &str) -> String {
         ],
     )
 }
+
+/// A stand-alone device with its admin API (token [`outpost_testkit::ADMIN_TOKEN`]), its data
+/// in `dir/state` and digits 1.0.0 installed and active (the bed's bundles).
+pub fn admin_device_config(dir: &Path) {
+    fs::write(
+        dir.join("device.toml"),
+        format!(
+            "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             admin_token = \"{}\"\ntrust_store = \"trust.toml\"\n",
+            outpost_testkit::ADMIN_TOKEN
+        ),
+    )
+    .unwrap();
+    ok(
+        dir,
+        &[
+            "device",
+            "install",
+            "digits-1.0.0.opb",
+            "--config",
+            "device.toml",
+            "--activate",
+        ],
+    );
+}
+
+/// Starts the device of [`admin_device_config`]; returns it and its admin API's URL.
+pub fn start_admin_device(dir: &Path) -> (Device, String) {
+    let device = Device::start(dir, "device.toml");
+    let admin = eventually(secs(30), "the admin API to listen", || {
+        let logs = device.proc.logs();
+        let line = logs.lines().find(|l| l.contains("admin API listening"))?;
+        Some(format!(
+            "http://{}",
+            first_word(line.split("addr=").nth(1)?)
+        ))
+    });
+    (device, admin)
+}
+
+/// The versions of digits the device at `admin_url` lists as installed.
+pub fn installed_digits(admin_url: &str) -> Vec<String> {
+    let reply = outpost_testkit::admin("GET", &format!("{admin_url}/admin/bundles"), b"");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["name"] == "digits")
+        .map(|b| b["version"].as_str().unwrap().to_owned())
+        .collect()
+}
