@@ -13,6 +13,20 @@ pub enum AgentError {
     /// The agent's database holds something it should not.
     #[error("agent database is inconsistent: {0}")]
     Corrupt(String),
+    /// Too little room on the disk for a write: nothing was written.
+    #[error(
+        "the disk is full: the agent's store in `{}` needs {wanted} bytes free (4 MiB kept for \
+         its database), {free} are",
+        dir.display()
+    )]
+    DiskFull {
+        /// Bytes it needs free.
+        wanted: u64,
+        /// Bytes free.
+        free: u64,
+        /// The store's directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 // The wrapped error's text is part of the message, so it is not a `#[source]` as well.

@@ -26,6 +26,7 @@ pub mod download;
 mod error;
 pub mod outbox;
 mod reconcile;
+mod room;
 mod session;
 mod store;
 mod telemetry;

@@ -56,6 +56,8 @@ pub struct Outbox {
     /// Records handed to the broker and not yet acknowledged: the quota does not drop these
     /// (they may already be delivered), so the drop count is exact.
     in_flight: Mutex<std::collections::BTreeSet<u64>>,
+    /// The free space a record must leave, when the outbox knows its file system.
+    room: Option<crate::room::Room>,
 }
 
 fn be(seq: u64) -> [u8; 8] {
@@ -89,7 +91,15 @@ impl Outbox {
             quota,
             bytes: Mutex::new(bytes),
             in_flight: Mutex::new(std::collections::BTreeSet::new()),
+            room: None,
         })
+    }
+
+    /// Checks the free space of `room`'s file system before every record: a record that would
+    /// fill the disk is refused with [`AgentError::DiskFull`], not written.
+    pub(crate) fn with_room(mut self, room: crate::room::Room) -> Self {
+        self.room = Some(room);
+        self
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, u64>> {
@@ -101,6 +111,9 @@ impl Outbox {
     /// Appends a record and returns its sequence number. When the outbox is over its quota
     /// afterwards, the oldest telemetry (then the oldest events) is dropped and counted.
     pub fn push(&self, kind: Kind, body: serde_json::Value) -> Result<u64> {
+        if let Some(room) = &self.room {
+            room.check(body.to_string().len() as u64 + 256)?;
+        }
         let mut bytes = self.lock()?;
         let time = now_secs();
         let result = (&self.records, &self.meta).transaction(|(records, meta)| {

@@ -10,6 +10,7 @@ use outpost_proto::DesiredState;
 
 use crate::error::{AgentError, Result};
 use crate::outbox::Outbox;
+use crate::room::{MARGIN, Room};
 
 const ACCEPTED_KEY: &[u8] = b"desired.accepted";
 const RECONCILED_KEY: &[u8] = b"desired.reconciled";
@@ -22,7 +23,11 @@ const LAST_ERROR_KEY: &[u8] = b"last_error";
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
+    room: Room,
 }
+
+/// What one small write of the agent's (a desired state, an error, a generation) may take.
+const SMALL_WRITE: u64 = 1 << 20;
 
 fn get_u64(tree: &sled::Tree, key: &[u8]) -> Option<u64> {
     tree.get(key)
@@ -43,12 +48,19 @@ impl Store {
         Ok(Self {
             meta: db.open_tree("agent")?,
             db,
+            room: Room {
+                dir: dir.to_owned(),
+                margin: MARGIN,
+            },
         })
     }
 
     /// The outbox, capped at `quota` bytes.
     pub fn outbox(&self, quota: u64) -> Result<Outbox> {
-        Outbox::open(self.db.open_tree("outbox")?, self.meta.clone(), quota)
+        Ok(
+            Outbox::open(self.db.open_tree("outbox")?, self.meta.clone(), quota)?
+                .with_room(self.room.clone()),
+        )
     }
 
     /// The highest generation accepted.
@@ -74,6 +86,7 @@ impl Store {
     /// Records an accepted desired state (durably, before anything acts on it).
     pub fn accept(&self, state: &DesiredState) -> Result<()> {
         let bytes = serde_json::to_vec(state).map_err(|e| AgentError::Corrupt(e.to_string()))?;
+        self.room.check(bytes.len() as u64)?;
         self.meta.insert(DESIRED_KEY, bytes)?;
         self.meta
             .insert(ACCEPTED_KEY, &state.generation.to_be_bytes())?;
@@ -83,6 +96,7 @@ impl Store {
 
     /// Records that the device was brought to `generation`.
     pub fn set_reconciled(&self, generation: u64) -> Result<()> {
+        self.room.check(SMALL_WRITE)?;
         self.meta
             .insert(RECONCILED_KEY, &generation.to_be_bytes())?;
         self.meta.flush()?;
@@ -100,6 +114,7 @@ impl Store {
 
     /// Sets or clears the last error.
     pub fn set_last_error(&self, error: Option<&str>) -> Result<()> {
+        self.room.check(SMALL_WRITE)?;
         match error {
             Some(e) => self.meta.insert(LAST_ERROR_KEY, e.as_bytes()).map(|_| ())?,
             None => self.meta.remove(LAST_ERROR_KEY).map(|_| ())?,
