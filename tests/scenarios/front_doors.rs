@@ -1,6 +1,7 @@
 //! The front doors under slow clients: a fleet and a device, each held to 1,024 file
 //! descriptors, stay reachable for normal clients (HTTP and MQTT) while 2,000 connections each
-//! hold half a request head open against each of them and reconnect whenever they are closed.
+//! hold half a request head open against the device's and the fleet's HTTP servers, and 2,000
+//! more half a CONNECT against the fleet's broker, reconnecting whenever they are closed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -35,13 +36,22 @@ fn raise_own_fd_limit(wanted: u64) {
     );
 }
 
-/// Holds `SLOW` connections with half a request head each against `addr`, opening a new one
-/// whenever one is closed, until `stop`. Counts the connections the server closed.
-fn slowloris(addr: SocketAddr, stop: Arc<AtomicBool>, closed: Arc<AtomicU64>) {
+/// Half an HTTP request head.
+const HTTP: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+/// Half an MQTT CONNECT: its fixed header, announcing 60 bytes that never come.
+const MQTT: &[u8] = &[0x10, 60, 0x00, 0x04, b'M', b'Q'];
+
+/// Holds `SLOW` connections that each sent `start` against `addr`, opening a new one whenever
+/// one is closed, until `stop`. Counts the connections the server closed.
+fn slowloris(
+    addr: SocketAddr,
+    start: &'static [u8],
+    stop: Arc<AtomicBool>,
+    closed: Arc<AtomicU64>,
+) {
     let open = || -> Option<TcpStream> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            .ok()?;
+        s.write_all(start).ok()?;
         s.set_nonblocking(true).ok()?;
         Some(s)
     };
@@ -82,7 +92,7 @@ fn labelled_metric(url: &str, series: &str) -> u64 {
 
 #[test]
 fn a_fleet_and_a_device_at_1024_fds_serve_normal_clients_under_2000_slow_connections_each() {
-    raise_own_fd_limit(3 * SLOW as u64);
+    raise_own_fd_limit(4 * SLOW as u64);
     let dir = bed("front-doors");
     let fleet = Fleet::launch_limited(&dir.0, &[], Some(FD_LIMIT));
     let config = device_config(&dir.0, "door-1", &fleet.broker, &[]);
@@ -97,19 +107,23 @@ fn a_fleet_and_a_device_at_1024_fds_serve_normal_clients_under_2000_slow_connect
     let stop = Arc::new(AtomicBool::new(false));
     let closed = Arc::new(AtomicU64::new(0));
     let addr = |url: &str| -> SocketAddr { url.split("//").nth(1).unwrap().parse().unwrap() };
-    let attackers: Vec<_> = [addr(&device.url), addr(&fleet.api)]
-        .into_iter()
-        .map(|target| {
-            let (stop, closed) = (Arc::clone(&stop), Arc::clone(&closed));
-            std::thread::spawn(move || slowloris(target, stop, closed))
-        })
-        .collect();
+    let broker: SocketAddr = fleet.broker.trim_start_matches("mqtt://").parse().unwrap();
+    let attackers: Vec<_> = [
+        (addr(&device.url), HTTP),
+        (addr(&fleet.api), HTTP),
+        (broker, MQTT),
+    ]
+    .into_iter()
+    .map(|(target, start)| {
+        let (stop, closed) = (Arc::clone(&stop), Arc::clone(&closed));
+        std::thread::spawn(move || slowloris(target, start, stop, closed))
+    })
+    .collect();
     // The attack is in place once the servers are closing connections to make room.
-    eventually(secs(60), "the slow connections to fill both doors", || {
-        (closed.load(Ordering::Relaxed) >= SLOW as u64).then_some(())
+    eventually(secs(60), "the slow connections to fill the doors", || {
+        (closed.load(Ordering::Relaxed) >= 2 * SLOW as u64).then_some(())
     });
 
-    let broker: SocketAddr = fleet.broker.trim_start_matches("mqtt://").parse().unwrap();
     for i in 0..10 {
         assert_eq!(
             device.digits(),
@@ -141,6 +155,8 @@ fn a_fleet_and_a_device_at_1024_fds_serve_normal_clients_under_2000_slow_connect
     };
     assert!(evicted(&device.url, "outpost_http", "public") > 0);
     assert!(evicted(&fleet.api, "outpost_fleet_http", "api") > 0);
+    let mqtt_evicted = labelled_metric(&fleet.api, "outpost_fleet_mqtt_evicted_total");
+    assert!(mqtt_evicted > 0, "the broker's gate made no room");
     stop.store(true, Ordering::Relaxed);
     for a in attackers {
         a.join().unwrap();

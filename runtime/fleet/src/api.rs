@@ -475,6 +475,12 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
                 &gate.over_capacity,
             ),
             (
+                "outpost_fleet_mqtt_evicted_total",
+                "MQTT connections with no CONNECT yet, closed at the connection cap to make room for a newcomer.",
+                "counter",
+                &gate.evicted,
+            ),
+            (
                 "outpost_fleet_mqtt_refused_logins_total",
                 "MQTT CONNECTs refused for an unknown login or a wrong password.",
                 "counter",

@@ -21,11 +21,10 @@
 //! broker runs (enrolment, revocation): a device connection whose login no longer holds is
 //! closed at once.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,44 +45,8 @@ pub(crate) struct GateLimits {
     pub device_rate: Rate,
 }
 
-/// A sustained rate and a burst, in bytes: what one device may publish. Past it the gate stops
-/// reading from the device (TCP holds it back), so one client's flood cannot fill the broker's
-/// in-memory log and push other clients' messages out of it before the fleet reads them.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Rate {
-    /// Bytes per second, sustained.
-    pub per_second: u64,
-    /// Bytes at once, after a quiet spell.
-    pub burst: u64,
-}
-
-/// One token bucket per device identity (kept across its reconnections, so reconnecting does
-/// not buy a fresh burst).
-#[derive(Debug, Default)]
-struct Buckets {
-    by_device: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl Buckets {
-    /// Takes `bytes` from `device`'s bucket; how long to wait before passing them on.
-    fn take(&self, device: &str, bytes: usize, rate: Rate) -> Duration {
-        let Ok(mut buckets) = self.by_device.lock() else {
-            return Duration::ZERO;
-        };
-        let now = Instant::now();
-        let burst = rate.burst as f64;
-        let per_second = rate.per_second.max(1) as f64;
-        let (tokens, at) = buckets.entry(device.to_owned()).or_insert((burst, now));
-        let refilled = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
-        *tokens = refilled - bytes as f64;
-        *at = now;
-        if *tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-*tokens / per_second)
-        }
-    }
-}
+pub(crate) use crate::gate_room::Rate;
+use crate::gate_room::{Buckets, Waiting};
 
 /// Longest client id let through, in bytes.
 pub const MAX_CLIENT_ID: usize = 256;
@@ -101,6 +64,8 @@ pub struct GateStats {
     pub malformed: AtomicU64,
     /// Connections closed because the gate was at its connection cap.
     pub over_capacity: AtomicU64,
+    /// Connections without a CONNECT yet, closed at the cap to make room for a newcomer.
+    pub evicted: AtomicU64,
     /// CONNECTs refused for an unknown login or a wrong password.
     pub refused_logins: AtomicU64,
     /// CONNECTs refused for a client id or a last will not the login's own.
@@ -156,6 +121,7 @@ pub(crate) async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let buckets = Arc::new(Buckets::default());
+    let waiting = Arc::new(Waiting::default());
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -166,11 +132,25 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+        // At the cap, the connection that has waited longest without a CONNECT makes room:
+        // slow clients cannot hold the door against devices that connect at once.
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if waiting.evict_oldest() => {
+                stats.evicted.fetch_add(1, Ordering::Relaxed);
+                tokio::time::timeout(Duration::from_secs(1), Arc::clone(&permits).acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             stats.over_capacity.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, "MQTT gate full; connection closed");
             continue;
         };
+        let ticket = waiting.ticket();
         let stats = Arc::clone(&stats);
         let logins = logins.clone();
         let buckets = Arc::clone(&buckets);
@@ -181,22 +161,30 @@ pub(crate) async fn serve(
                 limits,
                 stats: &stats,
                 buckets: &buckets,
+                ticket: &ticket,
             };
             let _ = client.set_nodelay(true);
-            let passed = match tls {
-                None => pass(client, broker, door, logins.as_deref()).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.connect_timeout, acceptor.accept(client))
-                        .await
-                    {
-                        Ok(Ok(stream)) => pass(stream, broker, door, logins.as_deref()).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            Err(Refusal::Malformed("TLS handshake failed"))
+            let evicted = Arc::clone(&ticket.evicted);
+            let connection = async move {
+                match tls {
+                    None => pass(client, broker, door, logins.as_deref()).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.connect_timeout, acceptor.accept(client))
+                            .await
+                        {
+                            Ok(Ok(stream)) => pass(stream, broker, door, logins.as_deref()).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                Err(Refusal::Malformed("TLS handshake failed"))
+                            }
+                            Err(_) => Err(Refusal::Malformed("no TLS handshake in time")),
                         }
-                        Err(_) => Err(Refusal::Malformed("no TLS handshake in time")),
                     }
                 }
+            };
+            let passed = tokio::select! {
+                passed = connection => passed,
+                () = evicted.notified() => Err(Refusal::Malformed("closed to make room: no CONNECT yet")),
             };
             match passed {
                 Ok(()) => {}
@@ -226,7 +214,7 @@ pub(crate) async fn serve(
                 }
             }
             stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop((ticket, permit));
         });
     }
 }
@@ -237,6 +225,7 @@ struct Door<'a> {
     limits: GateLimits,
     stats: &'a GateStats,
     buckets: &'a Buckets,
+    ticket: &'a crate::gate_room::Ticket,
 }
 
 /// Reads and checks the CONNECT, hands it to the broker, relays its CONNACK, then relays both
@@ -280,6 +269,9 @@ async fn pass<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(refusal);
         }
     };
+    // From here the connection is not evicted: dropping it between its CONNECT and the
+    // broker's CONNACK is the path that breaks rumqttd (see the module doc).
+    door.ticket.admitted();
     let mut upstream = TcpStream::connect(broker).await?;
     let _ = upstream.set_nodelay(true);
     upstream.write_all(&packet).await?;

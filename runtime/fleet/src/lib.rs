@@ -14,6 +14,7 @@ pub mod domain;
 mod enrol;
 mod error;
 pub mod gate;
+mod gate_room;
 mod ingest;
 pub mod mqtt;
 pub mod store;
