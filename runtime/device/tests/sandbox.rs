@@ -362,3 +362,26 @@ fn tensors_above_the_bundles_cap_never_reach_the_guest() {
         "the guest ran on it: {metrics}"
     );
 }
+
+#[test]
+fn the_highest_security_counter_survives_a_restart_and_a_rollback_stays_refused() {
+    let dir = TempDir::new("rollback-restart");
+    let config = config(&dir, "");
+    let mut raised = Example::Digits.build_input().unwrap();
+    raised.version = "3.0.0".parse().unwrap();
+    raised.security_counter = 5;
+    let mut old = Example::Digits.build_input().unwrap();
+    old.version = "2.0.0".parse().unwrap();
+    old.security_counter = 4;
+    let old = signed(old);
+    {
+        let device = Device::with_trust(&config, trust()).unwrap();
+        device.install_and_activate(&signed(raised)).unwrap();
+    }
+    // Power cycle: a new process opens the same state.
+    let device = Device::with_trust(&config, trust()).unwrap();
+    let err = device.install(&old).unwrap_err();
+    assert!(err.to_string().contains("rollback"), "{err}");
+    assert_eq!(device.status().unwrap()[0].active.as_deref(), Some("3.0.0"));
+    assert_eq!(device.status().unwrap()[0].highest_security_counter, Some(5));
+}
