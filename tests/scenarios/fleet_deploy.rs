@@ -268,3 +268,36 @@ fn embedded_broker_logins_admit_known_devices_only() {
     );
     assert_eq!(ok_device.digits(), Err(404));
 }
+
+#[test]
+fn two_deploys_at_once_end_on_the_newest_generation_everywhere() {
+    let dir = bed("deploys-at-once");
+    let (fleet, device) = fleet_with_digits(&dir.0, "dq-1");
+    fleet.cli(&dir.0, &["fleet", "push", "digits-2.0.0.opb"]);
+    // Two operators deploy at the same moment, each a different version.
+    let deploys: Vec<_> = ["digits@2.0.0", "digits@1.0.0"]
+        .into_iter()
+        .map(|what| {
+            let (dir, api) = (dir.0.clone(), fleet.api.clone());
+            std::thread::spawn(move || {
+                ok(
+                    &dir,
+                    &["fleet", "deploy", what, "--device", "dq-1", "--fleet", &api],
+                )
+            })
+        })
+        .collect();
+    for d in deploys {
+        d.join().unwrap();
+    }
+    // Both got a generation; the fleet's desired state is the newer one's, and the device ends
+    // on it: accepted, applied, serving its version, in sync.
+    let view = fleet.device("dq-1").unwrap();
+    let newest = view["desired_generation"].as_u64().unwrap();
+    let version = view["desired"]["digits"].as_str().unwrap().to_owned();
+    eventually(secs(60), "the device on the newest generation", || {
+        let v = fleet.device("dq-1")?;
+        (v["reported"]["generation"].as_u64() == Some(newest) && v["in_sync"] == true).then_some(())
+    });
+    assert_eq!(device.digits(), Ok(version));
+}

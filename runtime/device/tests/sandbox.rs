@@ -383,5 +383,8 @@ fn the_highest_security_counter_survives_a_restart_and_a_rollback_stays_refused(
     let err = device.install(&old).unwrap_err();
     assert!(err.to_string().contains("rollback"), "{err}");
     assert_eq!(device.status().unwrap()[0].active.as_deref(), Some("3.0.0"));
-    assert_eq!(device.status().unwrap()[0].highest_security_counter, Some(5));
+    assert_eq!(
+        device.status().unwrap()[0].highest_security_counter,
+        Some(5)
+    );
 }
