@@ -534,3 +534,45 @@ fn the_previous_version_stays_addressable_across_a_restart() {
         drop(s);
     }
 }
+
+#[test]
+fn an_endless_bundle_upload_is_cut_off_at_the_limit_and_nothing_is_installed() {
+    let dir = TempDir::new("admin-endless");
+    let config = config(&dir, "max_bundle_bytes = 100000\n");
+    let device = Device::with_trust(&config, trust()).unwrap();
+    let s = Server::start(device, &config);
+    let url = format!("{}/admin/bundles?activate=true", s.admin_url);
+    let auth = format!("Bearer {}", outpost_testkit::ADMIN_TOKEN);
+    // A declared length above the limit: refused before any byte is read.
+    let mut stream =
+        std::net::TcpStream::connect(s.admin_url.trim_start_matches("http://")).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /admin/bundles HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 1000000000000\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = stream.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    // A chunked upload with no end: cut off at the limit.
+    let endless = std::io::repeat(b'x');
+    let r = agent()
+        .post(&url)
+        .header("authorization", &auth)
+        .header("transfer-encoding", "chunked")
+        .send(ureq::SendBody::from_owned_reader(std::io::Read::take(
+            endless,
+            50 << 20,
+        )));
+    // The device answers 413 and may close before the client has sent everything.
+    match r {
+        Ok(r) => assert_eq!(r.status(), 413),
+        Err(e) => assert!(matches!(e, ureq::Error::Io(_)), "{e}"),
+    }
+    let r = admin("GET", &format!("{}/admin/bundles", s.admin_url), b"");
+    assert_eq!(r.json(), json!([]), "nothing installed");
+}
