@@ -55,8 +55,9 @@ max_bundle_bytes = 268435456
 # max_connections = 576
 # The same for the admin endpoint.
 admin_max_connections = 64
-# Time a client has to send a request's head, its body, and how long a connection may stay
-# open with no request under way.
+# Time a client has to send a request's head, the longest a request's body may stall (no
+# bytes arriving; a slow upload that keeps moving goes through), and how long a connection
+# may stay open with no request under way.
 header_timeout_ms = 10000
 body_timeout_ms = 30000
 idle_timeout_ms = 60000

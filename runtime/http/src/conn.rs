@@ -233,10 +233,12 @@ impl Drop for Phase {
     }
 }
 
-/// A request body that must arrive before its deadline, and reports when it has.
+/// A request body that may not stall for longer than `timeout`, and reports when it has
+/// arrived.
 pub(crate) struct Watched {
     body: Incoming,
     phase: Arc<Phase>,
+    timeout: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
     stats: Arc<Stats>,
 }
@@ -249,19 +251,20 @@ impl Watched {
         Self {
             body,
             phase,
+            timeout,
             deadline: Box::pin(tokio::time::sleep(timeout)),
             stats,
         }
     }
 }
 
-/// A request body that did not arrive in time.
+/// A request body that stalled.
 #[derive(Debug)]
 struct BodyTimeout;
 
 impl std::fmt::Display for BodyTimeout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the request body did not arrive in time")
+        f.write_str("the request body stalled for longer than the body timeout")
     }
 }
 
@@ -284,6 +287,9 @@ impl http_body::Body for Watched {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(frame)) => {
+                // It is moving: the stall timer starts again.
+                let next = tokio::time::Instant::now() + this.timeout;
+                this.deadline.as_mut().reset(next);
                 if http_body::Body::is_end_stream(&this.body) {
                     this.phase.body_arrived();
                 }

@@ -5,8 +5,9 @@
 //! clients who open connections and never finish with them cannot make a server unreachable:
 //!
 //! - a **header timeout**: a request's head must arrive within [`Limits::header_timeout`];
-//! - a **body timeout**: its body within [`Limits::body_timeout`] of its head (the handler
-//!   reading it gets an error, answered as it answers a broken body);
+//! - a **body timeout**: a request's body may not stall (no bytes arriving) for longer than
+//!   [`Limits::body_timeout`] (the handler reading it gets an error, answered as it answers a
+//!   broken body); a large upload on a slow link goes through as long as it keeps moving;
 //! - an **idle timeout**: a connection with no request under way is closed after
 //!   [`Limits::idle_timeout`];
 //! - a **cap on open connections** ([`Limits::max_connections`], below the process's file
@@ -38,7 +39,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time a client has to send a request's head (request line and headers).
     pub header_timeout: Duration,
-    /// Time a client has to send a request's body, from the end of its head.
+    /// Longest time a request's body may go without a byte arriving (from the end of its head,
+    /// then from each piece of it).
     pub body_timeout: Duration,
     /// Time a connection may stay open with no request under way.
     pub idle_timeout: Duration,
@@ -164,7 +166,7 @@ pub fn render(prefix: &str, listeners: &[(&str, &Stats)]) -> String {
         (
             "body_timeouts_total",
             "counter",
-            "Request bodies that did not arrive within the body timeout.",
+            "Request bodies that stalled for longer than the body timeout.",
             |s| s.body_timeouts,
         ),
     ];

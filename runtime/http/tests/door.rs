@@ -167,6 +167,26 @@ fn a_body_that_stalls_is_cut_off_with_an_error_answer() {
 }
 
 #[test]
+fn a_body_that_keeps_moving_goes_through_however_long_it_takes() {
+    let server = Server::start(limits(40), router());
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        .unwrap();
+    // Ten pieces, each well inside the stall timeout (800 ms), 2 s in all.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(&[b'x'; 10]).unwrap();
+    }
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("100"), "{answer}");
+    assert_eq!(server.stats.snapshot().body_timeouts, 0);
+}
+
+#[test]
 fn when_every_connection_runs_a_request_a_new_one_is_told_to_come_back() {
     let server = Server::start(limits(2), router());
     let addr = server.addr;
