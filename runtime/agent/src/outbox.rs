@@ -58,6 +58,8 @@ pub struct Outbox {
     in_flight: Mutex<std::collections::BTreeSet<u64>>,
     /// The free space a record must leave, when the outbox knows its file system.
     room: Option<crate::room::Room>,
+    /// Every record up to this sequence number is on disk (see [`Outbox::make_durable`]).
+    durable: std::sync::atomic::AtomicU64,
 }
 
 fn be(seq: u64) -> [u8; 8] {
@@ -85,6 +87,8 @@ impl Outbox {
             let (k, v) = item?;
             bytes += (k.len() + v.len()) as u64;
         }
+        // What was read back from the file is on disk.
+        let durable = read_u64(meta.get(SEQ_KEY)?);
         Ok(Self {
             records,
             meta,
@@ -92,6 +96,7 @@ impl Outbox {
             bytes: Mutex::new(bytes),
             in_flight: Mutex::new(std::collections::BTreeSet::new()),
             room: None,
+            durable: std::sync::atomic::AtomicU64::new(durable),
         })
     }
 
@@ -151,6 +156,23 @@ impl Outbox {
             }
         }
         Ok(seq)
+    }
+
+    /// Makes every record up to `seq` durable before it leaves the device: a record is written
+    /// without waiting for the disk (sled writes it out within half a second), so a crash can
+    /// take the last records back, and with them their sequence numbers, which the next records
+    /// then take again. Had the fleet seen one of those, it would now hold two different records
+    /// under one number. Flushes only when `seq` is past what is known to be on disk.
+    pub fn make_durable(&self, seq: u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.durable.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        // Read before flushing: everything numbered up to here was written before the flush.
+        let written = read_u64(self.meta.get(SEQ_KEY)?);
+        self.records.flush()?;
+        self.durable.fetch_max(written, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Marks records as sent and awaiting acknowledgement (or, with `false`, no longer).

@@ -110,6 +110,11 @@ fn pump(shared: &Shared, mqtt: &mut Mqtt, conn: &mut Connection) {
             return;
         };
         let last = seqs.last().copied();
+        // Only what is on disk may leave: a crash must not hand its numbers to other records.
+        if let Err(e) = shared.outbox.make_durable(last.unwrap_or(0)) {
+            tracing::error!(error = %e, "cannot make the outbox durable; batch deferred");
+            return;
+        }
         shared.outbox.set_in_flight(&seqs, true);
         if let Err(e) = mqtt.publish(topic, payload, false, Some(seqs.clone())) {
             tracing::debug!(error = %e, "batch deferred");

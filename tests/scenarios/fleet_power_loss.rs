@@ -1,0 +1,133 @@
+//! Power loss on a fleet-managed device: the device is killed with SIGKILL at a random moment
+//! while its agent receives a desired state, downloads the bundle, installs and activates it,
+//! and all along writes telemetry to its outbox and publishes it. After each restart it must
+//! serve exactly the old or the new version and go on to the desired one; at the end the
+//! fleet must hold every sequence number once, with no gap and no two different records under
+//! one number (a record the fleet has seen is never lost to a crash, nor its number reused).
+//! Rounds: 10 here, `OUTPOST_CRASH_ROUNDS` (`.ci/soak` runs 100).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::*;
+
+/// A small xorshift, seeded from the clock: the moments of the kills.
+fn random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn a_kill_9_during_agent_deploys_and_telemetry_loses_no_version_and_no_record() {
+    let rounds: usize = std::env::var("OUTPOST_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(10);
+    let d = bed("fleet-power-loss");
+    let dir = &d.0;
+    let fleet = Fleet::start(dir, None, None);
+    let config = device_config(dir, "dev-p", &fleet.broker, &[]);
+    let mut device = Device::start(dir, &config);
+    online(&fleet, &["dev-p"]);
+    push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-p"], &["dev-p"]);
+    // A new version each round, so every deployment downloads, verifies, compiles and
+    // records a bundle (a version already installed would only be switched to).
+    for round in 0..rounds {
+        let version = format!("3.0.{round}");
+        digits_spec(dir, &version);
+        build_and_sign(
+            dir,
+            &format!("{version}.toml"),
+            &format!("digits-{version}.opb"),
+        );
+        fleet.cli(dir, &["fleet", "push", &format!("digits-{version}.opb")]);
+    }
+
+    let mut rng = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut serving = "1.0.0".to_owned();
+    let (mut before_switch, mut after_switch) = (0, 0);
+    for round in 0..rounds {
+        let target = format!("3.0.{round}");
+        let target = target.as_str();
+        fleet.cli(
+            dir,
+            &[
+                "fleet",
+                "deploy",
+                &format!("digits@{target}"),
+                "--device",
+                "dev-p",
+            ],
+        );
+        // Delivery, download, install and activation take about half a second on this
+        // machine: kill somewhere in them (or just after).
+        let delay = random(&mut rng) % 800;
+        std::thread::sleep(Duration::from_millis(delay));
+        device.proc.kill9();
+        drop(device);
+
+        device = Device::start(dir, &config);
+        let now = device
+            .digits()
+            .unwrap_or_else(|code| panic!("round {round}: nothing serves after the kill ({code})"));
+        assert!(
+            now == serving || now == target,
+            "round {round}: serves {now}, neither {serving} nor {target}"
+        );
+        eprintln!("round {round}: killed after {delay} ms, serving {now}");
+        if now == target {
+            after_switch += 1;
+        } else {
+            before_switch += 1;
+        }
+        // The agent finishes the deployment after the restart.
+        eventually(secs(60), "the desired version after the restart", || {
+            (device.digits().as_deref() == Ok(target)).then_some(())
+        });
+        serving = target.to_owned();
+    }
+
+    // Everything the device wrote reaches the fleet.
+    eventually(secs(60), "the outbox drained", || {
+        (device.metric("outpost_outbox_records") == Some(0)).then_some(())
+    });
+    let mut by_seq: BTreeMap<u64, usize> = BTreeMap::new();
+    for stream in ["telemetry", "events"] {
+        for record in fleet.records(stream, "dev-p") {
+            *by_seq.entry(record["seq"].as_u64().unwrap()).or_default() += 1;
+        }
+    }
+    let twice: Vec<u64> = by_seq
+        .iter()
+        .filter(|&(_, &n)| n > 1)
+        .map(|(&s, _)| s)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "sequence numbers reused for different records after a kill: {twice:?}"
+    );
+    assert_eq!(
+        metric(&fleet.api, "outpost_fleet_conflicting_records_total"),
+        Some(0)
+    );
+    let last = *by_seq.keys().last().unwrap();
+    let missing: Vec<u64> = (1..=last).filter(|s| !by_seq.contains_key(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "records lost: {missing:?} of 1..={last}"
+    );
+    eprintln!(
+        "{rounds} kills during agent deploys: {before_switch} before the switch, \
+         {after_switch} after; {last} records, each once, none missing"
+    );
+}
