@@ -33,7 +33,7 @@ mod telemetry;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,6 +113,12 @@ pub struct LinkStatus {
     pub outbox_bytes: u64,
     /// Records the outbox quota dropped, ever.
     pub dropped_records: u64,
+    /// Connections to the broker made since the agent started.
+    pub connections: u64,
+    /// Established connections lost since the agent started.
+    pub disconnections: u64,
+    /// Telemetry batches sent again because the broker did not acknowledge them in time.
+    pub resent_batches: u64,
 }
 
 /// Reads the agent's [`LinkStatus`]; cheap to clone and to call from any thread.
@@ -129,6 +135,9 @@ impl Link {
             outbox_records: shared.outbox.pending(),
             outbox_bytes: shared.outbox.bytes(),
             dropped_records: shared.outbox.dropped(),
+            connections: shared.connections.load(Ordering::Relaxed),
+            disconnections: shared.disconnections.load(Ordering::Relaxed),
+            resent_batches: shared.resent_batches.load(Ordering::Relaxed),
         }
     }
 }
@@ -154,6 +163,10 @@ struct Shared {
     connected: AtomicBool,
     /// A fleet replica is online (the session's view, for [`Link`]).
     fleet_online: AtomicBool,
+    /// Connections made, established connections lost, batches resent (for [`Link`]).
+    connections: AtomicU64,
+    disconnections: AtomicU64,
+    resent_batches: AtomicU64,
     reported_changed: Notify,
     outbox_changed: Notify,
     started: Instant,
@@ -192,6 +205,9 @@ impl Agent {
             retrying: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             fleet_online: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            disconnections: AtomicU64::new(0),
+            resent_batches: AtomicU64::new(0),
             reported_changed: Notify::new(),
             outbox_changed: Notify::new(),
             started: Instant::now(),

@@ -149,6 +149,7 @@ pub(crate) async fn run(
             event = mqtt.next() => match event {
                 SessionEvent::Connected => {
                     tracing::info!("connected to the broker");
+                    shared.connections.fetch_add(1, Ordering::Relaxed);
                     shared.connected.store(true, Ordering::Relaxed);
                     shared.fleet_online.store(false, Ordering::Relaxed);
                     last_failure.clear();
@@ -189,6 +190,7 @@ pub(crate) async fn run(
                 }
                 SessionEvent::Disconnected { error, was_connected, .. } => {
                     if was_connected {
+                        shared.disconnections.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%error, "lost the broker; serving on, retrying");
                     } else if error != last_failure {
                         // Once per kind of failure: a refused login needs an operator.
@@ -213,7 +215,9 @@ pub(crate) async fn run(
             }
             _ = tick.tick() => {
                 if mqtt.is_connected() {
-                    if !mqtt.expire(ACK_TIMEOUT).is_empty() {
+                    let expired = mqtt.expire(ACK_TIMEOUT).len();
+                    if expired > 0 {
+                        shared.resent_batches.fetch_add(expired as u64, Ordering::Relaxed);
                         tracing::warn!("telemetry batches unacknowledged; sending them again");
                         conn.cursor = None;
                     }

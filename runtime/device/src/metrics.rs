@@ -279,7 +279,7 @@ impl Metrics {
 
 /// The fleet link's gauges and counters.
 fn render_link(out: &mut String, link: LinkStatus) {
-    let lines: [(&str, &str, &str, u64); 5] = [
+    let lines: [(&str, &str, &str, u64); 8] = [
         (
             "outpost_fleet_connected",
             "gauge",
@@ -309,6 +309,24 @@ fn render_link(out: &mut String, link: LinkStatus) {
             "counter",
             "Records the outbox quota dropped, oldest first.",
             link.dropped_records,
+        ),
+        (
+            "outpost_fleet_connections_total",
+            "counter",
+            "Connections the fleet agent made to its MQTT broker.",
+            link.connections,
+        ),
+        (
+            "outpost_fleet_disconnections_total",
+            "counter",
+            "Established broker connections the fleet agent lost.",
+            link.disconnections,
+        ),
+        (
+            "outpost_fleet_resent_batches_total",
+            "counter",
+            "Telemetry batches sent again because the broker did not acknowledge them in time.",
+            link.resent_batches,
         ),
     ];
     for (name, kind, help, value) in lines {

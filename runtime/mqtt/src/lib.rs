@@ -112,6 +112,14 @@ impl SessionOptions {
     }
 }
 
+impl<T> Drop for Session<T> {
+    fn drop(&mut self) {
+        if let Some(attempt) = self.connecting.take() {
+            attempt.abort();
+        }
+    }
+}
+
 /// What happened on a [`Session`].
 #[derive(Debug)]
 pub enum SessionEvent<T> {
@@ -150,12 +158,20 @@ pub enum PublishError {
 pub struct Session<T> {
     options: SessionOptions,
     client: AsyncClient,
-    eventloop: EventLoop,
+    /// The event loop, except while a connection attempt owns it.
+    eventloop: Option<EventLoop>,
+    /// The connection attempt under way: it runs as its own task, so an owner's `select!`
+    /// that drops [`Session::next`] does not abandon it. On a link whose round trip is longer
+    /// than the owner's shortest timer, an attempt inside the future would never finish.
+    connecting: Option<tokio::task::JoinHandle<Attempt>>,
     tracker: Tracker<T>,
     connected: bool,
     backoff: Duration,
     retry_at: Option<Instant>,
 }
+
+/// What a connection attempt hands back: the event loop and its first event.
+type Attempt = (EventLoop, Result<Event, rumqttc::ConnectionError>);
 
 impl<T> std::fmt::Debug for Session<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -174,7 +190,8 @@ impl<T> Session<T> {
         Self {
             options,
             client,
-            eventloop,
+            eventloop: Some(eventloop),
+            connecting: None,
             tracker: Tracker::default(),
             connected: false,
             backoff,
@@ -232,28 +249,26 @@ impl<T> Session<T> {
             .map_err(|_: ClientError| PublishError::QueueFull)
     }
 
-    /// The next event. Cancel-safe: dropping the future loses nothing, so it can sit in a
-    /// `select!` beside other work. While the broker is away it waits out the backoff first.
+    /// The next event. Cancel-safe: dropping the future loses nothing (a connection attempt
+    /// goes on in its own task), so it can sit in a `select!` beside other work. While the broker is away it waits out the backoff first.
     pub async fn next(&mut self) -> SessionEvent<T> {
         loop {
-            if let Some(at) = self.retry_at {
-                tokio::time::sleep_until(at).await;
-                self.retry_at = None;
-            }
-            let event = self.eventloop.poll().await;
+            let event = match self.poll().await {
+                Some(event) => event,
+                None => continue,
+            };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.connected = true;
                     self.backoff = self.options.min_backoff;
                     // A resumed session sends the previous one's publishes first.
-                    let replays = if ack.session_present {
-                        self.eventloop
+                    let replays = match (&self.eventloop, ack.session_present) {
+                        (Some(eventloop), true) => eventloop
                             .pending
                             .iter()
                             .filter(|r| matches!(r, Request::Publish(_)))
-                            .count()
-                    } else {
-                        0
+                            .count(),
+                        _ => 0,
                     };
                     self.tracker.replaying(replays);
                     if !self.options.subscriptions.is_empty() {
@@ -293,12 +308,53 @@ impl<T> Session<T> {
         }
     }
 
+    /// One event of the event loop, `None` when there is none yet (a connection attempt was
+    /// started or its task failed). Cancel-safe: a connection attempt runs as its own task
+    /// and is awaited by reference; once connected, rumqttc's `poll` is cancel-safe.
+    async fn poll(&mut self) -> Option<Result<Event, rumqttc::ConnectionError>> {
+        if let Some(attempt) = self.connecting.as_mut() {
+            let joined = attempt.await;
+            self.connecting = None;
+            return match joined {
+                Ok((eventloop, event)) => {
+                    self.eventloop = Some(eventloop);
+                    Some(event)
+                }
+                Err(e) => {
+                    // The task panicked or was cancelled: the event loop is gone with it.
+                    tracing::error!(error = %e, "MQTT connection attempt failed; starting over");
+                    let (client, eventloop) =
+                        AsyncClient::new(self.options.mqtt(), self.options.queue.max(1));
+                    self.client = client;
+                    self.eventloop = Some(eventloop);
+                    None
+                }
+            };
+        }
+        if self.connected {
+            return Some(self.eventloop.as_mut()?.poll().await);
+        }
+        let mut eventloop = self.eventloop.take()?;
+        let retry_at = self.retry_at.take();
+        self.connecting = Some(tokio::spawn(async move {
+            if let Some(at) = retry_at {
+                tokio::time::sleep_until(at).await;
+            }
+            let event = eventloop.poll().await;
+            (eventloop, event)
+        }));
+        None
+    }
+
     /// Says goodbye: publishes `farewell` (topic, payload; retained) when connected, then
     /// disconnects cleanly, waiting at most two seconds. The last will is not sent.
     pub async fn close(mut self, farewell: Option<(String, Vec<u8>)>) {
         if !self.connected {
             return;
         }
+        let Some(eventloop) = self.eventloop.as_mut() else {
+            return;
+        };
         if let Some((topic, payload)) = farewell {
             let _ = self
                 .client
@@ -306,12 +362,68 @@ impl<T> Session<T> {
         }
         let _ = self.client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Ok(event) = self.eventloop.poll().await {
+            while let Ok(event) = eventloop.poll().await {
                 if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
                     break;
                 }
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A broker that answers a CONNECT only after `delay`, as one at the far end of a slow
+    /// link does; returns its port.
+    async fn slow_broker(delay: Duration) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    if socket.read(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    // CONNACK: no session present, accepted.
+                    let _ = socket.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+                    // Hold the connection open; ignore whatever follows.
+                    while socket.read(&mut buf).await.unwrap_or(0) > 0 {}
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_connection_slower_than_the_owners_timers_still_completes() {
+        let port = slow_broker(Duration::from_millis(400)).await;
+        let options = SessionOptions::new("slow", "127.0.0.1", port, ("will".into(), vec![]));
+        let mut session: Session<()> = Session::new(options);
+        let mut timer = tokio::time::interval(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ticks = 0u32;
+        loop {
+            assert!(Instant::now() < deadline, "never connected ({ticks} ticks)");
+            tokio::select! {
+                event = session.next() => match event {
+                    SessionEvent::Connected => break,
+                    SessionEvent::Disconnected { error, .. } => panic!("{error}"),
+                    _ => {}
+                },
+                // The owner's other work: each tick drops the `next` future.
+                _ = timer.tick() => ticks += 1,
+            }
+        }
+        assert!(session.is_connected());
+        assert!(ticks >= 4, "the timer fired during the attempt: {ticks}");
     }
 }

@@ -724,3 +724,111 @@ pub fn installed_digits(admin_url: &str) -> Vec<String> {
         .map(|b| b["version"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// A TCP link to an MQTT broker through which every byte arrives `latency` late, and whose
+/// connections can all be cut at once: a slow, flapping network between a device and its
+/// broker.
+pub struct FlakyLink {
+    /// `mqtt://127.0.0.1:PORT`, to give the device instead of the broker.
+    pub url: String,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Open connections by number: the client's socket and the broker's.
+    open: Arc<Mutex<std::collections::HashMap<usize, [TcpStream; 2]>>>,
+}
+
+type OpenLinks = Arc<Mutex<std::collections::HashMap<usize, [TcpStream; 2]>>>;
+
+impl FlakyLink {
+    /// Starts the link to `upstream` (`mqtt://HOST:PORT`).
+    pub fn start(upstream: &str, latency: Duration) -> Self {
+        let upstream = upstream.trim_start_matches("mqtt://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("mqtt://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open: OpenLinks = Arc::default();
+        let (count, conns) = (Arc::clone(&accepted), Arc::clone(&open));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let id = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                client.set_nodelay(true).unwrap();
+                server.set_nodelay(true).unwrap();
+                conns.lock().unwrap().insert(
+                    id,
+                    [client.try_clone().unwrap(), server.try_clone().unwrap()],
+                );
+                let up = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let conns = Arc::clone(&conns);
+                std::thread::spawn(move || {
+                    let a = delay_line(up.0, up.1, latency);
+                    let b = delay_line(server, client, latency);
+                    let _ = (a.join(), b.join());
+                    conns.lock().unwrap().remove(&id);
+                });
+            }
+        });
+        Self {
+            url,
+            accepted,
+            open,
+        }
+    }
+
+    /// Cuts every connection open now; returns how many.
+    pub fn cut(&self) -> usize {
+        let open: Vec<[TcpStream; 2]> = self.open.lock().unwrap().drain().map(|(_, s)| s).collect();
+        for s in open.iter().flatten() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        open.len()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copies `from` to `to`, each piece `latency` after it was read; closes both at the end.
+/// Returns when both directions' threads are done.
+fn delay_line(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    latency: Duration,
+) -> std::thread::JoinHandle<()> {
+    let (tx, rx) = mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send((std::time::Instant::now(), buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+    std::thread::spawn(move || {
+        for (read_at, bytes) in rx {
+            let due = read_at + latency;
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = reader.join();
+    })
+}
