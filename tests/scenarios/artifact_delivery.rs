@@ -1,6 +1,6 @@
 //! Bundle delivery across failures, as real processes on loopback: `kill -9` mid-download
-//! (resumed with a `Range` request), and an artifact server that comes up late (retried until
-//! the deployment applies).
+//! (resumed with a `Range` request), an artifact server that comes up late (retried until
+//! the deployment applies), and a newer deployment arriving mid-download (taking over at once).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -135,4 +135,73 @@ fn an_unreachable_artifact_server_is_retried_until_the_deployment_applies() {
     let reported = fleet.reported("dev-t").unwrap();
     assert_eq!(reported["retrying"], false);
     assert!(reported["last_error"].is_null(), "{reported}");
+}
+
+#[test]
+fn a_newer_deployment_mid_download_takes_over_and_the_old_one_never_activates() {
+    let d = bed("supersede");
+    let dir = &d.0;
+    let port = free_port();
+    let (proxy, ranges) = slow_proxy(format!("http://127.0.0.1:{port}"));
+    let listen = format!("127.0.0.1:{port}");
+    let fleet = Fleet::launch(dir, &["--listen", &listen, "--public-url", &proxy]);
+    let config = device_config(dir, "dev-s", &fleet.broker, &[]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-s"]);
+    fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    let size = fs::metadata(dir.join("digits-1.0.0.opb")).unwrap().len();
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@1.0.0", "--device", "dev-s"],
+    );
+    // 1.0.0 is on its way at about 40 KB/s (some seconds for the whole bundle) when 2.0.0 is
+    // deployed.
+    let downloads = dir.join("dev-s-state").join("downloads");
+    let partial = eventually(secs(60), "a partial download of 1.0.0", || {
+        let entry = fs::read_dir(&downloads).ok()?.flatten().next()?;
+        let len = entry.metadata().ok()?.len();
+        (len >= 8192 && len < size).then_some(len)
+    });
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@2.0.0", "--device", "dev-s"],
+    );
+    eventually(secs(120), "2.0.0 serving, in sync", || {
+        let in_sync = fleet.device("dev-s").is_some_and(|d| d["in_sync"] == true);
+        (device.digits().as_deref() == Ok("2.0.0") && in_sync).then_some(())
+    });
+    let events = fleet.records("events", "dev-s");
+    let activated: Vec<&str> = events
+        .iter()
+        .filter(|r| r["body"]["event"] == "activated")
+        .map(|r| r["body"]["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        activated,
+        ["2.0.0"],
+        "the superseded 1.0.0 was not installed"
+    );
+    let failed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|r| r["body"]["event"] == "deployment_failed")
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "superseding is not a failure: {failed:?}"
+    );
+    // The partial 1.0.0 stays for a resume, should it be deployed again.
+    let kept: Vec<u64> = fs::read_dir(&downloads)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .collect();
+    assert!(
+        kept.iter().any(|&len| len >= partial && len < size),
+        "partial download kept: {kept:?}"
+    );
+    eprintln!(
+        "1.0.0 stopped after {partial}+ of {size} bytes; 2.0.0 applied; {} artifact requests",
+        ranges.lock().unwrap().len()
+    );
 }

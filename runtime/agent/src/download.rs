@@ -49,6 +49,10 @@ pub enum DownloadError {
     /// Local file trouble.
     #[error("download file: {0}")]
     Io(std::io::Error),
+    /// Stopped because the download is no longer wanted (a newer desired state arrived); the
+    /// partial file is kept, in case it is wanted again.
+    #[error("download stopped: no longer wanted")]
+    Stopped,
 }
 
 impl DownloadError {
@@ -80,13 +84,23 @@ pub struct Artifact<'a> {
     pub size: u64,
 }
 
+/// How long a download may receive nothing before it counts as interrupted (and is resumed
+/// later from where it stopped).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The HTTP agent downloads use: connect and response-head timeouts, no whole-body timeout
-/// (a slow link may take long), HTTP errors as statuses; `https://` checked against `roots`.
+/// (a slow link may take long) but [`STALL_TIMEOUT`] on every read, HTTP errors as statuses;
+/// `https://` checked against `roots`.
 pub fn agent(roots: &[outpost_tls::Certificate<'static>]) -> ureq::Agent {
+    agent_with_stall(roots, STALL_TIMEOUT)
+}
+
+fn agent_with_stall(roots: &[outpost_tls::Certificate<'static>], stall: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_response(Some(Duration::from_secs(30)))
+        .timeout_per_read(Some(stall))
         .tls_config(outpost_tls::ureq_tls_config(roots))
         .build()
         .new_agent()
@@ -104,12 +118,14 @@ pub fn part_path(dir: &Path, digest: &str) -> PathBuf {
 }
 
 /// Downloads `artifact` into `dir` (resuming a partial file), checks its size and digest, and
-/// returns the complete file's path.
+/// returns the complete file's path. `stop` is asked between pieces of the body: when it says
+/// yes, the download ends with [`DownloadError::Stopped`] and the partial file stays.
 pub fn fetch(
     agent: &ureq::Agent,
     artifact: &Artifact<'_>,
     limit: u64,
     dir: &Path,
+    stop: &dyn Fn() -> bool,
 ) -> Result<PathBuf, DownloadError> {
     if !is_sha256(artifact.digest) {
         return Err(DownloadError::BadDigest(artifact.digest.to_owned()));
@@ -128,7 +144,7 @@ pub fn fetch(
         have = 0;
     }
     if have < artifact.size {
-        have = transfer(agent, artifact, &path, have)?;
+        have = transfer(agent, artifact, &path, have, stop)?;
     }
     if have != artifact.size {
         return Err(DownloadError::Transport(format!(
@@ -152,6 +168,7 @@ fn transfer(
     artifact: &Artifact<'_>,
     path: &Path,
     have: u64,
+    stop: &dyn Fn() -> bool,
 ) -> Result<u64, DownloadError> {
     let mut request = agent.get(artifact.url);
     if have > 0 {
@@ -224,6 +241,15 @@ fn transfer(
         }
         file.write_all(&buf[..n])?;
         have += n as u64;
+        if stop() {
+            file.sync_all()?;
+            tracing::info!(
+                digest = artifact.digest,
+                have,
+                "download stopped; partial kept"
+            );
+            return Err(DownloadError::Stopped);
+        }
     }
     file.sync_all()?;
     Ok(have)
@@ -285,6 +311,68 @@ mod tests {
         d
     }
 
+    /// A server that sends the head and the first `sent` of `size` bytes, then nothing,
+    /// holding the connection open for 30 s.
+    fn stalling_server(size: usize, sent: usize) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                        line.clear();
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(&vec![7u8; sent]);
+                    std::thread::sleep(Duration::from_secs(30));
+                });
+            }
+        });
+        format!("http://{addr}/artifact")
+    }
+
+    #[test]
+    fn a_stalled_body_is_an_interruption_and_its_part_is_kept() {
+        let url = stalling_server(100_000, 3000);
+        let d = dir("stall");
+        let digest = hex::encode(Sha256::digest([7u8; 100_000]));
+        let artifact = Artifact {
+            url: &url,
+            digest: &digest,
+            size: 100_000,
+        };
+        let started = std::time::Instant::now();
+        let agent = agent_with_stall(&[], Duration::from_millis(500));
+        let err = fetch(&agent, &artifact, 1 << 20, &d, &|| false).unwrap_err();
+        assert!(matches!(err, DownloadError::Transport(_)), "{err}");
+        assert!(err.is_transient());
+        assert!(started.elapsed() < Duration::from_secs(20), "not cut off");
+        let kept = std::fs::metadata(part_path(&d, &digest)).unwrap().len();
+        assert_eq!(kept, 3000, "the part is kept for a resume");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_download_no_longer_wanted_stops_and_keeps_its_part() {
+        let url = stalling_server(100_000, 3000);
+        let d = dir("stop");
+        let digest = hex::encode(Sha256::digest([7u8; 100_000]));
+        let artifact = Artifact {
+            url: &url,
+            digest: &digest,
+            size: 100_000,
+        };
+        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d, &|| true).unwrap_err();
+        assert!(matches!(err, DownloadError::Stopped), "{err}");
+        let kept = std::fs::metadata(part_path(&d, &digest)).unwrap().len();
+        assert!(kept > 0 && kept <= 3000, "{kept}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn a_server_sending_more_than_the_size_is_cut_off_and_nothing_is_kept() {
         let url = server(|_| {
@@ -301,7 +389,7 @@ mod tests {
             digest: &digest,
             size: 1000,
         };
-        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap_err();
+        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d, &|| false).unwrap_err();
         assert!(
             matches!(err, DownloadError::Oversized { expected: 1000 }),
             "{err}"
@@ -331,12 +419,12 @@ mod tests {
             digest: &digest,
             size: body.len() as u64,
         };
-        let too_large = fetch(&agent(&[]), &artifact, 100, &d).unwrap_err();
+        let too_large = fetch(&agent(&[]), &artifact, 100, &d, &|| false).unwrap_err();
         assert!(matches!(too_large, DownloadError::TooLarge { .. }) && !too_large.is_transient());
         // A stale partial file: the 200 answer restarts from zero and the result verifies.
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(part_path(&d, &digest), &body[..1234]).unwrap();
-        let path = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap();
+        let path = fetch(&agent(&[]), &artifact, 1 << 20, &d, &|| false).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), body);
         // The wrong digest: refused, the file is deleted.
         let wrong = "0".repeat(64);
@@ -345,7 +433,7 @@ mod tests {
             digest: &wrong,
             size: body.len() as u64,
         };
-        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap_err();
+        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d, &|| false).unwrap_err();
         assert!(
             matches!(err, DownloadError::DigestMismatch { .. }) && !err.is_transient(),
             "{err}"
@@ -357,7 +445,7 @@ mod tests {
             size: 1,
         };
         assert!(matches!(
-            fetch(&agent(&[]), &bad, 1 << 20, &d),
+            fetch(&agent(&[]), &bad, 1 << 20, &d, &|| false),
             Err(DownloadError::BadDigest(_))
         ));
         let _ = std::fs::remove_dir_all(&d);
@@ -380,7 +468,7 @@ mod tests {
             digest: &digest,
             size: 100,
         };
-        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d).unwrap_err();
+        let err = fetch(&agent(&[]), &artifact, 1 << 20, &d, &|| false).unwrap_err();
         assert!(
             matches!(err, DownloadError::Status(503)) && err.is_transient(),
             "{err}"

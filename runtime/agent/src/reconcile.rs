@@ -15,28 +15,61 @@ use crate::download::{self, Artifact, DownloadError};
 struct Failure {
     message: String,
     transient: bool,
+    /// Not a failure: a newer desired state replaced this one mid-way.
+    superseded: bool,
+}
+
+impl Failure {
+    fn superseded() -> Self {
+        Self {
+            message: "superseded by a newer desired state".into(),
+            transient: true,
+            superseded: true,
+        }
+    }
 }
 
 impl Shared {
-    /// Brings the device to `state`. Blocking (downloads, installs).
-    fn reconcile(&self, state: &DesiredState) -> Result<(), Failure> {
+    /// Brings the device to `state`. Blocking (downloads, installs). `superseded` says whether
+    /// a newer desired state has arrived: then it stops between deployments, between pieces of
+    /// a download and before an install, and leaves the rest to the newer state.
+    fn reconcile(
+        &self,
+        state: &DesiredState,
+        superseded: &dyn Fn() -> bool,
+    ) -> Result<(), Failure> {
         let mut first_failure = None;
         for deployment in &state.deployments {
-            if let Err(failure) = self.apply_one(state.generation, deployment) {
-                tracing::warn!(
-                    model = %deployment.model,
-                    version = %deployment.version,
-                    error = %failure.message,
-                    "deployment failed"
-                );
-                self.event(Event::DeploymentFailed {
-                    generation: state.generation,
-                    model: deployment.model.clone(),
-                    version: deployment.version.clone(),
-                    error: failure.message.clone(),
-                    will_retry: failure.transient,
-                });
-                first_failure.get_or_insert(failure);
+            if superseded() {
+                return Err(Failure::superseded());
+            }
+            match self.apply_one(state.generation, deployment, superseded) {
+                Ok(()) => {}
+                Err(failure) if failure.superseded => {
+                    tracing::info!(
+                        model = %deployment.model,
+                        version = %deployment.version,
+                        generation = state.generation,
+                        "a newer desired state arrived; leaving this deployment"
+                    );
+                    return Err(failure);
+                }
+                Err(failure) => {
+                    tracing::warn!(
+                        model = %deployment.model,
+                        version = %deployment.version,
+                        error = %failure.message,
+                        "deployment failed"
+                    );
+                    self.event(Event::DeploymentFailed {
+                        generation: state.generation,
+                        model: deployment.model.clone(),
+                        version: deployment.version.clone(),
+                        error: failure.message.clone(),
+                        will_retry: failure.transient,
+                    });
+                    first_failure.get_or_insert(failure);
+                }
             }
         }
         if let Some(failure) = first_failure {
@@ -61,10 +94,16 @@ impl Shared {
         Ok(())
     }
 
-    fn apply_one(&self, generation: u64, d: &Deployment) -> Result<(), Failure> {
+    fn apply_one(
+        &self,
+        generation: u64,
+        d: &Deployment,
+        superseded: &dyn Fn() -> bool,
+    ) -> Result<(), Failure> {
         let permanent = |message: String| Failure {
             message,
             transient: false,
+            superseded: false,
         };
         let device = |e: crate::DeviceError| permanent(format!("{} {}: {e}", d.model, d.version));
         let active = self.device.active().map_err(device)?.remove(&d.model);
@@ -99,14 +138,29 @@ impl Shared {
                 size: d.size,
             };
             let agent = download::agent(&self.fleet.roots);
-            let path = download::fetch(&agent, &artifact, self.max_bundle_bytes, &self.downloads)
-                .map_err(|e: DownloadError| Failure {
-                transient: e.is_transient(),
-                message: format!("{} {}: {e}", d.model, d.version),
+            let path = download::fetch(
+                &agent,
+                &artifact,
+                self.max_bundle_bytes,
+                &self.downloads,
+                superseded,
+            )
+            .map_err(|e: DownloadError| match e {
+                DownloadError::Stopped => Failure::superseded(),
+                e => Failure {
+                    transient: e.is_transient(),
+                    message: format!("{} {}: {e}", d.model, d.version),
+                    superseded: false,
+                },
             })?;
+            if superseded() {
+                // Downloaded and checked, not installed: kept for a resume costs nothing more.
+                return Err(Failure::superseded());
+            }
             let bytes = std::fs::read(&path).map_err(|e| Failure {
                 message: format!("cannot read the download: {e}"),
                 transient: true,
+                superseded: false,
             })?;
             let installed = self.device.install_and_activate(&bytes);
             let _ = std::fs::remove_file(&path);
@@ -138,9 +192,22 @@ pub(crate) async fn run(
             loop {
                 let worker = Arc::clone(&shared);
                 let job = state.clone();
-                let result = tokio::task::spawn_blocking(move || worker.reconcile(&job)).await;
+                // Superseded when the latest accepted state is another generation (the same
+                // one delivered again, as after every reconnect, is not).
+                let latest = desired.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    let generation = job.generation;
+                    worker.reconcile(&job, &|| {
+                        latest
+                            .borrow()
+                            .as_ref()
+                            .is_some_and(|s| s.generation != generation)
+                    })
+                })
+                .await;
                 match result {
                     Ok(Ok(())) => break,
+                    Ok(Err(failure)) if failure.superseded => continue 'next,
                     Ok(Err(failure)) if failure.transient => {
                         tracing::info!(retry_in = ?backoff, "reconcile will be retried");
                         tokio::select! {
