@@ -131,3 +131,106 @@ fn a_kill_9_during_agent_deploys_and_telemetry_loses_no_version_and_no_record() 
          {after_switch} after; {last} records, each once, none missing"
     );
 }
+
+/// The fleet manager killed with SIGKILL at a random moment of a deployment (the API call,
+/// signing, storing, publishing): after its restart a deployment it acknowledged is never
+/// lost, the device ends on the version last acknowledged, and it never refuses a desired
+/// state. Rounds: 6 here, `OUTPOST_CRASH_ROUNDS` (`.ci/soak` runs 100).
+#[test]
+fn a_kill_9_of_the_fleet_mid_deploy_loses_no_acknowledged_deployment() {
+    let rounds: usize = std::env::var("OUTPOST_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(6);
+    let d = bed("fleet-kill");
+    let dir = &d.0;
+    // The broker outlives the fleet; the API keeps its port (devices download from it).
+    let broker = Mosquitto::start(dir);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--broker", &broker.url(), "--listen", &listen];
+    let mut fleet = Fleet::launch(dir, &args);
+    let config = device_config(dir, "dev-k", &broker.url(), &[]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-k"]);
+    push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-k"], &["dev-k"]);
+    for round in 0..rounds {
+        let version = format!("4.0.{round}");
+        digits_spec(dir, &version);
+        build_and_sign(
+            dir,
+            &format!("{version}.toml"),
+            &format!("digits-{version}.opb"),
+        );
+        fleet.cli(dir, &["fleet", "push", &format!("digits-{version}.opb")]);
+    }
+
+    let mut rng = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut acknowledged_version = "1.0.0".to_owned();
+    let (mut acked, mut cut_off) = (0, 0);
+    for round in 0..rounds {
+        let target = format!("4.0.{round}");
+        let api = fleet.api.clone();
+        let deploy = {
+            let (dir, target) = (dir.to_path_buf(), target.clone());
+            std::thread::spawn(move || {
+                bin()
+                    .args(["fleet", "deploy", &format!("digits@{target}")])
+                    .args(["--device", "dev-k", "--fleet", &api])
+                    .current_dir(dir)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            })
+        };
+        // A CLI call takes some tens of milliseconds: kill before, during or after it.
+        let delay = random(&mut rng) % 80;
+        std::thread::sleep(Duration::from_millis(delay));
+        drop(fleet);
+        let ok = deploy.join().unwrap();
+        fleet = Fleet::launch(dir, &args);
+        if ok {
+            acked += 1;
+            acknowledged_version = target.clone();
+        } else {
+            cut_off += 1;
+        }
+        eprintln!("round {round}: fleet killed after {delay} ms, deploy acknowledged: {ok}");
+        // What the fleet wants now: the acknowledged version, or (cut off) possibly the new
+        // one, which it may have stored before it died.
+        let wanted = eventually(secs(60), "the fleet's view of dev-k", || {
+            fleet.device("dev-k")
+        });
+        let desired = wanted["desired"]["digits"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            desired == acknowledged_version || (!ok && desired == target),
+            "round {round}: the fleet wants {desired:?}; acknowledged {acknowledged_version}"
+        );
+        acknowledged_version = desired.clone();
+        eventually(
+            secs(90),
+            "the device on the fleet's version, in sync",
+            || {
+                let in_sync = fleet.device("dev-k").is_some_and(|d| d["in_sync"] == true);
+                (device.digits().as_deref() == Ok(desired.as_str()) && in_sync).then_some(())
+            },
+        );
+    }
+    let refused: Vec<serde_json::Value> = fleet
+        .records("events", "dev-k")
+        .into_iter()
+        .filter(|r| r["body"]["event"] == "desired_refused")
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    eprintln!(
+        "{rounds} fleet kills mid-deploy: {acked} acknowledged before the kill, {cut_off} cut \
+         off; every acknowledged deployment applied, none refused"
+    );
+}

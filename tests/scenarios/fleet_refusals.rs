@@ -342,3 +342,60 @@ fn a_fleet_refuses_to_serve_an_open_api_or_a_short_token() {
     // Refused before anything was created.
     assert!(!dir.join("fleet-data").exists());
 }
+
+/// The expiry of the retained desired state for `device`, read from the broker.
+fn desired_expiry(fleet: &Fleet, device: &str) -> u64 {
+    let envelope: Value = serde_json::from_slice(&retained(
+        &fleet.broker,
+        &format!("outpost/v1/{device}/desired"),
+    ))
+    .unwrap();
+    let payload: Value = serde_json::from_str(envelope["payload"].as_str().unwrap()).unwrap();
+    payload["expires_at"].as_u64().unwrap()
+}
+
+#[test]
+fn desired_states_are_re_signed_so_a_device_offline_past_their_validity_still_takes_them() {
+    let d = bed("resign");
+    let dir = &d.0;
+    // A 6 s validity: re-signed every time less than 3 s is left.
+    let fleet = Fleet::launch(dir, &["--desired-ttl", "6s"]);
+    let config = device_config(dir, "dev-r", &fleet.broker, &[]);
+    let device = Device::start(dir, &config);
+    online(&fleet, &["dev-r"]);
+    push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-r"], &["dev-r"]);
+
+    // The device goes away; a deployment is made while it is away, and it stays away for
+    // three validity periods.
+    drop(device);
+    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    fleet.cli(
+        dir,
+        &["fleet", "deploy", "digits@2.0.0", "--device", "dev-r"],
+    );
+    let signed_at_deploy = desired_expiry(&fleet, "dev-r");
+    std::thread::sleep(secs(18));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now > signed_at_deploy, "the first signature has expired");
+    let signed_now = desired_expiry(&fleet, "dev-r");
+    assert!(
+        signed_now > now && signed_now >= signed_at_deploy + 12,
+        "re-signed: expires at {signed_now}, now {now}, first {signed_at_deploy}"
+    );
+
+    // Back, it takes the re-signed state: no refusal, 2.0.0 serving, the fleet in sync.
+    let device = Device::start(dir, &config);
+    eventually(secs(60), "2.0.0 serving and reported applied", || {
+        let in_sync = fleet.device("dev-r").is_some_and(|d| d["in_sync"] == true);
+        (device.digits().as_deref() == Ok("2.0.0") && in_sync).then_some(())
+    });
+    let refused: Vec<Value> = fleet
+        .records("events", "dev-r")
+        .into_iter()
+        .filter(|r| r["body"]["event"] == "desired_refused")
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+}

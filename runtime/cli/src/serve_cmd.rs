@@ -67,9 +67,13 @@ pub(crate) struct ServeArgs {
     /// Accept only bundles that verify against this trust store.
     #[arg(long)]
     trust_store: Option<PathBuf>,
-    /// How long a signed desired state stays valid (it is re-signed at half-life), in hours.
-    #[arg(long, default_value_t = 168)]
-    desired_ttl_hours: u64,
+    /// How long a signed desired state stays valid: `90s`, `30m`, `12h`, `7d`. It is re-signed
+    /// at half-life; a device refuses one replayed after it expires.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_ttl)]
+    desired_ttl: Duration,
+    /// The same in hours (the older spelling).
+    #[arg(long, hide = true, conflicts_with = "desired_ttl")]
+    desired_ttl_hours: Option<u64>,
     /// This replica's name (several replicas may share one broker).
     #[arg(long)]
     replica: Option<String>,
@@ -156,7 +160,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         public_url: args.public_url,
         token,
         trust,
-        desired_ttl: Duration::from_secs(args.desired_ttl_hours.max(1) * 3600),
+        desired_ttl: match args.desired_ttl_hours {
+            Some(hours) => Duration::from_secs(hours.max(1).saturating_mul(3600)),
+            None => args.desired_ttl,
+        },
         replica: args.replica,
         max_bundle_bytes: args.max_bundle_bytes,
         retention: Duration::from_secs(args.retention_hours.max(1) * 3600),
@@ -217,4 +224,49 @@ pub(crate) fn run_fleet(
         .await
     })?;
     Ok(())
+}
+
+/// A validity period: a whole number with a unit (`s`, `m`, `h`, `d`), at least 2 seconds
+/// (re-signing happens at half of it, with one-second clocks).
+fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: write 90s, 30m, 12h or 7d"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a whole number before the unit"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d")),
+    };
+    let secs = n
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too long"))?;
+    if secs < 2 {
+        return Err(format!("{text:?} is too short: at least 2s"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_parse_with_their_units_and_bad_ones_say_why() {
+        assert_eq!(parse_ttl("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_ttl("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(604_800)));
+        assert!(parse_ttl("7").unwrap_err().contains("no unit"));
+        assert!(parse_ttl("7w").unwrap_err().contains("one of s, m, h, d"));
+        assert!(parse_ttl("1s").unwrap_err().contains("too short"));
+        assert!(parse_ttl("h").unwrap_err().contains("whole number"));
+        assert!(parse_ttl("99999999999999999999d").is_err());
+    }
 }
