@@ -1,7 +1,9 @@
 //! A full disk during install: the device's data directory is a small tmpfs that holds one
 //! installed version but not a second. The second install is refused with an error that says
 //! the disk is full, nothing half-written is listed, the old version serves on (and after a
-//! restart), and once there is room the same install succeeds.
+//! restart), and once there is room the same install succeeds. And a full disk under the
+//! fleet agent's outbox, during a broker outage: records are refused and counted, the device
+//! serves on, and once there is room everything stored reaches the fleet, with the count.
 //!
 //! Needs root (or password-less sudo) to mount the tmpfs; `.ci/run` runs as either.
 
@@ -100,4 +102,128 @@ fn a_full_disk_refuses_an_install_clearly_and_loses_nothing() {
     let installed_now = admin("POST", &url, &v2);
     assert_eq!(installed_now.status, 201, "{}", installed_now.text());
     assert_eq!(device.digits(), Ok("2.0.0".to_owned()));
+}
+
+/// Bytes free on the file system of `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_full_disk_under_the_outbox_drops_and_counts_records_and_corrupts_nothing() {
+    let d = bed("outbox-full");
+    let dir = &d.0;
+    let mut broker = Mosquitto::start(dir);
+    let fleet = Fleet::start(dir, Some(&broker.url()), None);
+    let config = device_config(dir, "dev-d", &broker.url(), &[]);
+    let state = dir.join("dev-d-state");
+    let _disk = Tmpfs::new(&state, 12 * 1024);
+    ok(
+        dir,
+        &[
+            "device",
+            "install",
+            "digits-1.0.0.opb",
+            "--config",
+            &config,
+            "--activate",
+        ],
+    );
+    let mut device = Device::start(dir, &config);
+    online(&fleet, &["dev-d"]);
+    eventually(secs(60), "telemetry at the fleet", || {
+        (fleet.records("telemetry", "dev-d").len() >= 10).then_some(())
+    });
+
+    // The broker goes away, so the outbox holds everything; then the disk fills up to just
+    // under the room the device keeps (4 MiB beyond a record).
+    broker.stop();
+    std::thread::sleep(secs(1));
+    let before = device
+        .metric("outpost_outbox_dropped_records_total")
+        .unwrap();
+    let filler = state.join("filler");
+    let fill = free_bytes(&state).saturating_sub((4 << 20) + (16 << 10));
+    fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    let dropped = eventually(secs(30), "records refused and counted", || {
+        let now = device.metric("outpost_outbox_dropped_records_total")?;
+        (now >= before + 10).then_some(now)
+    });
+    assert_eq!(
+        device.digits(),
+        Ok("1.0.0".to_owned()),
+        "serving on a full disk"
+    );
+    let logs = device.proc.logs();
+    assert_eq!(
+        logs.matches("cannot write telemetry to the outbox").count(),
+        1,
+        "said once, not per record: {logs}"
+    );
+    assert!(logs.contains("the disk is full"), "{logs}");
+
+    // Room again, and the broker back: every stored record arrives once, with no gap (a
+    // refused record never took a number), and the fleet hears how many were dropped.
+    fs::remove_file(&filler).unwrap();
+    broker.restart();
+    eventually(secs(60), "the outbox drained", || {
+        (device.metric("outpost_outbox_records") == Some(0)).then_some(())
+    });
+    let seqs = |fleet: &Fleet| -> Vec<u64> {
+        let mut seqs: Vec<u64> = ["telemetry", "events"]
+            .iter()
+            .flat_map(|s| fleet.records(s, "dev-d"))
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    let stored = seqs(&fleet);
+    let last = *stored.last().unwrap();
+    assert_eq!(stored, (1..=last).collect::<Vec<_>>(), "each once, no gap");
+    let counted = device
+        .metric("outpost_outbox_dropped_records_total")
+        .unwrap();
+    assert!(counted >= dropped);
+    eventually(secs(60), "the fleet hears the drop count", || {
+        let heard = fleet.device("dev-d")?["dropped"].as_u64()?;
+        (heard >= dropped).then_some(())
+    });
+    assert!(
+        device
+            .proc
+            .logs()
+            .contains("telemetry is written to the outbox again"),
+        "recovery said"
+    );
+
+    // Nothing was corrupted: after a kill -9 the device serves, and its outbox goes on
+    // numbering where it stopped.
+    device.proc.kill9();
+    drop(device);
+    let device = Device::start(dir, &config);
+    assert_eq!(device.digits(), Ok("1.0.0".to_owned()));
+    eventually(secs(60), "new records after the restart", || {
+        (seqs(&fleet).last() > Some(&last)).then_some(())
+    });
+    let after = seqs(&fleet);
+    let top = *after.last().unwrap();
+    let unique: std::collections::BTreeSet<u64> = after.iter().copied().collect();
+    assert_eq!(unique.len(), after.len(), "stored twice after the restart");
+    eprintln!(
+        "outbox on a full disk: {} records refused and counted, {last} stored records each \
+         once; {top} after a kill -9 and restart",
+        dropped - before
+    );
 }

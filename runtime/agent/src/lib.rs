@@ -111,7 +111,7 @@ pub struct LinkStatus {
     pub outbox_records: u64,
     /// Bytes the outbox holds.
     pub outbox_bytes: u64,
-    /// Records the outbox quota dropped, ever.
+    /// Records dropped, ever: the outbox quota's oldest, and those a full disk refused.
     pub dropped_records: u64,
     /// Connections to the broker made since the agent started.
     pub connections: u64,

@@ -114,11 +114,17 @@ impl Outbox {
     }
 
     /// Appends a record and returns its sequence number. When the outbox is over its quota
-    /// afterwards, the oldest telemetry (then the oldest events) is dropped and counted.
+    /// afterwards, the oldest telemetry (then the oldest events) is dropped and counted. On a
+    /// full disk the record is refused, and counted as dropped too: the fleet hears of it.
     pub fn push(&self, kind: Kind, body: serde_json::Value) -> Result<u64> {
         // The margin (4 MiB) dwarfs a record: no need to serialise it twice to know its size.
-        if let Some(room) = &self.room {
-            room.check(64 << 10)?;
+        if let Some(room) = &self.room
+            && let Err(full) = room.check(64 << 10)
+        {
+            // Eight bytes, well inside the margin the check keeps.
+            let dropped = read_u64(self.meta.get(DROPPED_KEY)?) + 1;
+            self.meta.insert(DROPPED_KEY, &be(dropped))?;
+            return Err(full);
         }
         let mut bytes = self.lock()?;
         let time = now_secs();
@@ -281,7 +287,7 @@ impl Outbox {
         self.records.len() as u64
     }
 
-    /// Records the quota has dropped, ever.
+    /// Records the quota has dropped, and records a full disk refused, ever.
     pub fn dropped(&self) -> u64 {
         read_u64(self.meta.get(DROPPED_KEY).ok().flatten())
     }

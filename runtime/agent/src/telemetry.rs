@@ -83,6 +83,9 @@ fn process_usage() -> (f64, u64) {
 pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(shared.fleet.telemetry_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Said once when writing starts failing (a full disk fails every record) and once when it
+    // works again, not ten times a second.
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -95,8 +98,17 @@ pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                     }
                 };
                 match shared.outbox.push(Kind::Telemetry, record) {
-                    Ok(_) => shared.outbox_changed.notify_one(),
-                    Err(e) => tracing::error!(error = %e, "cannot write telemetry to the outbox"),
+                    Ok(_) => {
+                        if std::mem::take(&mut failing) {
+                            tracing::info!("telemetry is written to the outbox again");
+                        }
+                        shared.outbox_changed.notify_one();
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::error!(error = %e, "cannot write telemetry to the outbox; records are dropped and counted until it works again");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "telemetry record dropped"),
                 }
             }
         }

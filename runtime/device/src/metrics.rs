@@ -307,7 +307,7 @@ fn render_link(out: &mut String, link: LinkStatus) {
         (
             "outpost_outbox_dropped_records_total",
             "counter",
-            "Records the outbox quota dropped, oldest first.",
+            "Records dropped: the outbox quota's oldest first, and those a full disk refused.",
             link.dropped_records,
         ),
         (

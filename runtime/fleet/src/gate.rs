@@ -30,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use outpost_proto::wire;
+
 use crate::acl::{Identity, LiveLogins};
 
 /// How the gate bounds a connection before its CONNECT is accepted.
@@ -391,7 +393,7 @@ async fn relay_checked<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(topic) = forbidden(identity, &packet)? {
                 return Err(Refusal::Forbidden(identity.clone(), topic));
             }
-            if packet.first().map(|b| b >> 4) == Some(3) {
+            if wire::packet_type(&packet) == Some(wire::kind::PUBLISH) {
                 let wait = door
                     .buckets
                     .take(login.user, packet.len(), door.limits.device_rate);
@@ -413,32 +415,19 @@ async fn relay_checked<S: AsyncRead + AsyncWrite + Unpin>(
 /// The topic or filter of a PUBLISH or SUBSCRIBE that `identity` may not use, if any; a second
 /// CONNECT or a malformed packet is refused.
 fn forbidden(identity: &Identity, packet: &[u8]) -> Result<Option<String>, Refusal> {
-    let body = packet.get(header_len(packet)..).unwrap_or_default();
-    let mut at = 0;
     let shown = |t: &[u8]| {
         outpost_proto::text::bounded(&String::from_utf8_lossy(t), outpost_proto::text::MAX_QUOTED)
     };
-    match packet.first().map(|b| b >> 4) {
-        Some(1) => Err(Refusal::Malformed("a second CONNECT")),
-        Some(3) => {
-            let topic = string(body, &mut at)?;
-            Ok(
-                (!std::str::from_utf8(topic).is_ok_and(|t| identity.may_publish(t)))
-                    .then(|| shown(topic)),
-            )
-        }
-        Some(8) => {
-            at += 2;
-            while at < body.len() {
-                let filter = string(body, &mut at)?;
-                at += 1;
-                if !std::str::from_utf8(filter).is_ok_and(|f| identity.may_subscribe(f)) {
-                    return Ok(Some(shown(filter)));
-                }
-            }
-            Ok(None)
-        }
-        _ => Ok(None),
+    match wire::names(packet).map_err(|m| Refusal::Malformed(m.0))? {
+        wire::Names::Connect => Err(Refusal::Malformed("a second CONNECT")),
+        wire::Names::Publish(topic) => Ok((!std::str::from_utf8(topic)
+            .is_ok_and(|t| identity.may_publish(t)))
+        .then(|| shown(topic))),
+        wire::Names::Subscribe(filters) => Ok(filters
+            .into_iter()
+            .find(|f| !std::str::from_utf8(f).is_ok_and(|f| identity.may_subscribe(f)))
+            .map(shown)),
+        wire::Names::Other => Ok(None),
     }
 }
 
@@ -470,29 +459,6 @@ async fn read_packet(
     Ok(packet)
 }
 
-/// The length of a packet's fixed header: the type byte and one to four length bytes.
-fn header_len(packet: &[u8]) -> usize {
-    1 + packet
-        .get(1..)
-        .unwrap_or_default()
-        .iter()
-        .position(|b| b & 0x80 == 0)
-        .map_or(packet.len(), |i| i + 1)
-}
-
-/// An MQTT string or binary field at `at`: two length bytes, then the bytes.
-fn string<'a>(body: &'a [u8], at: &mut usize) -> Result<&'a [u8], Refusal> {
-    let len = body
-        .get(*at..*at + 2)
-        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-        .ok_or(Refusal::Malformed("truncated packet"))?;
-    let s = body
-        .get(*at + 2..*at + 2 + len)
-        .ok_or(Refusal::Malformed("truncated packet"))?;
-    *at += 2 + len;
-    Ok(s)
-}
-
 /// What the gate reads from a CONNECT.
 #[derive(Debug)]
 struct Connect<'a> {
@@ -506,38 +472,17 @@ struct Connect<'a> {
 /// [`MAX_CLIENT_ID`] bytes, with `+ $ # /` (the router's rule) or control characters (they
 /// reach logs).
 fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
-    if packet.first().map(|b| b >> 4) != Some(1) {
-        return Err(Refusal::Malformed("the first packet is not a CONNECT"));
-    }
-    let body = packet.get(header_len(packet)..).unwrap_or_default();
-    let mut at = 0;
-    let _protocol = string(body, &mut at)?;
-    let flags = *body
-        .get(at + 1)
-        .ok_or(Refusal::Malformed("truncated CONNECT"))?;
-    // Level, flags, keep-alive.
-    at += 4;
-    let id = string(body, &mut at)?;
-    let id = std::str::from_utf8(id).map_err(|_| Refusal::Malformed("client id not UTF-8"))?;
+    let connect = wire::parse_connect(packet).map_err(|m| Refusal::Malformed(m.0))?;
+    let id = std::str::from_utf8(connect.client_id)
+        .map_err(|_| Refusal::Malformed("client id not UTF-8"))?;
     if id.len() > MAX_CLIENT_ID || id.chars().any(|c| "+$#/".contains(c) || c.is_control()) {
         return Err(Refusal::Identifier);
     }
-    let mut will_topic = None;
-    if flags & 0x04 != 0 {
-        will_topic = Some(string(body, &mut at)?);
-        let _will_message = string(body, &mut at)?;
-    }
-    let user = (flags & 0x80 != 0)
-        .then(|| string(body, &mut at))
-        .transpose()?;
-    let password = (flags & 0x40 != 0)
-        .then(|| string(body, &mut at))
-        .transpose()?;
     Ok(Connect {
         client_id: id,
-        will_topic,
-        user,
-        password,
+        will_topic: connect.will_topic,
+        user: connect.user,
+        password: connect.password,
     })
 }
 

@@ -1,5 +1,6 @@
 //! The fleet protocol shared by devices and the fleet manager. Owns: topic names, device ids,
-//! the messages and events devices send, signed desired states and the fleet's REST types.
+//! the messages and events devices send, signed desired states, the fleet's REST types, and the
+//! few MQTT packet fields the fleet's gate reads from untrusted clients ([`wire`]).
 //! Never imports: a transport (MQTT, HTTP), a store, the fleet server or the device crates.
 //!
 //! Topics live under a versioned prefix, one subtree per device ([`Topics`]). The fleet's
@@ -15,6 +16,7 @@ mod desired;
 mod messages;
 pub mod rest;
 pub mod text;
+pub mod wire;
 
 pub use broker::{BadBrokerUrl, BrokerUrl};
 pub use desired::{Deployment, DesiredState, SignedDesired, Verdict};
