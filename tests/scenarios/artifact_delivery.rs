@@ -142,7 +142,12 @@ fn a_newer_deployment_mid_download_takes_over_and_the_old_one_never_activates() 
     let d = bed("supersede");
     let dir = &d.0;
     let port = free_port();
-    let (proxy, ranges) = slow_proxy(format!("http://127.0.0.1:{port}"));
+    // About 10 KB/s: the whole bundle takes half a minute, ample time for a second deploy.
+    let (proxy, ranges) = proxy_on(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        format!("http://127.0.0.1:{port}"),
+        Duration::from_millis(200),
+    );
     let listen = format!("127.0.0.1:{port}");
     let fleet = Fleet::launch(dir, &["--listen", &listen, "--public-url", &proxy]);
     let config = device_config(dir, "dev-s", &fleet.broker, &[]);
@@ -151,12 +156,15 @@ fn a_newer_deployment_mid_download_takes_over_and_the_old_one_never_activates() 
     fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
     fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
     let size = fs::metadata(dir.join("digits-1.0.0.opb")).unwrap().len();
+    assert!(
+        size > 100_000,
+        "the bundle is too small to interrupt: {size}"
+    );
     fleet.cli(
         dir,
         &["fleet", "deploy", "digits@1.0.0", "--device", "dev-s"],
     );
-    // 1.0.0 is on its way at about 40 KB/s (some seconds for the whole bundle) when 2.0.0 is
-    // deployed.
+    // 1.0.0 is on its way when 2.0.0 is deployed.
     let downloads = dir.join("dev-s-state").join("downloads");
     let partial = eventually(secs(60), "a partial download of 1.0.0", || {
         let entry = fs::read_dir(&downloads).ok()?.flatten().next()?;
@@ -171,7 +179,14 @@ fn a_newer_deployment_mid_download_takes_over_and_the_old_one_never_activates() 
         let in_sync = fleet.device("dev-s").is_some_and(|d| d["in_sync"] == true);
         (device.digits().as_deref() == Ok("2.0.0") && in_sync).then_some(())
     });
-    let events = fleet.records("events", "dev-s");
+    // Events travel apart from the reported state: wait for 2.0.0's.
+    let events = eventually(secs(60), "the activation event of 2.0.0", || {
+        let events = fleet.records("events", "dev-s");
+        events
+            .iter()
+            .any(|r| r["body"]["event"] == "activated" && r["body"]["version"] == "2.0.0")
+            .then_some(events)
+    });
     let activated: Vec<&str> = events
         .iter()
         .filter(|r| r["body"]["event"] == "activated")
@@ -201,7 +216,8 @@ fn a_newer_deployment_mid_download_takes_over_and_the_old_one_never_activates() 
         "partial download kept: {kept:?}"
     );
     eprintln!(
-        "1.0.0 stopped after {partial}+ of {size} bytes; 2.0.0 applied; {} artifact requests",
+        "1.0.0 stopped after {partial}+ of {size} bytes at 10 KB/s; 2.0.0 applied; {} artifact \
+         requests",
         ranges.lock().unwrap().len()
     );
 }

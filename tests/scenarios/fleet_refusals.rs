@@ -358,15 +358,16 @@ fn desired_expiry(fleet: &Fleet, device: &str) -> u64 {
 fn desired_states_are_re_signed_so_a_device_offline_past_their_validity_still_takes_them() {
     let d = bed("resign");
     let dir = &d.0;
-    // A 6 s validity: re-signed every time less than 3 s is left.
-    let fleet = Fleet::launch(dir, &["--desired-ttl", "6s"]);
+    // A 10 s validity: re-signed whenever less than 5 s is left, checked every 2.5 s, so a
+    // retained state always has a second or more left.
+    let fleet = Fleet::launch(dir, &["--desired-ttl", "10s"]);
     let config = device_config(dir, "dev-r", &fleet.broker, &[]);
     let device = Device::start(dir, &config);
     online(&fleet, &["dev-r"]);
     push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-r"], &["dev-r"]);
 
     // The device goes away; a deployment is made while it is away, and it stays away for
-    // three validity periods.
+    // two and a half validity periods.
     drop(device);
     fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
     fleet.cli(
@@ -374,7 +375,7 @@ fn desired_states_are_re_signed_so_a_device_offline_past_their_validity_still_ta
         &["fleet", "deploy", "digits@2.0.0", "--device", "dev-r"],
     );
     let signed_at_deploy = desired_expiry(&fleet, "dev-r");
-    std::thread::sleep(secs(18));
+    std::thread::sleep(secs(25));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -382,7 +383,7 @@ fn desired_states_are_re_signed_so_a_device_offline_past_their_validity_still_ta
     assert!(now > signed_at_deploy, "the first signature has expired");
     let signed_now = desired_expiry(&fleet, "dev-r");
     assert!(
-        signed_now > now && signed_now >= signed_at_deploy + 12,
+        signed_now > now,
         "re-signed: expires at {signed_now}, now {now}, first {signed_at_deploy}"
     );
 

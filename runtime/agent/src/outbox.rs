@@ -2,6 +2,7 @@
 //! deleted only when the broker has acknowledged the batch that carried them.
 
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use outpost_proto::TelemetryRecord;
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,9 @@ pub struct Outbox {
     room: Option<crate::room::Room>,
     /// Every record up to this sequence number is on disk (see [`Outbox::make_durable`]).
     durable: std::sync::atomic::AtomicU64,
+    /// Records a full disk refused, not yet added to the stored drop count: nothing is
+    /// written while the disk is full; the next record that is written carries the count.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 fn be(seq: u64) -> [u8; 8] {
@@ -97,6 +101,7 @@ impl Outbox {
             in_flight: Mutex::new(std::collections::BTreeSet::new()),
             room: None,
             durable: std::sync::atomic::AtomicU64::new(durable),
+            refused: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -121,16 +126,20 @@ impl Outbox {
         if let Some(room) = &self.room
             && let Err(full) = room.check(64 << 10)
         {
-            // Eight bytes, well inside the margin the check keeps.
-            let dropped = read_u64(self.meta.get(DROPPED_KEY)?) + 1;
-            self.meta.insert(DROPPED_KEY, &be(dropped))?;
+            self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(full);
         }
         let mut bytes = self.lock()?;
         let time = now_secs();
+        // Under the lock: no other push takes the count meanwhile.
+        let refused = self.refused.swap(0, Ordering::Relaxed);
         let result = (&self.records, &self.meta).transaction(|(records, meta)| {
             let seq = read_u64(meta.get(SEQ_KEY)?) + 1;
             meta.insert(SEQ_KEY, &be(seq))?;
+            if refused > 0 {
+                let dropped = read_u64(meta.get(DROPPED_KEY)?) + refused;
+                meta.insert(DROPPED_KEY, &be(dropped))?;
+            }
             let entry = Entry {
                 kind,
                 record: TelemetryRecord {
@@ -147,8 +156,13 @@ impl Outbox {
         });
         let (seq, len) = match result {
             Ok(v) => v,
-            Err(TransactionError::Abort(e)) => return Err(AgentError::Corrupt(e)),
-            Err(TransactionError::Storage(e)) => return Err(AgentError::Store(e)),
+            Err(e) => {
+                self.refused.fetch_add(refused, Ordering::Relaxed);
+                return Err(match e {
+                    TransactionError::Abort(e) => AgentError::Corrupt(e),
+                    TransactionError::Storage(e) => AgentError::Store(e),
+                });
+            }
         };
         *bytes += (8 + len) as u64;
         while *bytes > self.quota {
@@ -170,7 +184,6 @@ impl Outbox {
     /// then take again. Had the fleet seen one of those, it would now hold two different records
     /// under one number. Flushes only when `seq` is past what is known to be on disk.
     pub fn make_durable(&self, seq: u64) -> Result<()> {
-        use std::sync::atomic::Ordering;
         if self.durable.load(Ordering::Acquire) >= seq {
             return Ok(());
         }
@@ -287,9 +300,11 @@ impl Outbox {
         self.records.len() as u64
     }
 
-    /// Records the quota has dropped, and records a full disk refused, ever.
+    /// Records the quota has dropped, and records a full disk refused, ever (refusals since
+    /// the last record written are counted in memory until then: a restart meanwhile loses
+    /// that part of the count, never a record).
     pub fn dropped(&self) -> u64 {
-        read_u64(self.meta.get(DROPPED_KEY).ok().flatten())
+        read_u64(self.meta.get(DROPPED_KEY).ok().flatten()) + self.refused.load(Ordering::Relaxed)
     }
 
     /// The last sequence number handed out.

@@ -54,6 +54,9 @@ impl Shared {
                     );
                     return Err(failure);
                 }
+                // A failure of a state no longer wanted is not worth reporting: the newer
+                // state's own reconcile reports what it finds.
+                Err(_) if superseded() => return Err(Failure::superseded()),
                 Err(failure) => {
                     tracing::warn!(
                         model = %deployment.model,
@@ -73,6 +76,9 @@ impl Shared {
             }
         }
         if let Some(failure) = first_failure {
+            if superseded() {
+                return Err(Failure::superseded());
+            }
             self.set_retrying(failure.transient);
             self.set_last_error(Some(failure.message.clone()));
             return Err(failure);
@@ -192,16 +198,17 @@ pub(crate) async fn run(
             loop {
                 let worker = Arc::clone(&shared);
                 let job = state.clone();
-                // Superseded when the latest accepted state is another generation (the same
-                // one delivered again, as after every reconnect, is not).
+                // Superseded when the latest accepted state wants other deployments. Not by
+                // the same state delivered again (after every reconnect), nor by the fleet
+                // re-signing it (a new generation, the same deployments): a long download
+                // must not start over every time its desired state is re-signed.
                 let latest = desired.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    let generation = job.generation;
                     worker.reconcile(&job, &|| {
                         latest
                             .borrow()
                             .as_ref()
-                            .is_some_and(|s| s.generation != generation)
+                            .is_some_and(|s| s.deployments != job.deployments)
                     })
                 })
                 .await;

@@ -161,7 +161,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         token,
         trust,
         desired_ttl: match args.desired_ttl_hours {
-            Some(hours) => Duration::from_secs(hours.max(1).saturating_mul(3600)),
+            Some(hours) => Duration::from_secs(hours.clamp(1, MAX_TTL_SECS / 3600) * 3600),
             None => args.desired_ttl,
         },
         replica: args.replica,
@@ -226,8 +226,11 @@ pub(crate) fn run_fleet(
     Ok(())
 }
 
+/// The longest validity accepted: ten years.
+const MAX_TTL_SECS: u64 = 3650 * 86_400;
+
 /// A validity period: a whole number with a unit (`s`, `m`, `h`, `d`), at least 2 seconds
-/// (re-signing happens at half of it, with one-second clocks).
+/// (re-signing happens at half of it, with one-second clocks) and at most ten years.
 fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -250,6 +253,9 @@ fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
     if secs < 2 {
         return Err(format!("{text:?} is too short: at least 2s"));
     }
+    if secs > MAX_TTL_SECS {
+        return Err(format!("{text:?} is too long: at most 3650d"));
+    }
     Ok(Duration::from_secs(secs))
 }
 
@@ -268,5 +274,7 @@ mod tests {
         assert!(parse_ttl("1s").unwrap_err().contains("too short"));
         assert!(parse_ttl("h").unwrap_err().contains("whole number"));
         assert!(parse_ttl("99999999999999999999d").is_err());
+        assert!(parse_ttl("3651d").unwrap_err().contains("too long"));
+        assert_eq!(parse_ttl("3650d"), Ok(Duration::from_secs(MAX_TTL_SECS)));
     }
 }

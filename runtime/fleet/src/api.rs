@@ -521,7 +521,7 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         "outpost_fleet_http",
         &[("api", &m.http)],
     ));
-    out.push_str("# HELP outpost_fleet_device_dropped_records Records a device's outbox quota dropped.\n# TYPE outpost_fleet_device_dropped_records gauge\n");
+    out.push_str("# HELP outpost_fleet_device_dropped_records Records a device dropped (outbox quota, full disk).\n# TYPE outpost_fleet_device_dropped_records gauge\n");
     for d in &devices {
         out.push_str(&format!(
             "outpost_fleet_device_dropped_records{{device=\"{}\"}} {}\n",

@@ -297,7 +297,7 @@ impl Fleet {
             .unwrap_or(0);
         let generation = previous.map_or(now_ms, |p| (p.generation + 1).max(now_ms));
         let deployments = change(previous.map(|p| p.deployments.clone()).unwrap_or_default());
-        let expires_at = now_secs() + self.desired_ttl.as_secs().max(1);
+        let expires_at = now_secs().saturating_add(self.desired_ttl.as_secs().max(1));
         let state = DesiredState {
             v: PROTOCOL_VERSION,
             device: device.clone(),

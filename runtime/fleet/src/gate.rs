@@ -423,10 +423,15 @@ fn forbidden(identity: &Identity, packet: &[u8]) -> Result<Option<String>, Refus
         wire::Names::Publish(topic) => Ok((!std::str::from_utf8(topic)
             .is_ok_and(|t| identity.may_publish(t)))
         .then(|| shown(topic))),
-        wire::Names::Subscribe(filters) => Ok(filters
-            .into_iter()
-            .find(|f| !std::str::from_utf8(f).is_ok_and(|f| identity.may_subscribe(f)))
-            .map(shown)),
+        wire::Names::Subscribe(filters) => {
+            for filter in filters {
+                let filter = filter.map_err(|m| Refusal::Malformed(m.0))?;
+                if !std::str::from_utf8(filter).is_ok_and(|f| identity.may_subscribe(f)) {
+                    return Ok(Some(shown(filter)));
+                }
+            }
+            Ok(None)
+        }
         wire::Names::Other => Ok(None),
     }
 }
@@ -438,18 +443,14 @@ async fn read_packet(
     max: usize,
 ) -> Result<Vec<u8>, Refusal> {
     let mut packet = vec![stream.read_u8().await?];
-    let mut length = 0usize;
-    for shift in 0..4 {
-        let byte = stream.read_u8().await?;
-        packet.push(byte);
-        length |= usize::from(byte & 0x7f) << (7 * shift);
-        if byte & 0x80 == 0 {
-            break;
+    let length = loop {
+        packet.push(stream.read_u8().await?);
+        if let Some(length) =
+            wire::remaining_length(&packet[1..]).map_err(|m| Refusal::Malformed(m.0))?
+        {
+            break length;
         }
-        if shift == 3 {
-            return Err(Refusal::Malformed("remaining length over four bytes"));
-        }
-    }
+    };
     if length > max {
         return Err(Refusal::Malformed("packet too large"));
     }
@@ -472,12 +473,13 @@ struct Connect<'a> {
 /// [`MAX_CLIENT_ID`] bytes, with `+ $ # /` (the router's rule) or control characters (they
 /// reach logs).
 fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
-    let connect = wire::parse_connect(packet).map_err(|m| Refusal::Malformed(m.0))?;
-    let id = std::str::from_utf8(connect.client_id)
-        .map_err(|_| Refusal::Malformed("client id not UTF-8"))?;
+    // The id is judged before the fields after it are read.
+    let id = wire::connect_client_id(packet).map_err(|m| Refusal::Malformed(m.0))?;
+    let id = std::str::from_utf8(id).map_err(|_| Refusal::Malformed("client id not UTF-8"))?;
     if id.len() > MAX_CLIENT_ID || id.chars().any(|c| "+$#/".contains(c) || c.is_control()) {
         return Err(Refusal::Identifier);
     }
+    let connect = wire::parse_connect(packet).map_err(|m| Refusal::Malformed(m.0))?;
     Ok(Connect {
         client_id: id,
         will_topic: connect.will_topic,

@@ -53,7 +53,14 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     if let Ok(wire::Names::Subscribe(filters)) = wire::names(data) {
-        assert!(filters.iter().map(|f| f.len() + 3).sum::<usize>() <= data.len());
+        let read: usize = filters.map_while(Result::ok).map(|f| f.len() + 3).sum();
+        assert!(read <= data.len() + 1, "filters longer than the packet");
+    }
+    if let Ok(id) = wire::connect_client_id(data) {
+        // The whole CONNECT, when it reads, has the same id.
+        if let Ok(connect) = wire::parse_connect(data) {
+            assert_eq!(connect.client_id, id);
+        }
     }
     let _ = wire::remaining_length(data.get(1..).unwrap_or_default());
     let _ = wire::header_len(data);

@@ -253,10 +253,7 @@ impl<T> Session<T> {
     /// goes on in its own task), so it can sit in a `select!` beside other work. While the broker is away it waits out the backoff first.
     pub async fn next(&mut self) -> SessionEvent<T> {
         loop {
-            let event = match self.poll().await {
-                Some(event) => event,
-                None => continue,
-            };
+            let event = self.poll().await;
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.connected = true;
@@ -308,42 +305,55 @@ impl<T> Session<T> {
         }
     }
 
-    /// One event of the event loop, `None` when there is none yet (a connection attempt was
-    /// started or its task failed). Cancel-safe: a connection attempt runs as its own task
-    /// and is awaited by reference; once connected, rumqttc's `poll` is cancel-safe.
-    async fn poll(&mut self) -> Option<Result<Event, rumqttc::ConnectionError>> {
-        if let Some(attempt) = self.connecting.as_mut() {
-            let joined = attempt.await;
-            self.connecting = None;
-            return match joined {
-                Ok((eventloop, event)) => {
-                    self.eventloop = Some(eventloop);
-                    Some(event)
+    /// The next event of the event loop. Cancel-safe: a connection attempt runs as its own
+    /// task and is awaited by reference; once connected, rumqttc's `poll` is cancel-safe.
+    async fn poll(&mut self) -> Result<Event, rumqttc::ConnectionError> {
+        loop {
+            if let Some(attempt) = self.connecting.as_mut() {
+                let joined = attempt.await;
+                self.connecting = None;
+                match joined {
+                    Ok((eventloop, event)) => {
+                        self.eventloop = Some(eventloop);
+                        return event;
+                    }
+                    Err(e) => {
+                        // The task panicked: the event loop went with it. A failure like any
+                        // other: the caller backs off before the next attempt.
+                        self.renew();
+                        return Err(rumqttc::ConnectionError::Io(std::io::Error::other(
+                            format!("the connection attempt failed: {e}"),
+                        )));
+                    }
                 }
-                Err(e) => {
-                    // The task panicked or was cancelled: the event loop is gone with it.
-                    tracing::error!(error = %e, "MQTT connection attempt failed; starting over");
-                    let (client, eventloop) =
-                        AsyncClient::new(self.options.mqtt(), self.options.queue.max(1));
-                    self.client = client;
-                    self.eventloop = Some(eventloop);
-                    None
-                }
-            };
-        }
-        if self.connected {
-            return Some(self.eventloop.as_mut()?.poll().await);
-        }
-        let mut eventloop = self.eventloop.take()?;
-        let retry_at = self.retry_at.take();
-        self.connecting = Some(tokio::spawn(async move {
-            if let Some(at) = retry_at {
-                tokio::time::sleep_until(at).await;
             }
-            let event = eventloop.poll().await;
-            (eventloop, event)
-        }));
-        None
+            let Some(eventloop) = self.eventloop.as_mut() else {
+                // Neither connecting nor holding the event loop cannot happen; recover anyway.
+                self.renew();
+                continue;
+            };
+            if self.connected {
+                return eventloop.poll().await;
+            }
+            if let Some(mut eventloop) = self.eventloop.take() {
+                let retry_at = self.retry_at.take();
+                self.connecting = Some(tokio::spawn(async move {
+                    if let Some(at) = retry_at {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    let event = eventloop.poll().await;
+                    (eventloop, event)
+                }));
+            }
+        }
+    }
+
+    /// A new client and event loop (what was queued is gone; nothing is connected).
+    fn renew(&mut self) {
+        let (client, eventloop) = AsyncClient::new(self.options.mqtt(), self.options.queue.max(1));
+        self.client = client;
+        self.eventloop = Some(eventloop);
+        self.connected = false;
     }
 
     /// Says goodbye: publishes `farewell` (topic, payload; retained) when connected, then

@@ -42,7 +42,8 @@ pub struct ReportedState {
     /// Records waiting in the telemetry outbox.
     #[serde(default)]
     pub outbox_pending: u64,
-    /// Records the outbox quota dropped since the device was set up.
+    /// Records dropped since the device was set up: the outbox quota's oldest, and those a
+    /// full disk refused.
     #[serde(default)]
     pub outbox_dropped: u64,
     /// How often the device sends telemetry (the fleet counts a device silent for several
@@ -96,7 +97,7 @@ pub struct TelemetryBatch {
     pub device: crate::DeviceId,
     /// Records in sequence order.
     pub records: Vec<TelemetryRecord>,
-    /// Records the outbox quota has dropped on this device so far (never silent).
+    /// Records dropped on this device so far, by the outbox quota or a full disk (never silent).
     pub dropped: u64,
 }
 

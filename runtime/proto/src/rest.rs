@@ -41,7 +41,7 @@ pub struct DeviceRecord {
     /// else published as this device. Both are kept (up to four per number).
     #[serde(default)]
     pub conflicts: u64,
-    /// Records its outbox quota dropped, as it last said.
+    /// Records it dropped (outbox quota, full disk), as it last said.
     pub dropped: u64,
     /// Bytes of its telemetry and events the fleet holds now.
     #[serde(default)]

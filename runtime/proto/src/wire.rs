@@ -82,8 +82,13 @@ pub struct Connect<'a> {
     pub password: Option<&'a [u8]>,
 }
 
-/// Reads a whole CONNECT packet.
-pub fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Malformed> {
+/// Reads a CONNECT up to its client id: the gate judges the id before anything after it.
+pub fn connect_client_id(packet: &[u8]) -> Result<&[u8], Malformed> {
+    connect_head(packet).map(|(_, id, _)| id)
+}
+
+/// The CONNECT flags, client id, and where the fields after the id start.
+fn connect_head(packet: &[u8]) -> Result<(u8, &[u8], usize), Malformed> {
     if packet_type(packet) != Some(kind::CONNECT) {
         return Err(Malformed("the first packet is not a CONNECT"));
     }
@@ -97,6 +102,13 @@ pub fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Malformed> {
     }
     at += 4;
     let client_id = field(body, &mut at)?;
+    Ok((flags, client_id, at))
+}
+
+/// Reads a whole CONNECT packet.
+pub fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Malformed> {
+    let (flags, client_id, mut at) = connect_head(packet)?;
+    let body = packet.get(header_len(packet)..).unwrap_or_default();
     let mut will_topic = None;
     if flags & 0x04 != 0 {
         will_topic = Some(field(body, &mut at)?);
@@ -123,10 +135,39 @@ pub enum Names<'a> {
     Connect,
     /// A PUBLISH to this topic.
     Publish(&'a [u8]),
-    /// A SUBSCRIBE to these filters.
-    Subscribe(Vec<&'a [u8]>),
+    /// A SUBSCRIBE to these filters, read one by one as the iterator goes.
+    Subscribe(Filters<'a>),
     /// Anything else (acknowledgements, pings, DISCONNECT): names no topic.
     Other,
+}
+
+/// The filters of a SUBSCRIBE, in order; a malformed one ends the iteration with its error.
+/// Nothing is collected: a packet of a million filters costs no memory to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filters<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Filters<'a> {
+    type Item = Result<&'a [u8], Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.body.len() {
+            return None;
+        }
+        match field(self.body, &mut self.at) {
+            Ok(filter) => {
+                // The options byte.
+                self.at += 1;
+                Some(Ok(filter))
+            }
+            Err(e) => {
+                self.at = self.body.len();
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 /// Reads the topic or filters of a whole client packet.
@@ -136,16 +177,8 @@ pub fn names(packet: &[u8]) -> Result<Names<'_>, Malformed> {
     match packet_type(packet) {
         Some(kind::CONNECT) => Ok(Names::Connect),
         Some(kind::PUBLISH) => Ok(Names::Publish(field(body, &mut at)?)),
-        Some(kind::SUBSCRIBE) => {
-            // The packet id, then (filter, options) pairs.
-            at += 2;
-            let mut filters = Vec::new();
-            while at < body.len() {
-                filters.push(field(body, &mut at)?);
-                at += 1;
-            }
-            Ok(Names::Subscribe(filters))
-        }
+        // The packet id, then (filter, options) pairs.
+        Some(kind::SUBSCRIBE) => Ok(Names::Subscribe(Filters { body, at: 2 })),
         _ => Ok(Names::Other),
     }
 }
@@ -205,7 +238,15 @@ mod tests {
         assert!(parse_connect(&connect(0x80, &[b"dev-1"])).is_err());
         assert!(parse_connect(&packet(kind::PUBLISH, &[0, 1, b'a'])).is_err());
         assert!(names(&packet(kind::PUBLISH, &[0, 9, b'a'])).is_err());
-        assert!(names(&packet(kind::SUBSCRIBE, &[0, 1, 0, 5, b'a'])).is_err());
+        let bad = packet(kind::SUBSCRIBE, &[0, 1, 0, 5, b'a']);
+        let Names::Subscribe(mut filters) = names(&bad).unwrap() else {
+            panic!("not a SUBSCRIBE")
+        };
+        assert!(filters.next().unwrap().is_err());
+        assert_eq!(filters.next(), None);
+        // The id comes first: a bad tail does not hide it.
+        let c = connect(0x80, &[b"dev/1"]);
+        assert_eq!(connect_client_id(&c), Ok(&b"dev/1"[..]));
     }
 
     #[test]
@@ -215,7 +256,11 @@ mod tests {
             Names::Publish(b"a/b")
         );
         let sub = packet(kind::SUBSCRIBE, &[0, 1, 0, 1, b'x', 1, 0, 2, b'y', b'z', 0]);
-        assert_eq!(names(&sub).unwrap(), Names::Subscribe(vec![b"x", b"yz"]));
+        let Names::Subscribe(filters) = names(&sub).unwrap() else {
+            panic!("not a SUBSCRIBE")
+        };
+        let filters: Result<Vec<&[u8]>, _> = filters.collect();
+        assert_eq!(filters.unwrap(), [&b"x"[..], b"yz"]);
         assert_eq!(names(&[0xc0, 0]).unwrap(), Names::Other);
         assert_eq!(names(&[]).unwrap(), Names::Other);
     }
