@@ -302,6 +302,10 @@ fn rejected_bundles_leave_the_device_exactly_as_it_was() {
     let mut no_guest = Example::Digits.build_input().unwrap();
     no_guest.version = "4.2.0".parse().unwrap();
     no_guest.guest = b"not wasm at all".to_vec();
+    // A valid component (the empty one: preamble, component layer) exporting nothing.
+    let mut no_exports = Example::Digits.build_input().unwrap();
+    no_exports.version = "4.3.0".parse().unwrap();
+    no_exports.guest = b"\0asm\x0d\x00\x01\x00".to_vec();
     for (what, bytes, expected) in [
         (
             "an ONNX model tract cannot load",
@@ -310,6 +314,11 @@ fn rejected_bundles_leave_the_device_exactly_as_it_was() {
         ),
         ("a core module, not a component", signed(bad_guest), "guest"),
         ("not WebAssembly", signed(no_guest), "guest"),
+        (
+            "a component without the contract's exports",
+            signed(no_exports),
+            "guest",
+        ),
     ] {
         let err = device.install(&bytes).unwrap_err();
         assert!(err.to_string().contains(expected), "{what}: {err}");
