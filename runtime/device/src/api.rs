@@ -56,7 +56,10 @@ fn host_error(e: HostError) -> Response {
     let status = match &e {
         HostError::Bundle(_) => StatusCode::BAD_REQUEST,
         HostError::UnknownModel(_) | HostError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
-        HostError::Revoked { .. } | HostError::RemoveActive { .. } => StatusCode::CONFLICT,
+        HostError::Revoked { .. }
+        | HostError::RemoveActive { .. }
+        | HostError::RemoveRouted { .. } => StatusCode::CONFLICT,
+        HostError::Policy(_) => StatusCode::BAD_REQUEST,
         HostError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         HostError::Guest { .. } | HostError::Onnx { .. } | HostError::WarmUp { .. } => {
             StatusCode::UNPROCESSABLE_ENTITY
@@ -250,6 +253,12 @@ pub fn admin_router(device: Arc<Device>, limits: ApiLimits, token: String) -> Ro
         .route("/admin/bundles", get(admin_bundles).post(admin_install))
         .route("/admin/models/{name}/activate", post(admin_activate))
         .route(
+            "/admin/models/{name}/policy",
+            get(admin_policy)
+                .put(admin_set_policy)
+                .delete(admin_clear_policy),
+        )
+        .route(
             "/admin/models/{name}/versions/{version}",
             delete(admin_remove),
         )
@@ -355,6 +364,46 @@ async fn admin_activate(
     let n = name.clone();
     match tokio::task::spawn_blocking(move || device.activate(&n, &version)).await {
         Ok(Ok(())) => axum::Json(json!({ "name": name, "active": req.version })).into_response(),
+        Ok(Err(e)) => host_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn admin_policy(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
+    match ctx.device.policy(&name) {
+        Ok(policy) => axum::Json(policy).into_response(),
+        Err(e) => host_error(e),
+    }
+}
+
+async fn admin_set_policy(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let policy: crate::policy::Policy = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "expected \"primary\" or {{\"split\": {{\"id\": \"...\", \"weights\": {{\"VERSION\": WEIGHT, ...}}}}}}: {e}"
+                ),
+            );
+        }
+    };
+    put_policy(ctx, name, policy).await
+}
+
+async fn admin_clear_policy(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
+    put_policy(ctx, name, crate::policy::Policy::Primary).await
+}
+
+async fn put_policy(ctx: Ctx, name: String, policy: crate::policy::Policy) -> Response {
+    let device = Arc::clone(&ctx.device);
+    let shown = policy.clone();
+    match tokio::task::spawn_blocking(move || device.set_policy(&name, policy)).await {
+        Ok(Ok(())) => axum::Json(shown).into_response(),
         Ok(Err(e)) => host_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }

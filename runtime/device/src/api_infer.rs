@@ -49,6 +49,30 @@ fn json_header_length(headers: &HeaderMap) -> Result<Option<usize>, InferError> 
         .transpose()
 }
 
+/// The header naming a request's routing key (for a model with a traffic split).
+pub(crate) const ROUTE_KEY: &str = "outpost-route-key";
+/// The response header naming the version that answered.
+pub(crate) const MODEL_VERSION: &str = "outpost-model-version";
+
+/// The routing key of a request: the header, else the OIP request parameter `route_key`.
+fn route_key(headers: &HeaderMap, parameter: Option<String>) -> Result<Option<String>, InferError> {
+    match headers.get(ROUTE_KEY) {
+        Some(v) => v
+            .to_str()
+            .map(|k| Some(k.to_owned()))
+            .map_err(|_| InferError::BadRequest(format!("{ROUTE_KEY} must be visible ASCII"))),
+        None => Ok(parameter),
+    }
+}
+
+/// Names the version that answered, so a client can pin itself to it.
+fn with_version(mut response: Response, version: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(version) {
+        response.headers_mut().insert(MODEL_VERSION, v);
+    }
+    response
+}
+
 /// `POST /v2/models/{name}[/versions/{version}]/infer`.
 pub(crate) async fn infer(
     State(ctx): State<Ctx>,
@@ -66,9 +90,15 @@ pub(crate) async fn infer(
                 ctx.device.budget.take(n, "the request's tensors")
             })?;
         drop((bytes, body_share));
+        let key = route_key(&headers, request.route_key)?;
         let (loaded, out) = ctx
             .device
-            .infer(&name, version.as_deref(), Payload::Tensors(request.inputs))
+            .infer_routed(
+                &name,
+                version.as_deref(),
+                key.as_deref(),
+                Payload::Tensors(request.inputs),
+            )
             .await?;
         drop(tensor_share);
         Ok::<_, InferError>((
@@ -86,7 +116,9 @@ pub(crate) async fn infer(
     };
     let outputs = match payload {
         Payload::Tensors(outputs) => outputs,
-        Payload::Raw { content_type, body } => return raw_response(&ctx, content_type, body),
+        Payload::Raw { content_type, body } => {
+            return with_version(raw_response(&ctx, content_type, body), loaded.version());
+        }
     };
     let how = Encoding {
         requested: &requested,
@@ -99,7 +131,7 @@ pub(crate) async fn infer(
             ctx.device.budget.take(n, "the response")
         });
     drop(outputs);
-    match encoded {
+    let response = match encoded {
         Ok((json, binary, share)) if binary.is_empty() => (
             [(header::CONTENT_TYPE, "application/json")],
             budget::body(json, share),
@@ -119,8 +151,9 @@ pub(crate) async fn infer(
             )
                 .into_response()
         }
-        Err(e) => e.into_response(),
-    }
+        Err(e) => return e.into_response(),
+    };
+    with_version(response, loaded.version())
 }
 
 /// A raw response, keeping its share of the budget until it has been sent.
@@ -153,7 +186,11 @@ pub(crate) async fn raw(
             content_type,
             body: bytes,
         };
-        let out = ctx.device.infer(&name, version.as_deref(), payload).await;
+        let key = route_key(&headers, None)?;
+        let out = ctx
+            .device
+            .infer_routed(&name, version.as_deref(), key.as_deref(), payload)
+            .await;
         drop(share);
         out
     }
@@ -162,7 +199,8 @@ pub(crate) async fn raw(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match out.payload {
+    let version = loaded.version().to_owned();
+    let response = match out.payload {
         Payload::Raw { content_type, body } => raw_response(&ctx, content_type, body),
         Payload::Tensors(outputs) => {
             let how = Encoding {
@@ -182,5 +220,6 @@ pub(crate) async fn raw(
                 Err(e) => e.into_response(),
             }
         }
-    }
+    };
+    with_version(response, &version)
 }

@@ -16,6 +16,7 @@ use outpost_inference::{Backend, Tensor};
 use crate::config::{Config, GuestCaps};
 use crate::error::{HostError, InferError, Result};
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 use crate::state::{InstalledRecord, State};
 
 /// One loaded version of a model: verified, compiled, its ONNX models optimised.
@@ -40,6 +41,18 @@ impl Loaded {
 struct Slot {
     active: Option<Arc<Loaded>>,
     resident: BTreeMap<String, Arc<Loaded>>,
+    /// How unversioned requests are routed (`primary`: to `active`).
+    policy: Policy,
+}
+
+impl Slot {
+    /// Whether `version` must stay loaded: active, the previous active (for a fast
+    /// rollback), or named by the policy.
+    fn keeps(&self, version: &str, previous: Option<&str>) -> bool {
+        self.active.as_ref().is_some_and(|a| a.version() == version)
+            || previous == Some(version)
+            || self.policy.versions().any(|v| v == version)
+    }
 }
 
 /// The device runtime. Share it behind an `Arc`.
@@ -75,6 +88,8 @@ pub struct ModelStatus {
     pub installed: Vec<InstalledRecord>,
     /// Highest security counter accepted.
     pub highest_security_counter: Option<u64>,
+    /// How unversioned requests are routed.
+    pub policy: Policy,
 }
 
 impl Device {
@@ -154,7 +169,91 @@ impl Device {
                 }
             }
         }
+        // Versions a traffic policy names are loaded too; a policy whose versions cannot all
+        // load falls back to the active version (and says so) rather than keep a model down.
+        for (name, policy) in device.state.policies()? {
+            if let Err(e) = device.apply_policy(&name, policy) {
+                tracing::error!(model = %name, error = %e, "cannot apply the traffic policy; serving the active version");
+            }
+        }
         Ok(device)
+    }
+
+    /// Sets the traffic policy of `name`: every version it names must be installed and not
+    /// revoked; each is loaded and answers a warm-up request before any traffic goes to it.
+    /// Recorded, so it holds after a restart. `primary` sends everything to the active
+    /// version again.
+    pub fn set_policy(&self, name: &str, policy: Policy) -> Result<()> {
+        let _guard = self.admin.lock().map_err(|_| poisoned())?;
+        policy.validate().map_err(HostError::Policy)?;
+        let active = self
+            .slots
+            .read()
+            .map_err(|_| poisoned())?
+            .get(name)
+            .is_some_and(|s| s.active.is_some());
+        if !active {
+            return Err(HostError::UnknownModel(name.into()));
+        }
+        self.apply_policy(name, policy.clone())?;
+        self.state.set_policy(name, &policy)?;
+        tracing::info!(model = %name, ?policy, "traffic policy set");
+        Ok(())
+    }
+
+    /// The traffic policy of `name`.
+    pub fn policy(&self, name: &str) -> Result<Policy> {
+        let slots = self.slots.read().map_err(|_| poisoned())?;
+        let slot = slots
+            .get(name)
+            .ok_or_else(|| HostError::UnknownModel(name.into()))?;
+        Ok(slot.policy.clone())
+    }
+
+    /// Loads what `policy` names and switches the slot to it (unrecorded).
+    fn apply_policy(&self, name: &str, policy: Policy) -> Result<()> {
+        let mut ready = Vec::new();
+        for version in policy.versions() {
+            let resident = self
+                .slots
+                .read()
+                .map_err(|_| poisoned())?
+                .get(name)
+                .and_then(|s| s.resident.get(version).cloned());
+            let loaded = match resident {
+                Some(l) => {
+                    self.check_not_revoked(&l.record)?;
+                    l
+                }
+                None => {
+                    let loaded = self.load(name, version)?;
+                    self.warm_up(&loaded)?;
+                    loaded
+                }
+            };
+            ready.push(loaded);
+        }
+        let previous = self
+            .state
+            .previous()?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v);
+        let mut slots = self.slots.write().map_err(|_| poisoned())?;
+        let slot = slots.entry(name.to_owned()).or_default();
+        for loaded in ready {
+            slot.resident
+                .insert(loaded.version().to_owned(), Arc::clone(&loaded));
+        }
+        slot.policy = policy;
+        let keep: Vec<String> = slot
+            .resident
+            .keys()
+            .filter(|v| slot.keeps(v, previous.as_deref()))
+            .cloned()
+            .collect();
+        slot.resident.retain(|v, _| keep.contains(v));
+        Ok(())
     }
 
     /// The device's state database.
@@ -241,13 +340,19 @@ impl Device {
         let slot = slots.entry(name.to_owned()).or_default();
         slot.resident
             .insert(version.to_owned(), Arc::clone(&loaded));
-        // Keep the previous active version resident for a fast rollback; drop the others.
+        // Keep the previous active version resident for a fast rollback, and what the
+        // traffic policy names; drop the others.
         let previous = slot
             .active
             .replace(loaded)
             .map(|l| l.record.version.clone());
-        slot.resident
-            .retain(|v, _| v == version || previous.as_deref() == Some(v.as_str()));
+        let keep: Vec<String> = slot
+            .resident
+            .keys()
+            .filter(|v| slot.keeps(v, previous.as_deref()))
+            .cloned()
+            .collect();
+        slot.resident.retain(|v, _| keep.contains(v));
         tracing::info!(model = %name, %version, ?previous, "activated");
         Ok(())
     }
@@ -255,6 +360,18 @@ impl Device {
     /// Removes an installed version that is not active.
     pub fn remove(&self, name: &str, version: &str) -> Result<()> {
         let _guard = self.admin.lock().map_err(|_| poisoned())?;
+        let routed = self
+            .slots
+            .read()
+            .map_err(|_| poisoned())?
+            .get(name)
+            .is_some_and(|s| s.policy.versions().any(|v| v == version));
+        if routed {
+            return Err(HostError::RemoveRouted {
+                model: name.into(),
+                version: version.into(),
+            });
+        }
         self.state.remove(name, version)?;
         if let Some(slot) = self.slots.write().map_err(|_| poisoned())?.get_mut(name) {
             slot.resident.remove(version);
@@ -458,6 +575,28 @@ impl Device {
 
     /// The loaded version that serves `name` (the active one, or `version` if given).
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<Arc<Loaded>, InferError> {
+        self.pick(name, version, None)
+    }
+
+    /// The version that answers an inference request: the one asked for, or the one the
+    /// model's traffic policy picks for `key` (see [`crate::policy`]). Metadata, readiness and
+    /// configuration ([`Device::resolve`]) always describe the active version.
+    pub fn route(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Arc<Loaded>, InferError> {
+        self.pick(name, version, Some(key))
+    }
+
+    /// The version asked for; else, with `routing`, the policy's pick; else the active one.
+    fn pick(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        routing: Option<Option<&str>>,
+    ) -> Result<Arc<Loaded>, InferError> {
         let slots = self
             .slots
             .read()
@@ -466,7 +605,11 @@ impl Device {
             .get(name)
             .filter(|s| s.active.is_some())
             .ok_or_else(|| InferError::UnknownModel(name.into()))?;
-        match version {
+        let routed = match (&slot.policy, version, routing) {
+            (Policy::Split(split), None, Some(key)) => Some(split.route(key)),
+            _ => None,
+        };
+        match routed.or(version) {
             None => slot
                 .active
                 .clone()
@@ -490,7 +633,19 @@ impl Device {
         version: Option<&str>,
         payload: Payload,
     ) -> Result<(Arc<Loaded>, CallOutput), InferError> {
-        let loaded = self.resolve(name, version)?;
+        self.infer_routed(name, version, None, payload).await
+    }
+
+    /// [`Device::infer`], routed by the model's traffic policy with `key` when no version is
+    /// given.
+    pub async fn infer_routed(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        key: Option<&str>,
+        payload: Payload,
+    ) -> Result<(Arc<Loaded>, CallOutput), InferError> {
+        let loaded = self.route(name, version, key)?;
         // The bundle's API is held here, before the guest runs.
         if let Err(reason) = crate::contract::check(&loaded.manifest.api, &payload) {
             let refused = InferError::InvalidInput(reason);
@@ -563,6 +718,7 @@ impl Device {
                         .cloned()
                         .collect(),
                     highest_security_counter: self.state.highest_counter(&name)?,
+                    policy: slot.map(|s| s.policy.clone()).unwrap_or_default(),
                     name,
                 })
             })

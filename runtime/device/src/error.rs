@@ -101,6 +101,17 @@ pub enum HostError {
         /// Model version.
         version: String,
     },
+    /// A traffic policy that cannot be applied (400).
+    #[error("traffic policy refused: {0}")]
+    Policy(String),
+    /// A version the traffic policy sends requests to cannot be removed (409).
+    #[error("{model} {version} is in the traffic policy; change the policy first")]
+    RemoveRouted {
+        /// Model name.
+        model: String,
+        /// Model version.
+        version: String,
+    },
     /// Reading or writing a file failed.
     #[error("i/o error: {0}")]
     Io(std::io::Error),

@@ -1,6 +1,6 @@
 //! The Outpost device runtime. Owns: installed bundles and their state (sled), activation with
 //! warm-up and atomic swap, the HTTP endpoints (Open Inference Protocol v2, raw, metrics,
-//! admin), the configuration, and [`run`], which wires them and the fleet agent together.
+//! admin), traffic policies over resident versions ([`policy`]), the configuration, and [`run`], which wires them and the fleet agent together.
 //! Never imports: wasmtime or tract directly (through `outpost-engine` and
 //! `outpost-inference`), rumqttc, or the fleet server.
 
@@ -13,6 +13,7 @@ pub mod device;
 mod error;
 mod fleet_link;
 pub mod metrics;
+pub mod policy;
 mod run;
 pub mod state;
 mod triton;

@@ -45,6 +45,8 @@ pub struct State {
     previous: sled::Tree,
     counters: sled::Tree,
     compiled: sled::Tree,
+    /// The traffic policy of each model that has one other than `primary` (JSON).
+    policies: sled::Tree,
     /// Where the database lives (its file system's free space is checked before writes).
     dir: std::path::PathBuf,
 }
@@ -94,6 +96,7 @@ impl State {
             previous: db.open_tree("previous")?,
             counters: db.open_tree("counters")?,
             compiled: db.open_tree("compiled")?,
+            policies: db.open_tree("policies")?,
             db,
             dir: dir.to_owned(),
         })
@@ -233,6 +236,33 @@ impl State {
         result.map_err(abort)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Records `policy` for `name` (`primary` removes the record).
+    pub fn set_policy(&self, name: &str, policy: &crate::policy::Policy) -> Result<()> {
+        self.ensure_room(0, &format!("setting the traffic policy of {name}"))?;
+        if *policy == crate::policy::Policy::Primary {
+            self.policies.remove(name)?;
+        } else {
+            let bytes = serde_json::to_vec(policy).map_err(corrupt)?;
+            self.policies.insert(name, bytes)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The traffic policy of each model that has one other than `primary`.
+    pub fn policies(&self) -> Result<Vec<(String, crate::policy::Policy)>> {
+        self.policies
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    String::from_utf8(k.to_vec()).map_err(corrupt)?,
+                    serde_json::from_slice(&v).map_err(corrupt)?,
+                ))
+            })
+            .collect()
     }
 
     /// The previous active version of each model that has one.

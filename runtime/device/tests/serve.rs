@@ -576,3 +576,147 @@ fn an_endless_bundle_upload_is_cut_off_at_the_limit_and_nothing_is_installed() {
     let r = admin("GET", &format!("{}/admin/bundles", s.admin_url), b"");
     assert_eq!(r.json(), json!([]), "nothing installed");
 }
+
+/// One keyed digits request: the version that answered, by the response header and the body.
+fn routed(url: &str, key: Option<&str>) -> String {
+    let mut request = agent()
+        .post(&format!("{url}/v2/models/digits/infer"))
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.header("outpost-route-key", key);
+    }
+    let r = outpost_testkit::Reply::from_response(
+        request.send(digits_request(&[0.0; 64]).to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let header = r.headers["outpost-model-version"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(r.json()["model_version"], header.as_str());
+    header
+}
+
+#[test]
+fn a_traffic_split_routes_by_key_holds_after_a_restart_and_refuses_what_it_cannot_serve() {
+    let dir = TempDir::new("split");
+    let config = config(&dir, "");
+    let device = Device::with_trust(&config, trust()).unwrap();
+    let s = Server::start(device, &config);
+    let a = &s.admin_url;
+    for (bundle, activate) in [
+        (example_bundle(Example::Digits, None), true),
+        (example_bundle(Example::Digits, Some("1.2.0")), false),
+    ] {
+        let url = format!("{a}/admin/bundles?activate={activate}");
+        assert_eq!(admin("POST", &url, &bundle).status, 201);
+    }
+    let policy_url = format!("{a}/admin/models/digits/policy");
+    assert_eq!(admin("GET", &policy_url, b"").json(), json!("primary"));
+
+    // What cannot be served is refused, and changes nothing.
+    for (body, status, needle) in [
+        (
+            r#"{"split":{"id":"ab","weights":{"1.0.0":80,"9.9.9":20}}}"#,
+            404,
+            "9.9.9",
+        ),
+        (
+            r#"{"split":{"id":"ab","weights":{"1.0.0":0}}}"#,
+            400,
+            "above 0",
+        ),
+        (r#"{"split":{"id":"","weights":{"1.0.0":1}}}"#, 400, "id"),
+        (r#"{"split":{"weights":{"1.0.0":1}}}"#, 400, "expected"),
+    ] {
+        let r = admin("PUT", &policy_url, body.as_bytes());
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        assert!(r.text().contains(needle), "{body}: {}", r.text());
+    }
+    assert_eq!(routed(&s.url, Some("user-1")), "1.0.0");
+    let r = admin(
+        "PUT",
+        &format!("{a}/admin/models/nothing/policy"),
+        br#""primary""#,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    // 80/20 over 1.0.0 (active) and 1.2.0 (installed, loaded by the policy).
+    let split = br#"{"split":{"id":"ab-1","weights":{"1.0.0":80,"1.2.0":20}}}"#;
+    let r = admin("PUT", &policy_url, split);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut by_key = std::collections::HashMap::new();
+    let mut to_b = 0;
+    for i in 0..2_000 {
+        let key = format!("user-{i}");
+        let version = routed(&s.url, Some(&key));
+        to_b += usize::from(version == "1.2.0");
+        by_key.insert(key, version);
+    }
+    let share = to_b as f64 / 2_000.0;
+    assert!((0.17..=0.23).contains(&share), "{to_b} of 2,000 to 1.2.0");
+    for (key, version) in by_key.iter().take(200) {
+        assert_eq!(&routed(&s.url, Some(key)), version, "{key} moved");
+    }
+    // The OIP parameter works as the header does; unkeyed requests reach both versions.
+    let (key, version) = by_key.iter().next().unwrap();
+    let mut request = digits_request(&[0.0; 64]);
+    request["parameters"] = json!({ "route_key": key });
+    let r = post_json(&format!("{}/v2/models/digits/infer", s.url), &request);
+    assert_eq!(&r.json()["model_version"], version.as_str());
+    let unkeyed: std::collections::HashSet<String> =
+        (0..200).map(|_| routed(&s.url, None)).collect();
+    assert_eq!(unkeyed.len(), 2, "{unkeyed:?}");
+    // Metadata describes the active version, not a random draw.
+    let m = get(&format!("{}/v2/models/digits", s.url)).json();
+    assert_eq!(m["parameters"]["version"], "1.0.0");
+    // A version asked for by name bypasses the split.
+    let r = post_json(
+        &format!("{}/v2/models/digits/versions/1.2.0/infer", s.url),
+        &digits_request(&[0.0; 64]),
+    );
+    assert_eq!(r.json()["model_version"], "1.2.0");
+    // A routed version cannot be removed; the status shows the policy.
+    let r = admin(
+        "DELETE",
+        &format!("{a}/admin/models/digits/versions/1.2.0"),
+        b"",
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("traffic policy"), "{}", r.text());
+    let status = admin("GET", &format!("{a}/admin/status"), b"").json();
+    assert_eq!(status["models"][0]["policy"]["split"]["id"], "ab-1");
+
+    // After a restart: the same policy, the same keys on the same versions.
+    drop(s);
+    let device = Device::with_trust(&config, trust()).unwrap();
+    let s = Server::start(device, &config);
+    let a = &s.admin_url;
+    let policy_url = format!("{a}/admin/models/digits/policy");
+    assert_eq!(
+        admin("GET", &policy_url, b"").json()["split"]["weights"]["1.2.0"],
+        20
+    );
+    for (key, version) in by_key.iter().take(100) {
+        assert_eq!(
+            &routed(&s.url, Some(key)),
+            version,
+            "{key} moved after a restart"
+        );
+    }
+
+    // Back to primary: everything on the active version; 1.2.0 may go.
+    let r = admin("DELETE", &policy_url, b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!((0..50).all(|i| routed(&s.url, Some(&format!("user-{i}"))) == "1.0.0"));
+    let r = admin(
+        "DELETE",
+        &format!("{a}/admin/models/digits/versions/1.2.0"),
+        b"",
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    eprintln!(
+        "split 80/20 over 2,000 keys: {to_b} to 1.2.0 ({:.1}%)",
+        share * 100.0
+    );
+}

@@ -91,6 +91,8 @@ pub struct Request {
     pub outputs: Vec<Wanted>,
     /// Whether every output goes as binary data.
     pub binary_output: bool,
+    /// The request-level parameter `route_key`: which version a traffic split sends it to.
+    pub route_key: Option<String>,
 }
 
 fn bad<E: From<OipError>>(msg: impl Into<String>) -> E {
@@ -238,6 +240,11 @@ pub fn decode_request_within<R, E: From<OipError>>(
         )));
     }
     let binary_output = flag(&req.parameters, "binary_data_output");
+    let route_key = match req.parameters.as_ref().and_then(|p| p.get("route_key")) {
+        None => None,
+        Some(Value::String(key)) => Some(key.clone()),
+        Some(_) => return Err(bad("parameters.route_key must be a string")),
+    };
     let outputs = req
         .outputs
         .unwrap_or_default()
@@ -265,6 +272,7 @@ pub fn decode_request_within<R, E: From<OipError>>(
             inputs,
             outputs,
             binary_output,
+            route_key,
         },
         reserved,
     ))
