@@ -189,9 +189,7 @@ fn a_full_disk_under_the_outbox_drops_and_counts_records_and_corrupts_nothing() 
         seqs.sort_unstable();
         seqs
     };
-    let stored = seqs(&fleet);
-    let last = *stored.last().unwrap();
-    assert_eq!(stored, (1..=last).collect::<Vec<_>>(), "each once, no gap");
+    let last = assert_records_each_once(&fleet, "dev-d");
     let counted = device
         .metric("outpost_outbox_dropped_records_total")
         .unwrap();

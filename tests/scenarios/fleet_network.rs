@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use support::*;
@@ -95,24 +94,7 @@ fn a_slow_flapping_link_loses_no_telemetry_and_deployments_go_through() {
         link.accepted()
     );
 
-    let mut by_seq: BTreeMap<u64, usize> = BTreeMap::new();
-    for stream in ["telemetry", "events"] {
-        for record in fleet.records(stream, "dev-f") {
-            *by_seq.entry(record["seq"].as_u64().unwrap()).or_default() += 1;
-        }
-    }
-    let twice: Vec<u64> = by_seq
-        .iter()
-        .filter(|&(_, &n)| n > 1)
-        .map(|(&s, _)| s)
-        .collect();
-    assert!(twice.is_empty(), "stored twice: {twice:?}");
-    let last = *by_seq.keys().last().unwrap();
-    let missing: Vec<u64> = (1..=last).filter(|s| !by_seq.contains_key(s)).collect();
-    assert!(
-        missing.is_empty(),
-        "records lost: {missing:?} of 1..={last}"
-    );
+    let last = assert_records_each_once(&fleet, "dev-f");
     eprintln!(
         "{cuts} cuts at 250 ms each way: {connections} connections, {lost} lost, {resent} \
          batches resent; {last} records, each once; 2.0.0 deployed mid-way and applied"

@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use support::*;
@@ -25,10 +24,7 @@ fn random(state: &mut u64) -> u64 {
 
 #[test]
 fn a_kill_9_during_agent_deploys_and_telemetry_loses_no_version_and_no_record() {
-    let rounds: usize = std::env::var("OUTPOST_CRASH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(10);
+    let rounds = crash_rounds(10);
     let d = bed("fleet-power-loss");
     let dir = &d.0;
     let fleet = Fleet::start(dir, None, None);
@@ -38,16 +34,7 @@ fn a_kill_9_during_agent_deploys_and_telemetry_loses_no_version_and_no_record() 
     push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-p"], &["dev-p"]);
     // A new version each round, so every deployment downloads, verifies, compiles and
     // records a bundle (a version already installed would only be switched to).
-    for round in 0..rounds {
-        let version = format!("3.0.{round}");
-        digits_spec(dir, &version);
-        build_and_sign(
-            dir,
-            &format!("{version}.toml"),
-            &format!("digits-{version}.opb"),
-        );
-        fleet.cli(dir, &["fleet", "push", &format!("digits-{version}.opb")]);
-    }
+    push_versions(dir, &fleet, "3.0.", rounds);
 
     let mut rng = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -101,30 +88,11 @@ fn a_kill_9_during_agent_deploys_and_telemetry_loses_no_version_and_no_record() 
     eventually(secs(60), "the outbox drained", || {
         (device.metric("outpost_outbox_records") == Some(0)).then_some(())
     });
-    let mut by_seq: BTreeMap<u64, usize> = BTreeMap::new();
-    for stream in ["telemetry", "events"] {
-        for record in fleet.records(stream, "dev-p") {
-            *by_seq.entry(record["seq"].as_u64().unwrap()).or_default() += 1;
-        }
-    }
-    let twice: Vec<u64> = by_seq
-        .iter()
-        .filter(|&(_, &n)| n > 1)
-        .map(|(&s, _)| s)
-        .collect();
-    assert!(
-        twice.is_empty(),
-        "sequence numbers reused for different records after a kill: {twice:?}"
-    );
+    let last = assert_records_each_once(&fleet, "dev-p");
     assert_eq!(
         metric(&fleet.api, "outpost_fleet_conflicting_records_total"),
-        Some(0)
-    );
-    let last = *by_seq.keys().last().unwrap();
-    let missing: Vec<u64> = (1..=last).filter(|s| !by_seq.contains_key(s)).collect();
-    assert!(
-        missing.is_empty(),
-        "records lost: {missing:?} of 1..={last}"
+        Some(0),
+        "two different records under one number"
     );
     eprintln!(
         "{rounds} kills during agent deploys: {before_switch} before the switch, \
@@ -133,15 +101,12 @@ fn a_kill_9_during_agent_deploys_and_telemetry_loses_no_version_and_no_record() 
 }
 
 /// The fleet manager killed with SIGKILL at a random moment of a deployment (the API call,
-/// signing, storing, publishing) or just after the API acknowledged it: after its restart a deployment it acknowledged is never
-/// lost, the device ends on the version last acknowledged, and it never refuses a desired
-/// state. Rounds: 6 here, `OUTPOST_CRASH_ROUNDS` (`.ci/soak` runs 100).
+/// signing, storing, publishing) or just after the API acknowledged it: after its restart a
+/// deployment it acknowledged is never lost, the device ends on the version last acknowledged,
+/// and it never refuses a desired state. Rounds: 6 here, `OUTPOST_CRASH_ROUNDS` (`.ci/soak` runs 100).
 #[test]
 fn a_kill_9_of_the_fleet_mid_deploy_loses_no_acknowledged_deployment() {
-    let rounds: usize = std::env::var("OUTPOST_CRASH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(6);
+    let rounds = crash_rounds(6);
     let d = bed("fleet-kill");
     let dir = &d.0;
     // The broker outlives the fleet; the API keeps its port (devices download from it).
@@ -153,16 +118,7 @@ fn a_kill_9_of_the_fleet_mid_deploy_loses_no_acknowledged_deployment() {
     let device = Device::start(dir, &config);
     online(&fleet, &["dev-k"]);
     push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-k"], &["dev-k"]);
-    for round in 0..rounds {
-        let version = format!("4.0.{round}");
-        digits_spec(dir, &version);
-        build_and_sign(
-            dir,
-            &format!("{version}.toml"),
-            &format!("digits-{version}.opb"),
-        );
-        fleet.cli(dir, &["fleet", "push", &format!("digits-{version}.opb")]);
-    }
+    push_versions(dir, &fleet, "4.0.", rounds);
 
     let mut rng = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -53,6 +53,17 @@ impl Slot {
             || previous == Some(version)
             || self.policy.versions().any(|v| v == version)
     }
+
+    /// Unloads every resident version it does not keep.
+    fn trim(&mut self, previous: Option<&str>) {
+        let keep: Vec<String> = self
+            .resident
+            .keys()
+            .filter(|v| self.keeps(v, previous))
+            .cloned()
+            .collect();
+        self.resident.retain(|v, _| keep.contains(v));
+    }
 }
 
 /// The device runtime. Share it behind an `Arc`.
@@ -246,13 +257,7 @@ impl Device {
                 .insert(loaded.version().to_owned(), Arc::clone(&loaded));
         }
         slot.policy = policy;
-        let keep: Vec<String> = slot
-            .resident
-            .keys()
-            .filter(|v| slot.keeps(v, previous.as_deref()))
-            .cloned()
-            .collect();
-        slot.resident.retain(|v, _| keep.contains(v));
+        slot.trim(previous.as_deref());
         Ok(())
     }
 
@@ -346,13 +351,7 @@ impl Device {
             .active
             .replace(loaded)
             .map(|l| l.record.version.clone());
-        let keep: Vec<String> = slot
-            .resident
-            .keys()
-            .filter(|v| slot.keeps(v, previous.as_deref()))
-            .cloned()
-            .collect();
-        slot.resident.retain(|v, _| keep.contains(v));
+        slot.trim(previous.as_deref());
         tracing::info!(model = %name, %version, ?previous, "activated");
         Ok(())
     }

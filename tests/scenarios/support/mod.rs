@@ -832,3 +832,49 @@ fn delay_line(
         let _ = reader.join();
     })
 }
+
+/// Asserts that the fleet holds every telemetry and event record of `device` once, numbered
+/// 1 to the highest with no gap; returns the highest.
+pub fn assert_records_each_once(fleet: &Fleet, device: &str) -> u64 {
+    let mut by_seq: std::collections::BTreeMap<u64, usize> = Default::default();
+    for stream in ["telemetry", "events"] {
+        for record in fleet.records(stream, device) {
+            *by_seq.entry(record["seq"].as_u64().unwrap()).or_default() += 1;
+        }
+    }
+    let twice: Vec<u64> = by_seq
+        .iter()
+        .filter(|&(_, &n)| n > 1)
+        .map(|(&s, _)| s)
+        .collect();
+    assert!(twice.is_empty(), "{device}: stored twice: {twice:?}");
+    let last = *by_seq.keys().last().unwrap();
+    let missing: Vec<u64> = (1..=last).filter(|s| !by_seq.contains_key(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "{device}: lost {missing:?} of 1..={last}"
+    );
+    last
+}
+
+/// Kill rounds of a crash scenario: `OUTPOST_CRASH_ROUNDS` (`.ci/soak` sets 100), else `default`.
+pub fn crash_rounds(default: usize) -> usize {
+    std::env::var("OUTPOST_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Builds, signs and pushes digits `{prefix}0` to `{prefix}{n-1}`: a new bundle per round.
+pub fn push_versions(dir: &Path, fleet: &Fleet, prefix: &str, n: usize) {
+    for round in 0..n {
+        let version = format!("{prefix}{round}");
+        digits_spec(dir, &version);
+        build_and_sign(
+            dir,
+            &format!("{version}.toml"),
+            &format!("digits-{version}.opb"),
+        );
+        fleet.cli(dir, &["fleet", "push", &format!("digits-{version}.opb")]);
+    }
+}
