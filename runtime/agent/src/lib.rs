@@ -121,14 +121,18 @@ pub struct LinkStatus {
     pub resent_batches: u64,
 }
 
-/// Reads the agent's [`LinkStatus`]; cheap to clone and to call from any thread.
+/// Reads the agent's [`LinkStatus`]; cheap to clone and to call from any thread. It does not
+/// keep the agent alive (the device holds it, and the agent holds the device): once the agent
+/// is gone, the link reads as disconnected and reports nothing.
 #[derive(Debug, Clone)]
-pub struct Link(Arc<Shared>);
+pub struct Link(std::sync::Weak<Shared>);
 
 impl Link {
     /// The link now.
     pub fn status(&self) -> LinkStatus {
-        let shared = &self.0;
+        let Some(shared) = self.0.upgrade() else {
+            return LinkStatus::default();
+        };
         LinkStatus {
             connected: shared.connected.load(Ordering::Relaxed),
             fleet_online: shared.fleet_online.load(Ordering::Relaxed),
@@ -138,6 +142,18 @@ impl Link {
             connections: shared.connections.load(Ordering::Relaxed),
             disconnections: shared.disconnections.load(Ordering::Relaxed),
             resent_batches: shared.resent_batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends an event the device raised by itself (a canary rolled back, say) to the fleet:
+    /// it waits in the durable outbox until the broker acknowledges it, like the agent's own.
+    pub fn report(&self, event: Event) {
+        match self.0.upgrade() {
+            Some(shared) => shared.event(event),
+            None => tracing::warn!(
+                ?event,
+                "the fleet agent has stopped; the event stays on the device"
+            ),
         }
     }
 }
@@ -239,7 +255,7 @@ impl Agent {
 
     /// A handle on the fleet link's status, for metrics.
     pub fn link(&self) -> Link {
-        Link(Arc::clone(&self.shared))
+        Link(Arc::downgrade(&self.shared))
     }
 
     /// Waits (up to a few seconds) for the MQTT task to say offline after shutdown.

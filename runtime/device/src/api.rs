@@ -251,6 +251,7 @@ pub fn admin_router(device: Arc<Device>, limits: ApiLimits, token: String) -> Ro
     Router::new()
         .route("/admin/status", get(admin_status))
         .route("/admin/bundles", get(admin_bundles).post(admin_install))
+        .route("/admin/events", get(admin_events))
         .route("/admin/models/{name}/activate", post(admin_activate))
         .route(
             "/admin/models/{name}/policy",
@@ -387,12 +388,29 @@ async fn admin_set_policy(
             return error(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "expected \"primary\" or {{\"split\": {{\"id\": \"...\", \"weights\": {{\"VERSION\": WEIGHT, ...}}}}}}: {e}"
+                    "expected \"primary\", {{\"split\": {{\"id\": ..., \"weights\": {{VERSION: WEIGHT, ...}}}}}}, {{\"shadow\": {{\"id\": ..., \"candidate\": VERSION, ...}}}} or {{\"canary\": {{\"id\": ..., \"candidate\": VERSION, \"percent\": P, ...}}}} (docs/decisions.md): {e}"
                 ),
             );
         }
     };
     put_policy(ctx, name, policy).await
+}
+
+/// `GET /admin/events?limit=N`: what the device decided by itself, oldest first.
+async fn admin_events(
+    State(ctx): State<Ctx>,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(100).min(crate::state::MAX_EVENTS);
+    match ctx.device.events(limit) {
+        Ok(events) => axum::Json(json!({ "events": events })).into_response(),
+        Err(e) => host_error(e),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
 }
 
 async fn admin_clear_policy(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {

@@ -16,8 +16,9 @@ use outpost_inference::{Backend, Tensor};
 use crate::config::{Config, GuestCaps};
 use crate::error::{HostError, InferError, Result};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
-use crate::state::{InstalledRecord, State};
+use crate::policy::{OnPass, Policy};
+use crate::state::{InstalledRecord, State, StoredEvent};
+use crate::watch::{CanaryWatch, Role, ShadowLane, Verdict};
 
 /// One loaded version of a model: verified, compiled, its ONNX models optimised.
 #[derive(Debug)]
@@ -43,9 +44,62 @@ struct Slot {
     resident: BTreeMap<String, Arc<Loaded>>,
     /// How unversioned requests are routed (`primary`: to `active`).
     policy: Policy,
+    /// What watches the policy's candidate.
+    watch: Watch,
+}
+
+/// A canary's window or a shadow's lane, renewed with every policy and every activation.
+#[derive(Debug, Clone, Default)]
+enum Watch {
+    #[default]
+    Nothing,
+    Canary(Arc<CanaryWatch>),
+    Shadow(Arc<ShadowLane>),
+}
+
+/// Where one request goes, and what watches it.
+struct Route {
+    loaded: Arc<Loaded>,
+    role: Role,
+    watch: Watch,
+    /// A shadow's candidate, for an unversioned request under a shadow.
+    shadow: Option<Arc<Loaded>>,
 }
 
 impl Slot {
+    /// A new window or lane for the policy, against the active version.
+    fn rewatch(&mut self) {
+        let primary = self
+            .active
+            .as_ref()
+            .map(|a| a.version().to_owned())
+            .unwrap_or_default();
+        self.watch = match &self.policy {
+            Policy::Canary(c) => Watch::Canary(Arc::new(CanaryWatch::new(c.clone(), primary))),
+            Policy::Shadow(s) => Watch::Shadow(Arc::new(ShadowLane::new(s.clone()))),
+            Policy::Primary | Policy::Split(_) => Watch::Nothing,
+        };
+    }
+
+    /// The role of `version` under the policy.
+    fn role_of(&self, version: &str) -> Role {
+        let active = self.active.as_ref().is_some_and(|a| a.version() == version);
+        if !active && self.policy.versions().any(|v| v == version) {
+            Role::Candidate
+        } else {
+            Role::Primary
+        }
+    }
+
+    /// The candidate a shadow or canary watches.
+    fn candidate(&self) -> Option<&str> {
+        match &self.policy {
+            Policy::Shadow(s) => Some(&s.candidate),
+            Policy::Canary(c) => Some(&c.candidate),
+            Policy::Primary | Policy::Split(_) => None,
+        }
+    }
+
     /// Whether `version` must stay loaded: active, the previous active (for a fast
     /// rollback), or named by the policy.
     fn keeps(&self, version: &str, previous: Option<&str>) -> bool {
@@ -83,7 +137,7 @@ pub struct Device {
     /// Bytes of requests and responses in flight.
     pub(crate) budget: crate::budget::Budget,
     /// Request metrics.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One model's status, as the admin API and `outpost device status` show it.
@@ -140,7 +194,7 @@ impl Device {
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             max_concurrent: config.max_concurrent_requests,
             budget: crate::budget::Budget::new(config.max_inflight_bytes),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
         };
         for (name, version) in device.state.active()? {
             match device.load(&name, &version) {
@@ -206,6 +260,24 @@ impl Device {
         if !active {
             return Err(HostError::UnknownModel(name.into()));
         }
+        let slots = self.slots.read().map_err(|_| poisoned())?;
+        let active = slots
+            .get(name)
+            .and_then(|s| s.active.as_ref())
+            .map(|a| a.version().to_owned());
+        drop(slots);
+        let candidate = match &policy {
+            Policy::Shadow(s) => Some(&s.candidate),
+            Policy::Canary(c) => Some(&c.candidate),
+            Policy::Primary | Policy::Split(_) => None,
+        };
+        if let Some(candidate) = candidate
+            && active.as_ref() == Some(candidate)
+        {
+            return Err(HostError::Policy(format!(
+                "the candidate {candidate} is the active version: name another installed version"
+            )));
+        }
         self.apply_policy(name, policy.clone())?;
         self.state.set_policy(name, &policy)?;
         tracing::info!(model = %name, ?policy, "traffic policy set");
@@ -244,12 +316,7 @@ impl Device {
             };
             ready.push(loaded);
         }
-        let previous = self
-            .state
-            .previous()?
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v);
+        let previous = self.previous_of(name)?;
         let mut slots = self.slots.write().map_err(|_| poisoned())?;
         let slot = slots.entry(name.to_owned()).or_default();
         for loaded in ready {
@@ -257,6 +324,7 @@ impl Device {
                 .insert(loaded.version().to_owned(), Arc::clone(&loaded));
         }
         slot.policy = policy;
+        slot.rewatch();
         slot.trim(previous.as_deref());
         Ok(())
     }
@@ -324,6 +392,11 @@ impl Device {
     /// [`Device::activate`], with the version already loaded when `ready` is given.
     fn activate_with(&self, name: &str, version: &str, ready: Option<Arc<Loaded>>) -> Result<()> {
         let _guard = self.admin.lock().map_err(|_| poisoned())?;
+        self.activate_locked(name, version, ready)
+    }
+
+    /// [`Device::activate_with`] with the admin lock held.
+    fn activate_locked(&self, name: &str, version: &str, ready: Option<Arc<Loaded>>) -> Result<()> {
         let resident = self
             .slots
             .read()
@@ -351,6 +424,15 @@ impl Device {
             .active
             .replace(loaded)
             .map(|l| l.record.version.clone());
+        // A shadow's or canary's candidate made active has nothing left to be compared with;
+        // any other watch starts again against the new active version.
+        if slot.candidate() == Some(version) {
+            slot.policy = Policy::Primary;
+            if let Err(e) = self.state.set_policy(name, &Policy::Primary) {
+                tracing::error!(model = %name, error = %e, "cannot record the end of the traffic policy");
+            }
+        }
+        slot.rewatch();
         slot.trim(previous.as_deref());
         tracing::info!(model = %name, %version, ?previous, "activated");
         Ok(())
@@ -574,7 +656,7 @@ impl Device {
 
     /// The loaded version that serves `name` (the active one, or `version` if given).
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<Arc<Loaded>, InferError> {
-        self.pick(name, version, None)
+        self.pick(name, version, None).map(|r| r.loaded)
     }
 
     /// The version that answers an inference request: the one asked for, or the one the
@@ -586,7 +668,7 @@ impl Device {
         version: Option<&str>,
         key: Option<&str>,
     ) -> Result<Arc<Loaded>, InferError> {
-        self.pick(name, version, Some(key))
+        self.pick(name, version, Some(key)).map(|r| r.loaded)
     }
 
     /// The version asked for; else, with `routing`, the policy's pick; else the active one.
@@ -595,7 +677,7 @@ impl Device {
         name: &str,
         version: Option<&str>,
         routing: Option<Option<&str>>,
-    ) -> Result<Arc<Loaded>, InferError> {
+    ) -> Result<Route, InferError> {
         let slots = self
             .slots
             .read()
@@ -604,15 +686,27 @@ impl Device {
             .get(name)
             .filter(|s| s.active.is_some())
             .ok_or_else(|| InferError::UnknownModel(name.into()))?;
-        let routed = match (&slot.policy, version, routing) {
-            (Policy::Split(split), None, Some(key)) => Some(split.route(key)),
-            _ => None,
+        let (routed, watch, shadow) = match (&slot.policy, version, routing) {
+            (Policy::Split(split), None, Some(key)) => {
+                (Some(split.route(key)), Watch::Nothing, None)
+            }
+            (Policy::Canary(c), None, Some(key)) => (
+                c.to_candidate(key).then_some(c.candidate.as_str()),
+                slot.watch.clone(),
+                None,
+            ),
+            (Policy::Shadow(s), None, Some(_)) => (
+                None,
+                slot.watch.clone(),
+                slot.resident.get(&s.candidate).cloned(),
+            ),
+            _ => (None, Watch::Nothing, None),
         };
-        match routed.or(version) {
+        let loaded = match routed.or(version) {
             None => slot
                 .active
                 .clone()
-                .ok_or_else(|| InferError::UnknownModel(name.into())),
+                .ok_or_else(|| InferError::UnknownModel(name.into()))?,
             Some(v) => slot
                 .resident
                 .get(v)
@@ -620,14 +714,20 @@ impl Device {
                 .ok_or_else(|| InferError::UnknownVersion {
                     model: name.into(),
                     version: v.into(),
-                }),
-        }
+                })?,
+        };
+        Ok(Route {
+            role: slot.role_of(loaded.version()),
+            loaded,
+            watch,
+            shadow,
+        })
     }
 
     /// Runs one request on the serving version of `name`. At most `max_concurrent_requests`
     /// run at once; beyond that the request is refused at once with [`InferError::Busy`].
     pub async fn infer(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         version: Option<&str>,
         payload: Payload,
@@ -637,20 +737,26 @@ impl Device {
 
     /// [`Device::infer`], routed by the model's traffic policy with `key` when no version is
     /// given.
+    ///
+    /// Under a canary, the request counts in its window, and a verdict is acted on at once
+    /// (a rollback or a promotion, recorded as an event); under a shadow, a sample of the
+    /// requests is copied to the candidate after this one is answered.
     pub async fn infer_routed(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         version: Option<&str>,
         key: Option<&str>,
         payload: Payload,
     ) -> Result<(Arc<Loaded>, CallOutput), InferError> {
-        let loaded = self.route(name, version, key)?;
+        let route = self.pick(name, version, Some(key))?;
+        let loaded = Arc::clone(&route.loaded);
         // The bundle's API is held here, before the guest runs.
         if let Err(reason) = crate::contract::check(&loaded.manifest.api, &payload) {
             let refused = InferError::InvalidInput(reason);
             self.metrics.record(
                 name,
                 loaded.version(),
+                route.role,
                 Duration::ZERO,
                 Some(refused.kind()),
                 &[],
@@ -660,6 +766,10 @@ impl Device {
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             self.metrics.record_busy();
             return Err(InferError::Busy(self.max_concurrent));
+        };
+        let copy = match (&route.watch, &route.shadow) {
+            (Watch::Shadow(lane), Some(_)) if lane.shadow.samples() => Some(payload.clone()),
+            _ => None,
         };
         let started = Instant::now();
         let engine = self.engine.clone();
@@ -676,17 +786,188 @@ impl Device {
             Ok(out) => (None, out.observations.as_slice()),
             Err(e) => (Some(e.kind()), &[][..]),
         };
+        let elapsed = started.elapsed();
         self.metrics.record(
             name,
             loaded.version(),
-            started.elapsed(),
+            route.role,
+            elapsed,
             error,
             observations,
         );
         if let Err(e) = &result {
             tracing::debug!(model = %name, version = %loaded.version(), error = %e, "request failed");
         }
+        match (&route.watch, route.shadow, copy, &result) {
+            (Watch::Canary(watch), ..) => {
+                if let Some(verdict) = watch.record(route.role, elapsed, error) {
+                    self.conclude(name, watch, verdict);
+                }
+            }
+            (Watch::Shadow(lane), Some(candidate), Some(copy), Ok(out)) => {
+                self.shadow(name, lane, candidate, copy, out.payload.clone());
+            }
+            _ => {}
+        }
         result.map(|out| (loaded, out))
+    }
+
+    /// Runs `input` on a shadow's candidate after the primary answered `primary`, in the
+    /// lane's turn, and records whether the two agree; drops it (counted) when the lane is
+    /// full.
+    fn shadow(
+        &self,
+        name: &str,
+        lane: &Arc<ShadowLane>,
+        candidate: Arc<Loaded>,
+        input: Payload,
+        primary: Payload,
+    ) {
+        let Ok(place) = Arc::clone(&lane.places).try_acquire_owned() else {
+            self.metrics.record_shadow(name, candidate.version(), None);
+            return;
+        };
+        let engine = self.engine.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let lane = Arc::clone(lane);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let _place = place;
+            let _turn = lane.running.lock().await;
+            let started = Instant::now();
+            let target = Arc::clone(&candidate);
+            let result = tokio::task::spawn_blocking(move || {
+                engine
+                    .call(&target.guest, &target.context, input)
+                    .map_err(InferError::from)
+            })
+            .await
+            .unwrap_or_else(|e| Err(InferError::Trap(format!("shadow task failed: {e}"))));
+            let version = candidate.version();
+            let elapsed = started.elapsed();
+            let agreed = match &result {
+                Ok(out) => {
+                    metrics.record(
+                        &name,
+                        version,
+                        Role::Shadow,
+                        elapsed,
+                        None,
+                        &out.observations,
+                    );
+                    crate::watch::agree(lane.shadow.compare, &primary, &out.payload)
+                }
+                Err(e) => {
+                    metrics.record(&name, version, Role::Shadow, elapsed, Some(e.kind()), &[]);
+                    false
+                }
+            };
+            metrics.record_shadow(&name, version, Some(agreed));
+        });
+    }
+
+    /// Acts on a canary's verdict off the request's thread.
+    fn conclude(self: &Arc<Self>, name: &str, watch: &Arc<CanaryWatch>, verdict: Verdict) {
+        let device = Arc::clone(self);
+        let name = name.to_owned();
+        let watch = Arc::clone(watch);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = device.settle(&name, &watch, verdict) {
+                tracing::error!(model = %name, error = %e, "cannot act on the canary's verdict");
+            }
+        });
+    }
+
+    /// Rolls a failed canary back (no more traffic, then unloaded), or promotes or holds one
+    /// that passed; records the event and reports it to the fleet. Nothing happens when the
+    /// policy changed since the verdict.
+    fn settle(&self, name: &str, watch: &Arc<CanaryWatch>, verdict: Verdict) -> Result<()> {
+        let _guard = self.admin.lock().map_err(|_| poisoned())?;
+        let current = |slots: &HashMap<String, Slot>| {
+            slots
+                .get(name)
+                .is_some_and(|s| matches!(&s.watch, Watch::Canary(w) if Arc::ptr_eq(w, watch)))
+        };
+        if !current(&*self.slots.read().map_err(|_| poisoned())?) {
+            return Ok(());
+        }
+        let canary = &watch.canary;
+        let event = match verdict {
+            Verdict::Watching => return Ok(()),
+            Verdict::Fail {
+                reason,
+                primary,
+                candidate,
+            } => {
+                // Weight 0 first: from here on the primary answers everything.
+                {
+                    let mut slots = self.slots.write().map_err(|_| poisoned())?;
+                    if let Some(slot) = slots.get_mut(name) {
+                        slot.policy = Policy::Primary;
+                        slot.rewatch();
+                    }
+                }
+                tracing::warn!(model = %name, candidate = %canary.candidate, %reason, "canary rolled back");
+                let event = outpost_proto::Event::CanaryRolledBack {
+                    model: name.to_owned(),
+                    policy: canary.id.clone(),
+                    candidate: canary.candidate.clone(),
+                    primary: watch.primary.clone(),
+                    reason,
+                    candidate_requests: candidate.requests,
+                    primary_requests: primary.requests,
+                };
+                self.state
+                    .set_policy_noting(name, &Policy::Primary, &event)?;
+                // Then unloaded (unless it is the version kept for a rollback).
+                let previous = self.previous_of(name)?;
+                if let Some(slot) = self.slots.write().map_err(|_| poisoned())?.get_mut(name) {
+                    slot.trim(previous.as_deref());
+                }
+                event
+            }
+            Verdict::Pass { primary, candidate } => {
+                let promoted = canary.on_pass == OnPass::Promote;
+                let event = outpost_proto::Event::CanaryPassed {
+                    model: name.to_owned(),
+                    policy: canary.id.clone(),
+                    candidate: canary.candidate.clone(),
+                    primary: watch.primary.clone(),
+                    promoted,
+                    candidate_requests: candidate.requests,
+                    primary_requests: primary.requests,
+                };
+                let policy = if promoted {
+                    self.activate_locked(name, &canary.candidate, None)?;
+                    Policy::Primary
+                } else {
+                    Policy::Canary(canary.clone())
+                };
+                tracing::info!(model = %name, candidate = %canary.candidate, promoted, "canary passed");
+                self.state.set_policy_noting(name, &policy, &event)?;
+                event
+            }
+        };
+        if let Some(link) = self.metrics.link() {
+            link.report(event);
+        }
+        Ok(())
+    }
+
+    /// The version `name` had before its active one.
+    fn previous_of(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .state
+            .previous()?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v))
+    }
+
+    /// The events the device decided by itself (canary verdicts), oldest first, at most the
+    /// last `limit`.
+    pub fn events(&self, limit: usize) -> Result<Vec<StoredEvent>> {
+        self.state.events(limit)
     }
 
     /// Every installed bundle.

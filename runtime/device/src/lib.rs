@@ -1,6 +1,8 @@
 //! The Outpost device runtime. Owns: installed bundles and their state (sled), activation with
 //! warm-up and atomic swap, the HTTP endpoints (Open Inference Protocol v2, raw, metrics,
-//! admin), traffic policies over resident versions ([`policy`]), the configuration, and [`run`], which wires them and the fleet agent together.
+//! admin), traffic policies over resident versions ([`policy`]) and what watches their
+//! candidates ([`watch`]: canary windows, shadow lanes), the configuration, and [`run`], which
+//! wires them and the fleet agent together.
 //! Never imports: wasmtime or tract directly (through `outpost-engine` and
 //! `outpost-inference`), rumqttc, or the fleet server.
 
@@ -17,6 +19,7 @@ pub mod policy;
 mod run;
 pub mod state;
 mod triton;
+pub mod watch;
 
 pub use config::{Config, DEFAULT_CONFIG, GuestCaps};
 pub use device::Device;

@@ -1,5 +1,7 @@
-//! Request counters, error counters, latency histograms and drift observations per model and
-//! version, rendered in the Prometheus text format.
+//! Request counters, error counters, latency histograms and drift observations per model,
+//! version and role (primary, candidate, shadow: see [`Role`]), and a shadow's agreement and
+//! drops, rendered in the Prometheus text format. The latency buckets are fixed, so a fleet can
+//! merge histograms from any number of devices.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -8,8 +10,10 @@ use std::time::Duration;
 
 use outpost_agent::{Link, LinkStatus};
 
+use crate::watch::Role;
+
 /// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 14] = [
+pub const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
@@ -41,10 +45,19 @@ pub struct VersionStats {
     pub last_ms: u64,
 }
 
+/// A shadow candidate's comparisons with the primary.
+#[derive(Debug, Default, Clone, Copy)]
+struct ShadowCounts {
+    agreed: u64,
+    disagreed: u64,
+    dropped: u64,
+}
+
 /// Metrics for every model version that served a request.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    series: Mutex<BTreeMap<(String, String), Series>>,
+    series: Mutex<BTreeMap<(String, String, Role), Series>>,
+    shadows: Mutex<BTreeMap<(String, String), ShadowCounts>>,
     rejected_busy: Mutex<u64>,
     /// The fleet agent's link, when the device has one.
     link: OnceLock<Link>,
@@ -55,6 +68,16 @@ pub struct Metrics {
 /// A snapshot of one model version's counters (the telemetry form).
 pub use outpost_proto::ModelSeries as SeriesSnapshot;
 
+/// The labels of one series.
+fn labels(model: &str, version: &str, role: Role) -> String {
+    format!(
+        "model=\"{}\",version=\"{}\",role=\"{}\"",
+        escape(model),
+        escape(version),
+        role.as_str()
+    )
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -62,11 +85,12 @@ fn escape(v: &str) -> String {
 }
 
 impl Metrics {
-    /// Records one request that reached a model version.
+    /// Records one request that reached a model version in `role`.
     pub fn record(
         &self,
         model: &str,
         version: &str,
+        role: Role,
         elapsed: Duration,
         error: Option<&'static str>,
         observations: &[(String, f64)],
@@ -75,7 +99,7 @@ impl Metrics {
             return;
         };
         let s = all
-            .entry((model.to_owned(), version.to_owned()))
+            .entry((model.to_owned(), version.to_owned(), role))
             .or_default();
         s.requests += 1;
         s.last_ms = std::time::SystemTime::now()
@@ -100,6 +124,34 @@ impl Metrics {
         }
     }
 
+    /// Records whether a shadow candidate's answer agreed with the primary's (`None`: the
+    /// shadow request was dropped because its lane was full).
+    pub fn record_shadow(&self, model: &str, candidate: &str, agreed: Option<bool>) {
+        let Ok(mut all) = self.shadows.lock() else {
+            return;
+        };
+        let c = all
+            .entry((model.to_owned(), candidate.to_owned()))
+            .or_default();
+        match agreed {
+            Some(true) => c.agreed += 1,
+            Some(false) => c.disagreed += 1,
+            None => c.dropped += 1,
+        }
+    }
+
+    /// A shadow candidate's (agreed, disagreed, dropped) counts.
+    pub fn shadow_counts(&self, model: &str, candidate: &str) -> (u64, u64, u64) {
+        self.shadows
+            .lock()
+            .ok()
+            .and_then(|all| {
+                all.get(&(model.to_owned(), candidate.to_owned()))
+                    .map(|c| (c.agreed, c.disagreed, c.dropped))
+            })
+            .unwrap_or_default()
+    }
+
     /// Counts a request refused because the device was busy.
     pub fn record_busy(&self) {
         if let Ok(mut n) = self.rejected_busy.lock() {
@@ -112,16 +164,28 @@ impl Metrics {
         let Ok(all) = self.series.lock() else {
             return Vec::new();
         };
-        all.iter()
-            .map(|((model, version), s)| VersionStats {
-                model: model.clone(),
-                version: version.clone(),
-                requests: s.requests,
-                failures: s.errors.values().sum(),
-                seconds: s.sum,
-                last_ms: s.last_ms,
-            })
-            .collect()
+        // The requests a version answered, whatever its role; a shadow answers nobody.
+        let mut out: Vec<VersionStats> = Vec::new();
+        for ((model, version, _), s) in all.iter().filter(|(k, _)| k.2 != Role::Shadow) {
+            let failures: u64 = s.errors.values().sum();
+            match out.last_mut() {
+                Some(v) if v.model == *model && v.version == *version => {
+                    v.requests += s.requests;
+                    v.failures += failures;
+                    v.seconds += s.sum;
+                    v.last_ms = v.last_ms.max(s.last_ms);
+                }
+                _ => out.push(VersionStats {
+                    model: model.clone(),
+                    version: version.clone(),
+                    requests: s.requests,
+                    failures,
+                    seconds: s.sum,
+                    last_ms: s.last_ms,
+                }),
+            }
+        }
+        out
     }
 
     /// Snapshots of every series.
@@ -130,9 +194,10 @@ impl Metrics {
             return Vec::new();
         };
         all.iter()
-            .map(|((model, version), s)| SeriesSnapshot {
+            .map(|((model, version, role), s)| SeriesSnapshot {
                 model: model.clone(),
                 version: version.clone(),
+                role: role.as_str().to_owned(),
                 requests: s.requests,
                 errors: s
                     .errors
@@ -161,12 +226,11 @@ impl Metrics {
             "# HELP outpost_requests_total Inference requests per model version."
         );
         let _ = writeln!(out, "# TYPE outpost_requests_total counter");
-        for ((m, v), s) in &all {
+        for ((m, v, r), s) in &all {
             let _ = writeln!(
                 out,
-                "outpost_requests_total{{model=\"{}\",version=\"{}\"}} {}",
-                escape(m),
-                escape(v),
+                "outpost_requests_total{{{}}} {}",
+                labels(m, v, *r),
                 s.requests
             );
         }
@@ -175,13 +239,12 @@ impl Metrics {
             "# HELP outpost_request_errors_total Failed inference requests per model version and kind."
         );
         let _ = writeln!(out, "# TYPE outpost_request_errors_total counter");
-        for ((m, v), s) in &all {
+        for ((m, v, r), s) in &all {
             for (kind, n) in &s.errors {
                 let _ = writeln!(
                     out,
-                    "outpost_request_errors_total{{model=\"{}\",version=\"{}\",kind=\"{kind}\"}} {n}",
-                    escape(m),
-                    escape(v)
+                    "outpost_request_errors_total{{{},kind=\"{kind}\"}} {n}",
+                    labels(m, v, *r)
                 );
             }
         }
@@ -190,8 +253,8 @@ impl Metrics {
             "# HELP outpost_request_duration_seconds Inference latency per model version."
         );
         let _ = writeln!(out, "# TYPE outpost_request_duration_seconds histogram");
-        for ((m, v), s) in &all {
-            let labels = format!("model=\"{}\",version=\"{}\"", escape(m), escape(v));
+        for ((m, v, r), s) in &all {
+            let labels = labels(m, v, *r);
             for (bound, n) in BUCKETS.iter().zip(s.buckets) {
                 let _ = writeln!(
                     out,
@@ -219,13 +282,12 @@ impl Metrics {
             "# HELP outpost_feature_observations_total Drift feature observations per model version."
         );
         let _ = writeln!(out, "# TYPE outpost_feature_observations_total counter");
-        for ((m, v), s) in &all {
+        for ((m, v, r), s) in &all {
             for (f, (n, _)) in &s.observations {
                 let _ = writeln!(
                     out,
-                    "outpost_feature_observations_total{{model=\"{}\",version=\"{}\",feature=\"{}\"}} {n}",
-                    escape(m),
-                    escape(v),
+                    "outpost_feature_observations_total{{{},feature=\"{}\"}} {n}",
+                    labels(m, v, *r),
                     escape(f)
                 );
             }
@@ -235,17 +297,49 @@ impl Metrics {
             "# HELP outpost_feature_mean Mean observed value of each drift feature."
         );
         let _ = writeln!(out, "# TYPE outpost_feature_mean gauge");
-        for ((m, v), s) in &all {
+        for ((m, v, r), s) in &all {
             for (f, (n, sum)) in &s.observations {
                 let _ = writeln!(
                     out,
-                    "outpost_feature_mean{{model=\"{}\",version=\"{}\",feature=\"{}\"}} {}",
-                    escape(m),
-                    escape(v),
+                    "outpost_feature_mean{{{},feature=\"{}\"}} {}",
+                    labels(m, v, *r),
                     escape(f),
                     sum / *n as f64
                 );
             }
+        }
+        let shadows = match self.shadows.lock() {
+            Ok(all) => all.clone(),
+            Err(_) => BTreeMap::new(),
+        };
+        let _ = writeln!(
+            out,
+            "# HELP outpost_shadow_comparisons_total A shadow candidate's answers compared with the primary's, by result."
+        );
+        let _ = writeln!(out, "# TYPE outpost_shadow_comparisons_total counter");
+        for ((m, v), c) in &shadows {
+            for (result, n) in [("agree", c.agreed), ("disagree", c.disagreed)] {
+                let _ = writeln!(
+                    out,
+                    "outpost_shadow_comparisons_total{{model=\"{}\",version=\"{}\",result=\"{result}\"}} {n}",
+                    escape(m),
+                    escape(v)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP outpost_shadow_dropped_total Shadow requests dropped because the shadow's queue was full."
+        );
+        let _ = writeln!(out, "# TYPE outpost_shadow_dropped_total counter");
+        for ((m, v), c) in &shadows {
+            let _ = writeln!(
+                out,
+                "outpost_shadow_dropped_total{{model=\"{}\",version=\"{}\"}} {}",
+                escape(m),
+                escape(v),
+                c.dropped
+            );
         }
         let busy = self.rejected_busy.lock().map_or(0, |n| *n);
         let _ = writeln!(
@@ -274,6 +368,11 @@ impl Metrics {
     /// Shows the fleet agent's link in [`Metrics::render`] from now on (the first call wins).
     pub fn set_link(&self, link: Link) {
         let _ = self.link.set(link);
+    }
+
+    /// The fleet agent's link, once the device has one.
+    pub fn link(&self) -> Option<&Link> {
+        self.link.get()
     }
 }
 

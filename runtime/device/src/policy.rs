@@ -1,6 +1,9 @@
 //! A model's traffic policy over its resident versions: the active version answers everything
-//! (`primary`, the default), or a split (A/B) sends each request to one of several versions by
-//! weight.
+//! (`primary`, the default); a split (A/B) sends each request to one of several versions by
+//! weight; a shadow runs a candidate on a sampled copy of the traffic after the active version
+//! has answered, and records whether the two agree; a canary sends a share of the traffic to a
+//! candidate and watches it against the active version, rolling it back on its own when a bound
+//! is crossed (see [`crate::watch`]).
 //!
 //! Routing is deterministic for a keyed request: the SHA-256 of the policy id, a zero byte and
 //! the key, its first eight bytes as a big-endian number mod 10,000, is a point in [0, 10,000);
@@ -20,7 +23,7 @@ pub const MAX_SPLIT_VERSIONS: usize = 8;
 pub const MAX_POLICY_ID: usize = 64;
 
 /// How a model's unversioned requests are routed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Policy {
     /// The active version answers every request.
@@ -28,6 +31,105 @@ pub enum Policy {
     Primary,
     /// Each request goes to one version, in proportion to its weight.
     Split(Split),
+    /// The active version answers; a candidate runs on a sampled copy, never answering.
+    Shadow(Shadow),
+    /// A share of the traffic goes to a candidate, which is watched against the active version.
+    Canary(Canary),
+}
+
+/// The most shadow requests waiting or running at once, whatever a policy asks.
+pub const MAX_SHADOW_QUEUE: usize = 1_024;
+
+/// A shadow: the candidate sees a copy of a sample of the requests the active version answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    /// Names the shadow in metrics and events.
+    pub id: String,
+    /// The version that runs in the shadow.
+    pub candidate: String,
+    /// Percentage of the requests copied to the candidate (0 to 100).
+    #[serde(default = "hundred")]
+    pub sample_percent: f64,
+    /// Shadow requests waiting or running at most; beyond that one is dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// When the candidate's answer agrees with the active version's.
+    #[serde(default)]
+    pub compare: Compare,
+}
+
+/// How two answers to the same request are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Compare {
+    /// Classifier outputs: the same index of the largest value along the last axis of each
+    /// numeric output, row by row; other outputs byte for byte.
+    #[default]
+    Argmax,
+    /// Every numeric element within this absolute difference; other outputs byte for byte.
+    Tolerance(f64),
+    /// Byte for byte.
+    Exact,
+}
+
+/// A canary: a share of the traffic on a candidate, watched against the active version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// Names the canary in the routing hash, metrics and events.
+    pub id: String,
+    /// The version under watch.
+    pub candidate: String,
+    /// Percentage of the traffic the candidate answers (above 0, below 100).
+    pub percent: f64,
+    /// How long the candidate must stay within its bounds to pass, in seconds; the bounds are
+    /// checked over the requests of the last this many seconds.
+    #[serde(default = "default_window")]
+    pub window_s: u64,
+    /// Requests each of the candidate and the active version must have in the window before
+    /// the bounds are checked (no data is not a pass).
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// The candidate's error rate may exceed the active version's by at most this (0 to 1).
+    #[serde(default = "default_error_delta")]
+    pub max_error_rate_delta: f64,
+    /// The candidate's p95 latency may be at most this multiple of the active version's.
+    #[serde(default = "default_p95_ratio")]
+    pub max_p95_ratio: f64,
+    /// What the device does when the candidate passed.
+    #[serde(default)]
+    pub on_pass: OnPass,
+}
+
+/// What a device does with a canary that passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPass {
+    /// Keep the canary as it is and report the pass, for the fleet to decide.
+    #[default]
+    Hold,
+    /// Activate the candidate (the version it replaces stays loaded for a rollback).
+    Promote,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+fn default_queue() -> usize {
+    64
+}
+fn default_window() -> u64 {
+    600
+}
+fn default_min_requests() -> u64 {
+    100
+}
+fn default_error_delta() -> f64 {
+    0.05
+}
+fn default_p95_ratio() -> f64 {
+    2.0
 }
 
 /// An A/B split.
@@ -42,29 +144,40 @@ pub struct Split {
 
 impl Policy {
     /// The versions this policy sends traffic to (none for `primary`: the active one).
-    pub fn versions(&self) -> impl Iterator<Item = &str> {
-        let weights = match self {
+    pub fn versions(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match self {
+            Policy::Primary => Box::new(std::iter::empty()),
+            Policy::Split(split) => Box::new(split.weights.keys().map(String::as_str)),
+            Policy::Shadow(shadow) => Box::new(std::iter::once(shadow.candidate.as_str())),
+            Policy::Canary(canary) => Box::new(std::iter::once(canary.candidate.as_str())),
+        }
+    }
+
+    /// The policy's id, if it has one.
+    pub fn id(&self) -> Option<&str> {
+        match self {
             Policy::Primary => None,
-            Policy::Split(split) => Some(&split.weights),
-        };
-        weights
-            .into_iter()
-            .flat_map(|w| w.keys().map(String::as_str))
+            Policy::Split(s) => Some(&s.id),
+            Policy::Shadow(s) => Some(&s.id),
+            Policy::Canary(c) => Some(&c.id),
+        }
     }
 
     /// Checks the policy's own shape (not whether its versions are installed).
     pub fn validate(&self) -> Result<(), String> {
-        let Policy::Split(split) = self else {
-            return Ok(());
-        };
-        if split.id.is_empty()
-            || split.id.len() > MAX_POLICY_ID
-            || split.id.chars().any(char::is_control)
+        if let Some(id) = self.id()
+            && (id.is_empty() || id.len() > MAX_POLICY_ID || id.chars().any(char::is_control))
         {
             return Err(format!(
-                "a split needs an id of 1 to {MAX_POLICY_ID} characters, without control characters"
+                "a policy needs an id of 1 to {MAX_POLICY_ID} characters, without control characters"
             ));
         }
+        let split = match self {
+            Policy::Primary => return Ok(()),
+            Policy::Split(split) => split,
+            Policy::Shadow(shadow) => return shadow.validate(),
+            Policy::Canary(canary) => return canary.validate(),
+        };
         if split.weights.is_empty() || split.weights.len() > MAX_SPLIT_VERSIONS {
             return Err(format!(
                 "a split names 1 to {MAX_SPLIT_VERSIONS} versions, not {}",
@@ -75,6 +188,81 @@ impl Policy {
             return Err("a split needs at least one version with a weight above 0".into());
         }
         Ok(())
+    }
+}
+
+impl Shadow {
+    fn validate(&self) -> Result<(), String> {
+        if !(0.0..=100.0).contains(&self.sample_percent) {
+            return Err(format!(
+                "a shadow's sample_percent is 0 to 100, not {}",
+                self.sample_percent
+            ));
+        }
+        if self.queue == 0 || self.queue > MAX_SHADOW_QUEUE {
+            return Err(format!(
+                "a shadow's queue holds 1 to {MAX_SHADOW_QUEUE} requests, not {}",
+                self.queue
+            ));
+        }
+        if let Compare::Tolerance(t) = self.compare
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(format!(
+                "a tolerance is a finite number of at least 0, not {t}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether this request is copied to the candidate (a random draw).
+    pub fn samples(&self) -> bool {
+        (random_point() as f64) < self.sample_percent * 100.0
+    }
+}
+
+impl Canary {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.percent > 0.0 && self.percent < 100.0) {
+            return Err(format!(
+                "a canary's percent is above 0 and below 100, not {}",
+                self.percent
+            ));
+        }
+        if self.window_s == 0 || self.window_s > 7 * 86_400 {
+            return Err(format!(
+                "a canary's window_s is 1 to 604800 seconds, not {}",
+                self.window_s
+            ));
+        }
+        if self.min_requests == 0 {
+            return Err("a canary's min_requests is at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate_delta) {
+            return Err(format!(
+                "a canary's max_error_rate_delta is 0 to 1, not {}",
+                self.max_error_rate_delta
+            ));
+        }
+        if !(self.max_p95_ratio.is_finite() && self.max_p95_ratio >= 1.0) {
+            return Err(format!(
+                "a canary's max_p95_ratio is a finite number of at least 1, not {}",
+                self.max_p95_ratio
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the request with `key` (or, without one, a random draw) goes to the candidate:
+    /// the canary routes as a split of `100 - percent` to the active version and `percent` to
+    /// the candidate, under its id.
+    pub fn to_candidate(&self, key: Option<&str>) -> bool {
+        let point = match key {
+            Some(key) => keyed_point(&self.id, key),
+            None => random_point(),
+        };
+        // The active version's share comes first, as in a split listing it first.
+        (point as f64) >= (100.0 - self.percent) * 100.0
     }
 }
 

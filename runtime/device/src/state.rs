@@ -32,6 +32,19 @@ pub struct InstalledRecord {
     pub installed_at: u64,
 }
 
+/// The most events the device keeps (the oldest go first).
+pub const MAX_EVENTS: usize = 1_000;
+
+/// An event the device decided by itself, as it keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Unix seconds.
+    pub time: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: outpost_proto::Event,
+}
+
 /// The device's state database.
 #[derive(Debug, Clone)]
 pub struct State {
@@ -47,6 +60,8 @@ pub struct State {
     compiled: sled::Tree,
     /// The traffic policy of each model that has one other than `primary` (JSON).
     policies: sled::Tree,
+    /// What the device decided by itself, newest last: big-endian sequence number → JSON.
+    events: sled::Tree,
     /// Where the database lives (its file system's free space is checked before writes).
     dir: std::path::PathBuf,
 }
@@ -97,6 +112,7 @@ impl State {
             counters: db.open_tree("counters")?,
             compiled: db.open_tree("compiled")?,
             policies: db.open_tree("policies")?,
+            events: db.open_tree("events")?,
             db,
             dir: dir.to_owned(),
         })
@@ -251,6 +267,65 @@ impl State {
         Ok(())
     }
 
+    /// Records `policy` for `name` and `event` in one transaction: a canary's rollback or
+    /// promotion and the reason for it are on disk together or not at all. The oldest events
+    /// beyond [`MAX_EVENTS`] are deleted.
+    pub fn set_policy_noting(
+        &self,
+        name: &str,
+        policy: &crate::policy::Policy,
+        event: &outpost_proto::Event,
+    ) -> Result<u64> {
+        self.ensure_room(0, &format!("recording an event of {name}"))?;
+        let body = serde_json::to_vec(&StoredEvent {
+            time: now(),
+            event: event.clone(),
+        })
+        .map_err(corrupt)?;
+        let policy_bytes = match policy {
+            crate::policy::Policy::Primary => None,
+            p => Some(serde_json::to_vec(p).map_err(corrupt)?),
+        };
+        let seq = self.db.generate_id()?;
+        let result: std::result::Result<(), TransactionError<HostError>> =
+            (&self.policies, &self.events).transaction(|(policies, events)| {
+                match &policy_bytes {
+                    None => {
+                        policies.remove(name)?;
+                    }
+                    Some(b) => {
+                        policies.insert(name, b.as_slice())?;
+                    }
+                }
+                events.insert(&seq.to_be_bytes(), body.as_slice())?;
+                Ok(())
+            });
+        result.map_err(abort)?;
+        while self.events.len() > MAX_EVENTS {
+            if self.events.pop_min()?.is_none() {
+                break;
+            }
+        }
+        self.db.flush()?;
+        Ok(seq)
+    }
+
+    /// The device's own events, oldest first, at most the last `limit`.
+    pub fn events(&self, limit: usize) -> Result<Vec<StoredEvent>> {
+        let mut out: Vec<StoredEvent> = self
+            .events
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|kv| {
+                let (_, v) = kv?;
+                serde_json::from_slice(&v).map_err(corrupt)
+            })
+            .collect::<Result<_>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     /// The traffic policy of each model that has one other than `primary`.
     pub fn policies(&self) -> Result<Vec<(String, crate::policy::Policy)>> {
         self.policies
@@ -352,4 +427,11 @@ fn pairs(tree: &sled::Tree) -> Result<Vec<(String, String)>> {
             ))
         })
         .collect()
+}
+
+/// Unix seconds now.
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

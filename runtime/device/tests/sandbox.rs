@@ -67,7 +67,7 @@ fn hostile_guests_fail_only_their_own_request() {
     let metrics = get(&format!("{}/metrics", s.url)).text();
     for kind in ["deadline", "memory", "trap"] {
         assert!(
-            metrics.contains(&format!("outpost_request_errors_total{{model=\"hostile\",version=\"1.0.0\",kind=\"{kind}\"}} 1")),
+            metrics.contains(&format!("outpost_request_errors_total{{model=\"hostile\",version=\"1.0.0\",role=\"primary\",kind=\"{kind}\"}} 1")),
             "{kind}: {metrics}"
         );
     }

@@ -262,17 +262,19 @@ fn metadata_health_repository_and_metrics() {
     );
     let metrics = get(&format!("{}/metrics", s.url)).text();
     assert!(
-        metrics.contains("outpost_requests_total{model=\"digits\",version=\"1.0.0\"} 2"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("outpost_request_errors_total{model=\"digits\",version=\"1.0.0\",kind=\"invalid_input\"} 1"), "{metrics}");
-    assert!(
         metrics.contains(
-            "outpost_request_duration_seconds_count{model=\"digits\",version=\"1.0.0\"} 2"
+            "outpost_requests_total{model=\"digits\",version=\"1.0.0\",role=\"primary\"} 2"
         ),
         "{metrics}"
     );
-    assert!(metrics.contains("outpost_feature_observations_total{model=\"digits\",version=\"1.0.0\",feature=\"mean_intensity\"} 1"), "{metrics}");
+    assert!(metrics.contains("outpost_request_errors_total{model=\"digits\",version=\"1.0.0\",role=\"primary\",kind=\"invalid_input\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "outpost_request_duration_seconds_count{model=\"digits\",version=\"1.0.0\",role=\"primary\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outpost_feature_observations_total{model=\"digits\",version=\"1.0.0\",role=\"primary\",feature=\"mean_intensity\"} 1"), "{metrics}");
 }
 
 /// The model configuration and statistics endpoints, in the form Triton's clients read.

@@ -159,6 +159,42 @@ pub enum Event {
         /// Its generation.
         generation: u64,
     },
+    /// A canary crossed a bound of its policy and the device rolled it back by itself: the
+    /// candidate gets no more traffic and is unloaded.
+    CanaryRolledBack {
+        /// Model name.
+        model: String,
+        /// The canary policy's id.
+        policy: String,
+        /// The version rolled back.
+        candidate: String,
+        /// The version it was compared with, which answers everything again.
+        primary: String,
+        /// The bound crossed, with the figures.
+        reason: String,
+        /// The candidate's requests in the window.
+        candidate_requests: u64,
+        /// The primary's requests in the window.
+        primary_requests: u64,
+    },
+    /// A canary stayed within its bounds for its whole window.
+    CanaryPassed {
+        /// Model name.
+        model: String,
+        /// The canary policy's id.
+        policy: String,
+        /// The version that passed.
+        candidate: String,
+        /// The version it was compared with.
+        primary: String,
+        /// Whether the device activated the candidate (otherwise it holds the canary for the
+        /// fleet to decide).
+        promoted: bool,
+        /// The candidate's requests in the window.
+        candidate_requests: u64,
+        /// The primary's requests in the window.
+        primary_requests: u64,
+    },
 }
 
 /// One model version's request counters, as telemetry carries them.
@@ -168,6 +204,10 @@ pub struct ModelSeries {
     pub model: String,
     /// Model version.
     pub version: String,
+    /// The version's part in its model's traffic policy: `primary`, `candidate` or `shadow`
+    /// (a device before traffic policies sends none: `primary`).
+    #[serde(default = "primary_role")]
+    pub role: String,
     /// Requests served (successful or not).
     pub requests: u64,
     /// Failed requests by kind.
@@ -179,6 +219,10 @@ pub struct ModelSeries {
     /// Sum of latencies in seconds.
     #[serde(default)]
     pub latency_sum: f64,
+}
+
+fn primary_role() -> String {
+    "primary".into()
 }
 
 /// A periodic telemetry record's body (on `telemetry`). Unknown fields are ignored and missing

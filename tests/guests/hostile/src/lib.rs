@@ -11,13 +11,22 @@
 //! - `attack/panic`: panics;
 //! - anything else: echoes the body back, so a test can check the runtime still serves.
 //!
-//! A tensor request is echoed back unchanged.
+//! A tensor request is echoed back, changed by the bundle's metadata so that two versions of
+//! one bundle can differ the way a bad candidate differs from its primary (each entry, when
+//! absent, changes nothing). `n` is the first element of the first tensor, as a whole number:
+//!
+//! - `fail_percent`: a request with `n mod 100` below it fails (as a guest error), except
+//!   `n = 0`: the host's warm-up request is all zeros;
+//! - `flip_percent`: a request with `n mod 100` below it gets its elements rotated by one
+//!   (a different argmax, unless they are all equal);
+//! - `work`: the guest busy-loops `work` thousand rounds before it answers (slower, by a
+//!   factor a test chooses).
 
 use outpost_guest::{DataType, Error, Payload, Request, Response, Tensor};
 
 fn handle(request: Request) -> Result<Response, Error> {
     let Payload::Raw { content_type, body } = request else {
-        return Ok(request);
+        return shaped(request);
     };
     match content_type.as_str() {
         "attack/spin" => {
@@ -74,6 +83,41 @@ fn handle(request: Request) -> Result<Response, Error> {
         "attack/panic" => panic!("the guest panicked on purpose"),
         _ => Ok(Response::raw(content_type, body)),
     }
+}
+
+/// A tensor request's echo, as the bundle's metadata shapes it.
+fn shaped(request: Request) -> Result<Response, Error> {
+    let Payload::Tensors(mut tensors) = request else {
+        return Ok(request);
+    };
+    let n = match tensors.first() {
+        Some(t) => t.to_f32()?.first().copied().unwrap_or(0.0) as i64,
+        None => 0,
+    };
+    let below = |key: &str| outpost_guest::metadata_f64(key).is_some_and(|p| ((n.rem_euclid(100)) as f64) < p);
+    if let Some(work) = outpost_guest::metadata_f64("work") {
+        let mut x: u64 = 1;
+        for i in 0..(work.max(0.0) as u64).saturating_mul(1_000) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        std::hint::black_box(x);
+    }
+    if n != 0 && below("fail_percent") {
+        return Err(Error::internal(format!("request {n} fails on purpose")));
+    }
+    if below("flip_percent") {
+        for t in &mut tensors {
+            let width = match t.datatype {
+                DataType::F32 | DataType::I32 | DataType::U32 => 4,
+                DataType::F64 | DataType::I64 | DataType::U64 => 8,
+                _ => 1,
+            };
+            if t.data.len() >= width {
+                t.data.rotate_left(width);
+            }
+        }
+    }
+    Ok(Response::tensors(tensors))
 }
 
 outpost_guest::export!(handle);
