@@ -1,7 +1,8 @@
 //! Serving benchmark: prints, from one run, raw in-process tract latency for each example
 //! model against end-to-end HTTP latency through the guest (the ratio), the guest call
 //! overhead, the time from process start to the first served request, idle RSS, and the size
-//! of the `outpost` binary this profile built.
+//! of the `outpost` binary this profile built; and what a shadow candidate ten times slower or
+//! more than the primary costs the primary's latency (median and p95, with and without it).
 //!
 //! Run with: `cargo bench -p outpost-cli --bench serving` (release profile), or add
 //! `--profile dev` for the development profile the tests use.
@@ -89,6 +90,7 @@ fn main() {
     hostile.name = "echo".into();
     hostile.guest = outpost_examples::HOSTILE_GUEST.to_vec();
     hostile.api = Default::default();
+    hostile.api.raw_content_types = vec!["text/plain".into()];
     hostile.baseline = None;
     {
         let device = Arc::new(Device::with_trust(&config, trust.clone()).unwrap());
@@ -117,6 +119,42 @@ fn main() {
             let payload = Payload::Tensors(vec![f32_tensor("pixels", vec![1, 64], 8.0)]);
             rt.block_on(device.infer("digits", None, payload)).unwrap();
         });
+        // A shadow: the same echo, slowed by its metadata, on every request.
+        let mut slow = Example::Digits.build_input().unwrap();
+        slow.name = "echo".into();
+        slow.version = "2.0.0".parse().unwrap();
+        slow.guest = outpost_examples::HOSTILE_GUEST.to_vec();
+        slow.api = Default::default();
+        slow.api.raw_content_types = vec!["text/plain".into()];
+        slow.baseline = None;
+        slow.metadata = [("work".to_owned(), serde_json::json!(1_000))].into();
+        let mut b = Bundle::build(slow).unwrap();
+        b.sign(&key);
+        device.install(&b.to_bytes()).unwrap();
+        let tensor_echo = |device: &Arc<Device>| {
+            let mut samples: Vec<f64> = (0..ITERATIONS)
+                .map(|_| {
+                    let payload = Payload::Tensors(vec![f32_tensor("x", vec![1, 4], 1.0)]);
+                    let t = Instant::now();
+                    rt.block_on(device.infer("echo", None, payload)).unwrap();
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            samples.sort_by(|a, b| a.total_cmp(b));
+            (samples[ITERATIONS / 2], samples[ITERATIONS * 95 / 100])
+        };
+        let (alone, alone_p95) = tensor_echo(&device);
+        let shadow: outpost_device::policy::Policy = serde_json::from_value(
+            serde_json::json!({"shadow": {"id": "bench", "candidate": "2.0.0", "queue": 64}}),
+        )
+        .unwrap();
+        device.set_policy("echo", shadow).unwrap();
+        let (shadowed, shadowed_p95) = tensor_echo(&device);
+        std::thread::sleep(Duration::from_secs(2));
+        let (agreed, disagreed, dropped) = device.metrics.shadow_counts("echo", "2.0.0");
+        device
+            .set_policy("echo", outpost_device::policy::Policy::Primary)
+            .unwrap();
         println!("profile                              {profile}");
         println!("raw tract, digits MLP                {raw_digits:>9.1} µs");
         println!("raw tract, sensor autoencoder        {raw_sensor:>9.1} µs");
@@ -124,6 +162,15 @@ fn main() {
         println!(
             "digits through the guest, in process {through_guest:>9.1} µs  ({:.2}× raw tract)",
             through_guest / raw_digits
+        );
+        println!(
+            "primary alone, tensor echo           {alone:>9.1} µs  (p95 {alone_p95:.1} µs)"
+        );
+        println!(
+            "primary with a slow shadow (queue 64) {shadowed:>8.1} µs  (p95 {shadowed_p95:.1} µs; {:.2}× and {:.2}× alone; shadow ran {}, dropped {dropped})",
+            shadowed / alone,
+            shadowed_p95 / alone_p95,
+            agreed + disagreed
         );
     }
 
