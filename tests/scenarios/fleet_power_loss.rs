@@ -203,3 +203,99 @@ fn a_kill_9_of_the_fleet_mid_deploy_loses_no_acknowledged_deployment() {
          off; every acknowledged deployment applied, none refused"
     );
 }
+
+/// A canary set on a device of the fleet fails while the fleet is down: the device rolls it back
+/// by itself at once, and the verdict reaches the fleet's events when the fleet is back.
+#[test]
+fn a_canary_rolled_back_while_the_fleet_is_down_reaches_the_fleet_when_it_returns() {
+    let d = bed("canary-offline");
+    let dir = &d.0;
+    let broker = Mosquitto::start(dir);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--broker", &broker.url(), "--listen", &listen];
+    let fleet = Fleet::launch(dir, &args);
+    let config = device_config(dir, "dev-y", &broker.url(), &[]);
+    let text = std::fs::read_to_string(dir.join(&config)).unwrap().replace(
+        "admin_listen = \"\"",
+        &format!(
+            "admin_listen = \"127.0.0.1:0\"\nadmin_token = \"{}\"",
+            outpost_testkit::ADMIN_TOKEN
+        ),
+    );
+    std::fs::write(dir.join(&config), text).unwrap();
+    let device = Device::start(dir, &config);
+    let admin = eventually(secs(30), "the admin API to listen", || {
+        let logs = device.proc.logs();
+        let line = logs.lines().find(|l| l.contains("admin API listening"))?;
+        Some(format!(
+            "http://{}",
+            first_word(line.split("addr=").nth(1)?)
+        ))
+    });
+    online(&fleet, &["dev-y"]);
+    push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-y"], &["dev-y"]);
+
+    // A candidate `digits` 3.0.0 whose guest fails every request (the test guest, failing
+    // n mod 100 below 100), signed by the bed's signer and installed beside 1.0.0.
+    let key = outpost_bundle::SecretKey::from_file_str(
+        &std::fs::read_to_string(dir.join("signer.key")).unwrap(),
+    )
+    .unwrap();
+    let mut input = outpost_examples::Example::Digits.build_input().unwrap();
+    input.version = "3.0.0".parse().unwrap();
+    input.guest = outpost_examples::HOSTILE_GUEST.to_vec();
+    input.api = Default::default();
+    input.baseline = None;
+    input.metadata = [("fail_percent".to_owned(), serde_json::json!(100))].into();
+    let mut bundle = outpost_bundle::Bundle::build(input).unwrap();
+    bundle.sign(&key);
+    let r = outpost_testkit::admin(
+        "POST",
+        &format!("{admin}/admin/bundles"),
+        &bundle.to_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    drop(fleet); // kill -9
+    let policy = serde_json::json!({"canary": {"id": "c-off", "candidate": "3.0.0",
+        "percent": 50, "min_requests": 20}});
+    let r = outpost_testkit::admin(
+        "PUT",
+        &format!("{admin}/admin/models/digits/policy"),
+        policy.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = || {
+        outpost_testkit::admin("GET", &format!("{admin}/admin/events"), b"").json()["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut sent = 0;
+    while events().is_empty() && sent < 1_000 {
+        for _ in 0..10 {
+            sent += 1;
+            let mut request = outpost_testkit::digits_request(&[1.0; 64]);
+            request["parameters"] = serde_json::json!({"route_key": format!("user-{sent}")});
+            outpost_testkit::post_json(&format!("{}/v2/models/digits/infer", device.url), &request);
+        }
+    }
+    let local = events();
+    assert_eq!(local.len(), 1, "{local:?} after {sent} requests");
+    assert_eq!(local[0]["event"], "canary_rolled_back");
+    assert!((0..20).all(|_| device.digits() == Ok("1.0.0".into())));
+
+    let fleet = Fleet::launch(dir, &args);
+    let at_fleet = eventually(secs(60), "the verdict at the fleet", || {
+        fleet
+            .records("events", "dev-y")
+            .into_iter()
+            .find(|r| r["body"]["event"] == "canary_rolled_back")
+    });
+    assert_eq!(at_fleet["body"]["policy"], "c-off");
+    assert_eq!(at_fleet["body"]["reason"], local[0]["reason"]);
+    eprintln!(
+        "canary rolled back with the fleet down after {sent} requests; at the fleet on its return: {}",
+        at_fleet["body"]["reason"]
+    );
+}

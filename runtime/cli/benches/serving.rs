@@ -163,9 +163,7 @@ fn main() {
             "digits through the guest, in process {through_guest:>9.1} µs  ({:.2}× raw tract)",
             through_guest / raw_digits
         );
-        println!(
-            "primary alone, tensor echo           {alone:>9.1} µs  (p95 {alone_p95:.1} µs)"
-        );
+        println!("primary alone, tensor echo           {alone:>9.1} µs  (p95 {alone_p95:.1} µs)");
         println!(
             "primary with a slow shadow (queue 64) {shadowed:>8.1} µs  (p95 {shadowed_p95:.1} µs; {:.2}× and {:.2}× alone; shadow ran {}, dropped {dropped})",
             shadowed / alone,
