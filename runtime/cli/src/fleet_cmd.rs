@@ -67,6 +67,9 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Staged rollouts with health gates: start, status, pause, resume, promote, abort.
+    #[command(subcommand)]
+    Rollout(crate::rollout_cmd::RolloutCommand),
     /// List devices: id, online, tags, architecture, runtime version.
     Devices {
         #[command(flatten)]
@@ -164,6 +167,7 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
                 json,
             )
         }
+        FleetCommand::Rollout(cmd) => crate::rollout_cmd::run(cmd),
         FleetCommand::Devices { remote, json } => devices(&remote, json),
         FleetCommand::RemoveBundle { target, remote } => {
             let (model, version) = split_target(&target)?;

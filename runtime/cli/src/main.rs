@@ -13,6 +13,7 @@ mod fleet_cmd;
 mod key_cmd;
 mod model_cmd;
 mod onnx_spec;
+mod rollout_cmd;
 #[cfg(feature = "fleet")]
 mod serve_cmd;
 mod util;

@@ -233,23 +233,7 @@ const MAX_TTL_SECS: u64 = 3650 * 86_400;
 /// (re-signing happens at half of it, with one-second clocks) and at most ten years.
 fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit: write 90s, 30m, 12h or 7d"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: expected a whole number before the unit"))?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d")),
-    };
-    let secs = n
-        .checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too long"))?;
+    let secs = crate::util::parse_duration(text)?.as_secs();
     if secs < 2 {
         return Err(format!("{text:?} is too short: at least 2s"));
     }

@@ -51,3 +51,25 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], private: bool) -> Result<()
     }
     result.with_context(|| format!("cannot write `{}`", path.display()))
 }
+
+/// A duration written as a whole number with a unit: `90s`, `30m`, `12h`, `7d`.
+pub(crate) fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: write 90s, 30m, 12h or 7d"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a whole number before the unit"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d")),
+    };
+    n.checked_mul(scale)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}

@@ -173,6 +173,50 @@ impl FleetClient {
         self.get("/api/v1/deployments")
     }
 
+    /// `POST /api/v1/rollouts`: starts a staged rollout.
+    pub fn start_rollout(
+        &self,
+        request: &outpost_proto::rest::RolloutRequest,
+    ) -> Result<outpost_proto::rest::RolloutRecord> {
+        self.post_json("/api/v1/rollouts", request)
+    }
+
+    /// `GET /api/v1/rollouts`.
+    pub fn rollouts(&self) -> Result<Vec<outpost_proto::rest::RolloutRecord>> {
+        self.get("/api/v1/rollouts")
+    }
+
+    /// `GET /api/v1/rollouts/{id}`.
+    pub fn rollout(&self, id: u64) -> Result<outpost_proto::rest::RolloutRecord> {
+        self.get(&format!("/api/v1/rollouts/{id}"))
+    }
+
+    /// `POST /api/v1/rollouts/{id}/{op}`: `pause`, `resume`, `promote` or `abort`.
+    pub fn rollout_op(&self, id: u64, op: &str) -> Result<outpost_proto::rest::RolloutRecord> {
+        self.post_json(
+            &format!("/api/v1/rollouts/{id}/{op}"),
+            &serde_json::json!({}),
+        )
+    }
+
+    fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T> {
+        let what = format!("POST {path}");
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Malformed {
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
+        let response = self
+            .authorized(self.http.post(&self.url(path)))
+            .header("Content-Type", "application/json")
+            .send(body.as_slice())
+            .map_err(|e| self.unreachable(e))?;
+        self.answer(response, &what)
+    }
+
     /// `GET /api/v1/telemetry`.
     pub fn telemetry(&self, query: &RecordQuery) -> Result<Records> {
         self.get(&format!("/api/v1/telemetry{}", query_string(query)))

@@ -8,6 +8,9 @@
 //! | GET, POST | `/api/v1/bundles` | list; push a signed bundle (body: the `.opb`) |
 //! | GET, POST | `/api/v1/deployments` | list; deploy (JSON [`DeployRequest`]) |
 //! | GET | `/api/v1/telemetry`, `/api/v1/events` | `?device=&after=&limit=` |
+//! | GET, POST | `/api/v1/rollouts` | list; start a staged rollout (JSON `RolloutRequest`) |
+//! | GET | `/api/v1/rollouts/{id}` | one rollout: state, devices reached, history |
+//! | POST | `/api/v1/rollouts/{id}/{pause,resume,promote,abort}` | operate on it |
 //! | GET, HEAD | `/artifacts/{sha256}` | bundle bytes; `Range: bytes=` honoured |
 //! | GET | `/metrics` | Prometheus text |
 
@@ -87,6 +90,9 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
             axum::routing::delete(remove_bundle),
         )
         .route("/deployments", get(deployments).post(deploy))
+        .route("/rollouts", get(rollouts).post(start_rollout))
+        .route("/rollouts/{id}", get(rollout))
+        .route("/rollouts/{id}/{op}", post(rollout_op))
         .route("/telemetry", get(telemetry))
         .route("/events", get(events))
         .layer(DefaultBodyLimit::max(
@@ -237,6 +243,47 @@ async fn deploy(
     let Json(request) = body.map_err(|e| FleetError::BadRequest(e.body_text()))?;
     let response = fleet.deploy(&request)?;
     Ok((StatusCode::CREATED, Json(response)))
+}
+
+async fn rollouts(State(fleet): Shared) -> Result<impl IntoResponse, FleetError> {
+    Ok(Json(fleet.store.rollouts()?))
+}
+
+async fn start_rollout(
+    State(fleet): Shared,
+    body: Result<
+        Json<outpost_proto::rest::RolloutRequest>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Result<impl IntoResponse, FleetError> {
+    let Json(request) = body.map_err(|e| FleetError::BadRequest(e.body_text()))?;
+    let record = tokio::task::spawn_blocking(move || fleet.start_rollout(request))
+        .await
+        .map_err(|e| FleetError::Corrupt(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(record)))
+}
+
+async fn rollout(
+    State(fleet): Shared,
+    Path(id): Path<u64>,
+) -> Result<impl IntoResponse, FleetError> {
+    Ok(Json(fleet.rollout(id)?))
+}
+
+async fn rollout_op(
+    State(fleet): Shared,
+    Path((id, op)): Path<(u64, String)>,
+) -> Result<impl IntoResponse, FleetError> {
+    let op = crate::rollout::Op::parse(&op).ok_or_else(|| {
+        FleetError::NotFound(format!(
+            "rollout operation `{}` (pause, resume, promote or abort)",
+            outpost_proto::text::bounded(&op, 40)
+        ))
+    })?;
+    let record = tokio::task::spawn_blocking(move || fleet.rollout_op(id, op))
+        .await
+        .map_err(|e| FleetError::Corrupt(e.to_string()))??;
+    Ok(Json(record))
 }
 
 async fn telemetry(

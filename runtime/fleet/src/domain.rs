@@ -104,6 +104,8 @@ pub struct Fleet {
     /// Held across an enrolment's or revocation's store and login-table updates, so two of
     /// them never interleave.
     pub(crate) enrolling: Mutex<()>,
+    /// Held across a rollout's decision, so the driver and an operator never interleave.
+    pub(crate) rolling: Mutex<()>,
 }
 
 /// What a [`Fleet`] is configured with.
@@ -188,6 +190,7 @@ impl Fleet {
             outbound,
             republished: Mutex::new(HashMap::new()),
             enrolling: Mutex::new(()),
+            rolling: Mutex::new(()),
         }
     }
 
@@ -326,7 +329,7 @@ impl Fleet {
 
     /// Makes, stores and publishes a new desired state for `device` from the previous
     /// deployments.
-    fn set_desired(
+    pub(crate) fn set_desired(
         &self,
         device: &DeviceId,
         change: impl FnOnce(Vec<outpost_proto::Deployment>) -> Vec<outpost_proto::Deployment>,
@@ -395,6 +398,42 @@ impl Fleet {
         Ok(())
     }
 
+    /// The devices named, those reporting `tag`, or (with `all`) every known device; sorted,
+    /// each once, at least one.
+    pub(crate) fn targets(
+        &self,
+        devices: &[String],
+        tag: Option<&str>,
+        all: bool,
+    ) -> Result<Vec<DeviceId>> {
+        let mut targets: Vec<String> = devices.to_vec();
+        if tag.is_some() || all {
+            for device in self.store.devices()? {
+                let tagged = tag.is_some_and(|tag| {
+                    device
+                        .reported
+                        .as_ref()
+                        .is_some_and(|r| r.tags.iter().any(|t| t == tag))
+                });
+                if all || tagged {
+                    targets.push(device.id);
+                }
+            }
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(FleetError::BadRequest(
+                "no target devices (name devices, a tag some device reports, or all)".into(),
+            ));
+        }
+        targets
+            .into_iter()
+            .map(DeviceId::new)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| FleetError::BadRequest(e.to_string()))
+    }
+
     /// Deploys a pushed bundle version to devices by name, tag, or all known devices.
     pub fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse> {
         self.owns_deployments()?;
@@ -407,32 +446,7 @@ impl Fleet {
                     request.model, request.version
                 ))
             })?;
-        let mut targets: Vec<String> = request.devices.clone();
-        if request.tag.is_some() || request.all {
-            for device in self.store.devices()? {
-                let tagged = request.tag.as_ref().is_some_and(|tag| {
-                    device
-                        .reported
-                        .as_ref()
-                        .is_some_and(|r| r.tags.iter().any(|t| t == tag))
-                });
-                if request.all || tagged {
-                    targets.push(device.id);
-                }
-            }
-        }
-        targets.sort();
-        targets.dedup();
-        if targets.is_empty() {
-            return Err(FleetError::BadRequest(
-                "no target devices (name devices, a tag some device reports, or all)".into(),
-            ));
-        }
-        let targets: Vec<DeviceId> = targets
-            .into_iter()
-            .map(DeviceId::new)
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| FleetError::BadRequest(e.to_string()))?;
+        let targets = self.targets(&request.devices, request.tag.as_deref(), request.all)?;
         let deployment = outpost_proto::Deployment {
             model: bundle.name.clone(),
             version: bundle.version.clone(),

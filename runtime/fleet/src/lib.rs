@@ -17,6 +17,7 @@ pub mod gate;
 mod gate_room;
 mod ingest;
 pub mod mqtt;
+pub mod rollout;
 pub mod store;
 mod tls_listener;
 
@@ -399,6 +400,10 @@ impl Server {
                 Arc::clone(&fleet),
                 stop_rx.clone(),
             )));
+            tasks.push(tokio::spawn(rollout_task(
+                Arc::clone(&fleet),
+                stop_rx.clone(),
+            )));
         }
         tasks.push(tokio::spawn(retention_task(
             Arc::clone(&fleet),
@@ -548,6 +553,20 @@ async fn refresh_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
         let fleet = Arc::clone(&fleet);
         if let Err(e) = tokio::task::spawn_blocking(move || fleet.refresh_desired()).await {
             tracing::error!(error = %e, "re-signing failed");
+        }
+    }
+}
+
+/// Drives the rollouts: one decision per unfinished rollout every second (see [`rollout`]).
+async fn rollout_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let fleet = Arc::clone(&fleet);
+        if let Err(e) = tokio::task::spawn_blocking(move || fleet.tick_rollouts()).await {
+            tracing::error!(error = %e, "the rollout driver failed");
         }
     }
 }

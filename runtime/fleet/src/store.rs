@@ -59,6 +59,8 @@ pub struct Store {
     telemetry: sled::Tree,
     events: sled::Tree,
     credentials: sled::Tree,
+    /// Rollouts by id (big-endian): their request, state and history.
+    rollouts: sled::Tree,
     artifacts: PathBuf,
     /// Serialises read-modify-write of device and desired records.
     write: Mutex<()>,
@@ -156,6 +158,7 @@ impl Store {
             telemetry: db.open_tree("telemetry")?,
             events: db.open_tree("events")?,
             credentials: db.open_tree("credentials")?,
+            rollouts: db.open_tree("rollouts")?,
             artifacts,
             write: Mutex::new(()),
             _lock: lock,
@@ -532,6 +535,62 @@ impl Store {
             })?;
         self.db.flush()?;
         Ok((next, record))
+    }
+
+    /// Records of `device` taken at or after `since` (Unix seconds), oldest first, at most
+    /// `limit` (the newest): read from the newest back, so the cost is the window's, not the
+    /// device's history.
+    pub fn recent_records(
+        &self,
+        stream: Stream,
+        device: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        let tree = match stream {
+            Stream::Telemetry => &self.telemetry,
+            Stream::Events => &self.events,
+        };
+        let start = record_key(device, 0);
+        let mut end = device.as_bytes().to_vec();
+        end.push(1);
+        let mut out = Vec::new();
+        for item in tree.range(start..end).rev() {
+            let (_, v) = item?;
+            let record: StoredRecord = decode(&v)?;
+            if record.record.time < since || out.len() >= limit {
+                break;
+            }
+            out.push(record);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// A new rollout id.
+    pub fn next_rollout_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Stores a rollout (and flushes: its state survives a `kill -9`).
+    pub fn put_rollout(&self, rollout: &outpost_proto::rest::RolloutRecord) -> Result<()> {
+        self.rollouts
+            .insert(rollout.id.to_be_bytes(), encode(rollout)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// One rollout.
+    pub fn rollout(&self, id: u64) -> Result<Option<outpost_proto::rest::RolloutRecord>> {
+        self.rollouts
+            .get(id.to_be_bytes())?
+            .map(|b| decode(&b))
+            .transpose()
+    }
+
+    /// Every rollout, oldest first.
+    pub fn rollouts(&self) -> Result<Vec<outpost_proto::rest::RolloutRecord>> {
+        self.rollouts.iter().values().map(|v| decode(&v?)).collect()
     }
 
     /// Every deployment, oldest first.

@@ -1,6 +1,8 @@
 //! The fleet manager's REST API as types: what `/api/v1/...` accepts and answers. The fleet
 //! serves them and `outpost-client` reads them, so neither side spells JSON by hand.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{ReportedState, TelemetryRecord};
@@ -217,4 +219,198 @@ pub struct RecordQuery {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
+}
+
+/// `POST /api/v1/rollouts`: a version rolled out to a target in stages, each gated on the
+/// telemetry of the devices it reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    /// Model name.
+    pub model: String,
+    /// The version rolled out (pushed already).
+    pub version: String,
+    /// Named devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every device that reports this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Every known device.
+    #[serde(default)]
+    pub all: bool,
+    /// The stages, in order; the last should reach the whole target.
+    pub stages: Vec<Stage>,
+    /// Checks every stage must pass before the next begins.
+    #[serde(default)]
+    pub gates: Vec<Gate>,
+    /// Seconds a stage may take to gather its gates' data after its soak before the rollout
+    /// pauses (no data is not a pass).
+    #[serde(default = "default_deadline")]
+    pub deadline_s: u64,
+}
+
+fn default_deadline() -> u64 {
+    600
+}
+
+/// One stage of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// How much of the target the rollout has reached at the end of this stage.
+    pub reach: Reach,
+    /// Seconds to wait after every device of the stage applied the version, before the gates.
+    #[serde(default)]
+    pub soak_s: u64,
+}
+
+/// A share of a rollout's target.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reach {
+    /// A number of devices.
+    Count(u64),
+    /// A percentage of the target (rounded up, at least one device).
+    Percent(f64),
+}
+
+impl Reach {
+    /// How many of `total` devices this reaches.
+    pub fn of(self, total: usize) -> usize {
+        let n = match self {
+            Reach::Count(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            Reach::Percent(p) => ((p / 100.0) * total as f64).ceil() as usize,
+        };
+        n.clamp(1, total.max(1)).min(total)
+    }
+}
+
+/// A check on the telemetry of a stage's devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate {
+    /// What is measured over the window, summed over the stage's devices.
+    pub metric: GateMetric,
+    /// The largest value that passes: absolute, or with `relative` a multiple of the same
+    /// metric of the version it replaces, on every device of the target over the window
+    /// before the stage deployed.
+    pub max: f64,
+    /// Whether `max` is a multiple of the replaced version's value.
+    #[serde(default)]
+    pub relative: bool,
+    /// Seconds of telemetry the gate looks at.
+    #[serde(default = "default_gate_window")]
+    pub window_s: u64,
+    /// Requests the version must have served in the window, over the stage's devices.
+    #[serde(default = "default_gate_requests")]
+    pub min_requests: u64,
+    /// Devices of the stage that must have served requests in the window.
+    #[serde(default = "one")]
+    pub min_devices: u64,
+}
+
+fn default_gate_window() -> u64 {
+    60
+}
+fn default_gate_requests() -> u64 {
+    100
+}
+fn one() -> u64 {
+    1
+}
+
+/// What a gate measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateMetric {
+    /// Failed requests the version caused (trap, deadline, memory, internal) per request.
+    ErrorRate,
+    /// The 95th percentile latency in seconds, from the merged latency histograms (the upper
+    /// bound of the bucket it falls in).
+    P95Latency,
+}
+
+impl std::fmt::Display for GateMetric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GateMetric::ErrorRate => "error_rate",
+            GateMetric::P95Latency => "p95_latency",
+        })
+    }
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum RolloutState {
+    /// Moving: deploying, waiting for devices to apply, soaking or gating stage `stage`.
+    Progressing {
+        /// The stage (0-based).
+        stage: usize,
+    },
+    /// Stopped at `stage` by an operator or because a stage could not gather its gates' data
+    /// in time; resume carries on.
+    Paused {
+        /// The stage (0-based).
+        stage: usize,
+        /// Why.
+        reason: String,
+    },
+    /// Every stage passed.
+    Succeeded,
+    /// A gate failed or an operator aborted: the devices it reached are being rolled back.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// Aborted, and every device it reached was given back its previous version.
+    RolledBack {
+        /// Why it was aborted.
+        reason: String,
+    },
+}
+
+impl RolloutState {
+    /// Whether nothing more will happen.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            RolloutState::Succeeded | RolloutState::RolledBack { .. }
+        )
+    }
+}
+
+/// A rollout as the fleet stores and shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// Id.
+    pub id: u64,
+    /// What was asked.
+    pub request: RolloutRequest,
+    /// The target devices, in the order stages take them.
+    pub targets: Vec<String>,
+    /// The version each target ran before (the fallback), when it had one.
+    pub fallback: BTreeMap<String, String>,
+    /// Where it is.
+    pub state: RolloutState,
+    /// Devices the rollout has deployed to, in order.
+    pub reached: Vec<String>,
+    /// Unix seconds when the current stage deployed (0 before).
+    pub stage_started: u64,
+    /// Unix seconds when every device of the current stage applied the version (0 before).
+    pub stage_applied: u64,
+    /// What happened, one line per decision, oldest first.
+    pub history: Vec<HistoryLine>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// One decision of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryLine {
+    /// Unix seconds.
+    pub time: u64,
+    /// What was decided, and why.
+    pub text: String,
 }

@@ -1,0 +1,669 @@
+//! Staged rollouts: a version deployed to a target stage by stage, each stage gated on the
+//! telemetry of the devices it reached, rolled back where it went when a gate fails.
+//!
+//! The state machine (`progressing stage N` → `paused` → `succeeded` | `aborted` → `rolled
+//! back`) is stored after every decision, so a fleet killed at any point carries on from the
+//! last one; the driver ([`Fleet::tick_rollouts`], every second on the primary replica) takes
+//! at most one decision per rollout per tick. Within a stage: deploy to the stage's new
+//! devices, wait until each reports the version active, soak, then check the gates. A gate
+//! without enough data waits; a stage that cannot gather it before its deadline pauses the
+//! rollout and says why. A device that rolls back a canary of the version, or gives up
+//! deploying it, fails the stage at once.
+
+use std::collections::BTreeMap;
+
+use outpost_proto::rest::{
+    DeployRequest, Gate, GateMetric, HistoryLine, RolloutRecord, RolloutRequest, RolloutState,
+};
+use outpost_proto::{DeviceId, ModelSeries, TelemetrySample};
+
+use crate::domain::Fleet;
+use crate::error::{FleetError, Result};
+use crate::store::{Stream, now_secs};
+
+/// The most stages and gates one rollout may have.
+pub const MAX_STAGES: usize = 16;
+
+/// Error kinds a version causes (a client's bad request or a busy device is not its fault).
+const COUNTED_ERRORS: [&str; 4] = ["internal", "deadline", "memory", "trap"];
+
+/// Floors under a relative gate's baseline: an error rate of 0 or a latency in the lowest
+/// bucket would make every ratio fail.
+const ERROR_RATE_FLOOR: f64 = 0.001;
+const LATENCY_FLOOR_S: f64 = 0.0001;
+
+/// What an operator can do to a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Stop where it is.
+    Pause,
+    /// Carry on from where it stopped.
+    Resume,
+    /// Skip the remaining gates: deploy to the whole target now.
+    Promote,
+    /// Stop and roll back every device it reached.
+    Abort,
+}
+
+impl Op {
+    /// Parses `pause`, `resume`, `promote` or `abort`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pause" => Op::Pause,
+            "resume" => Op::Resume,
+            "promote" => Op::Promote,
+            "abort" => Op::Abort,
+            _ => return None,
+        })
+    }
+}
+
+/// A gate's verdict.
+enum Verdict {
+    Pass(String),
+    Fail(String),
+    Waiting(String),
+}
+
+/// One version's counters over a window, summed over devices.
+#[derive(Debug, Default, Clone)]
+struct Window {
+    requests: u64,
+    errors: u64,
+    /// Cumulative counts per bucket bound.
+    buckets: BTreeMap<u64, u64>,
+    devices: u64,
+}
+
+impl Window {
+    fn value(&self, metric: GateMetric) -> f64 {
+        match metric {
+            GateMetric::ErrorRate => self.errors as f64 / self.requests.max(1) as f64,
+            GateMetric::P95Latency => {
+                let want = (self.requests as f64 * 0.95).ceil() as u64;
+                self.buckets
+                    .iter()
+                    .find(|(_, n)| **n >= want)
+                    .map_or(10.0, |(bound, _)| f64::from_bits(*bound))
+            }
+        }
+    }
+}
+
+/// A series' counters: requests, counted errors, cumulative buckets.
+fn counters(series: &ModelSeries) -> (u64, u64, Vec<(f64, u64)>) {
+    let errors = series
+        .errors
+        .iter()
+        .filter(|(k, _)| COUNTED_ERRORS.contains(&k.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    (series.requests, errors, series.latency_buckets.clone())
+}
+
+/// `version`'s counters in one telemetry body (its roles summed, a shadow's left out).
+fn sample_of(body: &serde_json::Value, model: &str, version: &str) -> (u64, u64, Vec<(f64, u64)>) {
+    let Ok(sample) = serde_json::from_value::<TelemetrySample>(body.clone()) else {
+        return (0, 0, Vec::new());
+    };
+    let mut total = (0u64, 0u64, Vec::<(f64, u64)>::new());
+    for s in sample
+        .models
+        .iter()
+        .filter(|s| s.model == model && s.version == version && s.role != "shadow")
+    {
+        let (r, e, b) = counters(s);
+        total.0 += r;
+        total.1 += e;
+        if total.2.is_empty() {
+            total.2 = b;
+        } else {
+            for (acc, (_, n)) in total.2.iter_mut().zip(b) {
+                acc.1 += n;
+            }
+        }
+    }
+    total
+}
+
+fn history(r: &mut RolloutRecord, text: String) {
+    tracing::info!(rollout = r.id, "{text}");
+    r.history.push(HistoryLine {
+        time: now_secs(),
+        text,
+    });
+}
+
+fn validate(request: &RolloutRequest) -> Result<()> {
+    let bad = |m: String| Err(FleetError::BadRequest(m));
+    if request.stages.is_empty() || request.stages.len() > MAX_STAGES {
+        return bad(format!(
+            "a rollout has 1 to {MAX_STAGES} stages, not {}",
+            request.stages.len()
+        ));
+    }
+    if request.gates.len() > MAX_STAGES {
+        return bad(format!("a rollout has at most {MAX_STAGES} gates"));
+    }
+    for stage in &request.stages {
+        match stage.reach {
+            outpost_proto::rest::Reach::Count(0) => {
+                return bad("a stage reaches at least one device".into());
+            }
+            outpost_proto::rest::Reach::Percent(p) if !(p > 0.0 && p <= 100.0) => {
+                return bad(format!(
+                    "a stage's percent is above 0 and at most 100, not {p}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    for gate in &request.gates {
+        if !(gate.max.is_finite() && gate.max >= 0.0) {
+            return bad(format!(
+                "gate {}: max is a finite number of at least 0",
+                gate.metric
+            ));
+        }
+        if gate.window_s == 0 || gate.min_requests == 0 || gate.min_devices == 0 {
+            return bad(format!(
+                "gate {}: window_s, min_requests and min_devices are at least 1 (no data is not a pass)",
+                gate.metric
+            ));
+        }
+    }
+    if request.deadline_s == 0 {
+        return bad("deadline_s is at least 1".into());
+    }
+    Ok(())
+}
+
+impl Fleet {
+    /// Starts a rollout: checks it, resolves its target (in the order stages take it) and each
+    /// device's fallback version, stores it and deploys its first stage.
+    pub fn start_rollout(&self, request: RolloutRequest) -> Result<RolloutRecord> {
+        self.owns_deployments()?;
+        validate(&request)?;
+        let _guard = self.rolling.lock().map_err(|_| poisoned())?;
+        if self
+            .store
+            .bundle(&request.model, &request.version)?
+            .is_none()
+        {
+            return Err(FleetError::NotFound(format!(
+                "bundle {} {} (push it first)",
+                request.model, request.version
+            )));
+        }
+        if let Some(busy) = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .find(|r| r.request.model == request.model && !r.state.is_final())
+        {
+            return Err(FleetError::BadRequest(format!(
+                "rollout {} of {} is not finished ({:?}): abort it or wait for it",
+                busy.id, request.model, busy.state
+            )));
+        }
+        let targets = self.targets(&request.devices, request.tag.as_deref(), request.all)?;
+        let mut fallback = BTreeMap::new();
+        for device in &targets {
+            let previous = self.store.desired(device.as_str())?.and_then(|d| {
+                d.deployments
+                    .into_iter()
+                    .find(|x| x.model == request.model)
+                    .map(|x| x.version)
+            });
+            if let Some(v) = previous.filter(|v| *v != request.version) {
+                fallback.insert(device.to_string(), v);
+            }
+        }
+        let mut record = RolloutRecord {
+            id: self.store.next_rollout_id()?,
+            targets: targets.iter().map(ToString::to_string).collect(),
+            fallback,
+            state: RolloutState::Progressing { stage: 0 },
+            reached: Vec::new(),
+            stage_started: 0,
+            stage_applied: 0,
+            history: Vec::new(),
+            created_at: now_secs(),
+            request,
+        };
+        let text = format!(
+            "started: {} {} to {} device(s) in {} stage(s), {} gate(s)",
+            record.request.model,
+            record.request.version,
+            record.targets.len(),
+            record.request.stages.len(),
+            record.request.gates.len()
+        );
+        history(&mut record, text);
+        self.store.put_rollout(&record)?;
+        self.step(&mut record)?;
+        self.store.put_rollout(&record)?;
+        Ok(record)
+    }
+
+    /// One rollout.
+    pub fn rollout(&self, id: u64) -> Result<RolloutRecord> {
+        self.store
+            .rollout(id)?
+            .ok_or_else(|| FleetError::NotFound(format!("rollout {id}")))
+    }
+
+    /// Pauses, resumes, promotes or aborts a rollout.
+    pub fn rollout_op(&self, id: u64, op: Op) -> Result<RolloutRecord> {
+        self.owns_deployments()?;
+        let _guard = self.rolling.lock().map_err(|_| poisoned())?;
+        let mut r = self.rollout(id)?;
+        let now = now_secs();
+        match (op, r.state.clone()) {
+            (Op::Pause, RolloutState::Progressing { stage }) => {
+                r.state = RolloutState::Paused {
+                    stage,
+                    reason: "paused by an operator".into(),
+                };
+                history(
+                    &mut r,
+                    format!("stage {}: paused by an operator", stage + 1),
+                );
+            }
+            (Op::Resume, RolloutState::Paused { stage, .. }) => {
+                r.state = RolloutState::Progressing { stage };
+                // The soak and the deadline start again from now.
+                if r.stage_applied > 0 {
+                    r.stage_applied = now;
+                }
+                if r.stage_started > 0 {
+                    r.stage_started = now;
+                }
+                history(
+                    &mut r,
+                    format!("stage {}: resumed by an operator", stage + 1),
+                );
+            }
+            (Op::Promote, RolloutState::Progressing { .. } | RolloutState::Paused { .. }) => {
+                let rest: Vec<String> = r.targets[r.reached.len()..].to_vec();
+                self.deploy_to(&r, &rest)?;
+                r.reached.extend(rest.iter().cloned());
+                r.state = RolloutState::Succeeded;
+                let text = format!(
+                    "promoted by an operator, remaining gates skipped: {} on all {} device(s)",
+                    r.request.version,
+                    r.targets.len()
+                );
+                history(&mut r, text);
+            }
+            (Op::Abort, RolloutState::Progressing { .. } | RolloutState::Paused { .. }) => {
+                self.abort(&mut r, "aborted by an operator".into());
+                self.step(&mut r)?;
+            }
+            (op, state) => {
+                return Err(FleetError::BadRequest(format!(
+                    "rollout {id} is {state:?}: cannot {op:?} it"
+                )));
+            }
+        }
+        self.store.put_rollout(&r)?;
+        Ok(r)
+    }
+
+    /// Takes at most one decision on every unfinished rollout. The driver calls it every second.
+    pub fn tick_rollouts(&self) {
+        if self.ingest_only {
+            return;
+        }
+        let Ok(_guard) = self.rolling.lock() else {
+            return;
+        };
+        let all = match self.store.rollouts() {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the rollouts");
+                return;
+            }
+        };
+        for mut r in all.into_iter().filter(|r| !r.state.is_final()) {
+            let before = r.clone();
+            if let Err(e) = self.step(&mut r) {
+                tracing::warn!(rollout = r.id, error = %e, "rollout step failed; trying again");
+            }
+            if r != before
+                && let Err(e) = self.store.put_rollout(&r)
+            {
+                tracing::error!(rollout = r.id, error = %e, "cannot store the rollout");
+            }
+        }
+    }
+
+    fn step(&self, r: &mut RolloutRecord) -> Result<()> {
+        match r.state.clone() {
+            RolloutState::Progressing { stage } => self.progress(r, stage),
+            RolloutState::Aborted { reason } => self.roll_back(r, reason),
+            _ => Ok(()),
+        }
+    }
+
+    fn deploy_to(&self, r: &RolloutRecord, devices: &[String]) -> Result<()> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        self.deploy(&DeployRequest {
+            model: r.request.model.clone(),
+            version: r.request.version.clone(),
+            devices: devices.to_vec(),
+            tag: None,
+            all: false,
+        })
+        .map(|_| ())
+    }
+
+    fn pause(&self, r: &mut RolloutRecord, stage: usize, reason: String) {
+        history(r, format!("stage {}: paused: {reason}", stage + 1));
+        r.state = RolloutState::Paused { stage, reason };
+    }
+
+    fn abort(&self, r: &mut RolloutRecord, reason: String) {
+        history(r, format!("aborted: {reason}"));
+        r.state = RolloutState::Aborted { reason };
+    }
+
+    fn progress(&self, r: &mut RolloutRecord, stage: usize) -> Result<()> {
+        let now = now_secs();
+        let spec = r.request.stages[stage].clone();
+        let want = spec.reach.of(r.targets.len()).max(r.reached.len());
+        if r.stage_started == 0 {
+            let new: Vec<String> = r.targets[r.reached.len()..want].to_vec();
+            self.deploy_to(r, &new)?;
+            r.reached.extend(new.iter().cloned());
+            r.stage_started = now;
+            r.stage_applied = 0;
+            let text = format!(
+                "stage {}: deployed {} to {} ({} of {} devices)",
+                stage + 1,
+                r.request.version,
+                if new.is_empty() {
+                    "no new device".to_owned()
+                } else {
+                    new.join(", ")
+                },
+                r.reached.len(),
+                r.targets.len()
+            );
+            history(r, text);
+            return Ok(());
+        }
+        if let Some(why) = self.device_failure(r)? {
+            self.abort(r, format!("stage {}: {why}", stage + 1));
+            return Ok(());
+        }
+        let deadline = r.request.deadline_s;
+        if r.stage_applied == 0 {
+            let mut pending = Vec::new();
+            for d in &r.reached {
+                let active = self
+                    .store
+                    .device(d)?
+                    .and_then(|rec| rec.reported)
+                    .and_then(|rep| rep.active.get(&r.request.model).cloned());
+                if active.as_deref() != Some(r.request.version.as_str()) {
+                    pending.push(d.clone());
+                }
+            }
+            if pending.is_empty() {
+                r.stage_applied = now;
+                history(
+                    r,
+                    format!(
+                        "stage {}: active on every device it reached; soaking {} s",
+                        stage + 1,
+                        spec.soak_s
+                    ),
+                );
+            } else if now > r.stage_started + deadline {
+                let reason = format!(
+                    "{} of {} device(s) have not activated {} after {deadline} s ({})",
+                    pending.len(),
+                    r.reached.len(),
+                    r.request.version,
+                    pending.join(", ")
+                );
+                self.pause(r, stage, reason);
+            }
+            return Ok(());
+        }
+        if now < r.stage_applied + spec.soak_s {
+            return Ok(());
+        }
+        let mut passed = Vec::new();
+        for gate in &r.request.gates {
+            match self.evaluate(r, gate, now)? {
+                Verdict::Pass(text) => passed.push(text),
+                Verdict::Fail(text) => {
+                    self.abort(r, format!("stage {}: gate {text}", stage + 1));
+                    return Ok(());
+                }
+                Verdict::Waiting(text) => {
+                    if now > r.stage_applied + spec.soak_s + deadline {
+                        self.pause(
+                            r,
+                            stage,
+                            format!("gate {text} after {deadline} s: no data is not a pass"),
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        for text in passed {
+            history(r, format!("stage {}: gate passed: {text}", stage + 1));
+        }
+        if stage + 1 == r.request.stages.len() {
+            r.state = RolloutState::Succeeded;
+            let text = format!(
+                "succeeded: {} on {} of {} device(s)",
+                r.request.version,
+                r.reached.len(),
+                r.targets.len()
+            );
+            history(r, text);
+        } else {
+            r.state = RolloutState::Progressing { stage: stage + 1 };
+            r.stage_started = 0;
+            r.stage_applied = 0;
+        }
+        Ok(())
+    }
+
+    /// A reason to fail the stage that a device reported: it rolled back a canary of the
+    /// version, or gave up deploying it.
+    fn device_failure(&self, r: &RolloutRecord) -> Result<Option<String>> {
+        for d in &r.reached {
+            for e in self
+                .store
+                .recent_records(Stream::Events, d, r.created_at, 10_000)?
+            {
+                let b = &e.record.body;
+                let ours = b["model"] == r.request.model.as_str();
+                if ours
+                    && b["event"] == "canary_rolled_back"
+                    && b["candidate"] == r.request.version.as_str()
+                {
+                    return Ok(Some(format!(
+                        "{d} rolled back its canary of {}: {}",
+                        r.request.version,
+                        b["reason"].as_str().unwrap_or("(no reason)")
+                    )));
+                }
+                if ours
+                    && b["event"] == "deployment_failed"
+                    && b["version"] == r.request.version.as_str()
+                    && b["will_retry"] == false
+                {
+                    return Ok(Some(format!(
+                        "{d} cannot deploy {}: {}",
+                        r.request.version,
+                        b["error"].as_str().unwrap_or("(no error)")
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// `version`'s counters on `devices` (each with its own version when `versions` gives
+    /// one) over [`from`, `to`], from the first and last telemetry record each device sent in it.
+    fn window(
+        &self,
+        devices: &[String],
+        version_of: impl Fn(&str) -> Option<String>,
+        from: u64,
+        to: u64,
+        model: &str,
+    ) -> Result<Window> {
+        let mut w = Window::default();
+        for d in devices {
+            let Some(version) = version_of(d) else {
+                continue;
+            };
+            let records: Vec<_> = self
+                .store
+                .recent_records(Stream::Telemetry, d, from, 100_000)?
+                .into_iter()
+                .filter(|r| r.record.time <= to)
+                .collect();
+            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                continue;
+            };
+            if records.len() < 2 {
+                continue;
+            }
+            let a = sample_of(&first.record.body, model, &version);
+            let b = sample_of(&last.record.body, model, &version);
+            // Counters fall back to zero when a device restarts: then the last record is all.
+            let base = if b.0 < a.0 { (0, 0, Vec::new()) } else { a };
+            let requests = b.0 - base.0;
+            if requests == 0 {
+                continue;
+            }
+            w.devices += 1;
+            w.requests += requests;
+            w.errors += b.1.saturating_sub(base.1);
+            for (i, (bound, n)) in b.2.iter().enumerate() {
+                let before = base.2.get(i).map_or(0, |x| x.1);
+                *w.buckets.entry(bound.to_bits()).or_default() += n.saturating_sub(before);
+            }
+        }
+        Ok(w)
+    }
+
+    fn evaluate(&self, r: &RolloutRecord, gate: &Gate, now: u64) -> Result<Verdict> {
+        let model = r.request.model.as_str();
+        let version = r.request.version.clone();
+        let from = now.saturating_sub(gate.window_s).max(r.stage_applied);
+        let w = self.window(&r.reached, |_| Some(version.clone()), from, now, model)?;
+        let name = gate.metric;
+        if w.requests < gate.min_requests || w.devices < gate.min_devices {
+            return Ok(Verdict::Waiting(format!(
+                "{name}: {} of {} requests from {} of {} device(s) so far",
+                w.requests, gate.min_requests, w.devices, gate.min_devices
+            )));
+        }
+        let value = w.value(name);
+        let (limit, against) = if gate.relative {
+            // The replaced version on every target (each device its own), over the window
+            // before this stage deployed: what the version is measured against.
+            let end = r.stage_started;
+            let base = self.window(
+                &r.targets,
+                |d| r.fallback.get(d).cloned(),
+                end.saturating_sub(gate.window_s),
+                end,
+                model,
+            )?;
+            if base.requests < gate.min_requests {
+                return Ok(Verdict::Waiting(format!(
+                    "{name}: the replaced version served {} of {} requests on the target in the {} s before the stage",
+                    base.requests, gate.min_requests, gate.window_s
+                )));
+            }
+            let floor = match name {
+                GateMetric::ErrorRate => ERROR_RATE_FLOOR,
+                GateMetric::P95Latency => LATENCY_FLOOR_S,
+            };
+            let b = base.value(name).max(floor);
+            (
+                gate.max * b,
+                format!(" ({}× the replaced version's {b:.4})", gate.max),
+            )
+        } else {
+            (gate.max, String::new())
+        };
+        let text = format!(
+            "{name} {value:.4} against at most {limit:.4}{against}, over {} requests from {} device(s)",
+            w.requests, w.devices
+        );
+        Ok(if value <= limit {
+            Verdict::Pass(text)
+        } else {
+            Verdict::Fail(text)
+        })
+    }
+
+    /// Gives every device the rollout reached its fallback version (or, without one, takes
+    /// the model out of its desired state), then marks the rollout rolled back.
+    fn roll_back(&self, r: &mut RolloutRecord, reason: String) -> Result<()> {
+        let mut by_version: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
+        for d in &r.reached {
+            by_version
+                .entry(r.fallback.get(d).cloned())
+                .or_default()
+                .push(d.clone());
+        }
+        let mut lines = Vec::new();
+        for (version, devices) in by_version {
+            match &version {
+                Some(v) => {
+                    self.deploy(&DeployRequest {
+                        model: r.request.model.clone(),
+                        version: v.clone(),
+                        devices: devices.clone(),
+                        tag: None,
+                        all: false,
+                    })?;
+                    lines.push(format!("{} to {v}", devices.join(", ")));
+                }
+                None => {
+                    for d in &devices {
+                        let id = DeviceId::new(d.as_str())
+                            .map_err(|e| FleetError::BadRequest(e.to_string()))?;
+                        let model = r.request.model.clone();
+                        self.set_desired(&id, move |mut deployments| {
+                            deployments.retain(|x| x.model != model);
+                            deployments
+                        })?;
+                    }
+                    lines.push(format!(
+                        "{}: {} taken out of the desired state (no previous version)",
+                        devices.join(", "),
+                        r.request.model
+                    ));
+                }
+            }
+        }
+        let text = if lines.is_empty() {
+            "rolled back: no device was reached".to_owned()
+        } else {
+            format!("rolled back: {}", lines.join("; "))
+        };
+        history(r, text);
+        r.state = RolloutState::RolledBack { reason };
+        Ok(())
+    }
+}
+
+fn poisoned() -> FleetError {
+    FleetError::Corrupt("the rollout lock was poisoned".into())
+}
