@@ -667,3 +667,55 @@ impl Fleet {
 fn poisoned() -> FleetError {
     FleetError::Corrupt("the rollout lock was poisoned".into())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use outpost_proto::rest::Reach;
+
+    #[test]
+    fn stages_reach_at_least_one_device_and_never_more_than_the_target() {
+        assert_eq!(Reach::Count(1).of(5), 1);
+        assert_eq!(Reach::Percent(40.0).of(5), 2);
+        assert_eq!(Reach::Percent(10.0).of(5), 1);
+        assert_eq!(Reach::Percent(100.0).of(5), 5);
+        assert_eq!(Reach::Count(9).of(5), 5);
+        assert_eq!(Reach::Percent(1.0).of(1000), 10);
+    }
+
+    #[test]
+    fn a_window_counts_the_versions_roles_but_not_its_shadow_and_reads_p95_from_buckets() {
+        let series = |role: &str, requests: u64, trap: u64, fast: u64| {
+            serde_json::json!({"model": "m", "version": "2", "role": role, "requests": requests,
+                "errors": {"trap": trap, "invalid_input": 7},
+                "latency_buckets": [[0.001, fast], [0.01, requests], [5.0, requests]],
+                "latency_sum": 0.0})
+        };
+        let body = serde_json::json!({"models": [
+            series("primary", 90, 1, 80), series("candidate", 10, 1, 10),
+            series("shadow", 1000, 1000, 0),
+        ]});
+        let (requests, errors, buckets) = sample_of(&body, "m", "2");
+        assert_eq!(
+            (requests, errors),
+            (100, 2),
+            "client errors and the shadow do not count"
+        );
+        assert_eq!(buckets[0], (0.001, 90));
+        let mut w = Window {
+            requests,
+            errors,
+            ..Window::default()
+        };
+        for (bound, n) in buckets {
+            w.buckets.insert(bound.to_bits(), n);
+        }
+        assert_eq!(w.value(GateMetric::ErrorRate), 0.02);
+        // 95 of 100 requests are within 10 ms, not within 1 ms.
+        assert_eq!(w.value(GateMetric::P95Latency), 0.01);
+        // A body from a device before roles: everything is the primary's.
+        let old = serde_json::json!({"models": [{"model": "m", "version": "2", "requests": 4}]});
+        assert_eq!(sample_of(&old, "m", "2").0, 4);
+    }
+}
