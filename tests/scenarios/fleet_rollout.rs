@@ -197,6 +197,54 @@ fn staged_rollouts_complete_stop_at_a_bad_stage_pause_without_data_and_survive_a
         );
     }
 
+    // 2b. The same version as a device canary in the first stage: dev-1 routes half of its
+    //     keyed traffic to 3.0.0, rolls it back by itself, and that fails the stage.
+    let id = start(
+        &fleet,
+        dir,
+        &[
+            "digits@3.0.0",
+            "--tag",
+            "lab",
+            "--stages",
+            "1,100%",
+            "--soak",
+            "1s",
+            "--canary",
+            r#"{"percent": 50, "min_requests": 10}"#,
+            "--deadline",
+            "60s",
+        ],
+    );
+    let r = wait_state(&fleet, id, "rolled_back");
+    let h = history(&r);
+    eprintln!("canary rollout:\n  {}", h.join("\n  "));
+    assert!(
+        h.iter()
+            .any(|l| l.contains("deployed 3.0.0 as a canary (50% of their traffic) to dev-1")),
+        "{h:#?}"
+    );
+    assert!(
+        h.iter().any(|l| l
+            .starts_with("aborted: stage 1: dev-1 rolled back its canary of 3.0.0: error rate")),
+        "{h:#?}"
+    );
+    let events = fleet.records("events", "dev-1");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["body"]["event"] == "canary_rolled_back"
+                && e["body"]["policy"] == format!("rollout-{id}-1").as_str()),
+        "no canary event from dev-1"
+    );
+    assert_eq!(active(&fleet, "dev-1").as_deref(), Some("2.0.0"));
+    eventually(secs(60), "dev-1 reports no policy", || {
+        fleet.reported("dev-1").unwrap()["policies"]
+            .as_object()
+            .is_some_and(|p| p.is_empty())
+            .then_some(())
+    });
+
     // 3. A gate that never gets enough data pauses the rollout instead of passing.
     let id = start(
         &fleet,
@@ -250,8 +298,54 @@ fn staged_rollouts_complete_stop_at_a_bad_stage_pause_without_data_and_survive_a
     eventually(secs(60), "dev-1 back on 2.0.0 again", || {
         (active(&fleet, "dev-1").as_deref() == Some("2.0.0")).then_some(())
     });
+
+    // 5. A good canary stage: gated on the candidate's share, then activated on its device
+    //    when the next stage begins.
+    let id = start(
+        &fleet,
+        dir,
+        &[
+            "digits@1.0.0",
+            "--tag",
+            "lab",
+            "--stages",
+            "1,100%",
+            "--soak",
+            "1s",
+            "--canary",
+            r#"{"percent": 50, "min_requests": 10, "max_p95_ratio": 10}"#,
+            "--gate",
+            "error_rate<=0.05",
+            "--window",
+            "5s",
+            "--min-requests",
+            "10",
+            "--deadline",
+            "60s",
+        ],
+    );
+    let r = wait_state(&fleet, id, "succeeded");
+    let h = history(&r);
+    eprintln!("good canary rollout:\n  {}", h.join("\n  "));
+    for needle in [
+        "stage 1: deployed 1.0.0 as a canary (50% of their traffic) to dev-1",
+        "stage 1: gate passed: error_rate 0.0000",
+        "stage 2: activated 1.0.0 on its canaries (dev-1)",
+        "succeeded: 1.0.0 on 5 of 5",
+    ] {
+        assert!(
+            h.iter().any(|l| l.contains(needle)),
+            "{needle:?} not in {h:#?}"
+        );
+    }
+    eventually(secs(60), "1.0.0 active everywhere", || {
+        DEVICES
+            .iter()
+            .all(|id| active(&fleet, id).as_deref() == Some("1.0.0"))
+            .then_some(())
+    });
     let list = fleet.cli(dir, &["fleet", "rollout", "status"]);
-    assert_eq!(list.lines().count(), 3, "{list}");
+    assert_eq!(list.lines().count(), 5, "{list}");
 
     stop.store(true, Ordering::Relaxed);
     let sent = load.join().unwrap();

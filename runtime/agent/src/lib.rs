@@ -76,6 +76,22 @@ pub trait DeviceControl: Send + Sync + 'static {
     /// Verifies, installs and activates a bundle.
     fn install_and_activate(&self, bundle: &[u8]) -> Result<Installed, DeviceError>;
 
+    /// Verifies and installs a bundle without activating it.
+    fn install(&self, bundle: &[u8]) -> Result<Installed, DeviceError>;
+
+    /// Puts the traffic policy a desired state names for `model` in place (the device's JSON
+    /// form), or, with `None`, ends a shadow or canary in place. Returns whether anything
+    /// changed. A policy the device cannot take (a canary it rolled back before, say) is an
+    /// error that retrying does not mend.
+    fn settle_policy(
+        &self,
+        model: &str,
+        policy: Option<&serde_json::Value>,
+    ) -> Result<bool, DeviceError>;
+
+    /// The id of each model's traffic policy, for models with one other than `primary`.
+    fn policies(&self) -> Result<BTreeMap<String, String>, DeviceError>;
+
     /// The device's part of a telemetry record.
     fn telemetry(&self) -> DeviceTelemetry;
 }
@@ -149,7 +165,12 @@ impl Link {
     /// it waits in the durable outbox until the broker acknowledges it, like the agent's own.
     pub fn report(&self, event: Event) {
         match self.0.upgrade() {
-            Some(shared) => shared.event(event),
+            Some(shared) => {
+                shared.event(event);
+                // What the device decided changes what it reports (its active version, its
+                // policies).
+                shared.reported_changed.notify_one();
+            }
             None => tracing::warn!(
                 ?event,
                 "the fleet agent has stopped; the event stays on the device"

@@ -100,6 +100,23 @@ impl Shared {
         Ok(())
     }
 
+    /// Puts the deployment's policy in place (or ends a shadow or canary when it has none).
+    fn settle_policy(&self, d: &Deployment) -> Result<(), Failure> {
+        let changed = self
+            .device
+            .settle_policy(&d.model, d.policy.as_ref())
+            .map_err(|e| Failure {
+                message: format!("{} {}: {e}", d.model, d.version),
+                transient: false,
+                superseded: false,
+            })?;
+        if changed {
+            tracing::info!(model = %d.model, version = %d.version, policy = ?d.policy, "traffic policy settled");
+            self.reported_changed.notify_one();
+        }
+        Ok(())
+    }
+
     fn apply_one(
         &self,
         generation: u64,
@@ -127,9 +144,17 @@ impl Shared {
                 )));
             }
             if active.as_deref() == Some(d.version.as_str()) {
+                // In place; a policy the version was promoted out of has nothing left to do.
+                if d.policy.is_none() {
+                    self.settle_policy(d)?;
+                }
                 return Ok(());
             }
+            if d.policy.is_some() {
+                return self.settle_policy(d);
+            }
             self.device.activate(&d.model, &d.version).map_err(device)?;
+            self.settle_policy(d)?;
         } else {
             tracing::info!(model = %d.model, version = %d.version, url = %d.url, size = d.size, "downloading");
             self.event(Event::Downloading {
@@ -168,9 +193,16 @@ impl Shared {
                 transient: true,
                 superseded: false,
             })?;
-            let installed = self.device.install_and_activate(&bytes);
+            let installed = match d.policy {
+                Some(_) => self.device.install(&bytes),
+                None => self.device.install_and_activate(&bytes),
+            };
             let _ = std::fs::remove_file(&path);
             installed.map_err(device)?;
+            if d.policy.is_some() {
+                return self.settle_policy(d);
+            }
+            self.settle_policy(d)?;
         }
         tracing::info!(model = %d.model, version = %d.version, generation, "activated");
         self.event(Event::Activated {

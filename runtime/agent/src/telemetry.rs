@@ -32,6 +32,7 @@ impl Shared {
             accepted_generation: self.store.accepted(),
             active,
             installed,
+            policies: self.device.policies().unwrap_or_default(),
             tags: self.fleet.tags.clone(),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
             retrying: self.retrying.load(Ordering::Relaxed),

@@ -159,6 +159,7 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
                 devices,
                 tag,
                 all,
+                policy: None,
             };
             deploy(
                 &remote,

@@ -52,6 +52,11 @@ pub(crate) struct StartArgs {
     /// (`1,40%,100%`).
     #[arg(long, value_name = "LIST", default_value = "1,10%,50%,100%")]
     stages: String,
+    /// Run the first stage as a canary on its devices (each routes a share of its traffic to
+    /// the version and rolls it back by itself when it crosses a bound): the device's canary
+    /// policy without id and candidate, e.g. `{"percent": 20, "min_requests": 50}`.
+    #[arg(long, value_name = "JSON")]
+    canary: Option<String>,
     /// How long each stage soaks once every device of it runs the version, before its gates.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::util::parse_duration)]
     soak: Duration,
@@ -156,6 +161,7 @@ fn parse_stages(text: &str, soak: Duration) -> Result<Vec<Stage>> {
             Ok(Stage {
                 reach,
                 soak_s: soak.as_secs(),
+                canary: None,
             })
         })
         .collect()
@@ -195,13 +201,21 @@ fn start(args: StartArgs) -> Result<()> {
         .split_once('@')
         .filter(|(m, v)| !m.is_empty() && !v.is_empty())
         .with_context(|| format!("`{}` is not MODEL@VERSION", args.target))?;
+    let mut stages = parse_stages(&args.stages, args.soak)?;
+    if let Some(text) = &args.canary {
+        let canary: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("--canary `{text}` is not JSON"))?;
+        if let Some(first) = stages.first_mut() {
+            first.canary = Some(canary);
+        }
+    }
     let request = RolloutRequest {
         model: model.to_owned(),
         version: version.to_owned(),
         devices: args.devices,
         tag: args.tag,
         all: args.all,
-        stages: parse_stages(&args.stages, args.soak)?,
+        stages,
         gates: args
             .gates
             .iter()

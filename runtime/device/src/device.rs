@@ -266,6 +266,25 @@ impl Device {
             .and_then(|s| s.active.as_ref())
             .map(|a| a.version().to_owned());
         drop(slots);
+        if let Policy::Canary(c) = &policy
+            && let Some(before) = self
+                .state
+                .events(crate::state::MAX_EVENTS)?
+                .into_iter()
+                .find(|e| {
+                    matches!(&e.event, outpost_proto::Event::CanaryRolledBack { model, policy, .. }
+                    if model == name && *policy == c.id)
+                })
+        {
+            let reason = match before.event {
+                outpost_proto::Event::CanaryRolledBack { reason, .. } => reason,
+                _ => String::new(),
+            };
+            return Err(HostError::Policy(format!(
+                "canary `{}` was rolled back on this device ({reason}); give it a new id to try again",
+                c.id
+            )));
+        }
         let candidate = match &policy {
             Policy::Shadow(s) => Some(&s.candidate),
             Policy::Canary(c) => Some(&c.candidate),
@@ -282,6 +301,22 @@ impl Device {
         self.state.set_policy(name, &policy)?;
         tracing::info!(model = %name, ?policy, "traffic policy set");
         Ok(())
+    }
+
+    /// Puts the policy a desired state names in place: the same policy already in place is
+    /// left alone (a canary keeps its window), another is set; without one, a shadow or canary
+    /// in place ends (back to `primary`) and a split stays (it may have been set on the
+    /// device). Returns whether anything changed.
+    pub fn settle_policy(&self, name: &str, policy: Option<Policy>) -> Result<bool> {
+        let current = self.policy(name)?;
+        match policy {
+            Some(p) if p == current => Ok(false),
+            Some(p) => self.set_policy(name, p).map(|()| true),
+            None if matches!(current, Policy::Shadow(_) | Policy::Canary(_)) => {
+                self.set_policy(name, Policy::Primary).map(|()| true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// The traffic policy of `name`.

@@ -39,6 +39,32 @@ impl DeviceControl for Device {
         Ok(installed(Device::install_and_activate(self, bundle)?))
     }
 
+    fn install(&self, bundle: &[u8]) -> Result<Installed, DeviceError> {
+        Ok(installed(Device::install(self, bundle)?))
+    }
+
+    fn settle_policy(
+        &self,
+        model: &str,
+        policy: Option<&serde_json::Value>,
+    ) -> Result<bool, DeviceError> {
+        let policy = policy
+            .map(|p| {
+                serde_json::from_value::<crate::policy::Policy>(p.clone())
+                    .map_err(|e| format!("the desired state's traffic policy for {model}: {e}"))
+            })
+            .transpose()?;
+        Ok(Device::settle_policy(self, model, policy)?)
+    }
+
+    fn policies(&self) -> Result<BTreeMap<String, String>, DeviceError> {
+        Ok(self
+            .status()?
+            .into_iter()
+            .filter_map(|m| m.policy.id().map(|id| (m.name, id.to_owned())))
+            .collect())
+    }
+
     fn telemetry(&self) -> DeviceTelemetry {
         DeviceTelemetry {
             disk_bytes: self.state().size_on_disk(),

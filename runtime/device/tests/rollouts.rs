@@ -218,6 +218,16 @@ fn canaries_that_fail_or_are_slow_are_rolled_back_by_the_device_alone_and_a_good
     assert_eq!(m["policy"], "primary", "{m}");
     assert_eq!(m["resident"], json!(["1.0.0"]), "{m}");
     assert!((1..=100).all(|n| ask(&s, n).1 == "1.0.0"));
+    // The same canary again is refused: it was rolled back here (a new id tries again).
+    let url = format!("{}/admin/models/echo/policy", s.admin_url);
+    let again = json!({"canary": {"id": "c-err", "candidate": "2.0.0", "percent": 50}});
+    let r = admin("PUT", &url, again.to_string().as_bytes());
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("was rolled back on this device"),
+        "{}",
+        r.text()
+    );
 
     // A candidate ten times slower or more.
     install(&s, &echo_bundle("3.0.0", json!({"work": 3_000})), false);

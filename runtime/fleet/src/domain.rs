@@ -453,6 +453,7 @@ impl Fleet {
             digest: bundle.digest.clone(),
             size: bundle.size,
             url: format!("{}/{}", self.artifact_base, bundle.digest),
+            policy: request.policy.clone(),
         };
         // Every device's desired state and the deployment record are stored together or not
         // at all; only then is anything published.

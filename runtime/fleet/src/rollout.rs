@@ -172,6 +172,16 @@ fn validate(request: &RolloutRequest) -> Result<()> {
             ));
         }
     }
+    if request
+        .stages
+        .iter()
+        .any(|s| s.canary.as_ref().is_some_and(|c| !c.is_object()))
+    {
+        return bad(
+            "a stage's canary is an object: the device's canary policy without id and candidate"
+                .into(),
+        );
+    }
     if request.deadline_s == 0 {
         return bad("deadline_s is at least 1".into());
     }
@@ -225,6 +235,7 @@ impl Fleet {
             fallback,
             state: RolloutState::Progressing { stage: 0 },
             reached: Vec::new(),
+            canaried: Vec::new(),
             stage_started: 0,
             stage_applied: 0,
             history: Vec::new(),
@@ -285,9 +296,14 @@ impl Fleet {
                 );
             }
             (Op::Promote, RolloutState::Progressing { .. } | RolloutState::Paused { .. }) => {
-                let rest: Vec<String> = r.targets[r.reached.len()..].to_vec();
-                self.deploy_to(&r, &rest)?;
-                r.reached.extend(rest.iter().cloned());
+                let mut rest: Vec<String> = r.targets[r.reached.len()..].to_vec();
+                rest.append(&mut r.canaried);
+                self.deploy_to(&r, &rest, None)?;
+                for d in rest {
+                    if !r.reached.contains(&d) {
+                        r.reached.push(d);
+                    }
+                }
                 r.state = RolloutState::Succeeded;
                 let text = format!(
                     "promoted by an operator, remaining gates skipped: {} on all {} device(s)",
@@ -346,7 +362,12 @@ impl Fleet {
         }
     }
 
-    fn deploy_to(&self, r: &RolloutRecord, devices: &[String]) -> Result<()> {
+    fn deploy_to(
+        &self,
+        r: &RolloutRecord,
+        devices: &[String],
+        policy: Option<serde_json::Value>,
+    ) -> Result<()> {
         if devices.is_empty() {
             return Ok(());
         }
@@ -356,8 +377,40 @@ impl Fleet {
             devices: devices.to_vec(),
             tag: None,
             all: false,
+            policy,
         })
         .map(|_| ())
+    }
+
+    /// Activates the version on the devices running it as a canary.
+    fn activate_canaries(&self, r: &mut RolloutRecord, stage: usize) -> Result<()> {
+        if r.canaried.is_empty() {
+            return Ok(());
+        }
+        let canaries = r.canaried.clone();
+        self.deploy_to(r, &canaries, None)?;
+        r.canaried.clear();
+        let text = format!(
+            "stage {}: activated {} on its canaries ({})",
+            stage + 1,
+            r.request.version,
+            canaries.join(", ")
+        );
+        history(r, text);
+        Ok(())
+    }
+
+    /// The device policy of a stage's canary: the stage's canary with the fleet's id and
+    /// candidate.
+    fn canary_policy(r: &RolloutRecord, stage: usize) -> Option<serde_json::Value> {
+        let mut canary = r.request.stages[stage].canary.clone()?;
+        let object = canary.as_object_mut()?;
+        object.insert(
+            "id".into(),
+            format!("rollout-{}-{}", r.id, stage + 1).into(),
+        );
+        object.insert("candidate".into(), r.request.version.clone().into());
+        Some(serde_json::json!({ "canary": canary }))
     }
 
     fn pause(&self, r: &mut RolloutRecord, stage: usize, reason: String) {
@@ -375,13 +428,25 @@ impl Fleet {
         let spec = r.request.stages[stage].clone();
         let want = spec.reach.of(r.targets.len()).max(r.reached.len());
         if r.stage_started == 0 {
+            self.activate_canaries(r, stage)?;
             let new: Vec<String> = r.targets[r.reached.len()..want].to_vec();
-            self.deploy_to(r, &new)?;
+            let policy = Self::canary_policy(r, stage);
+            let how = match &policy {
+                Some(p) => format!(
+                    " as a canary ({}% of their traffic)",
+                    p["canary"]["percent"]
+                ),
+                None => String::new(),
+            };
+            self.deploy_to(r, &new, policy.clone())?;
+            if policy.is_some() {
+                r.canaried = new.clone();
+            }
             r.reached.extend(new.iter().cloned());
             r.stage_started = now;
             r.stage_applied = 0;
             let text = format!(
-                "stage {}: deployed {} to {} ({} of {} devices)",
+                "stage {}: deployed {}{how} to {} ({} of {} devices)",
                 stage + 1,
                 r.request.version,
                 if new.is_empty() {
@@ -402,13 +467,17 @@ impl Fleet {
         let deadline = r.request.deadline_s;
         if r.stage_applied == 0 {
             let mut pending = Vec::new();
+            let canary_id = format!("rollout-{}-{}", r.id, stage + 1);
             for d in &r.reached {
-                let active = self
-                    .store
-                    .device(d)?
-                    .and_then(|rec| rec.reported)
+                let reported = self.store.device(d)?.and_then(|rec| rec.reported);
+                let active = reported
+                    .as_ref()
                     .and_then(|rep| rep.active.get(&r.request.model).cloned());
-                if active.as_deref() != Some(r.request.version.as_str()) {
+                let canary_on = r.canaried.contains(d)
+                    && reported
+                        .as_ref()
+                        .is_some_and(|rep| rep.policies.get(&r.request.model) == Some(&canary_id));
+                if active.as_deref() != Some(r.request.version.as_str()) && !canary_on {
                     pending.push(d.clone());
                 }
             }
@@ -461,6 +530,7 @@ impl Fleet {
             history(r, format!("stage {}: gate passed: {text}", stage + 1));
         }
         if stage + 1 == r.request.stages.len() {
+            self.activate_canaries(r, stage)?;
             r.state = RolloutState::Succeeded;
             let text = format!(
                 "succeeded: {} on {} of {} device(s)",
@@ -632,6 +702,7 @@ impl Fleet {
                         devices: devices.clone(),
                         tag: None,
                         all: false,
+                        policy: None,
                     })?;
                     lines.push(format!("{} to {v}", devices.join(", ")));
                 }

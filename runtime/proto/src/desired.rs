@@ -23,6 +23,13 @@ pub struct Deployment {
     pub size: u64,
     /// Where to download it (the fleet's artifact store).
     pub url: String,
+    /// How the version serves, when not simply activated: a traffic policy for the model (the
+    /// device's JSON form, e.g. `{"canary": {"id", "candidate": VERSION, "percent", ...}}`),
+    /// under which the device installs the version without activating it and watches it
+    /// against the active one (the fallback). Without it the version is activated and a shadow
+    /// or canary in place ends. Older fleets never send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<serde_json::Value>,
 }
 
 /// What the fleet wants a device to run.
@@ -162,6 +169,7 @@ mod tests {
             generation,
             expires_at,
             deployments: vec![Deployment {
+                policy: None,
                 model: "digits".into(),
                 version: "1.0.0".into(),
                 digest: "ab".repeat(32),

@@ -31,6 +31,9 @@ pub struct ReportedState {
     /// Installed bundles as `model@version`.
     #[serde(default)]
     pub installed: Vec<String>,
+    /// The id of each model's traffic policy, for models with one other than `primary`.
+    #[serde(default)]
+    pub policies: BTreeMap<String, String>,
     /// Groups this device belongs to, from its configuration.
     #[serde(default)]
     pub tags: Vec<String>,

@@ -175,6 +175,10 @@ pub struct DeployRequest {
     /// Every known device.
     #[serde(default)]
     pub all: bool,
+    /// A traffic policy the version serves under instead of being activated (see
+    /// [`crate::Deployment::policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<serde_json::Value>,
 }
 
 /// The answer to a deploy request.
@@ -263,6 +267,13 @@ pub struct Stage {
     /// Seconds to wait after every device of the stage applied the version, before the gates.
     #[serde(default)]
     pub soak_s: u64,
+    /// On the stage's new devices, run the version as a canary against the version it
+    /// replaces instead of activating it: the device's canary policy without `id` and
+    /// `candidate` (the fleet names them), e.g. `{"percent": 10, "max_p95_ratio": 2}`. A
+    /// device rolls a failing canary back by itself, which fails the stage; the next stage (or
+    /// the rollout's success) activates the version on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<serde_json::Value>,
 }
 
 /// A share of a rollout's target.
@@ -396,6 +407,9 @@ pub struct RolloutRecord {
     pub state: RolloutState,
     /// Devices the rollout has deployed to, in order.
     pub reached: Vec<String>,
+    /// Of those, the ones running the version as a canary (activated when the stage passes).
+    #[serde(default)]
+    pub canaried: Vec<String>,
     /// Unix seconds when the current stage deployed (0 before).
     pub stage_started: u64,
     /// Unix seconds when every device of the current stage applied the version (0 before).
