@@ -245,6 +245,21 @@ fn staged_rollouts_complete_stop_at_a_bad_stage_pause_without_data_and_survive_a
             .then_some(())
     });
 
+    // 2c. With --pause-on-failure the failed stage waits for an operator instead; abort then
+    //     rolls it back.
+    let mut paused = bad.clone();
+    paused.push("--pause-on-failure");
+    let id = start(&fleet, dir, &paused);
+    let r = wait_state(&fleet, id, "paused");
+    let reason = r["state"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("failed: gate error_rate 1.0000"), "{reason}");
+    assert_eq!(active(&fleet, "dev-1").as_deref(), Some("3.0.0"));
+    let out = fleet.cli(dir, &["fleet", "rollout", "abort", &id.to_string()]);
+    assert!(out.contains("rolled back: dev-1 to 2.0.0"), "{out}");
+    eventually(secs(60), "dev-1 back on 2.0.0 after the abort", || {
+        (active(&fleet, "dev-1").as_deref() == Some("2.0.0")).then_some(())
+    });
+
     // 3. A gate that never gets enough data pauses the rollout instead of passing.
     let id = start(
         &fleet,
@@ -345,7 +360,7 @@ fn staged_rollouts_complete_stop_at_a_bad_stage_pause_without_data_and_survive_a
             .then_some(())
     });
     let list = fleet.cli(dir, &["fleet", "rollout", "status"]);
-    assert_eq!(list.lines().count(), 5, "{list}");
+    assert_eq!(list.lines().count(), 6, "{list}");
 
     stop.store(true, Ordering::Relaxed);
     let sent = load.join().unwrap();

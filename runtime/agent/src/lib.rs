@@ -103,6 +103,8 @@ pub struct DeviceTelemetry {
     pub disk_bytes: u64,
     /// Request counters per model version.
     pub models: Vec<outpost_proto::ModelSeries>,
+    /// Shadow candidates' comparisons.
+    pub shadows: Vec<outpost_proto::ShadowSeries>,
 }
 
 /// Where the agent keeps its files, and how large a bundle it may download.

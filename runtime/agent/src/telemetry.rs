@@ -52,6 +52,7 @@ impl Shared {
             rss_bytes,
             disk_bytes: device.disk_bytes + self.store.size_on_disk(),
             models: device.models,
+            shadows: device.shadows,
         }
     }
 }

@@ -76,6 +76,10 @@ pub(crate) struct StartArgs {
     /// How long a stage may wait for its devices or its gates' data before the rollout pauses.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::util::parse_duration)]
     deadline: Duration,
+    /// Pause instead of rolling back when a stage fails (resume checks again, abort rolls
+    /// back).
+    #[arg(long)]
+    pause_on_failure: bool,
     /// Print each stage and gate as it is decided, until the rollout ends or pauses.
     #[arg(long)]
     wait: bool,
@@ -222,6 +226,11 @@ fn start(args: StartArgs) -> Result<()> {
             .map(|g| parse_gate(g, args.window, args.min_requests, args.min_devices))
             .collect::<Result<_>>()?,
         deadline_s: args.deadline.as_secs(),
+        on_failure: if args.pause_on_failure {
+            outpost_proto::rest::OnFailure::Pause
+        } else {
+            outpost_proto::rest::OnFailure::Rollback
+        },
     };
     let client = args.remote.client()?;
     let r = client.start_rollout(&request)?;

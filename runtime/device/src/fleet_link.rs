@@ -69,6 +69,7 @@ impl DeviceControl for Device {
         DeviceTelemetry {
             disk_bytes: self.state().size_on_disk(),
             models: self.metrics.snapshot(),
+            shadows: self.metrics.shadow_snapshot(),
         }
     }
 }

@@ -140,6 +140,22 @@ impl Metrics {
         }
     }
 
+    /// Every shadow candidate's counters (the telemetry form).
+    pub fn shadow_snapshot(&self) -> Vec<outpost_proto::ShadowSeries> {
+        let Ok(all) = self.shadows.lock() else {
+            return Vec::new();
+        };
+        all.iter()
+            .map(|((model, version), c)| outpost_proto::ShadowSeries {
+                model: model.clone(),
+                version: version.clone(),
+                agreed: c.agreed,
+                disagreed: c.disagreed,
+                dropped: c.dropped,
+            })
+            .collect()
+    }
+
     /// A shadow candidate's (agreed, disagreed, dropped) counts.
     pub fn shadow_counts(&self, model: &str, candidate: &str) -> (u64, u64, u64) {
         self.shadows

@@ -418,6 +418,18 @@ impl Fleet {
         r.state = RolloutState::Paused { stage, reason };
     }
 
+    /// A failed stage: aborted (and rolled back), or paused when the rollout says so.
+    fn fail(&self, r: &mut RolloutRecord, stage: usize, why: String) {
+        match r.request.on_failure {
+            outpost_proto::rest::OnFailure::Rollback => {
+                self.abort(r, format!("stage {}: {why}", stage + 1));
+            }
+            outpost_proto::rest::OnFailure::Pause => {
+                self.pause(r, stage, format!("failed: {why}"));
+            }
+        }
+    }
+
     fn abort(&self, r: &mut RolloutRecord, reason: String) {
         history(r, format!("aborted: {reason}"));
         r.state = RolloutState::Aborted { reason };
@@ -461,7 +473,7 @@ impl Fleet {
             return Ok(());
         }
         if let Some(why) = self.device_failure(r)? {
-            self.abort(r, format!("stage {}: {why}", stage + 1));
+            self.fail(r, stage, why);
             return Ok(());
         }
         let deadline = r.request.deadline_s;
@@ -511,7 +523,7 @@ impl Fleet {
             match self.evaluate(r, gate, now)? {
                 Verdict::Pass(text) => passed.push(text),
                 Verdict::Fail(text) => {
-                    self.abort(r, format!("stage {}: gate {text}", stage + 1));
+                    self.fail(r, stage, format!("gate {text}"));
                     return Ok(());
                 }
                 Verdict::Waiting(text) => {

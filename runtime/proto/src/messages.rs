@@ -245,6 +245,24 @@ pub struct TelemetrySample {
     pub disk_bytes: u64,
     /// Request counters per model version.
     pub models: Vec<ModelSeries>,
+    /// Each shadow candidate's comparisons with its primary.
+    pub shadows: Vec<ShadowSeries>,
+}
+
+/// A shadow candidate's counters, as telemetry carries them (since the device started).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ShadowSeries {
+    /// Model name.
+    pub model: String,
+    /// The shadow's version.
+    pub version: String,
+    /// Answers that agreed with the primary's.
+    pub agreed: u64,
+    /// Answers that did not (a shadow's error included).
+    pub disagreed: u64,
+    /// Copies dropped because the shadow's queue was full.
+    pub dropped: u64,
 }
 
 #[cfg(test)]

@@ -252,6 +252,20 @@ pub struct RolloutRequest {
     /// pauses (no data is not a pass).
     #[serde(default = "default_deadline")]
     pub deadline_s: u64,
+    /// What a failed gate (or a device's canary rollback) does.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// What a rollout does when a stage fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Abort, and give every device it reached its previous version.
+    #[default]
+    Rollback,
+    /// Pause where it is, for an operator to look (resume checks again; abort rolls back).
+    Pause,
 }
 
 fn default_deadline() -> u64 {
