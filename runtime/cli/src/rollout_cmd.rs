@@ -237,7 +237,9 @@ fn start(args: StartArgs) -> Result<()> {
     if !args.wait {
         return show(&r, args.json);
     }
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let deadline = Instant::now()
+        .checked_add(Duration::from_secs(args.timeout))
+        .context("--timeout is too long")?;
     let mut printed = 0;
     let mut r = r;
     if !args.json {

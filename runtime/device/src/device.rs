@@ -138,6 +138,9 @@ pub struct Device {
     pub(crate) budget: crate::budget::Budget,
     /// Request metrics.
     pub metrics: Arc<Metrics>,
+    /// Canaries rolled back since the device started, by (model, policy id), with the reason:
+    /// refused again even when the event could not be written to disk.
+    rolled_back: std::sync::Mutex<HashMap<(String, String), String>>,
 }
 
 /// One model's status, as the admin API and `outpost device status` show it.
@@ -195,6 +198,7 @@ impl Device {
             max_concurrent: config.max_concurrent_requests,
             budget: crate::budget::Budget::new(config.max_inflight_bytes),
             metrics: Arc::default(),
+            rolled_back: std::sync::Mutex::new(HashMap::new()),
         };
         for (name, version) in device.state.active()? {
             match device.load(&name, &version) {
@@ -267,19 +271,8 @@ impl Device {
             .map(|a| a.version().to_owned());
         drop(slots);
         if let Policy::Canary(c) = &policy
-            && let Some(before) = self
-                .state
-                .events(crate::state::MAX_EVENTS)?
-                .into_iter()
-                .find(|e| {
-                    matches!(&e.event, outpost_proto::Event::CanaryRolledBack { model, policy, .. }
-                    if model == name && *policy == c.id)
-                })
+            && let Some(reason) = self.rolled_back_reason(name, &c.id)?
         {
-            let reason = match before.event {
-                outpost_proto::Event::CanaryRolledBack { reason, .. } => reason,
-                _ => String::new(),
-            };
             return Err(HostError::Policy(format!(
                 "canary `{}` was rolled back on this device ({reason}); give it a new id to try again",
                 c.id
@@ -301,6 +294,31 @@ impl Device {
         self.state.set_policy(name, &policy)?;
         tracing::info!(model = %name, ?policy, "traffic policy set");
         Ok(())
+    }
+
+    /// Why the canary `id` of `name` was rolled back on this device, if it was.
+    fn rolled_back_reason(&self, name: &str, id: &str) -> Result<Option<String>> {
+        if let Some(reason) = self
+            .rolled_back
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&(name.to_owned(), id.to_owned()))
+        {
+            return Ok(Some(reason.clone()));
+        }
+        Ok(self
+            .state
+            .events(crate::state::MAX_EVENTS)?
+            .into_iter()
+            .find_map(|e| match e.event {
+                outpost_proto::Event::CanaryRolledBack {
+                    model,
+                    policy,
+                    reason,
+                    ..
+                } if model == name && policy == id => Some(reason),
+                _ => None,
+            }))
     }
 
     /// Puts the policy a desired state names in place: the same policy already in place is
@@ -858,7 +876,14 @@ impl Device {
         input: Payload,
         primary: Payload,
     ) {
-        let Ok(place) = Arc::clone(&lane.places).try_acquire_owned() else {
+        // The copy and the primary's answer are held until the shadow ran: they take their
+        // share of the byte budget, and only while half of it stays free for the traffic
+        // that answers clients.
+        let size = payload_bytes(&input) + payload_bytes(&primary);
+        let held = (self.budget.available() >= size.saturating_mul(2))
+            .then(|| self.budget.take(size, "a shadow's copy").ok())
+            .flatten();
+        let (Some(held), Ok(place)) = (held, Arc::clone(&lane.places).try_acquire_owned()) else {
             self.metrics.record_shadow(name, candidate.version(), None);
             return;
         };
@@ -868,6 +893,7 @@ impl Device {
         let name = name.to_owned();
         tokio::spawn(async move {
             let _place = place;
+            let _held = held;
             let _turn = lane.running.lock().await;
             let started = Instant::now();
             let target = Arc::clone(&candidate);
@@ -927,7 +953,7 @@ impl Device {
             return Ok(());
         }
         let canary = &watch.canary;
-        let event = match verdict {
+        match verdict {
             Verdict::Watching => return Ok(()),
             Verdict::Fail {
                 reason,
@@ -943,6 +969,9 @@ impl Device {
                     }
                 }
                 tracing::warn!(model = %name, candidate = %canary.candidate, %reason, "canary rolled back");
+                if let Ok(mut done) = self.rolled_back.lock() {
+                    done.insert((name.to_owned(), canary.id.clone()), reason.clone());
+                }
                 let event = outpost_proto::Event::CanaryRolledBack {
                     model: name.to_owned(),
                     policy: canary.id.clone(),
@@ -952,14 +981,20 @@ impl Device {
                     candidate_requests: candidate.requests,
                     primary_requests: primary.requests,
                 };
-                self.state
-                    .set_policy_noting(name, &Policy::Primary, &event)?;
+                // The fleet hears of it even when the device's own disk refuses the record
+                // (the outbox is the agent's, with its own quota).
+                if let Some(link) = self.metrics.link() {
+                    link.report(event.clone());
+                }
+                if let Err(e) = self.state.set_policy_noting(name, &Policy::Primary, &event) {
+                    tracing::error!(model = %name, error = %e, "cannot record the canary's rollback; it holds until a restart");
+                }
                 // Then unloaded (unless it is the version kept for a rollback).
                 let previous = self.previous_of(name)?;
                 if let Some(slot) = self.slots.write().map_err(|_| poisoned())?.get_mut(name) {
                     slot.trim(previous.as_deref());
                 }
-                event
+                return Ok(());
             }
             Verdict::Pass { primary, candidate } => {
                 let promoted = canary.on_pass == OnPass::Promote;
@@ -979,12 +1014,11 @@ impl Device {
                     Policy::Canary(canary.clone())
                 };
                 tracing::info!(model = %name, candidate = %canary.candidate, promoted, "canary passed");
+                if let Some(link) = self.metrics.link() {
+                    link.report(event.clone());
+                }
                 self.state.set_policy_noting(name, &policy, &event)?;
-                event
             }
-        };
-        if let Some(link) = self.metrics.link() {
-            link.report(event);
         }
         Ok(())
     }
@@ -1038,6 +1072,14 @@ impl Device {
                 })
             })
             .collect()
+    }
+}
+
+/// The bytes a payload holds.
+fn payload_bytes(p: &Payload) -> u64 {
+    match p {
+        Payload::Tensors(t) => t.iter().map(|t| t.data.len() as u64).sum(),
+        Payload::Raw { body, .. } => body.len() as u64,
     }
 }
 

@@ -235,8 +235,12 @@ impl Canary {
                 self.window_s
             ));
         }
-        if self.min_requests == 0 {
-            return Err("a canary's min_requests is at least 1".into());
+        let most = crate::watch::MAX_WINDOW_SAMPLES as u64;
+        if self.min_requests == 0 || self.min_requests > most {
+            return Err(format!(
+                "a canary's min_requests is 1 to {most} (the requests its window keeps per version), not {}",
+                self.min_requests
+            ));
         }
         if !(0.0..=1.0).contains(&self.max_error_rate_delta) {
             return Err(format!(

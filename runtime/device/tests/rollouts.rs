@@ -251,7 +251,7 @@ fn canaries_that_fail_or_are_slow_are_rolled_back_by_the_device_alone_and_a_good
     set_policy(
         &s,
         &json!({"canary": {"id": "c-good", "candidate": "4.0.0", "percent": 50, "min_requests": 30,
-                "window_s": 3, "max_p95_ratio": 5, "on_pass": "promote"}}),
+                "window_s": 3, "max_p95_ratio": 20, "on_pass": "promote"}}),
     );
     let started = std::time::Instant::now();
     let passed = |s: &Server| events(s).len() == 3;

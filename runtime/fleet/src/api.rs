@@ -241,6 +241,7 @@ async fn deploy(
     body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, FleetError> {
     let Json(request) = body.map_err(|e| FleetError::BadRequest(e.body_text()))?;
+    fleet.refuse_during_rollout(&request.model)?;
     let response = fleet.deploy(&request)?;
     Ok((StatusCode::CREATED, Json(response)))
 }

@@ -354,6 +354,11 @@ impl Fleet {
     /// Deletes a bundle from the store, unless a device's desired state still names it.
     pub fn remove_bundle(&self, name: &str, version: &str) -> Result<BundleRecord> {
         self.owns_deployments()?;
+        if let Some(id) = self.is_fallback(name, version)? {
+            return Err(FleetError::BadRequest(format!(
+                "{name} {version} is what rollout {id} rolls back to; wait for the rollout to finish first"
+            )));
+        }
         let users: Vec<String> = self
             .store
             .all_desired()?

@@ -24,6 +24,9 @@ use crate::store::{Stream, now_secs};
 /// The most stages and gates one rollout may have.
 pub const MAX_STAGES: usize = 16;
 
+/// The longest soak, deadline or gate window: 30 days.
+pub const MAX_SECONDS: u64 = 30 * 86_400;
+
 /// Error kinds a version causes (a client's bad request or a busy device is not its fault).
 const COUNTED_ERRORS: [&str; 4] = ["internal", "deadline", "memory", "trap"];
 
@@ -126,6 +129,11 @@ fn sample_of(body: &serde_json::Value, model: &str, version: &str) -> (u64, u64,
     total
 }
 
+/// Seconds the device had been up when it took the record (0 when unknown).
+fn uptime_of(body: &serde_json::Value) -> u64 {
+    body["uptime_s"].as_u64().unwrap_or(0)
+}
+
 fn history(r: &mut RolloutRecord, text: String) {
     tracing::info!(rollout = r.id, "{text}");
     r.history.push(HistoryLine {
@@ -182,6 +190,14 @@ fn validate(request: &RolloutRequest) -> Result<()> {
                 .into(),
         );
     }
+    if request.deadline_s > MAX_SECONDS
+        || request.stages.iter().any(|s| s.soak_s > MAX_SECONDS)
+        || request.gates.iter().any(|g| g.window_s > MAX_SECONDS)
+    {
+        return bad(format!(
+            "soaks, deadlines and gate windows are at most {MAX_SECONDS} s (30 days)"
+        ));
+    }
     if request.deadline_s == 0 {
         return bad("deadline_s is at least 1".into());
     }
@@ -216,18 +232,28 @@ impl Fleet {
                 busy.id, request.model, busy.state
             )));
         }
-        let targets = self.targets(&request.devices, request.tag.as_deref(), request.all)?;
         let mut fallback = BTreeMap::new();
-        for device in &targets {
-            let previous = self.store.desired(device.as_str())?.and_then(|d| {
-                d.deployments
-                    .into_iter()
-                    .find(|x| x.model == request.model)
-                    .map(|x| x.version)
-            });
-            if let Some(v) = previous.filter(|v| *v != request.version) {
-                fallback.insert(device.to_string(), v);
+        let mut targets = Vec::new();
+        for device in self.targets(&request.devices, request.tag.as_deref(), request.all)? {
+            let previous = self
+                .store
+                .desired(device.as_str())?
+                .and_then(|d| d.deployments.into_iter().find(|x| x.model == request.model));
+            match previous {
+                // Already there: nothing to roll out, nothing to roll back.
+                Some(p) if p.version == request.version && p.policy.is_none() => continue,
+                Some(p) if p.version != request.version => {
+                    fallback.insert(device.to_string(), p.version);
+                }
+                _ => {}
             }
+            targets.push(device);
+        }
+        if targets.is_empty() {
+            return Err(FleetError::BadRequest(format!(
+                "every target device runs {} {} already",
+                request.model, request.version
+            )));
         }
         let mut record = RolloutRecord {
             id: self.store.next_rollout_id()?,
@@ -236,6 +262,8 @@ impl Fleet {
             state: RolloutState::Progressing { stage: 0 },
             reached: Vec::new(),
             canaried: Vec::new(),
+            restored: Vec::new(),
+            resumed_at: 0,
             stage_started: 0,
             stage_applied: 0,
             history: Vec::new(),
@@ -255,6 +283,37 @@ impl Fleet {
         self.step(&mut record)?;
         self.store.put_rollout(&record)?;
         Ok(record)
+    }
+
+    /// Refuses a deployment of `model` by hand while a rollout of it is unfinished: the
+    /// rollout's later stages and its rollback would undo it.
+    pub fn refuse_during_rollout(&self, model: &str) -> Result<()> {
+        if let Some(r) = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .find(|r| r.request.model == model && !r.state.is_final())
+        {
+            return Err(FleetError::BadRequest(format!(
+                "rollout {} of {model} is not finished: wait for it, or `outpost fleet rollout abort {}` (or promote) first",
+                r.id, r.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `model` `version` is the fallback of an unfinished rollout.
+    pub(crate) fn is_fallback(&self, model: &str, version: &str) -> Result<Option<u64>> {
+        Ok(self
+            .store
+            .rollouts()?
+            .into_iter()
+            .find(|r| {
+                r.request.model == model
+                    && !r.state.is_final()
+                    && r.fallback.values().any(|v| v == version)
+            })
+            .map(|r| r.id))
     }
 
     /// One rollout.
@@ -283,6 +342,7 @@ impl Fleet {
             }
             (Op::Resume, RolloutState::Paused { stage, .. }) => {
                 r.state = RolloutState::Progressing { stage };
+                r.resumed_at = now;
                 // The soak and the deadline start again from now.
                 if r.stage_applied > 0 {
                     r.stage_applied = now;
@@ -314,11 +374,32 @@ impl Fleet {
             }
             (Op::Abort, RolloutState::Progressing { .. } | RolloutState::Paused { .. }) => {
                 self.abort(&mut r, "aborted by an operator".into());
+                // Stored before the rollback: if it cannot finish now, the driver carries on.
+                self.store.put_rollout(&r)?;
+                if let Err(e) = self.step(&mut r) {
+                    tracing::warn!(rollout = id, error = %e, "rollback not finished; the driver tries again");
+                }
+            }
+            // An abort again retries a rollback that could not finish.
+            (Op::Abort, RolloutState::Aborted { .. }) => {
                 self.step(&mut r)?;
             }
             (op, state) => {
+                let what = match state {
+                    RolloutState::Progressing { .. } => "progressing",
+                    RolloutState::Paused { .. } => "paused",
+                    RolloutState::Succeeded => "finished (succeeded)",
+                    RolloutState::Aborted { .. } => "aborted, rolling back",
+                    RolloutState::RolledBack { .. } => "finished (rolled back)",
+                };
+                let hint = match op {
+                    Op::Resume => "only a paused rollout resumes",
+                    Op::Pause => "only a progressing rollout pauses",
+                    Op::Promote | Op::Abort => "it is finished; start a new rollout",
+                };
                 return Err(FleetError::BadRequest(format!(
-                    "rollout {id} is {state:?}: cannot {op:?} it"
+                    "rollout {id} is {what}: cannot {} it ({hint})",
+                    format!("{op:?}").to_lowercase()
                 )));
             }
         }
@@ -450,10 +531,18 @@ impl Fleet {
                 ),
                 None => String::new(),
             };
-            self.deploy_to(r, &new, policy.clone())?;
-            if policy.is_some() {
-                r.canaried = new.clone();
-            }
+            // A canary needs a version to compare with: a device without one gets the version
+            // activated.
+            let (canaries, plain): (Vec<String>, Vec<String>) = match &policy {
+                Some(_) => new
+                    .iter()
+                    .cloned()
+                    .partition(|d| r.fallback.contains_key(d)),
+                None => (Vec::new(), new.clone()),
+            };
+            self.deploy_to(r, &canaries, policy.clone())?;
+            self.deploy_to(r, &plain, None)?;
+            r.canaried = canaries;
             r.reached.extend(new.iter().cloned());
             r.stage_started = now;
             r.stage_applied = 0;
@@ -476,6 +565,14 @@ impl Fleet {
             self.fail(r, stage, why);
             return Ok(());
         }
+        // A canary stage soaks at least its device window, so each device has had the chance
+        // to judge its canary before the stage passes.
+        let soak = match &spec.canary {
+            Some(c) if !r.canaried.is_empty() => spec
+                .soak_s
+                .max(c["window_s"].as_u64().unwrap_or(600).min(MAX_SECONDS)),
+            _ => spec.soak_s,
+        };
         let deadline = r.request.deadline_s;
         if r.stage_applied == 0 {
             let mut pending = Vec::new();
@@ -498,12 +595,11 @@ impl Fleet {
                 history(
                     r,
                     format!(
-                        "stage {}: active on every device it reached; soaking {} s",
+                        "stage {}: active on every device it reached; soaking {soak} s",
                         stage + 1,
-                        spec.soak_s
                     ),
                 );
-            } else if now > r.stage_started + deadline {
+            } else if now > r.stage_started.saturating_add(deadline) {
                 let reason = format!(
                     "{} of {} device(s) have not activated {} after {deadline} s ({})",
                     pending.len(),
@@ -515,7 +611,7 @@ impl Fleet {
             }
             return Ok(());
         }
-        if now < r.stage_applied + spec.soak_s {
+        if now < r.stage_applied.saturating_add(soak) {
             return Ok(());
         }
         let mut passed = Vec::new();
@@ -527,7 +623,11 @@ impl Fleet {
                     return Ok(());
                 }
                 Verdict::Waiting(text) => {
-                    if now > r.stage_applied + spec.soak_s + deadline {
+                    if now
+                        > r.stage_applied
+                            .saturating_add(soak)
+                            .saturating_add(deadline)
+                    {
                         self.pause(
                             r,
                             stage,
@@ -563,10 +663,12 @@ impl Fleet {
     /// version, or gave up deploying it.
     fn device_failure(&self, r: &RolloutRecord) -> Result<Option<String>> {
         for d in &r.reached {
-            for e in self
-                .store
-                .recent_records(Stream::Events, d, r.created_at, 10_000)?
-            {
+            for e in self.store.recent_records(
+                Stream::Events,
+                d,
+                r.created_at.max(r.resumed_at),
+                10_000,
+            )? {
                 let b = &e.record.body;
                 let ours = b["model"] == r.request.model.as_str();
                 if ours
@@ -624,8 +726,11 @@ impl Fleet {
             }
             let a = sample_of(&first.record.body, model, &version);
             let b = sample_of(&last.record.body, model, &version);
-            // Counters fall back to zero when a device restarts: then the last record is all.
-            let base = if b.0 < a.0 { (0, 0, Vec::new()) } else { a };
+            // Counters fall back to zero when a device restarts (its uptime goes down): then
+            // the last record is all the window can say.
+            let restarted =
+                uptime_of(&last.record.body) < uptime_of(&first.record.body) || b.0 < a.0;
+            let base = if restarted { (0, 0, Vec::new()) } else { a };
             let requests = b.0 - base.0;
             if requests == 0 {
                 continue;
@@ -697,16 +802,20 @@ impl Fleet {
     /// Gives every device the rollout reached its fallback version (or, without one, takes
     /// the model out of its desired state), then marks the rollout rolled back.
     fn roll_back(&self, r: &mut RolloutRecord, reason: String) -> Result<()> {
+        // Group by fallback version, leaving out the devices an earlier attempt restored: a
+        // rollback that fails part-way (a fallback bundle gone, say) carries on from there.
         let mut by_version: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
-        for d in &r.reached {
+        for d in r.reached.iter().filter(|d| !r.restored.contains(d)) {
             by_version
                 .entry(r.fallback.get(d).cloned())
                 .or_default()
                 .push(d.clone());
         }
-        let mut lines = Vec::new();
+        if r.reached.is_empty() {
+            history(r, "rolled back: no device was reached".to_owned());
+        }
         for (version, devices) in by_version {
-            match &version {
+            let text = match &version {
                 Some(v) => {
                     self.deploy(&DeployRequest {
                         model: r.request.model.clone(),
@@ -716,7 +825,7 @@ impl Fleet {
                         all: false,
                         policy: None,
                     })?;
-                    lines.push(format!("{} to {v}", devices.join(", ")));
+                    format!("rolled back: {} to {v}", devices.join(", "))
                 }
                 None => {
                     for d in &devices {
@@ -728,20 +837,16 @@ impl Fleet {
                             deployments
                         })?;
                     }
-                    lines.push(format!(
-                        "{}: {} taken out of the desired state (no previous version)",
+                    format!(
+                        "rolled back: {}: {} taken out of the desired state (no previous version)",
                         devices.join(", "),
                         r.request.model
-                    ));
+                    )
                 }
-            }
+            };
+            r.restored.extend(devices);
+            history(r, text);
         }
-        let text = if lines.is_empty() {
-            "rolled back: no device was reached".to_owned()
-        } else {
-            format!("rolled back: {}", lines.join("; "))
-        };
-        history(r, text);
         r.state = RolloutState::RolledBack { reason };
         Ok(())
     }

@@ -424,6 +424,13 @@ pub struct RolloutRecord {
     /// Of those, the ones running the version as a canary (activated when the stage passes).
     #[serde(default)]
     pub canaried: Vec<String>,
+    /// Of those, the ones given their previous version back by an abort so far.
+    #[serde(default)]
+    pub restored: Vec<String>,
+    /// Unix seconds of the last resume (0: never): failures devices reported before it were
+    /// seen by the operator who resumed.
+    #[serde(default)]
+    pub resumed_at: u64,
     /// Unix seconds when the current stage deployed (0 before).
     pub stage_started: u64,
     /// Unix seconds when every device of the current stage applied the version (0 before).
