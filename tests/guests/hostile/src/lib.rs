@@ -94,7 +94,9 @@ fn shaped(request: Request) -> Result<Response, Error> {
         Some(t) => t.to_f32()?.first().copied().unwrap_or(0.0) as i64,
         None => 0,
     };
-    let below = |key: &str| outpost_guest::metadata_f64(key).is_some_and(|p| ((n.rem_euclid(100)) as f64) < p);
+    let below = |key: &str| {
+        outpost_guest::metadata_f64(key).is_some_and(|p| ((n.rem_euclid(100)) as f64) < p)
+    };
     if let Some(work) = outpost_guest::metadata_f64("work") {
         let mut x: u64 = 1;
         for i in 0..(work.max(0.0) as u64).saturating_mul(1_000) {
