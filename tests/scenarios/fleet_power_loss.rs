@@ -224,35 +224,15 @@ fn a_canary_rolled_back_while_the_fleet_is_down_reaches_the_fleet_when_it_return
     );
     std::fs::write(dir.join(&config), text).unwrap();
     let device = Device::start(dir, &config);
-    let admin = eventually(secs(30), "the admin API to listen", || {
-        let logs = device.proc.logs();
-        let line = logs.lines().find(|l| l.contains("admin API listening"))?;
-        Some(format!(
-            "http://{}",
-            first_word(line.split("addr=").nth(1)?)
-        ))
-    });
+    let admin = admin_url(&device);
     online(&fleet, &["dev-y"]);
     push_and_deploy_digits(|a| fleet.cli(dir, a), &["--device", "dev-y"], &["dev-y"]);
 
-    // A candidate `digits` 3.0.0 whose guest fails every request (the test guest, failing
-    // n mod 100 below 100), signed by the bed's signer and installed beside 1.0.0.
-    let key = outpost_bundle::SecretKey::from_file_str(
-        &std::fs::read_to_string(dir.join("signer.key")).unwrap(),
-    )
-    .unwrap();
-    let mut input = outpost_examples::Example::Digits.build_input().unwrap();
-    input.version = "3.0.0".parse().unwrap();
-    input.guest = outpost_examples::HOSTILE_GUEST.to_vec();
-    input.api = Default::default();
-    input.baseline = None;
-    input.metadata = [("fail_percent".to_owned(), serde_json::json!(100))].into();
-    let mut bundle = outpost_bundle::Bundle::build(input).unwrap();
-    bundle.sign(&key);
+    // A candidate `digits` 3.0.0 whose guest fails every request, installed beside 1.0.0.
     let r = outpost_testkit::admin(
         "POST",
         &format!("{admin}/admin/bundles"),
-        &bundle.to_bytes(),
+        &failing_digits(dir, "3.0.0"),
     );
     assert_eq!(r.status, 201, "{}", r.text());
 

@@ -16,24 +16,6 @@ use support::*;
 
 const DEVICES: [&str; 5] = ["dev-1", "dev-2", "dev-3", "dev-4", "dev-5"];
 
-/// `digits` 3.0.0 whose guest fails every request (the test guest with `fail_percent` 100),
-/// signed by the bed's signer, written to `digits-3.0.0.opb`.
-fn bad_bundle(dir: &Path) {
-    let key = outpost_bundle::SecretKey::from_file_str(
-        &std::fs::read_to_string(dir.join("signer.key")).unwrap(),
-    )
-    .unwrap();
-    let mut input = outpost_examples::Example::Digits.build_input().unwrap();
-    input.version = "3.0.0".parse().unwrap();
-    input.guest = outpost_examples::HOSTILE_GUEST.to_vec();
-    input.api = Default::default();
-    input.baseline = None;
-    input.metadata = [("fail_percent".to_owned(), serde_json::json!(100))].into();
-    let mut bundle = outpost_bundle::Bundle::build(input).unwrap();
-    bundle.sign(&key);
-    std::fs::write(dir.join("digits-3.0.0.opb"), bundle.to_bytes()).unwrap();
-}
-
 /// Keyed digits requests to every device, round and round, until `stop`.
 fn traffic(urls: Vec<String>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
@@ -93,7 +75,7 @@ fn wait_state(fleet: &Fleet, id: u64, state: &str) -> Value {
 fn staged_rollouts_complete_stop_at_a_bad_stage_pause_without_data_and_survive_a_kill_9() {
     let d = bed("rollout");
     let dir = &d.0;
-    bad_bundle(dir);
+    std::fs::write(dir.join("digits-3.0.0.opb"), failing_digits(dir, "3.0.0")).unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let mqtt = format!("127.0.0.1:{}", free_port());
     let args = ["--listen", listen.as_str(), "--mqtt-listen", mqtt.as_str()];

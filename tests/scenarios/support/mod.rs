@@ -700,15 +700,38 @@ pub fn admin_device_config(dir: &Path) {
 /// Starts the device of [`admin_device_config`]; returns it and its admin API's URL.
 pub fn start_admin_device(dir: &Path) -> (Device, String) {
     let device = Device::start(dir, "device.toml");
-    let admin = eventually(secs(30), "the admin API to listen", || {
+    let admin = admin_url(&device);
+    (device, admin)
+}
+
+/// The URL of a running device's admin API, from its log.
+pub fn admin_url(device: &Device) -> String {
+    eventually(secs(30), "the admin API to listen", || {
         let logs = device.proc.logs();
         let line = logs.lines().find(|l| l.contains("admin API listening"))?;
         Some(format!(
             "http://{}",
             first_word(line.split("addr=").nth(1)?)
         ))
-    });
-    (device, admin)
+    })
+}
+
+/// `digits` at `version` whose guest fails every request (the test guest with
+/// `fail_percent` 100), signed by the bed's signer: the bytes of the bundle.
+pub fn failing_digits(dir: &Path, version: &str) -> Vec<u8> {
+    let key = outpost_bundle::SecretKey::from_file_str(
+        &fs::read_to_string(dir.join("signer.key")).unwrap(),
+    )
+    .unwrap();
+    let mut input = outpost_examples::Example::Digits.build_input().unwrap();
+    input.version = version.parse().unwrap();
+    input.guest = outpost_examples::HOSTILE_GUEST.to_vec();
+    input.api = Default::default();
+    input.baseline = None;
+    input.metadata = [("fail_percent".to_owned(), serde_json::json!(100))].into();
+    let mut bundle = outpost_bundle::Bundle::build(input).unwrap();
+    bundle.sign(&key);
+    bundle.to_bytes()
 }
 
 /// The versions of digits the device at `admin_url` lists as installed.
