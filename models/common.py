@@ -1,4 +1,4 @@
-"""Helpers shared by the training scripts: ONNX export, histograms, tiny image writers."""
+"""Helpers shared by the training scripts: ONNX export, drift baselines, tiny image writers."""
 
 import json
 import struct
@@ -7,18 +7,58 @@ import zlib
 import numpy as np
 
 
-def histogram(values, bins=10):
-    """Baseline for a drift feature: n+1 ascending edges and n proportions summing to 1."""
-    lo, hi = float(np.min(values)), float(np.max(values))
-    if hi <= lo:
-        hi = lo + 1.0
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    proportions = counts / counts.sum()
+def slots(edges, values):
+    """The slot of each value among n bins and two tails: 0 below edges[0], n + 1 above
+    edges[-1]; bin i holds edges[i] <= x < edges[i+1], the last bin also x == edges[-1]
+    (the rule `runtime/bundle/src/drift.rs` applies on devices)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    i = np.searchsorted(edges, values, side="right")
+    n = len(edges) - 1
+    i[(i == n + 1) & (values == edges[-1])] = n
+    return i
+
+
+def shares(counts, digits=6):
+    """Counts as shares rounded to `digits`, the rounding residue moved into the largest share
+    so they still sum to 1."""
+    p = np.round(np.asarray(counts, dtype=np.float64) / np.sum(counts), digits)
+    p[np.argmax(p)] += round(1.0 - float(p.sum()), digits)
+    return [round(float(x), digits) for x in p]
+
+
+def summary(values):
+    values = np.asarray(values, dtype=np.float64)
     return {
-        "edges": [round(float(e), 6) for e in edges],
-        "proportions": [round(float(p), 6) for p in proportions[:-1]]
-        + [round(1.0 - sum(round(float(p), 6) for p in proportions[:-1]), 6)],
+        "mean": round(float(values.mean()), 6),
+        "std": round(float(values.std()), 6),
+        "min": round(float(values.min()), 6),
+        "max": round(float(values.max()), 6),
+        "count": int(values.size),
     }
+
+
+def histogram(values, bins=10):
+    """Baseline of a continuous drift feature: edges at the training deciles (for bins=10),
+    the expected share of underflow, each bin and overflow, and summary statistics."""
+    values = np.asarray(values, dtype=np.float64)
+    edges = np.unique(np.round(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)), 6))
+    if len(edges) < 2:
+        edges = np.array([edges[0], edges[0] + 1.0])
+    # The training extremes round onto the outer edges: widen them by a rounding step so
+    # every training value falls inside.
+    edges[0] = min(edges[0], np.floor(values.min() * 1e6) / 1e6)
+    edges[-1] = max(edges[-1], np.ceil(values.max() * 1e6) / 1e6)
+    counts = np.bincount(slots(edges, values), minlength=len(edges) + 1)
+    return {"edges": [float(e) for e in edges], "proportions": shares(counts), **summary(values)}
+
+
+def categorical(values, classes):
+    """Baseline of a class-valued feature (0 .. classes-1): one unit-wide bin per class."""
+    values = np.asarray(values, dtype=np.float64)
+    edges = np.arange(classes + 1, dtype=np.float64) - 0.5
+    counts = np.bincount(slots(edges, values), minlength=classes + 2)
+    return {"edges": [float(e) for e in edges], "proportions": shares(counts), **summary(values)}
 
 
 def write_json(path, value):

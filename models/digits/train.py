@@ -17,7 +17,7 @@ from sklearn.neural_network import MLPClassifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import histogram, keep_output, write_json, write_pgm, write_png  # noqa: E402
+from common import categorical, histogram, keep_output, write_json, write_pgm, write_png  # noqa: E402
 
 X, y = load_digits(return_X_y=True)
 X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
@@ -62,8 +62,18 @@ image = np.kron(255.0 - ink * 255.0, np.ones((8, 8))).round()
 write_pgm(os.path.join(HERE, "samples", "digit.pgm"), image)
 write_png(os.path.join(HERE, "samples", "digit.png"), image)
 
-mean_intensity = (X_train / 16.0).mean(axis=1)
-write_json(os.path.join(HERE, "baseline.json"), {"features": [{"name": "mean_intensity", **histogram(mean_intensity)}]})
+# Drift baseline: the mean intensity of each training digit as the guest computes it, and the
+# class the model predicts for it (prediction drift).
+mean_intensity = (X_train / 16.0).astype(np.float32).mean(axis=1)
+(train_probabilities,) = session.run(None, {"input": (X_train / 16.0).astype(np.float32)})
+write_json(
+    os.path.join(HERE, "baseline.json"),
+    {
+        "features": [{"name": "mean_intensity", **histogram(mean_intensity)}],
+        "outputs": [{"name": "predicted_class", **categorical(np.argmax(train_probabilities, axis=1), 10)}],
+        "thresholds": {"moderate": 0.1, "significant": 0.25},
+    },
+)
 write_json(
     os.path.join(HERE, "expected.json"),
     {

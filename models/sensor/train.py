@@ -99,9 +99,16 @@ write_json(
         "threshold": round(threshold, 6),
     },
 )
+# Drift baseline: what the guest observes, per complete window of the training readings —
+# each channel's mean over the window, and the window's reconstruction error (prediction drift).
+window_means = train[: len(train) // WINDOW * WINDOW].reshape(-1, WINDOW, len(CHANNELS)).mean(axis=1)
 write_json(
     os.path.join(HERE, "baseline.json"),
-    {"features": [{"name": c, **histogram(train[:, i])} for i, c in enumerate(CHANNELS)]},
+    {
+        "features": [{"name": c, **histogram(window_means[:, i])} for i, c in enumerate(CHANNELS)],
+        "outputs": [{"name": "score", **histogram(scores(train))}],
+        "thresholds": {"moderate": 0.1, "significant": 0.25},
+    },
 )
 write_json(os.path.join(HERE, "expected.json"), {"tolerance": 1e-4, "threshold": round(threshold, 6), "cases": cases})
 print(f"sensor: threshold {threshold:.5f}, scores {[c['scores'] for c in cases]}")

@@ -90,7 +90,11 @@ fn classify(pixels: &[f32]) -> Result<(Vec<i64>, Vec<f32>), Error> {
                 )
                 .0 as i64
         })
-        .collect();
+        .collect::<Vec<i64>>();
+    // Prediction drift: the class distribution against the training predictions'.
+    for label in &labels {
+        outpost_guest::observe("predicted_class", *label as f64);
+    }
     Ok((labels, probs))
 }
 

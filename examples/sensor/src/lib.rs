@@ -120,12 +120,16 @@ fn score(p: &Params, flat: &[f32]) -> Result<(Vec<f32>, Vec<bool>), Error> {
     if flat.iter().any(|v| !v.is_finite()) {
         return Err(Error::invalid_input("readings must be finite numbers"));
     }
-    for (i, name) in p.channels.iter().enumerate() {
-        let mean = flat.iter().skip(i).step_by(c).sum::<f32>() / steps as f32;
-        outpost_guest::observe(name, f64::from(mean));
-    }
     let n = steps / p.window;
     let width = p.window * c;
+    // Drift features: each channel's mean over each complete window, the quantity the
+    // baseline's histograms were computed on (`models/sensor/train.py`).
+    for window in flat[..n * width].chunks(width) {
+        for (i, name) in p.channels.iter().enumerate() {
+            let mean = window.iter().skip(i).step_by(c).sum::<f32>() / p.window as f32;
+            outpost_guest::observe(name, f64::from(mean));
+        }
+    }
     let scaled: Vec<f32> = flat[..n * width]
         .iter()
         .enumerate()
@@ -147,6 +151,10 @@ fn score(p: &Params, flat: &[f32]) -> Result<(Vec<f32>, Vec<bool>), Error> {
         .zip(recon.chunks(width))
         .map(|(x, r)| x.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / width as f32)
         .collect();
+    // Prediction drift: the distribution of reconstruction errors.
+    for s in &scores {
+        outpost_guest::observe("score", f64::from(*s));
+    }
     let anomalies = scores.iter().map(|s| *s > p.threshold).collect();
     Ok((scores, anomalies))
 }

@@ -105,6 +105,8 @@ pub struct DeviceTelemetry {
     pub models: Vec<outpost_proto::ModelSeries>,
     /// Shadow candidates' comparisons.
     pub shadows: Vec<outpost_proto::ShadowSeries>,
+    /// Drift counters per model version and feature.
+    pub drift: Vec<outpost_proto::DriftSeries>,
 }
 
 /// Where the agent keeps its files, and how large a bundle it may download.

@@ -53,6 +53,7 @@ impl Shared {
             disk_bytes: device.disk_bytes + self.store.size_on_disk(),
             models: device.models,
             shadows: device.shadows,
+            drift: device.drift,
         }
     }
 }

@@ -37,6 +37,7 @@
 //! ```
 
 mod bundle;
+pub mod drift;
 mod error;
 mod keys;
 pub mod manifest;

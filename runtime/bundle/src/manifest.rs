@@ -263,24 +263,98 @@ impl Default for ResourceLimits {
     }
 }
 
-/// The expected distribution of each drift feature the guest observes.
+/// The training baseline: the expected distribution of each drift feature the guest observes
+/// (`features`) and of each model output it reports (`outputs`, prediction drift), with the PSI
+/// thresholds that grade drift. Documented in `docs/bundle-spec.md`; computed by
+/// [`crate::drift`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Baseline {
-    /// One entry per feature name.
+    /// One entry per input feature name.
     pub features: Vec<FeatureBaseline>,
+    /// One entry per output feature name (prediction drift); observed like the inputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<FeatureBaseline>,
+    /// PSI thresholds (defaults 0.1 and 0.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<PsiThresholds>,
+    /// Seconds of traffic a device's drift window covers (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<u64>,
 }
 
-/// Histogram of one feature on the training data.
+/// PSI at or above `moderate` is moderate drift; at or above `significant`, significant.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsiThresholds {
+    /// Start of moderate drift (usually 0.1).
+    pub moderate: f64,
+    /// Start of significant drift (usually 0.25).
+    pub significant: f64,
+}
+
+impl Default for PsiThresholds {
+    fn default() -> Self {
+        Self {
+            moderate: 0.1,
+            significant: 0.25,
+        }
+    }
+}
+
+/// Histogram and summary statistics of one feature on the training data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureBaseline {
     /// Feature name, as the guest passes it to `observe`.
     pub name: String,
-    /// `n + 1` ascending bin edges; values outside fall into the first or last bin.
+    /// `n + 1` ascending bin edges (training quantiles). Bin `i` holds `edges[i] <= x <
+    /// edges[i+1]`; the last bin also holds `x == edges[n]`.
     pub edges: Vec<f64>,
-    /// `n` expected proportions, summing to 1.
+    /// Expected share of each bin, summing to 1: `n + 2` values (underflow, the `n` bins,
+    /// overflow), or `n` in the first format, where values outside the edges count in the
+    /// first or last bin.
     pub proportions: Vec<f64>,
+    /// Training mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<f64>,
+    /// Training standard deviation (population).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<f64>,
+    /// Smallest training value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Largest training value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Training rows the baseline was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
+impl Baseline {
+    /// Every feature, inputs first, each with whether it is an output.
+    pub fn all(&self) -> impl Iterator<Item = (&FeatureBaseline, bool)> {
+        self.features
+            .iter()
+            .map(|f| (f, false))
+            .chain(self.outputs.iter().map(|f| (f, true)))
+    }
+
+    /// The feature called `name`, input or output.
+    pub fn feature(&self, name: &str) -> Option<&FeatureBaseline> {
+        self.all().map(|(f, _)| f).find(|f| f.name == name)
+    }
+
+    /// The thresholds, defaults filled in.
+    pub fn thresholds(&self) -> PsiThresholds {
+        self.thresholds.unwrap_or_default()
+    }
+
+    /// The window length in seconds, default filled in.
+    pub fn window_s(&self) -> u64 {
+        self.window_s.unwrap_or(crate::drift::DEFAULT_WINDOW_S)
+    }
 }
 
 /// Whether `name` is a valid model name: `[a-z0-9][a-z0-9-]{0,62}`.
@@ -388,27 +462,7 @@ impl Manifest {
             return invalid("limits must be positive".into());
         }
         if let Some(baseline) = &self.baseline {
-            let mut names = BTreeSet::new();
-            for f in &baseline.features {
-                if !names.insert(f.name.as_str()) {
-                    return invalid(format!("baseline feature `{}` is listed twice", f.name));
-                }
-                let ascending = f.edges.windows(2).all(|w| w[0] < w[1]);
-                let finite = f.edges.iter().chain(&f.proportions).all(|x| x.is_finite());
-                let sum: f64 = f.proportions.iter().sum();
-                if f.edges.len() < 2
-                    || f.proportions.len() + 1 != f.edges.len()
-                    || !ascending
-                    || !finite
-                    || f.proportions.iter().any(|&p| p < 0.0)
-                    || (sum - 1.0).abs() > 1e-3
-                {
-                    return invalid(format!(
-                        "baseline feature `{}` needs n+1 ascending finite edges and n non-negative proportions summing to 1",
-                        f.name
-                    ));
-                }
-            }
+            crate::drift::validate(baseline).or_else(invalid)?;
         }
         Ok(())
     }

@@ -26,6 +26,34 @@ fn accepted(probe: &str, prefix: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The fields the baseline's JSON accepts where `probe` puts an unknown one.
+fn accepted_json(probe: &str, prefix: &str) -> BTreeSet<String> {
+    let err = serde_json::from_str::<outpost_bundle::manifest::Baseline>(probe)
+        .unwrap_err()
+        .to_string();
+    let list = err
+        .split("expected one of ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no field list in: {err}"));
+    list.split(',')
+        .filter_map(|f| f.trim().strip_prefix('`')?.split('`').next())
+        .map(|f| format!("{prefix}{f}"))
+        .collect()
+}
+
+#[test]
+fn the_baseline_example_parses_and_validates() {
+    let block = DOC
+        .split("## `baseline`")
+        .nth(1)
+        .and_then(|rest| rest.split("```json\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the doc has its baseline example");
+    let b: outpost_bundle::manifest::Baseline = serde_json::from_str(block).unwrap();
+    outpost_bundle::drift::validate(&b).unwrap();
+    assert_eq!(b.outputs.len(), 1);
+}
+
 #[test]
 fn the_complete_example_parses() {
     let block = DOC
@@ -48,6 +76,8 @@ fn the_tables_name_every_field_the_parser_accepts_and_no_other() {
     parser.extend(accepted("[api]\nzzz = 1\n", "api."));
     parser.extend(accepted("[limits]\nzzz = 1\n", "limits."));
     parser.extend(accepted("[api]\ninputs = [{ zzz = 1 }]\n", "tensor."));
+    parser.extend(accepted_json(r#"{"zzz": 1}"#, "baseline."));
+    parser.extend(accepted_json(r#"{"features": [{"zzz": 1}]}"#, "feature."));
     for field in [
         "guest",
         "model.inputs",

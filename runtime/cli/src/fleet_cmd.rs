@@ -111,6 +111,23 @@ pub(crate) enum FleetCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Fleet-wide drift of MODEL@VERSION against its bundle's training baseline: the devices'
+    /// bin counts added up, PSI per feature.
+    Drift {
+        /// The model version, e.g. `digits@1.0.0`.
+        target: String,
+        /// Only devices reporting this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only the last SECONDS (default: since each device started).
+        #[arg(long, value_name = "SECONDS")]
+        window: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Telemetry records the fleet stored (or events with --events).
     Telemetry {
         /// Only this device.
@@ -184,6 +201,13 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             Ok(())
         }
         FleetCommand::Status { remote, json } => status(&remote, json),
+        FleetCommand::Drift {
+            target,
+            tag,
+            window,
+            remote,
+            json,
+        } => drift(&remote, &target, tag, window, json),
         FleetCommand::Telemetry {
             device,
             events,
@@ -485,6 +509,54 @@ fn telemetry(
         println!(
             "{} #{} t={} {}",
             r.device, r.record.seq, r.record.time, r.record.body
+        );
+    }
+    Ok(())
+}
+
+fn drift(
+    remote: &Remote,
+    target: &str,
+    tag: Option<String>,
+    window: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let (model, version) = split_target(target)?;
+    let d = remote.client()?.drift(&outpost_proto::rest::DriftQuery {
+        model: model.to_owned(),
+        version: version.to_owned(),
+        tag,
+        window,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(());
+    }
+    let scope = match (&d.tag, d.window_s) {
+        (Some(t), Some(w)) => format!("devices tagged {t}, last {w} s"),
+        (Some(t), None) => format!("devices tagged {t}, since each started"),
+        (None, Some(w)) => format!("last {w} s"),
+        (None, None) => "since each device started".into(),
+    };
+    println!(
+        "{} {} on {} device(s), {scope}; PSI thresholds {} (moderate), {} (significant)",
+        d.model, d.version, d.devices, d.moderate, d.significant
+    );
+    println!(
+        "{:<24} {:<6} {:>9} {:>9} {:<12} {:>12} {:>12}",
+        "feature", "kind", "n", "psi", "level", "mean", "std"
+    );
+    let num = |x: Option<f64>, digits: usize| x.map_or("-".to_owned(), |x| format!("{x:.digits$}"));
+    for f in &d.features {
+        println!(
+            "{:<24} {:<6} {:>9} {:>9} {:<12} {:>12} {:>12}",
+            f.feature,
+            if f.output { "output" } else { "input" },
+            f.n,
+            num(f.psi, 4),
+            f.level.as_deref().unwrap_or("-"),
+            num(f.mean, 4),
+            num(f.std, 4)
         );
     }
     Ok(())

@@ -227,6 +227,25 @@ impl FleetClient {
         self.get(&format!("/api/v1/events{}", query_string(query)))
     }
 
+    /// `GET /api/v1/drift`: fleet-wide drift of a model version against its baseline.
+    pub fn drift(
+        &self,
+        query: &outpost_proto::rest::DriftQuery,
+    ) -> Result<outpost_proto::rest::FleetDrift> {
+        let mut path = format!(
+            "/api/v1/drift?model={}&version={}",
+            encode(&query.model),
+            encode(&query.version)
+        );
+        if let Some(tag) = &query.tag {
+            path.push_str(&format!("&tag={}", encode(tag)));
+        }
+        if let Some(w) = query.window {
+            path.push_str(&format!("&window={w}"));
+        }
+        self.get(&path)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -298,6 +317,19 @@ fn http_agent(roots: &[outpost_tls::Certificate<'static>]) -> ureq::Agent {
         .tls_config(outpost_tls::ureq_tls_config(roots))
         .build()
         .new_agent()
+}
+
+/// Percent-encodes everything but unreserved characters, for a query value.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn query_string(q: &RecordQuery) -> String {

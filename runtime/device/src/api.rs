@@ -252,6 +252,7 @@ pub fn admin_router(device: Arc<Device>, limits: ApiLimits, token: String) -> Ro
         .route("/admin/status", get(admin_status))
         .route("/admin/bundles", get(admin_bundles).post(admin_install))
         .route("/admin/events", get(admin_events))
+        .route("/admin/drift", get(admin_drift))
         .route("/admin/models/{name}/activate", post(admin_activate))
         .route(
             "/admin/models/{name}/policy",
@@ -406,6 +407,12 @@ async fn admin_events(
         Ok(events) => axum::Json(json!({ "events": events })).into_response(),
         Err(e) => host_error(e),
     }
+}
+
+/// `GET /admin/drift`: every model version's drift against its training baseline (PSI per
+/// feature over the window and since start, the window's histogram and moments).
+async fn admin_drift(State(ctx): State<Ctx>) -> Response {
+    axum::Json(json!({ "versions": ctx.device.metrics.drift.report() })).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -848,6 +848,12 @@ impl Device {
             error,
             observations,
         );
+        self.metrics.drift.observe(
+            name,
+            loaded.version(),
+            loaded.manifest.baseline.as_ref(),
+            observations,
+        );
         if let Err(e) = &result {
             tracing::debug!(model = %name, version = %loaded.version(), error = %e, "request failed");
         }
@@ -914,6 +920,12 @@ impl Device {
                         Role::Shadow,
                         elapsed,
                         None,
+                        &out.observations,
+                    );
+                    metrics.drift.observe(
+                        &name,
+                        version,
+                        candidate.manifest.baseline.as_ref(),
                         &out.observations,
                     );
                     crate::watch::agree(lane.shadow.compare, &primary, &out.payload)

@@ -70,6 +70,7 @@ impl DeviceControl for Device {
             disk_bytes: self.state().size_on_disk(),
             models: self.metrics.snapshot(),
             shadows: self.metrics.shadow_snapshot(),
+            drift: self.metrics.drift.snapshot(),
         }
     }
 }

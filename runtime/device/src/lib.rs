@@ -12,6 +12,7 @@ mod budget;
 pub mod config;
 mod contract;
 pub mod device;
+pub mod drift;
 mod error;
 mod fleet_link;
 pub mod metrics;

@@ -63,6 +63,8 @@ pub struct Metrics {
     link: OnceLock<Link>,
     /// The HTTP front doors' counters, by listener.
     http: OnceLock<Vec<(String, Arc<outpost_http::Stats>)>>,
+    /// Drift against each version's training baseline.
+    pub drift: crate::drift::Drift,
 }
 
 /// A snapshot of one model version's counters (the telemetry form).
@@ -78,7 +80,7 @@ fn labels(model: &str, version: &str, role: Role) -> String {
     )
 }
 
-fn escape(v: &str) -> String {
+pub(crate) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -324,6 +326,7 @@ impl Metrics {
                 );
             }
         }
+        self.drift.render(&mut out);
         let shadows = match self.shadows.lock() {
             Ok(all) => all.clone(),
             Err(_) => BTreeMap::new(),

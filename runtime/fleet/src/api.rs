@@ -95,6 +95,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .route("/rollouts/{id}/{op}", post(rollout_op))
         .route("/telemetry", get(telemetry))
         .route("/events", get(events))
+        .route("/drift", get(drift))
         .layer(DefaultBodyLimit::max(
             usize::try_from(fleet.max_bundle_bytes).unwrap_or(usize::MAX),
         ))
@@ -299,6 +300,23 @@ async fn events(
     Query(q): Query<RecordQuery>,
 ) -> Result<impl IntoResponse, FleetError> {
     records(&fleet, Stream::Events, q)
+}
+
+/// `GET /api/v1/drift?model=&version=[&tag=][&window=SECS]`: fleet-wide drift of a model
+/// version against its bundle's training baseline.
+async fn drift(
+    State(fleet): Shared,
+    q: Result<Query<outpost_proto::rest::DriftQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, FleetError> {
+    let Query(q) = q.map_err(|e| {
+        FleetError::BadRequest(format!(
+            "drift needs ?model=NAME&version=V (optional tag=T, window=SECONDS): {e}"
+        ))
+    })?;
+    let answer = tokio::task::spawn_blocking(move || fleet.drift(&q))
+        .await
+        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
+    Ok(Json(answer))
 }
 
 fn records(fleet: &Fleet, stream: Stream, q: RecordQuery) -> Result<Response, FleetError> {

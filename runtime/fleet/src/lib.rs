@@ -11,6 +11,7 @@ pub mod acl;
 pub mod api;
 pub mod broker;
 pub mod domain;
+mod drift;
 mod enrol;
 mod error;
 pub mod gate;

@@ -247,6 +247,34 @@ pub struct TelemetrySample {
     pub models: Vec<ModelSeries>,
     /// Each shadow candidate's comparisons with its primary.
     pub shadows: Vec<ShadowSeries>,
+    /// Drift counters per model version and baseline feature (since the device started).
+    pub drift: Vec<DriftSeries>,
+}
+
+/// One drift feature's counters for one model version, as telemetry carries them: cumulative
+/// since the device started, so a fleet subtracts two records for a window and adds devices
+/// up bin by bin.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DriftSeries {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Feature name, as the bundle's baseline names it.
+    pub feature: String,
+    /// Whether the feature is a model output (prediction drift).
+    pub output: bool,
+    /// Observations per slot: underflow, the baseline's bins, overflow.
+    pub counts: Vec<u64>,
+    /// Observations counted.
+    pub n: u64,
+    /// The value the sums are taken around (the baseline's mean, fixed per bundle).
+    pub center: f64,
+    /// Σ (x − center).
+    pub sum: f64,
+    /// Σ (x − center)².
+    pub sum_sq: f64,
 }
 
 /// A shadow candidate's counters, as telemetry carries them (since the device started).

@@ -449,3 +449,80 @@ pub struct HistoryLine {
     /// What was decided, and why.
     pub text: String,
 }
+
+/// What `GET /api/v1/drift` selects.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftQuery {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Only devices reporting this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Only the last this many seconds (default: everything since each device started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+/// Fleet-wide drift of one model version against its bundle's training baseline: the
+/// devices' bin counts added up, and the PSI of the sum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetDrift {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// The bundle's digest.
+    pub digest: String,
+    /// The tag asked for, if any.
+    pub tag: Option<String>,
+    /// The window asked for, in seconds (`None`: since each device started).
+    pub window_s: Option<u64>,
+    /// PSI threshold of moderate drift (from the bundle).
+    pub moderate: f64,
+    /// PSI threshold of significant drift.
+    pub significant: f64,
+    /// Devices that counted observations of this version.
+    pub devices: u64,
+    /// One entry per baseline feature.
+    pub features: Vec<FleetFeatureDrift>,
+}
+
+/// One feature's fleet-wide drift.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetFeatureDrift {
+    /// Feature name.
+    pub feature: String,
+    /// Whether it is a model output (prediction drift).
+    pub output: bool,
+    /// Observations, all devices together.
+    pub n: u64,
+    /// PSI of the pooled counts (`None` with none).
+    pub psi: Option<f64>,
+    /// `stable`, `moderate` or `significant`.
+    pub level: Option<String>,
+    /// Pooled mean.
+    pub mean: Option<f64>,
+    /// Pooled standard deviation.
+    pub std: Option<f64>,
+    /// Pooled counts: underflow, the bins, overflow.
+    pub counts: Vec<u64>,
+    /// The baseline's edges.
+    pub edges: Vec<f64>,
+    /// The baseline's expected share per slot.
+    pub expected: Vec<f64>,
+    /// Each device's part.
+    pub per_device: Vec<DeviceFeatureDrift>,
+}
+
+/// One device's part of a feature's drift.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceFeatureDrift {
+    /// Device id.
+    pub device: String,
+    /// Its observations.
+    pub n: u64,
+    /// The PSI of its counts alone.
+    pub psi: Option<f64>,
+}

@@ -1,0 +1,77 @@
+"""Drift arithmetic with numpy, independent of the Rust implementation the devices and the
+fleet run (`runtime/bundle/src/drift.rs`); the tests compare the two.
+
+  python models/drift.py psi --baseline models/sensor/baseline.json --samples S.json
+      S.json: {"feature": [values, ...], ...}; prints {"feature": psi, ...} as JSON.
+  python models/drift.py baseline --samples S.json [--bins 10] [--outputs name,...]
+      prints a baseline (training deciles, tails, statistics) for the features in S.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import histogram, slots  # noqa: E402
+
+EPSILON = 1e-4
+
+
+def psi(feature, values):
+    """PSI of `values` against one baseline feature: sum of (a - e) * ln(a / e) over the
+    slots, shares raised to EPSILON; a baseline in the first format (n proportions, no tails)
+    counts values outside its edges in the end bins."""
+    edges = np.asarray(feature["edges"], dtype=np.float64)
+    n = len(edges) - 1
+    expected = np.asarray(feature["proportions"], dtype=np.float64)
+    s = slots(edges, values)
+    if len(expected) == n:
+        s = np.clip(s, 1, n) - 1
+        counts = np.bincount(s, minlength=n)
+    else:
+        counts = np.bincount(s, minlength=n + 2)
+    a = np.maximum(counts / counts.sum(), EPSILON)
+    e = np.maximum(expected, EPSILON)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("psi")
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--samples", required=True)
+    b = sub.add_parser("baseline")
+    b.add_argument("--samples", required=True)
+    b.add_argument("--bins", type=int, default=10)
+    b.add_argument("--outputs", default="", help="comma-separated names that are model outputs")
+    args = parser.parse_args()
+    with open(args.samples) as f:
+        samples = json.load(f)
+    if args.command == "psi":
+        with open(args.baseline) as f:
+            baseline = json.load(f)
+        features = {x["name"]: x for x in baseline["features"] + baseline.get("outputs", [])}
+        missing = sorted(set(samples) - set(features))
+        if missing:
+            sys.exit(f"the baseline does not name {', '.join(missing)}")
+        print(json.dumps({name: psi(features[name], np.asarray(v, dtype=np.float64)) for name, v in samples.items()}))
+    else:
+        outputs = {x for x in args.outputs.split(",") if x}
+        made = {name: {"name": name, **histogram(v, args.bins)} for name, v in samples.items()}
+        print(
+            json.dumps(
+                {
+                    "features": [v for k, v in made.items() if k not in outputs],
+                    "outputs": [v for k, v in made.items() if k in outputs],
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+//! Fleet-wide drift: each device's bin counts for a model version (from its telemetry) added
+//! up, and the PSI of the sum against the bundle's training baseline.
+//!
+//! Devices send their counters since they started. Over a window, a device's part is its last
+//! record in the window minus its first; when the device started inside the window (its
+//! uptime at the first record is shorter than the window) or restarted in it (uptime going
+//! down), the last record counts alone.
+
+use outpost_bundle::drift::Level;
+use outpost_bundle::manifest::Baseline;
+use outpost_bundle::{Bundle, ReadLimits};
+use outpost_proto::rest::{
+    DeviceFeatureDrift, DriftQuery, FleetDrift, FleetFeatureDrift, StoredRecord,
+};
+use outpost_proto::{DriftSeries, TelemetrySample};
+
+use crate::store::{Stream, now_secs};
+use crate::{Fleet, FleetError, Result};
+
+/// Records read per device for one window, at most.
+const MAX_WINDOW_RECORDS: usize = 100_000;
+
+/// A device's pooled counters of one feature.
+#[derive(Debug, Clone, Default)]
+struct Part {
+    counts: Vec<u64>,
+    n: u64,
+    sum: f64,
+    sum_sq: f64,
+}
+
+impl Part {
+    /// `s` taken around `center` instead of its own.
+    fn of(s: &DriftSeries, center: f64) -> Self {
+        let shift = s.center - center;
+        let n = s.n as f64;
+        Self {
+            counts: s.counts.clone(),
+            n: s.n,
+            sum: s.sum + n * shift,
+            sum_sq: s.sum_sq + 2.0 * shift * s.sum + n * shift * shift,
+        }
+    }
+
+    fn minus(mut self, base: &Part) -> Self {
+        if base.counts.len() == self.counts.len() {
+            for (a, b) in self.counts.iter_mut().zip(&base.counts) {
+                *a = a.saturating_sub(*b);
+            }
+        }
+        self.n = self.n.saturating_sub(base.n);
+        self.sum -= base.sum;
+        self.sum_sq -= base.sum_sq;
+        self
+    }
+
+    fn add(&mut self, other: &Part) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.n += other.n;
+        self.sum += other.sum;
+        self.sum_sq += other.sum_sq;
+    }
+}
+
+fn sample(r: &StoredRecord) -> Option<TelemetrySample> {
+    serde_json::from_value(r.record.body.clone()).ok()
+}
+
+impl Fleet {
+    /// The training baseline in the stored bundle of `model` at `version`, and its digest.
+    pub fn baseline(&self, model: &str, version: &str) -> Result<(Baseline, String)> {
+        let record = self
+            .store
+            .bundle(model, version)?
+            .ok_or_else(|| FleetError::NotFound(format!("bundle {model} {version}")))?;
+        let file = std::fs::File::open(self.store.artifact_path(&record.digest)?)?;
+        let limits = ReadLimits {
+            max_file_bytes: self.max_bundle_bytes,
+            max_total_bytes: self.max_bundle_bytes,
+            ..ReadLimits::default()
+        };
+        let bundle = Bundle::read(std::io::BufReader::new(file), &limits)?;
+        let baseline = bundle.manifest().baseline.clone().ok_or_else(|| {
+            FleetError::BadRequest(format!(
+                "bundle {model} {version} has no training baseline; build it with one to \
+                 monitor drift"
+            ))
+        })?;
+        Ok((baseline, record.digest))
+    }
+
+    /// Fleet-wide drift of `q.model` at `q.version` on the devices `q` selects.
+    pub fn drift(&self, q: &DriftQuery) -> Result<FleetDrift> {
+        if q.window.is_some_and(|w| w == 0) {
+            return Err(FleetError::BadRequest("a window is at least 1 s".into()));
+        }
+        let (baseline, digest) = self.baseline(&q.model, &q.version)?;
+        let now = now_secs();
+        let features: Vec<_> = baseline.all().collect();
+        let centers: Vec<f64> = features
+            .iter()
+            .map(|(f, _)| {
+                f.mean.unwrap_or_else(|| {
+                    (f.edges.first().unwrap_or(&0.0) + f.edges.last().unwrap_or(&0.0)) / 2.0
+                })
+            })
+            .collect();
+        let mut pooled: Vec<Part> = features
+            .iter()
+            .map(|(f, _)| Part {
+                counts: vec![0; f.bins() + 2],
+                ..Part::default()
+            })
+            .collect();
+        let mut per_device: Vec<Vec<DeviceFeatureDrift>> = vec![Vec::new(); features.len()];
+        let mut devices = 0;
+        for device in self.store.devices()? {
+            if let Some(tag) = &q.tag {
+                let tagged = device
+                    .reported
+                    .as_ref()
+                    .is_some_and(|r| r.tags.iter().any(|t| t == tag));
+                if !tagged {
+                    continue;
+                }
+            }
+            let parts = self.device_parts(&device.id, q, now, &features, &centers)?;
+            if parts.iter().all(|p| p.n == 0) {
+                continue;
+            }
+            devices += 1;
+            for (i, part) in parts.iter().enumerate() {
+                pooled[i].add(part);
+                if part.n > 0 {
+                    per_device[i].push(DeviceFeatureDrift {
+                        device: device.id.clone(),
+                        n: part.n,
+                        psi: features[i].0.psi(&part.counts),
+                    });
+                }
+            }
+        }
+        let thresholds = baseline.thresholds();
+        let features = features
+            .iter()
+            .zip(pooled)
+            .zip(per_device)
+            .zip(&centers)
+            .map(|((((f, output), p), per_device), center)| {
+                let psi = f.psi(&p.counts);
+                let (mean, std) = if p.n > 0 {
+                    let n = p.n as f64;
+                    let m = p.sum / n;
+                    (
+                        Some(center + m),
+                        Some((p.sum_sq / n - m * m).max(0.0).sqrt()),
+                    )
+                } else {
+                    (None, None)
+                };
+                FleetFeatureDrift {
+                    feature: f.name.clone(),
+                    output: *output,
+                    n: p.n,
+                    psi,
+                    level: psi.map(|x| Level::of(x, thresholds).as_str().to_owned()),
+                    mean,
+                    std,
+                    counts: p.counts,
+                    edges: f.edges.clone(),
+                    expected: f.expected(),
+                    per_device,
+                }
+            })
+            .collect();
+        Ok(FleetDrift {
+            model: q.model.clone(),
+            version: q.version.clone(),
+            digest,
+            tag: q.tag.clone(),
+            window_s: q.window,
+            moderate: thresholds.moderate,
+            significant: thresholds.significant,
+            devices,
+            features,
+        })
+    }
+
+    /// One device's counters of each feature over the query's window.
+    fn device_parts(
+        &self,
+        device: &str,
+        q: &DriftQuery,
+        now: u64,
+        features: &[(&outpost_bundle::manifest::FeatureBaseline, bool)],
+        centers: &[f64],
+    ) -> Result<Vec<Part>> {
+        let parts_of = |s: &TelemetrySample| -> Vec<Part> {
+            features
+                .iter()
+                .zip(centers)
+                .map(|((f, _), center)| {
+                    s.drift
+                        .iter()
+                        .find(|d| {
+                            d.model == q.model
+                                && d.version == q.version
+                                && d.feature == f.name
+                                && d.counts.len() == f.bins() + 2
+                        })
+                        .map(|d| Part::of(d, *center))
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
+        let records = match q.window {
+            None => self.store.recent_records(Stream::Telemetry, device, 0, 1)?,
+            Some(w) => self.store.recent_records(
+                Stream::Telemetry,
+                device,
+                now.saturating_sub(w),
+                MAX_WINDOW_RECORDS,
+            )?,
+        };
+        let (Some(last), Some(first)) = (
+            records.last().and_then(sample),
+            records.first().and_then(sample),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let last_parts = parts_of(&last);
+        let Some(w) = q.window else {
+            return Ok(last_parts);
+        };
+        let started_inside = first.uptime_s <= w;
+        let restarted = last.uptime_s < first.uptime_s;
+        if records.len() < 2 || started_inside || restarted {
+            // A lone record of a device up for longer than the window says nothing about it.
+            if records.len() < 2 && !started_inside {
+                return Ok(Vec::new());
+            }
+            return Ok(last_parts);
+        }
+        let first_parts = parts_of(&first);
+        Ok(last_parts
+            .into_iter()
+            .zip(first_parts)
+            .map(|(l, f)| l.minus(&f))
+            .collect())
+    }
+}
