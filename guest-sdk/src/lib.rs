@@ -423,7 +423,10 @@ pub fn infer(model: &str, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
     }
 }
 
-/// Records one value of a drift feature named in the manifest's baseline.
+/// Records one value of a drift feature named in the manifest's baseline (an input feature,
+/// or a model output for prediction drift). The host bins it against the baseline; a name the
+/// baseline does not list is refused and counted (`outpost_feature_unknown_total`), and a
+/// non-finite value is ignored. One call counts at most 1,024 logs and observations together.
 pub fn observe(feature: &str, value: f64) {
     telemetry::observe(feature, value);
 }
