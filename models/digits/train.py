@@ -72,6 +72,8 @@ write_json(
         "features": [{"name": "mean_intensity", **histogram(mean_intensity)}],
         "outputs": [{"name": "predicted_class", **categorical(np.argmax(train_probabilities, axis=1), 10)}],
         "thresholds": {"moderate": 0.1, "significant": 0.25},
+        # Labels posted as feedback are joined with the predicted class: accuracy.
+        "quality": {"output": "predicted_class", "task": "classification"},
     },
 )
 write_json(

@@ -14,15 +14,22 @@ use support::*;
 
 const BASELINE: &[u8] = include_bytes!("../../models/digits/baseline.json");
 
+/// Observed values per feature.
+type Samples = BTreeMap<String, Vec<f64>>;
+/// Each request's id and predicted class.
+type Answers = Vec<(String, f64)>;
+
 /// What the digits guest observes for one image: the mean of the pixels scaled to 0–1, in f32
 /// as the guest sums them.
 fn mean_intensity(pixels: &[f64]) -> f64 {
     f64::from(pixels.iter().map(|p| *p as f32 / 16.0).sum::<f32>() / 64.0)
 }
 
-/// Sends `images` to the device at `url`; returns the samples the guest observed.
-fn traffic(url: &str, images: &[Vec<f64>]) -> BTreeMap<String, Vec<f64>> {
+/// Sends `images` to the device at `url`; returns the samples the guest observed and each
+/// request's id and predicted class.
+fn traffic(url: &str, images: &[Vec<f64>]) -> (Samples, Answers) {
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut answered = Vec::new();
     for pixels in images {
         let r = outpost_testkit::post_json(
             &format!("{url}/v2/models/digits/infer"),
@@ -46,8 +53,9 @@ fn traffic(url: &str, images: &[Vec<f64>]) -> BTreeMap<String, Vec<f64>> {
             .entry("predicted_class".into())
             .or_default()
             .push(label);
+        answered.push((body["id"].as_str().unwrap().to_owned(), label));
     }
-    samples
+    (samples, answered)
 }
 
 fn pool(parts: &[&BTreeMap<String, Vec<f64>>]) -> BTreeMap<String, Vec<f64>> {
@@ -112,7 +120,7 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
         assert!(out.contains(&format!("{id}: applied")), "{out}");
     }
 
-    // Three kinds of traffic: the test digits as they are, faded to half their ink, and
+    // Three kinds of traffic: the test digits as they are, faded to a third of their ink, and
     // thickened; each device gets its own mix.
     let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
     let digits: Vec<Vec<f64>> = expected["cases"]
@@ -123,11 +131,11 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
         .collect();
     let faded: Vec<Vec<f64>> = digits
         .iter()
-        .map(|p| p.iter().map(|v| (v / 2.0).floor()).collect())
+        .map(|p| p.iter().map(|v| (v / 3.0).floor()).collect())
         .collect();
     let thick: Vec<Vec<f64>> = digits
         .iter()
-        .map(|p| p.iter().map(|v| (v + 6.0).min(16.0)).collect())
+        .map(|p| p.iter().map(|v| (v + 7.0).min(16.0)).collect())
         .collect();
     let mixes: [Vec<Vec<f64>>; 3] = [
         digits.iter().cycle().take(40).cloned().collect(),
@@ -146,11 +154,11 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
             .cloned()
             .collect(),
     ];
-    let samples: Vec<BTreeMap<String, Vec<f64>>> = devices
+    let (samples, answered): (Vec<Samples>, Vec<Answers>) = devices
         .iter()
         .zip(&mixes)
         .map(|(device, images)| traffic(&device.url, images))
-        .collect();
+        .unzip();
     let total: usize = mixes.iter().map(Vec::len).sum();
 
     let drift = |query: &str| {
@@ -250,4 +258,68 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
         fleet.api
     ));
     assert_eq!(status, 404);
+
+    // Ground truth: every request labelled on its own device; the fleet's accuracy is the
+    // accuracy of all predictions against all labels, per tag too.
+    let truths: Vec<f64> = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["true_label"].as_f64().unwrap())
+        .collect();
+    let mut right = [0u64; 3];
+    for (i, ((device, images), answered)) in devices.iter().zip(&mixes).zip(&answered).enumerate() {
+        let feedback: Vec<Value> = images
+            .iter()
+            .zip(answered)
+            .map(|(pixels, (id, predicted))| {
+                let truth = truth_of(&digits, &truths, pixels);
+                right[i] += u64::from(truth == *predicted);
+                serde_json::json!({"id": id, "truth": truth})
+            })
+            .collect();
+        let r = outpost_testkit::post_json(
+            &format!("{}/v2/models/digits/feedback", device.url),
+            &serde_json::json!({ "feedback": feedback }),
+        );
+        assert_eq!(r.json()["accepted"], images.len(), "{}", r.text());
+    }
+    let quality = eventually(secs(30), "every label in the fleet's telemetry", || {
+        let (status, v) = get_json(&format!(
+            "{}/api/v1/quality?model=digits&version=1.1.0",
+            fleet.api
+        ));
+        assert_eq!(status, 200, "{v}");
+        (v["labels"] == total as u64).then_some(v)
+    });
+    let offline = right.iter().sum::<u64>() as f64 / total as f64;
+    assert!(
+        (quality["accuracy"].as_f64().unwrap() - offline).abs() < 1e-12,
+        "{quality}"
+    );
+    assert_eq!(quality["devices"], 3);
+    let (_, north) = get_json(&format!(
+        "{}/api/v1/quality?model=digits&version=1.1.0&tag=north",
+        fleet.api
+    ));
+    let north_offline = (right[0] + right[1]) as f64 / (mixes[0].len() + mixes[1].len()) as f64;
+    assert!(
+        (north["accuracy"].as_f64().unwrap() - north_offline).abs() < 1e-12,
+        "{north}"
+    );
+    let table = fleet.cli(dir, &["fleet", "quality", "digits@1.1.0"]);
+    assert!(table.contains(&format!("accuracy {offline:.4}")), "{table}");
+    eprintln!("fleet accuracy {offline} over {total} labels; north {north_offline}");
+}
+
+/// The true digit of a (possibly faded or thickened) test image, by the test digit it came from.
+fn truth_of(digits: &[Vec<f64>], truths: &[f64], pixels: &[f64]) -> f64 {
+    let faded = |p: &Vec<f64>| p.iter().map(|v| (v / 3.0).floor()).collect::<Vec<f64>>();
+    let thick = |p: &Vec<f64>| p.iter().map(|v| (v + 7.0).min(16.0)).collect::<Vec<f64>>();
+    digits
+        .iter()
+        .zip(truths)
+        .find(|(d, _)| d.as_slice() == pixels || faded(d) == pixels || thick(d) == pixels)
+        .map(|(_, t)| *t)
+        .unwrap()
 }

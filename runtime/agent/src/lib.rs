@@ -107,6 +107,8 @@ pub struct DeviceTelemetry {
     pub shadows: Vec<outpost_proto::ShadowSeries>,
     /// Drift counters per model version and feature.
     pub drift: Vec<outpost_proto::DriftSeries>,
+    /// Ground-truth feedback per model version.
+    pub quality: Vec<outpost_proto::QualitySeries>,
 }
 
 /// Where the agent keeps its files, and how large a bundle it may download.

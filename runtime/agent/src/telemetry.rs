@@ -54,6 +54,7 @@ impl Shared {
             models: device.models,
             shadows: device.shadows,
             drift: device.drift,
+            quality: device.quality,
         }
     }
 }

@@ -171,6 +171,14 @@ pub fn validate(b: &Baseline) -> std::result::Result<(), String> {
     {
         return Err("baseline thresholds need 0 < moderate <= significant".into());
     }
+    if let Some(q) = &b.quality
+        && !b.outputs.iter().any(|o| o.name == q.output)
+    {
+        return Err(format!(
+            "the baseline's quality output `{}` is not one of its outputs",
+            q.output
+        ));
+    }
     if b.window_s.is_some_and(|w| !(60..=7 * 86_400).contains(&w)) {
         return Err("a baseline's window_s is 60 s to 7 days".into());
     }
@@ -273,6 +281,13 @@ mod tests {
         b.window_s = Some(1);
         assert!(validate(&b).unwrap_err().contains("window_s"));
         b.window_s = None;
+        b.quality = Some(crate::manifest::QualitySpec {
+            output: "x".into(),
+            task: crate::manifest::Task::Classification,
+        });
+        assert!(validate(&b).unwrap_err().contains("not one of its outputs"));
+        b.quality.as_mut().unwrap().output = "y".into();
+        assert!(validate(&b).is_ok());
         b.features[0].min = Some(2.0);
         b.features[0].max = Some(1.0);
         assert!(validate(&b).unwrap_err().contains("min above max"));

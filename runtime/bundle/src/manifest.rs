@@ -281,6 +281,41 @@ pub struct Baseline {
     /// Seconds of traffic a device's drift window covers (default 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_s: Option<u64>,
+    /// Which output is the model's prediction, for ground-truth feedback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualitySpec>,
+}
+
+/// The output feature a device keeps per request, to join with the true label or value a
+/// client posts later (`POST /v2/models/{name}/feedback`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualitySpec {
+    /// One of the baseline's `outputs`: the value the guest observes for each item it answers.
+    pub output: String,
+    /// `classification` (accuracy: the class index equals the label) or `regression` (mean
+    /// absolute error).
+    pub task: Task,
+}
+
+/// What kind of prediction a model makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// A class index; quality is accuracy.
+    Classification,
+    /// A value; quality is the mean absolute error.
+    Regression,
+}
+
+impl Task {
+    /// `classification` or `regression`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classification => "classification",
+            Self::Regression => "regression",
+        }
+    }
 }
 
 /// PSI at or above `moderate` is moderate drift; at or above `significant`, significant.

@@ -128,6 +128,23 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Fleet-wide quality of MODEL@VERSION from ground-truth feedback: accuracy or mean
+    /// absolute error over the labels its devices joined.
+    Quality {
+        /// The model version, e.g. `digits@1.0.0`.
+        target: String,
+        /// Only devices reporting this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only the last SECONDS (default: since each device started).
+        #[arg(long, value_name = "SECONDS")]
+        window: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Telemetry records the fleet stored (or events with --events).
     Telemetry {
         /// Only this device.
@@ -208,6 +225,13 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             remote,
             json,
         } => drift(&remote, &target, tag, window, json),
+        FleetCommand::Quality {
+            target,
+            tag,
+            window,
+            remote,
+            json,
+        } => quality(&remote, &target, tag, window, json),
         FleetCommand::Telemetry {
             device,
             events,
@@ -522,7 +546,7 @@ fn drift(
     json: bool,
 ) -> Result<()> {
     let (model, version) = split_target(target)?;
-    let d = remote.client()?.drift(&outpost_proto::rest::DriftQuery {
+    let d = remote.client()?.drift(&outpost_proto::rest::MonitorQuery {
         model: model.to_owned(),
         version: version.to_owned(),
         tag,
@@ -558,6 +582,46 @@ fn drift(
             num(f.mean, 4),
             num(f.std, 4)
         );
+    }
+    Ok(())
+}
+
+fn quality(
+    remote: &Remote,
+    target: &str,
+    tag: Option<String>,
+    window: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let (model, version) = split_target(target)?;
+    let q = remote
+        .client()?
+        .quality(&outpost_proto::rest::MonitorQuery {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            tag,
+            window,
+        })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&q)?);
+        return Ok(());
+    }
+    let value = match (q.accuracy, q.mae) {
+        (Some(a), _) => format!("accuracy {a:.4} ({} of {} correct)", q.correct, q.labels),
+        (None, Some(m)) => format!("mean absolute error {m:.4} over {} labels", q.labels),
+        (None, None) => "no labels yet".to_owned(),
+    };
+    println!(
+        "{} {} on {} device(s): {value}",
+        q.model, q.version, q.devices
+    );
+    for d in &q.per_device {
+        let v = d
+            .accuracy
+            .map(|a| format!("accuracy {a:.4}"))
+            .or(d.mae.map(|m| format!("mae {m:.4}")))
+            .unwrap_or_default();
+        println!("  {:<24} {:>8} labels  {v}", d.device, d.labels);
     }
     Ok(())
 }

@@ -230,20 +230,17 @@ impl FleetClient {
     /// `GET /api/v1/drift`: fleet-wide drift of a model version against its baseline.
     pub fn drift(
         &self,
-        query: &outpost_proto::rest::DriftQuery,
+        query: &outpost_proto::rest::MonitorQuery,
     ) -> Result<outpost_proto::rest::FleetDrift> {
-        let mut path = format!(
-            "/api/v1/drift?model={}&version={}",
-            encode(&query.model),
-            encode(&query.version)
-        );
-        if let Some(tag) = &query.tag {
-            path.push_str(&format!("&tag={}", encode(tag)));
-        }
-        if let Some(w) = query.window {
-            path.push_str(&format!("&window={w}"));
-        }
-        self.get(&path)
+        self.get(&monitor_path("drift", query))
+    }
+
+    /// `GET /api/v1/quality`: fleet-wide accuracy or MAE of a model version from feedback.
+    pub fn quality(
+        &self,
+        query: &outpost_proto::rest::MonitorQuery,
+    ) -> Result<outpost_proto::rest::FleetQuality> {
+        self.get(&monitor_path("quality", query))
     }
 
     fn url(&self, path: &str) -> String {
@@ -317,6 +314,22 @@ fn http_agent(roots: &[outpost_tls::Certificate<'static>]) -> ureq::Agent {
         .tls_config(outpost_tls::ureq_tls_config(roots))
         .build()
         .new_agent()
+}
+
+/// `/api/v1/{what}?model=…&version=…[&tag=…][&window=…]`.
+fn monitor_path(what: &str, query: &outpost_proto::rest::MonitorQuery) -> String {
+    let mut path = format!(
+        "/api/v1/{what}?model={}&version={}",
+        encode(&query.model),
+        encode(&query.version)
+    );
+    if let Some(tag) = &query.tag {
+        path.push_str(&format!("&tag={}", encode(tag)));
+    }
+    if let Some(w) = query.window {
+        path.push_str(&format!("&window={w}"));
+    }
+    path
 }
 
 /// Percent-encodes everything but unreserved characters, for a query value.

@@ -123,6 +123,10 @@ pub fn public_router(device: Arc<Device>, limits: ApiLimits) -> Router {
         )
         .route("/v2/models/{name}/raw", post(crate::api_infer::raw))
         .route(
+            "/v2/models/{name}/feedback",
+            post(crate::api_infer::feedback),
+        )
+        .route(
             "/v2/models/{name}/versions/{version}/raw",
             post(crate::api_infer::raw),
         )
@@ -253,6 +257,7 @@ pub fn admin_router(device: Arc<Device>, limits: ApiLimits, token: String) -> Ro
         .route("/admin/bundles", get(admin_bundles).post(admin_install))
         .route("/admin/events", get(admin_events))
         .route("/admin/drift", get(admin_drift))
+        .route("/admin/quality", get(admin_quality))
         .route("/admin/models/{name}/activate", post(admin_activate))
         .route(
             "/admin/models/{name}/policy",
@@ -413,6 +418,12 @@ async fn admin_events(
 /// feature over the window and since start, the window's histogram and moments).
 async fn admin_drift(State(ctx): State<Ctx>) -> Response {
     axum::Json(json!({ "versions": ctx.device.metrics.drift.report() })).into_response()
+}
+
+/// `GET /admin/quality`: each model version's accuracy or mean absolute error from the labels
+/// posted to `/v2/models/{name}/feedback`.
+async fn admin_quality(State(ctx): State<Ctx>) -> Response {
+    axum::Json(json!({ "versions": ctx.device.metrics.feedback.report() })).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -54,6 +54,40 @@ pub(crate) const ROUTE_KEY: &str = "outpost-route-key";
 /// The response header naming the version that answered.
 pub(crate) const MODEL_VERSION: &str = "outpost-model-version";
 
+/// The header carrying a request's id, in the request (the client's own, to post feedback
+/// under) and in every answer.
+pub(crate) const REQUEST_ID: &str = "outpost-request-id";
+
+/// A request's id: the header, else the OIP `id`, else a fresh one from the device.
+fn request_id(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    oip_id: Option<String>,
+) -> Result<String, InferError> {
+    match headers.get(REQUEST_ID) {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.len() <= crate::feedback::MAX_ID_BYTES)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                InferError::BadRequest(format!(
+                    "{REQUEST_ID} must be 1 to {} visible ASCII characters",
+                    crate::feedback::MAX_ID_BYTES
+                ))
+            }),
+        None => Ok(oip_id.unwrap_or_else(|| ctx.device.metrics.feedback.new_id())),
+    }
+}
+
+/// Names the request in the answer.
+fn with_id(mut response: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    response
+}
+
 /// The routing key of a request: the header, else the OIP request parameter `route_key`.
 fn route_key(headers: &HeaderMap, parameter: Option<String>) -> Result<Option<String>, InferError> {
     match headers.get(ROUTE_KEY) {
@@ -91,6 +125,7 @@ pub(crate) async fn infer(
             })?;
         drop((bytes, body_share));
         let key = route_key(&headers, request.route_key)?;
+        let id = request_id(&ctx, &headers, request.id)?;
         let (loaded, out) = ctx
             .device
             .infer_routed(
@@ -101,10 +136,17 @@ pub(crate) async fn infer(
             )
             .await?;
         drop(tensor_share);
+        ctx.device.metrics.feedback.remember(
+            &id,
+            &name,
+            loaded.version(),
+            loaded.manifest.baseline.as_ref(),
+            &out.observations,
+        );
         Ok::<_, InferError>((
             loaded,
             out.payload,
-            request.id,
+            id,
             request.outputs,
             request.binary_output,
         ))
@@ -117,7 +159,10 @@ pub(crate) async fn infer(
     let outputs = match payload {
         Payload::Tensors(outputs) => outputs,
         Payload::Raw { content_type, body } => {
-            return with_version(raw_response(&ctx, content_type, body), loaded.version());
+            return with_id(
+                with_version(raw_response(&ctx, content_type, body), loaded.version()),
+                &id,
+            );
         }
     };
     let how = Encoding {
@@ -126,10 +171,9 @@ pub(crate) async fn infer(
         labels: &loaded.manifest.labels,
         max_json_bytes: ctx.limits.max_response_bytes,
     };
-    let encoded =
-        oip::encode_response(&name, loaded.version(), id.as_deref(), &outputs, how, |n| {
-            ctx.device.budget.take(n, "the response")
-        });
+    let encoded = oip::encode_response(&name, loaded.version(), Some(&id), &outputs, how, |n| {
+        ctx.device.budget.take(n, "the response")
+    });
     drop(outputs);
     let response = match encoded {
         Ok((json, binary, share)) if binary.is_empty() => (
@@ -153,7 +197,7 @@ pub(crate) async fn infer(
         }
         Err(e) => return e.into_response(),
     };
-    with_version(response, loaded.version())
+    with_id(with_version(response, loaded.version()), &id)
 }
 
 /// A raw response, keeping its share of the budget until it has been sent.
@@ -187,15 +231,24 @@ pub(crate) async fn raw(
             body: bytes,
         };
         let key = route_key(&headers, None)?;
+        let id = request_id(&ctx, &headers, None)?;
         let out = ctx
             .device
             .infer_routed(&name, version.as_deref(), key.as_deref(), payload)
             .await;
         drop(share);
-        out
+        let (loaded, out) = out?;
+        ctx.device.metrics.feedback.remember(
+            &id,
+            &name,
+            loaded.version(),
+            loaded.manifest.baseline.as_ref(),
+            &out.observations,
+        );
+        Ok::<_, InferError>((loaded, out, id))
     }
     .await;
-    let (loaded, out) = match result {
+    let (loaded, out, id) = match result {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -209,7 +262,7 @@ pub(crate) async fn raw(
                 labels: &loaded.manifest.labels,
                 max_json_bytes: ctx.limits.max_response_bytes,
             };
-            match oip::encode_response(&name, loaded.version(), None, &outputs, how, |n| {
+            match oip::encode_response(&name, loaded.version(), Some(&id), &outputs, how, |n| {
                 ctx.device.budget.take(n, "the response")
             }) {
                 Ok((json, _, share)) => (
@@ -221,5 +274,40 @@ pub(crate) async fn raw(
             }
         }
     };
-    with_version(response, &version)
+    with_id(with_version(response, &version), &id)
+}
+
+/// `POST /v2/models/{name}/feedback`: the true labels or values of earlier requests, by
+/// request id (`{"feedback": [{"id": "…", "truth": 3}, …]}`); idempotent per id.
+pub(crate) async fn feedback(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let loaded = ctx.device.resolve(&name, None)?;
+        let (bytes, _share) = read_within(&ctx, &headers, body).await?;
+        let post: crate::feedback::FeedbackPost = serde_json::from_slice(&bytes).map_err(|e| {
+            InferError::BadRequest(format!(
+                "feedback is {{\"feedback\": [{{\"id\": \"…\", \"truth\": LABEL}}, …]}}: {e}"
+            ))
+        })?;
+        if post.feedback.len() > crate::feedback::MAX_FEEDBACK_ITEMS {
+            return Err(InferError::BadRequest(format!(
+                "at most {} feedback items per post",
+                crate::feedback::MAX_FEEDBACK_ITEMS
+            )));
+        }
+        Ok(ctx
+            .device
+            .metrics
+            .feedback
+            .post(&name, &post.feedback, &loaded.manifest.labels))
+    }
+    .await;
+    match result {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(e) => e.into_response(),
+    }
 }

@@ -71,6 +71,7 @@ impl DeviceControl for Device {
             models: self.metrics.snapshot(),
             shadows: self.metrics.shadow_snapshot(),
             drift: self.metrics.drift.snapshot(),
+            quality: self.metrics.feedback.snapshot(),
         }
     }
 }

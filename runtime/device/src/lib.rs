@@ -14,6 +14,7 @@ mod contract;
 pub mod device;
 pub mod drift;
 mod error;
+pub mod feedback;
 mod fleet_link;
 pub mod metrics;
 pub mod policy;

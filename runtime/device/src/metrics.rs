@@ -65,6 +65,8 @@ pub struct Metrics {
     http: OnceLock<Vec<(String, Arc<outpost_http::Stats>)>>,
     /// Drift against each version's training baseline.
     pub drift: crate::drift::Drift,
+    /// Kept predictions and the quality posted labels give them.
+    pub feedback: crate::feedback::Feedback,
 }
 
 /// A snapshot of one model version's counters (the telemetry form).
@@ -327,6 +329,7 @@ impl Metrics {
             }
         }
         self.drift.render(&mut out);
+        self.feedback.render(&mut out);
         let shadows = match self.shadows.lock() {
             Ok(all) => all.clone(),
             Err(_) => BTreeMap::new(),

@@ -189,7 +189,9 @@ fn prediction_drift_and_unknown_features() {
     // `digits-inputs`: the same guest with a baseline that names its input feature only.
     let mut input = Example::Digits.build_input().unwrap();
     input.name = "digits-inputs".into();
-    input.baseline.as_mut().unwrap().outputs.clear();
+    let baseline = input.baseline.as_mut().unwrap();
+    baseline.outputs.clear();
+    baseline.quality = None;
     device.install_and_activate(&signed(input)).unwrap();
     let s = Server::start(device, &config);
 
@@ -245,4 +247,144 @@ fn prediction_drift_and_unknown_features() {
         )),
         "{metrics}"
     );
+}
+
+/// Labels posted as feedback give the accuracy computed offline from the same predictions and
+/// labels; posting them again changes nothing; labels for requests the device does not hold
+/// are counted, not errors.
+#[test]
+fn feedback_accuracy_equals_the_offline_accuracy() {
+    let (_dir, s) = serve_examples("feedback");
+    let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
+    // The test digits as they are, faded and thickened: the model gets some of them wrong.
+    let mut images: Vec<(Vec<f64>, u64)> = Vec::new();
+    for c in expected["cases"].as_array().unwrap() {
+        let pixels: Vec<f64> = serde_json::from_value(c["pixels"].clone()).unwrap();
+        let truth = c["true_label"].as_u64().unwrap();
+        images.push((pixels.iter().map(|v| (v / 3.0).floor()).collect(), truth));
+        images.push((pixels.iter().map(|v| (v + 7.0).min(16.0)).collect(), truth));
+        images.push((pixels, truth));
+    }
+    let mut sent: Vec<(String, u64, u64)> = Vec::new();
+    for (pixels, truth) in images.iter().cycle().take(60) {
+        let r = post_json(
+            &format!("{}/v2/models/digits/infer", s.url),
+            &outpost_testkit::digits_request(pixels),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body = r.json();
+        let id = body["id"].as_str().unwrap().to_owned();
+        assert_eq!(r.header("outpost-request-id"), Some(id.as_str()));
+        let label = body["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == "label")
+            .unwrap()["data"][0]
+            .as_u64()
+            .unwrap();
+        sent.push((id, label, *truth));
+    }
+    let ids: std::collections::BTreeSet<&str> = sent.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(ids.len(), sent.len(), "request ids are unique");
+    let correct = sent.iter().filter(|(_, p, t)| p == t).count();
+    let offline = correct as f64 / sent.len() as f64;
+    assert!(0.0 < offline && offline < 1.0, "offline accuracy {offline}");
+
+    let post = |items: &[(String, u64, u64)], extra: &[&str]| {
+        let mut feedback: Vec<Value> = items
+            .iter()
+            .map(|(id, _, truth)| json!({"id": id, "truth": truth}))
+            .collect();
+        feedback.extend(extra.iter().map(|id| json!({"id": id, "truth": 1})));
+        let r = post_json(
+            &format!("{}/v2/models/digits/feedback", s.url),
+            &json!({ "feedback": feedback }),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let first = post(&sent[..30], &["never-seen", "nor-this"]);
+    assert_eq!(
+        first,
+        json!({"accepted": 30, "duplicate": 0, "unknown": 2, "invalid": 0})
+    );
+    // The labels by class name (the bundle's labels) are as good as by index.
+    let named: Vec<Value> = sent[30..]
+        .iter()
+        .map(|(id, _, truth)| json!({"id": id, "truth": truth.to_string()}))
+        .collect();
+    let r = post_json(
+        &format!("{}/v2/models/digits/feedback", s.url),
+        &json!({ "feedback": named }),
+    );
+    assert_eq!(r.json()["accepted"], 30, "{}", r.text());
+
+    let accuracy = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("outpost_model_accuracy{model=\"digits\",version=\"1.0.0\"} ")
+            })
+            .unwrap_or_else(|| panic!("{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    let metrics = get(&format!("{}/metrics", s.url)).text();
+    assert!((accuracy(&metrics) - offline).abs() < 1e-12, "{metrics}");
+    assert!(
+        metrics.contains("outpost_feedback_labels_total{model=\"digits\",version=\"1.0.0\"} 60")
+    );
+    eprintln!(
+        "accuracy from feedback {}, offline {offline}",
+        accuracy(&metrics)
+    );
+
+    // The same labels again: duplicates, nothing changes.
+    let again = post(&sent[..30], &[]);
+    assert_eq!(
+        again,
+        json!({"accepted": 0, "duplicate": 30, "unknown": 0, "invalid": 0})
+    );
+    let metrics = get(&format!("{}/metrics", s.url)).text();
+    assert!((accuracy(&metrics) - offline).abs() < 1e-12);
+    assert!(
+        metrics
+            .contains("outpost_feedback_ignored_total{model=\"digits\",reason=\"duplicate\"} 30")
+    );
+    assert!(
+        metrics.contains("outpost_feedback_ignored_total{model=\"digits\",reason=\"unknown\"} 2")
+    );
+    let q = admin("GET", &format!("{}/admin/quality", s.admin_url), b"").json();
+    assert_eq!(q["versions"][0]["total_labels"], 60);
+    assert_eq!(q["versions"][0]["total_correct"], correct);
+
+    // A client's own request id, on the raw endpoint too.
+    let reply = outpost_testkit::Reply::from_response(
+        outpost_testkit::agent()
+            .post(&format!("{}/v2/models/digits/raw", s.url))
+            .header("content-type", "image/png")
+            .header("outpost-request-id", "camera-7/frame-1")
+            .send(outpost_examples::DIGIT_PNG),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("outpost-request-id"), Some("camera-7/frame-1"));
+    let r = post_json(
+        &format!("{}/v2/models/digits/feedback", s.url),
+        &json!({"feedback": [{"id": "camera-7/frame-1", "truth": 0}]}),
+    );
+    assert_eq!(r.json()["accepted"], 1, "{}", r.text());
+
+    // Bad posts are clear errors.
+    let r = post_json(
+        &format!("{}/v2/models/digits/feedback", s.url),
+        &json!({"labels": []}),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("feedback"), "{}", r.text());
+    let r = post_json(
+        &format!("{}/v2/models/nope/feedback", s.url),
+        &json!({"feedback": []}),
+    );
+    assert_eq!(r.status, 404);
 }

@@ -96,6 +96,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .route("/telemetry", get(telemetry))
         .route("/events", get(events))
         .route("/drift", get(drift))
+        .route("/quality", get(quality))
         .layer(DefaultBodyLimit::max(
             usize::try_from(fleet.max_bundle_bytes).unwrap_or(usize::MAX),
         ))
@@ -306,7 +307,7 @@ async fn events(
 /// version against its bundle's training baseline.
 async fn drift(
     State(fleet): Shared,
-    q: Result<Query<outpost_proto::rest::DriftQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<outpost_proto::rest::MonitorQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, FleetError> {
     let Query(q) = q.map_err(|e| {
         FleetError::BadRequest(format!(
@@ -314,6 +315,23 @@ async fn drift(
         ))
     })?;
     let answer = tokio::task::spawn_blocking(move || fleet.drift(&q))
+        .await
+        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
+    Ok(Json(answer))
+}
+
+/// `GET /api/v1/quality?model=&version=[&tag=][&window=SECS]`: fleet-wide accuracy or mean
+/// absolute error of a model version from the labels its devices joined.
+async fn quality(
+    State(fleet): Shared,
+    q: Result<Query<outpost_proto::rest::MonitorQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, FleetError> {
+    let Query(q) = q.map_err(|e| {
+        FleetError::BadRequest(format!(
+            "quality needs ?model=NAME&version=V (optional tag=T, window=SECONDS): {e}"
+        ))
+    })?;
+    let answer = tokio::task::spawn_blocking(move || fleet.quality(&q))
         .await
         .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
     Ok(Json(answer))

@@ -1,4 +1,4 @@
-//! Fleet-wide drift: each device's bin counts for a model version (from its telemetry) added
+//! Fleet-wide drift and model quality: each device's bin counts (and labels joined) for a model version (from its telemetry) added
 //! up, and the PSI of the sum against the bundle's training baseline.
 //!
 //! Devices send their counters since they started. Over a window, a device's part is its last
@@ -10,7 +10,8 @@ use outpost_bundle::drift::Level;
 use outpost_bundle::manifest::Baseline;
 use outpost_bundle::{Bundle, ReadLimits};
 use outpost_proto::rest::{
-    DeviceFeatureDrift, DriftQuery, FleetDrift, FleetFeatureDrift, StoredRecord,
+    DeviceFeatureDrift, DeviceQuality, FleetDrift, FleetFeatureDrift, FleetQuality, MonitorQuery,
+    StoredRecord,
 };
 use outpost_proto::{DriftSeries, TelemetrySample};
 
@@ -95,7 +96,7 @@ impl Fleet {
     }
 
     /// Fleet-wide drift of `q.model` at `q.version` on the devices `q` selects.
-    pub fn drift(&self, q: &DriftQuery) -> Result<FleetDrift> {
+    pub fn drift(&self, q: &MonitorQuery) -> Result<FleetDrift> {
         if q.window.is_some_and(|w| w == 0) {
             return Err(FleetError::BadRequest("a window is at least 1 s".into()));
         }
@@ -191,11 +192,50 @@ impl Fleet {
         })
     }
 
+    /// The telemetry records that bound `device`'s counters over the last `window` seconds
+    /// (`None`: since it started): the record to subtract (`None`: nothing, the counters all
+    /// fall in the window) and the last one. `None` when the window says nothing about it.
+    pub(crate) fn window_of(
+        &self,
+        device: &str,
+        window: Option<u64>,
+        now: u64,
+    ) -> Result<Option<(Option<TelemetrySample>, TelemetrySample)>> {
+        let records = match window {
+            None => self.store.recent_records(Stream::Telemetry, device, 0, 1)?,
+            Some(w) => self.store.recent_records(
+                Stream::Telemetry,
+                device,
+                now.saturating_sub(w),
+                MAX_WINDOW_RECORDS,
+            )?,
+        };
+        let (Some(last), Some(first)) = (
+            records.last().and_then(sample),
+            records.first().and_then(sample),
+        ) else {
+            return Ok(None);
+        };
+        let Some(w) = window else {
+            return Ok(Some((None, last)));
+        };
+        let started_inside = first.uptime_s <= w;
+        let restarted = last.uptime_s < first.uptime_s;
+        if started_inside || restarted {
+            return Ok(Some((None, last)));
+        }
+        if records.len() < 2 {
+            // A lone record of a device up for longer than the window says nothing about it.
+            return Ok(None);
+        }
+        Ok(Some((Some(first), last)))
+    }
+
     /// One device's counters of each feature over the query's window.
     fn device_parts(
         &self,
         device: &str,
-        q: &DriftQuery,
+        q: &MonitorQuery,
         now: u64,
         features: &[(&outpost_bundle::manifest::FeatureBaseline, bool)],
         centers: &[f64],
@@ -218,39 +258,111 @@ impl Fleet {
                 })
                 .collect()
         };
-        let records = match q.window {
-            None => self.store.recent_records(Stream::Telemetry, device, 0, 1)?,
-            Some(w) => self.store.recent_records(
-                Stream::Telemetry,
-                device,
-                now.saturating_sub(w),
-                MAX_WINDOW_RECORDS,
-            )?,
-        };
-        let (Some(last), Some(first)) = (
-            records.last().and_then(sample),
-            records.first().and_then(sample),
-        ) else {
+        let Some((base, last)) = self.window_of(device, q.window, now)? else {
             return Ok(Vec::new());
         };
         let last_parts = parts_of(&last);
-        let Some(w) = q.window else {
+        let Some(base) = base else {
             return Ok(last_parts);
         };
-        let started_inside = first.uptime_s <= w;
-        let restarted = last.uptime_s < first.uptime_s;
-        if records.len() < 2 || started_inside || restarted {
-            // A lone record of a device up for longer than the window says nothing about it.
-            if records.len() < 2 && !started_inside {
-                return Ok(Vec::new());
-            }
-            return Ok(last_parts);
-        }
-        let first_parts = parts_of(&first);
         Ok(last_parts
             .into_iter()
-            .zip(first_parts)
+            .zip(parts_of(&base))
             .map(|(l, f)| l.minus(&f))
             .collect())
+    }
+}
+
+/// A device's labels over a window: (labels, correct, absolute error).
+fn quality_of(s: &TelemetrySample, model: &str, version: &str) -> Option<(String, u64, u64, f64)> {
+    s.quality
+        .iter()
+        .find(|q| q.model == model && q.version == version)
+        .map(|q| (q.task.clone(), q.labels, q.correct, q.abs_error))
+}
+
+fn rates(
+    task: Option<&str>,
+    labels: u64,
+    correct: u64,
+    abs_error: f64,
+) -> (Option<f64>, Option<f64>) {
+    if labels == 0 {
+        return (None, None);
+    }
+    let n = labels as f64;
+    match task {
+        Some("regression") => (None, Some(abs_error / n)),
+        _ => (Some(correct as f64 / n), None),
+    }
+}
+
+impl Fleet {
+    /// Fleet-wide quality of `q.model` at `q.version` from the labels devices joined.
+    pub fn quality(&self, q: &MonitorQuery) -> Result<FleetQuality> {
+        if q.window.is_some_and(|w| w == 0) {
+            return Err(FleetError::BadRequest("a window is at least 1 s".into()));
+        }
+        if self.store.bundle(&q.model, &q.version)?.is_none() {
+            return Err(FleetError::NotFound(format!(
+                "bundle {} {}",
+                q.model, q.version
+            )));
+        }
+        let now = now_secs();
+        let mut out = FleetQuality {
+            model: q.model.clone(),
+            version: q.version.clone(),
+            tag: q.tag.clone(),
+            window_s: q.window,
+            task: None,
+            devices: 0,
+            labels: 0,
+            correct: 0,
+            accuracy: None,
+            mae: None,
+            per_device: Vec::new(),
+        };
+        let mut abs_error = 0.0;
+        for device in self.store.devices()? {
+            if let Some(tag) = &q.tag
+                && !device
+                    .reported
+                    .as_ref()
+                    .is_some_and(|r| r.tags.iter().any(|t| t == tag))
+            {
+                continue;
+            }
+            let Some((base, last)) = self.window_of(&device.id, q.window, now)? else {
+                continue;
+            };
+            let Some((task, labels, correct, err)) = quality_of(&last, &q.model, &q.version) else {
+                continue;
+            };
+            let (b_labels, b_correct, b_err) = base
+                .as_ref()
+                .and_then(|b| quality_of(b, &q.model, &q.version))
+                .map_or((0, 0, 0.0), |(_, l, c, e)| (l, c, e));
+            let labels = labels.saturating_sub(b_labels);
+            if labels == 0 {
+                continue;
+            }
+            let correct = correct.saturating_sub(b_correct);
+            let err = err - b_err;
+            let (accuracy, mae) = rates(Some(&task), labels, correct, err);
+            out.per_device.push(DeviceQuality {
+                device: device.id.clone(),
+                labels,
+                accuracy,
+                mae,
+            });
+            out.task.get_or_insert(task);
+            out.devices += 1;
+            out.labels += labels;
+            out.correct += correct;
+            abs_error += err;
+        }
+        (out.accuracy, out.mae) = rates(out.task.as_deref(), out.labels, out.correct, abs_error);
+        Ok(out)
     }
 }

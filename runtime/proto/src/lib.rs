@@ -21,8 +21,8 @@ pub mod wire;
 pub use broker::{BadBrokerUrl, BrokerUrl};
 pub use desired::{Deployment, DesiredState, SignedDesired, Verdict};
 pub use messages::{
-    DriftSeries, Event, ModelSeries, Presence, ReportedState, ShadowSeries, TelemetryBatch,
-    TelemetryRecord, TelemetrySample,
+    DriftSeries, Event, ModelSeries, Presence, QualitySeries, ReportedState, ShadowSeries,
+    TelemetryBatch, TelemetryRecord, TelemetrySample,
 };
 
 /// Version of the topic scheme and of every message type here.

@@ -249,6 +249,27 @@ pub struct TelemetrySample {
     pub shadows: Vec<ShadowSeries>,
     /// Drift counters per model version and baseline feature (since the device started).
     pub drift: Vec<DriftSeries>,
+    /// Ground-truth feedback per model version (since the device started).
+    pub quality: Vec<QualitySeries>,
+}
+
+/// One model version's labels joined with its predictions, as telemetry carries them:
+/// cumulative since the device started, so a fleet subtracts two records and adds devices up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QualitySeries {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// `classification` or `regression`.
+    pub task: String,
+    /// Labels joined.
+    pub labels: u64,
+    /// Of those, predicted correctly (classification).
+    pub correct: u64,
+    /// Summed absolute error (regression).
+    pub abs_error: f64,
 }
 
 /// One drift feature's counters for one model version, as telemetry carries them: cumulative

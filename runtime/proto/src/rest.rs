@@ -450,9 +450,9 @@ pub struct HistoryLine {
     pub text: String,
 }
 
-/// What `GET /api/v1/drift` selects.
+/// What `GET /api/v1/drift` and `GET /api/v1/quality` select.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriftQuery {
+pub struct MonitorQuery {
     /// Model name.
     pub model: String,
     /// Model version.
@@ -525,4 +525,45 @@ pub struct DeviceFeatureDrift {
     pub n: u64,
     /// The PSI of its counts alone.
     pub psi: Option<f64>,
+}
+
+/// Fleet-wide model quality of one version from ground-truth feedback: the devices' labels
+/// and correct predictions (or absolute errors) added up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetQuality {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// The tag asked for, if any.
+    pub tag: Option<String>,
+    /// The window asked for, in seconds (`None`: since each device started).
+    pub window_s: Option<u64>,
+    /// `classification` or `regression` (`None` before any device reported labels).
+    pub task: Option<String>,
+    /// Devices that joined labels for this version.
+    pub devices: u64,
+    /// Labels joined, all devices together.
+    pub labels: u64,
+    /// Correct predictions among them (classification).
+    pub correct: u64,
+    /// Accuracy (classification).
+    pub accuracy: Option<f64>,
+    /// Mean absolute error (regression).
+    pub mae: Option<f64>,
+    /// Each device's part.
+    pub per_device: Vec<DeviceQuality>,
+}
+
+/// One device's part of a version's quality.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceQuality {
+    /// Device id.
+    pub device: String,
+    /// Labels it joined.
+    pub labels: u64,
+    /// Its accuracy (classification).
+    pub accuracy: Option<f64>,
+    /// Its mean absolute error (regression).
+    pub mae: Option<f64>,
 }
