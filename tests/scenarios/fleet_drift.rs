@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::fs;
 
 use serde_json::Value;
 
@@ -81,18 +80,7 @@ fn feature<'a>(drift: &'a Value, name: &str) -> &'a Value {
 fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
     let d = bed("drift");
     let dir = &d.0;
-    fs::write(dir.join("baseline.json"), BASELINE).unwrap();
-    let spec = fs::read_to_string(dir.join("1.0.0.toml")).unwrap();
-    fs::write(
-        dir.join("1.1.0.toml"),
-        spec.replace("version = \"1.0.0\"", "version = \"1.1.0\"")
-            .replace(
-                "guest = \"guest.wasm\"",
-                "guest = \"guest.wasm\"\nbaseline = \"baseline.json\"",
-            ),
-    )
-    .unwrap();
-    build_and_sign(dir, "1.1.0.toml", "digits-1.1.0.opb");
+    digits_with_baseline(dir, "1.1.0");
 
     let fleet = Fleet::start(dir, None, None);
     let ids = ["dev-a", "dev-b", "dev-c"];

@@ -114,6 +114,7 @@ fn main() {
         insecure: false,
         require_enrolment: false,
         share_group: None,
+        rules: Vec::new(),
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,

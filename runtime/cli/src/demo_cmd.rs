@@ -82,6 +82,7 @@ fn start_fleet(
         insecure: false,
         require_enrolment: false,
         share_group: None,
+        rules: Vec::new(),
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,

@@ -145,6 +145,29 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The fleet's rules (`fleet serve --rules FILE`) and their state; `--test NAME` measures
+    /// one now without firing it.
+    Rules {
+        /// Measure this rule now.
+        #[arg(long, value_name = "NAME")]
+        test: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest rule firings and every delivery attempt of their actions.
+    Firings {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        remote: Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Telemetry records the fleet stored (or events with --events).
     Telemetry {
         /// Only this device.
@@ -232,6 +255,12 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             remote,
             json,
         } => quality(&remote, &target, tag, window, json),
+        FleetCommand::Rules { test, remote, json } => rules(&remote, test.as_deref(), json),
+        FleetCommand::Firings {
+            limit,
+            remote,
+            json,
+        } => firings(&remote, limit, json),
         FleetCommand::Telemetry {
             device,
             events,
@@ -622,6 +651,98 @@ fn quality(
             .or(d.mae.map(|m| format!("mae {m:.4}")))
             .unwrap_or_default();
         println!("  {:<24} {:>8} labels  {v}", d.device, d.labels);
+    }
+    Ok(())
+}
+
+fn rules(remote: &Remote, test: Option<&str>, json: bool) -> Result<()> {
+    let client = remote.client()?;
+    let show = |versions: &[outpost_proto::rest::RuleState]| {
+        for v in versions {
+            println!(
+                "  {:<12} value {:<12} {} streak {} last fired {}  {}",
+                v.version,
+                v.value.map_or("-".to_owned(), |x| format!("{x:.4}")),
+                if v.breaching { "CROSSING" } else { "ok      " },
+                v.streak,
+                v.fired_at.map_or("never".to_owned(), |t| t.to_string()),
+                v.note
+            );
+        }
+    };
+    if let Some(name) = test {
+        let states = client.test_rule(name)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&states)?);
+        } else {
+            println!("{name}, measured now:");
+            show(&states);
+        }
+        return Ok(());
+    }
+    let rules = client.rules()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rules)?);
+        return Ok(());
+    }
+    if rules.is_empty() {
+        println!("no rules (fleet serve --rules FILE)");
+    }
+    for r in &rules {
+        let s = &r.spec;
+        println!(
+            "{}: {} of {}{} {} {} over {} s",
+            r.name,
+            s["metric"].as_str().unwrap_or("?"),
+            s["model"].as_str().unwrap_or("?"),
+            s["version"]
+                .as_str()
+                .map(|v| format!("@{v}"))
+                .unwrap_or_default(),
+            s["op"].as_str().unwrap_or("?"),
+            s["threshold"],
+            s["window_s"]
+        );
+        show(&r.versions);
+    }
+    Ok(())
+}
+
+fn firings(remote: &Remote, limit: usize, json: bool) -> Result<()> {
+    let firings = remote.client()?.firings(limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&firings)?);
+        return Ok(());
+    }
+    for f in &firings {
+        println!(
+            "#{} t={} {}: {} of {}@{} = {:.4} {} {} ({}), devices [{}], features [{}]",
+            f.id,
+            f.time,
+            f.rule,
+            f.metric,
+            f.model,
+            f.version,
+            f.value,
+            f.op,
+            f.threshold,
+            if f.delivered {
+                "delivered"
+            } else {
+                "not delivered"
+            },
+            f.devices.join(", "),
+            f.features.join(", ")
+        );
+        for a in &f.attempts {
+            println!(
+                "    {} t={} {} {}",
+                a.action,
+                a.time,
+                if a.ok { "ok" } else { "failed" },
+                a.outcome
+            );
+        }
     }
     Ok(())
 }

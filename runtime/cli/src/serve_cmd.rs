@@ -102,6 +102,10 @@ pub(crate) struct ServeArgs {
     /// would take a share of every device's records.
     #[arg(long, value_name = "NAME")]
     mqtt_share_group: Option<String>,
+    /// Retraining triggers and alerts: a TOML file of `[[rule]]` tables (docs/rules.md),
+    /// evaluated on the telemetry; each firing runs its webhook or command.
+    #[arg(long, value_name = "FILE")]
+    rules: Option<PathBuf>,
     /// Let the embedded broker listen beyond loopback without logins: anyone who reaches it
     /// can read and write every device's topics.
     #[arg(long, conflicts_with_all = ["mqtt_logins", "require_enrolment"])]
@@ -172,6 +176,15 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         insecure: args.insecure,
         require_enrolment: args.require_enrolment,
         share_group: args.mqtt_share_group,
+        rules: match &args.rules {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the rules {}", path.display()))?;
+                let dir = path.parent().unwrap_or(std::path::Path::new("."));
+                outpost_fleet::rules::RuleFile::load(&text, dir)?
+            }
+            None => Vec::new(),
+        },
         http: {
             let mut limits = outpost_fleet::default_http_limits();
             if let Some(n) = args.max_api_connections {

@@ -243,6 +243,24 @@ impl FleetClient {
         self.get(&monitor_path("quality", query))
     }
 
+    /// `GET /api/v1/rules`: every rule with its state per model version.
+    pub fn rules(&self) -> Result<Vec<outpost_proto::rest::RuleView>> {
+        self.get("/api/v1/rules")
+    }
+
+    /// `POST /api/v1/rules/{name}/test`: measures a rule now without firing it.
+    pub fn test_rule(&self, name: &str) -> Result<Vec<outpost_proto::rest::RuleState>> {
+        self.post_json(
+            &format!("/api/v1/rules/{}/test", encode(name)),
+            &serde_json::json!({}),
+        )
+    }
+
+    /// `GET /api/v1/firings?limit=N`: the newest rule firings with their delivery attempts.
+    pub fn firings(&self, limit: usize) -> Result<Vec<outpost_proto::rest::FiringRecord>> {
+        self.get(&format!("/api/v1/firings?limit={limit}"))
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -97,6 +97,9 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .route("/events", get(events))
         .route("/drift", get(drift))
         .route("/quality", get(quality))
+        .route("/rules", get(rules))
+        .route("/rules/{name}/test", post(test_rule))
+        .route("/firings", get(firings))
         .layer(DefaultBodyLimit::max(
             usize::try_from(fleet.max_bundle_bytes).unwrap_or(usize::MAX),
         ))
@@ -335,6 +338,37 @@ async fn quality(
         .await
         .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
     Ok(Json(answer))
+}
+
+/// `GET /api/v1/rules`: every rule with its state per model version.
+async fn rules(State(fleet): Shared) -> Json<Vec<outpost_proto::rest::RuleView>> {
+    Json(fleet.rule_views())
+}
+
+/// `POST /api/v1/rules/{name}/test`: measures a rule now, without firing it.
+async fn test_rule(
+    State(fleet): Shared,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, FleetError> {
+    let answer = tokio::task::spawn_blocking(move || fleet.test_rule(&name))
+        .await
+        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
+    Ok(Json(answer))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct FiringsQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/firings[?limit=N]`: the newest rule firings with their delivery attempts.
+async fn firings(
+    State(fleet): Shared,
+    Query(q): Query<FiringsQuery>,
+) -> Result<impl IntoResponse, FleetError> {
+    Ok(Json(
+        fleet.store.firings(q.limit.unwrap_or(100).min(10_000))?,
+    ))
 }
 
 fn records(fleet: &Fleet, stream: Stream, q: RecordQuery) -> Result<Response, FleetError> {
@@ -612,6 +646,7 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
             d.id, d.dropped
         ));
     }
+    out.push_str(&fleet.rules.render());
     let mut response = out.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

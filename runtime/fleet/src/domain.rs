@@ -106,6 +106,8 @@ pub struct Fleet {
     pub(crate) enrolling: Mutex<()>,
     /// Held across a rollout's decision, so the driver and an operator never interleave.
     pub(crate) rolling: Mutex<()>,
+    /// The rules and their state.
+    pub rules: crate::rules::RuleBook,
 }
 
 /// What a [`Fleet`] is configured with.
@@ -191,6 +193,7 @@ impl Fleet {
             republished: Mutex::new(HashMap::new()),
             enrolling: Mutex::new(()),
             rolling: Mutex::new(()),
+            rules: crate::rules::RuleBook::default(),
         }
     }
 

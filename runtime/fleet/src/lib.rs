@@ -19,6 +19,7 @@ mod gate_room;
 mod ingest;
 pub mod mqtt;
 pub mod rollout;
+pub mod rules;
 pub mod store;
 mod tls_listener;
 
@@ -103,6 +104,9 @@ pub struct FleetOptions {
     /// The API's connection cap and timeouts (default: a quarter of the file descriptors,
     /// leaving the embedded broker its share).
     pub http: outpost_http::Limits,
+    /// Retraining triggers and alerts (`fleet serve --rules FILE`), evaluated by the replica
+    /// that owns deployments.
+    pub rules: Vec<rules::Rule>,
 }
 
 /// The API's front door on its defaults: timeouts of [`outpost_http::Limits::default`] and a
@@ -405,6 +409,13 @@ impl Server {
                 Arc::clone(&fleet),
                 stop_rx.clone(),
             )));
+            fleet
+                .rules
+                .load(options.rules.clone(), &fleet.store.firings(10_000)?);
+            tasks.push(tokio::spawn(rules_task(
+                Arc::clone(&fleet),
+                stop_rx.clone(),
+            )));
         }
         tasks.push(tokio::spawn(retention_task(
             Arc::clone(&fleet),
@@ -568,6 +579,20 @@ async fn rollout_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
         let fleet = Arc::clone(&fleet);
         if let Err(e) = tokio::task::spawn_blocking(move || fleet.tick_rollouts()).await {
             tracing::error!(error = %e, "the rollout driver failed");
+        }
+    }
+}
+
+/// Evaluates the rules whose turn has come, every second (see [`rules`]).
+async fn rules_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let fleet = Arc::clone(&fleet);
+        if let Err(e) = tokio::task::spawn_blocking(move || fleet.tick_rules()).await {
+            tracing::error!(error = %e, "the rule evaluator failed");
         }
     }
 }

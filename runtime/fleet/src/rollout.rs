@@ -28,7 +28,7 @@ pub const MAX_STAGES: usize = 16;
 pub const MAX_SECONDS: u64 = 30 * 86_400;
 
 /// Error kinds a version causes (a client's bad request or a busy device is not its fault).
-const COUNTED_ERRORS: [&str; 4] = ["internal", "deadline", "memory", "trap"];
+pub(crate) const COUNTED_ERRORS: [&str; 4] = ["internal", "deadline", "memory", "trap"];
 
 /// Floors under a relative gate's baseline: an error rate of 0 or a latency in the lowest
 /// bucket would make every ratio fail.
@@ -70,16 +70,16 @@ enum Verdict {
 
 /// One version's counters over a window, summed over devices.
 #[derive(Debug, Default, Clone)]
-struct Window {
-    requests: u64,
-    errors: u64,
+pub(crate) struct Window {
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
     /// Cumulative counts per bucket bound.
-    buckets: BTreeMap<u64, u64>,
-    devices: u64,
+    pub(crate) buckets: BTreeMap<u64, u64>,
+    pub(crate) devices: u64,
 }
 
 impl Window {
-    fn value(&self, metric: GateMetric) -> f64 {
+    pub(crate) fn value(&self, metric: GateMetric) -> f64 {
         match metric {
             GateMetric::ErrorRate => self.errors as f64 / self.requests.max(1) as f64,
             GateMetric::P95Latency => {
@@ -94,7 +94,7 @@ impl Window {
 }
 
 /// A series' counters: requests, counted errors, cumulative buckets.
-fn counters(series: &ModelSeries) -> (u64, u64, Vec<(f64, u64)>) {
+pub(crate) fn counters(series: &ModelSeries) -> (u64, u64, Vec<(f64, u64)>) {
     let errors = series
         .errors
         .iter()

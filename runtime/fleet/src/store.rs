@@ -61,6 +61,8 @@ pub struct Store {
     credentials: sled::Tree,
     /// Rollouts by id (big-endian): their request, state and history.
     rollouts: sled::Tree,
+    /// Rule firings by id (big-endian), with their delivery attempts.
+    firings: sled::Tree,
     artifacts: PathBuf,
     /// Serialises read-modify-write of device and desired records.
     write: Mutex<()>,
@@ -159,6 +161,7 @@ impl Store {
             events: db.open_tree("events")?,
             credentials: db.open_tree("credentials")?,
             rollouts: db.open_tree("rollouts")?,
+            firings: db.open_tree("firings")?,
             artifacts,
             write: Mutex::new(()),
             _lock: lock,
@@ -591,6 +594,33 @@ impl Store {
     /// Every rollout, oldest first.
     pub fn rollouts(&self) -> Result<Vec<outpost_proto::rest::RolloutRecord>> {
         self.rollouts.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// A new firing id.
+    pub fn next_firing_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Stores a rule firing (and flushes: a restarted fleet knows what fired and when).
+    pub fn put_firing(&self, firing: &outpost_proto::rest::FiringRecord) -> Result<()> {
+        self.firings
+            .insert(firing.id.to_be_bytes(), encode(firing)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The newest `limit` firings, oldest first.
+    pub fn firings(&self, limit: usize) -> Result<Vec<outpost_proto::rest::FiringRecord>> {
+        let mut out: Vec<_> = self
+            .firings
+            .iter()
+            .values()
+            .rev()
+            .take(limit)
+            .map(|v| decode(&v?))
+            .collect::<Result<_>>()?;
+        out.reverse();
+        Ok(out)
     }
 
     /// Every deployment, oldest first.

@@ -30,6 +30,7 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         insecure: false,
         require_enrolment: false,
         share_group: None,
+        rules: Vec::new(),
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,

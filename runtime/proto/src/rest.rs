@@ -567,3 +567,86 @@ pub struct DeviceQuality {
     /// Its mean absolute error (regression).
     pub mae: Option<f64>,
 }
+
+/// One firing of a fleet rule: what crossed its threshold, and every delivery attempt of its
+/// actions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FiringRecord {
+    /// Increasing id.
+    pub id: u64,
+    /// The rule's name.
+    pub rule: String,
+    /// The metric (`feature_psi`, `accuracy`, …).
+    pub metric: String,
+    /// The value that crossed (the worst device's with per-device aggregation).
+    pub value: f64,
+    /// `>`, `>=`, `<` or `<=`.
+    pub op: String,
+    /// The rule's threshold.
+    pub threshold: f64,
+    /// The window the value was measured over, in seconds.
+    pub window_s: u64,
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// The version's bundle digest.
+    pub digest: String,
+    /// The tag the rule is scoped to, if any.
+    pub tag: Option<String>,
+    /// The devices involved (those that crossed, with per-device aggregation).
+    pub devices: Vec<String>,
+    /// The features involved (for drift metrics).
+    pub features: Vec<String>,
+    /// Stable across the firing's retries: a receiver de-duplicates on it.
+    pub fingerprint: String,
+    /// Unix seconds it fired.
+    pub time: u64,
+    /// Every attempt at delivering it, in order.
+    pub attempts: Vec<DeliveryAttempt>,
+    /// Whether an action accepted it (true with no action).
+    pub delivered: bool,
+}
+
+/// One attempt at delivering a firing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryAttempt {
+    /// `webhook` or `command`.
+    pub action: String,
+    /// Unix seconds.
+    pub time: u64,
+    /// Whether it was accepted (a 2xx answer, an exit status of 0).
+    pub ok: bool,
+    /// What happened: the HTTP status, the exit status, or the error.
+    pub outcome: String,
+}
+
+/// A rule and its state per model version, as `GET /api/v1/rules` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleView {
+    /// The rule's name.
+    pub name: String,
+    /// The rule as written (JSON form of its `[[rule]]` table).
+    pub spec: serde_json::Value,
+    /// Its state per model version evaluated.
+    pub versions: Vec<RuleState>,
+}
+
+/// A rule's state for one model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleState {
+    /// Model version.
+    pub version: String,
+    /// The last value measured (`None`: not enough data).
+    pub value: Option<f64>,
+    /// Whether the last value crossed the threshold.
+    pub breaching: bool,
+    /// Evaluations in a row that crossed.
+    pub streak: u32,
+    /// Unix seconds of the last evaluation.
+    pub evaluated_at: Option<u64>,
+    /// Unix seconds of the last firing.
+    pub fired_at: Option<u64>,
+    /// Why there is no value, or what was measured.
+    pub note: String,
+}

@@ -228,6 +228,31 @@ pub fn bed(tag: &str) -> Dir {
     d
 }
 
+/// Builds `digits-{version}.opb` with the training baseline of `models/digits` (drift
+/// features, prediction drift, quality from feedback), in a bed made by [`bed`].
+pub fn digits_with_baseline(dir: &Path, version: &str) {
+    fs::write(
+        dir.join("baseline.json"),
+        include_bytes!("../../../models/digits/baseline.json"),
+    )
+    .unwrap();
+    let spec = fs::read_to_string(dir.join("1.0.0.toml")).unwrap();
+    fs::write(
+        dir.join(format!("{version}.toml")),
+        spec.replace("version = \"1.0.0\"", &format!("version = \"{version}\""))
+            .replace(
+                "guest = \"guest.wasm\"",
+                "guest = \"guest.wasm\"\nbaseline = \"baseline.json\"",
+            ),
+    )
+    .unwrap();
+    build_and_sign(
+        dir,
+        &format!("{version}.toml"),
+        &format!("digits-{version}.opb"),
+    );
+}
+
 /// Writes a device config and returns its file name.
 pub fn device_config(dir: &Path, id: &str, broker: &str, tags: &[&str]) -> String {
     let name = format!("{id}.toml");
