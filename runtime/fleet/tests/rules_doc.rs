@@ -40,11 +40,18 @@ fn the_example_loads() {
 
 #[test]
 fn the_tables_name_every_field_the_parser_accepts_and_no_other() {
-    let rule = "[[rule]]\nname = \"r\"\nmetric = \"accuracy\"\nmodel = \"m\"\nop = \"<\"\nthreshold = 1\n";
+    let rule =
+        "[[rule]]\nname = \"r\"\nmetric = \"accuracy\"\nmodel = \"m\"\nop = \"<\"\nthreshold = 1\n";
     let mut parser = BTreeSet::new();
     parser.extend(accepted(&format!("{rule}zzz = 1\n"), ""));
-    parser.extend(accepted(&format!("{rule}[rule.webhook]\nurl = \"http://x\"\nzzz = 1\n"), "webhook."));
-    parser.extend(accepted(&format!("{rule}[rule.command]\nargv = [\"x\"]\nzzz = 1\n"), "command."));
+    parser.extend(accepted(
+        &format!("{rule}[rule.webhook]\nurl = \"http://x\"\nzzz = 1\n"),
+        "webhook.",
+    ));
+    parser.extend(accepted(
+        &format!("{rule}[rule.command]\nargv = [\"x\"]\nzzz = 1\n"),
+        "command.",
+    ));
     for field in ["name", "cooldown_s", "webhook.secret_file", "command.argv"] {
         assert!(parser.contains(field), "{field} not in {parser:?}");
     }
