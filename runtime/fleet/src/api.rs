@@ -97,6 +97,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .route("/events", get(events))
         .route("/drift", get(drift))
         .route("/quality", get(quality))
+        .route("/series", get(series))
         .route("/rules", get(rules))
         .route("/rules/{name}/test", post(test_rule))
         .route("/firings", get(firings))
@@ -117,6 +118,11 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         ));
     axum::Router::new()
         .nest("/api/v1", api)
+        .route("/", get(|| dashboard_file("index.html")))
+        .route(
+            "/dashboard/{file}",
+            get(|Path(file): Path<String>| dashboard_file_owned(file)),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/artifacts/{digest}", get(artifact).head(artifact))
@@ -338,6 +344,66 @@ async fn quality(
         .await
         .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
     Ok(Json(answer))
+}
+
+/// `GET /api/v1/series?model=&version=[&tag=][&span=SECS][&step=SECS]`: a model version's
+/// requests, errors, p95 latency and PSI per feature over time.
+async fn series(
+    State(fleet): Shared,
+    q: Result<Query<outpost_proto::rest::SeriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, FleetError> {
+    let Query(q) = q.map_err(|e| {
+        FleetError::BadRequest(format!(
+            "series needs ?model=NAME&version=V (optional tag=T, span=SECONDS, step=SECONDS): {e}"
+        ))
+    })?;
+    let answer = tokio::task::spawn_blocking(move || fleet.series(&q))
+        .await
+        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
+    Ok(Json(answer))
+}
+
+/// The dashboard's files, embedded in the binary.
+const DASHBOARD: [(&str, &str, &str); 3] = [
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("dashboard/index.html"),
+    ),
+    (
+        "dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/dashboard.js"),
+    ),
+    (
+        "dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("dashboard/dashboard.css"),
+    ),
+];
+
+/// `GET /` and `GET /dashboard/{file}`: the web dashboard. The page holds no data: it reads
+/// `/api/v1` from the browser, with the API's token when the fleet has one.
+async fn dashboard_file(name: &str) -> Response {
+    match DASHBOARD.iter().find(|(n, _, _)| *n == name) {
+        Some((_, content_type, body)) => (
+            [
+                (header::CONTENT_TYPE, *content_type),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+                ),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => FleetError::NotFound(format!("dashboard file `{name}`")).into_response(),
+    }
+}
+
+async fn dashboard_file_owned(name: String) -> Response {
+    dashboard_file(&name).await
 }
 
 /// `GET /api/v1/rules`: every rule with its state per model version.

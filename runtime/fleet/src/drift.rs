@@ -10,11 +10,12 @@ use outpost_bundle::drift::Level;
 use outpost_bundle::manifest::Baseline;
 use outpost_bundle::{Bundle, ReadLimits};
 use outpost_proto::rest::{
-    DeviceFeatureDrift, DeviceQuality, FleetDrift, FleetFeatureDrift, FleetQuality, MonitorQuery,
-    StoredRecord,
+    DeviceFeatureDrift, DeviceQuality, FleetDrift, FleetFeatureDrift, FleetQuality, FleetSeries,
+    MonitorQuery, SeriesPoint, SeriesQuery, StoredRecord,
 };
 use outpost_proto::{DriftSeries, TelemetrySample};
 
+use crate::rollout::Window;
 use crate::store::{Stream, now_secs};
 use crate::{Fleet, FleetError, Result};
 
@@ -364,5 +365,123 @@ impl Fleet {
         }
         (out.accuracy, out.mae) = rates(out.task.as_deref(), out.labels, out.correct, abs_error);
         Ok(out)
+    }
+}
+
+/// Most points one series has.
+const MAX_POINTS: u64 = 120;
+
+impl Fleet {
+    /// A model version's counters over time (`GET /api/v1/series`): per step, the requests,
+    /// errors and p95 latency its devices served, and the PSI of each baseline feature.
+    pub fn series(&self, q: &SeriesQuery) -> Result<FleetSeries> {
+        let span = q.span.unwrap_or(900).clamp(1, 7 * 86_400);
+        let step = q
+            .step
+            .unwrap_or(span / 30)
+            .max(span.div_ceil(MAX_POINTS))
+            .max(1);
+        let baseline = self.baseline(&q.model, &q.version).ok().map(|(b, _)| b);
+        let features: Vec<_> = baseline
+            .as_ref()
+            .map(|b| b.all().map(|(f, _)| f).collect())
+            .unwrap_or_default();
+        let now = now_secs();
+        let points = span / step;
+        let start = now.saturating_sub(points * step);
+        let bounds: Vec<u64> = (0..=points).map(|k| start + k * step).collect();
+        let mut totals: Vec<(Window, Vec<Part>)> = (0..points)
+            .map(|_| {
+                (
+                    Window::default(),
+                    features
+                        .iter()
+                        .map(|f| Part {
+                            counts: vec![0; f.bins() + 2],
+                            ..Part::default()
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        for device in self.store.devices()? {
+            if let Some(tag) = &q.tag
+                && !device
+                    .reported
+                    .as_ref()
+                    .is_some_and(|r| r.tags.iter().any(|t| t == tag))
+            {
+                continue;
+            }
+            let records = self.store.recent_records(
+                Stream::Telemetry,
+                &device.id,
+                start.saturating_sub(step),
+                MAX_WINDOW_RECORDS,
+            )?;
+            // The device's last record at or before each bound.
+            let mut at: Vec<Option<TelemetrySample>> = Vec::with_capacity(bounds.len());
+            let mut i = 0;
+            let mut last: Option<&StoredRecord> = None;
+            for b in &bounds {
+                while i < records.len() && records[i].record.time <= *b {
+                    last = Some(&records[i]);
+                    i += 1;
+                }
+                at.push(last.and_then(sample));
+            }
+            for k in 0..points as usize {
+                let Some(end) = &at[k + 1] else { continue };
+                let base = at[k].as_ref().filter(|b| b.uptime_s <= end.uptime_s);
+                let w = crate::rules::serving_window(base, end, &q.model, &q.version);
+                let total = &mut totals[k];
+                total.0.requests += w.requests;
+                total.0.errors += w.errors;
+                for (bound, n) in &w.buckets {
+                    *total.0.buckets.entry(*bound).or_default() += n;
+                }
+                for (j, f) in features.iter().enumerate() {
+                    let find = |s: &TelemetrySample| {
+                        s.drift
+                            .iter()
+                            .find(|d| {
+                                d.model == q.model
+                                    && d.version == q.version
+                                    && d.feature == f.name
+                                    && d.counts.len() == f.bins() + 2
+                            })
+                            .map(|d| Part::of(d, 0.0))
+                    };
+                    let Some(e) = find(end) else { continue };
+                    let part = match base.and_then(find) {
+                        Some(b) if b.n <= e.n => e.minus(&b),
+                        _ => e,
+                    };
+                    total.1[j].add(&part);
+                }
+            }
+        }
+        let points = totals
+            .into_iter()
+            .zip(bounds.iter().skip(1))
+            .map(|((w, parts), time)| SeriesPoint {
+                time: *time,
+                requests: w.requests,
+                errors: w.errors,
+                p95_latency: (w.requests > 0)
+                    .then(|| w.value(outpost_proto::rest::GateMetric::P95Latency)),
+                psi: features
+                    .iter()
+                    .zip(&parts)
+                    .filter_map(|(f, p)| f.psi(&p.counts).map(|x| (f.name.clone(), x)))
+                    .collect(),
+            })
+            .collect();
+        Ok(FleetSeries {
+            model: q.model.clone(),
+            version: q.version.clone(),
+            step_s: step,
+            points,
+        })
     }
 }

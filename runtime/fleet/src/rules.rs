@@ -975,7 +975,7 @@ fn shadow_counts(s: &TelemetrySample, model: &str, version: &str) -> (u64, u64) 
 }
 
 /// `version`'s serving counters between `base` and `last` (roles summed, a shadow's left out).
-fn serving_window(
+pub(crate) fn serving_window(
     base: Option<&TelemetrySample>,
     last: &TelemetrySample,
     model: &str,

@@ -650,3 +650,49 @@ pub struct RuleState {
     /// Why there is no value, or what was measured.
     pub note: String,
 }
+
+/// What `GET /api/v1/series` selects: a model version's counters over time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeriesQuery {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Only devices reporting this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Seconds back from now (default 900, at most 7 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span: Option<u64>,
+    /// Seconds per point (default: a thirtieth of the span; at most 120 points).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+}
+
+/// A model version's traffic, errors, latency and drift over time, all devices together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetSeries {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Seconds per point.
+    pub step_s: u64,
+    /// Oldest first.
+    pub points: Vec<SeriesPoint>,
+}
+
+/// One step of a [`FleetSeries`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    /// Unix seconds at the end of the step.
+    pub time: u64,
+    /// Requests served in the step.
+    pub requests: u64,
+    /// Of those, failures the version caused.
+    pub errors: u64,
+    /// The 95th percentile latency in seconds (`None` without requests).
+    pub p95_latency: Option<f64>,
+    /// PSI per baseline feature of the step's observations (absent without any).
+    pub psi: BTreeMap<String, f64>,
+}

@@ -1,0 +1,214 @@
+//! The fleet's web dashboard in a real browser: headless Chromium (Debian's package) loads it
+//! from a running fleet with two devices serving digits under drifted traffic, and the test
+//! checks the rendered page: the devices, a latency chart with points, the drift panel of each
+//! baseline feature with its PSI and histogram, the rules. It saves a screenshot.
+//!
+//! Without Chromium the test says so and passes, unless `OUTPOST_REQUIRE_CHROMIUM` is set
+//! (`.ci/run` sets it and installs the package).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+mod support;
+use support::*;
+
+fn chromium() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("OUTPOST_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .map(|name| PathBuf::from("/usr/bin").join(name))
+        .find(|p| p.exists())
+}
+
+fn headless(browser: &PathBuf, dir: &std::path::Path, extra: &[&str], url: &str) -> String {
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=20000",
+            "--window-size=1280,2400",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium-profile").display()
+        ))
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("OUTPOST_REQUIRE_CHROMIUM").is_none(),
+            "OUTPOST_REQUIRE_CHROMIUM is set but no chromium is installed"
+        );
+        eprintln!(
+            "note: no chromium (apt-get install chromium, or OUTPOST_CHROMIUM=PATH): dashboard test skipped"
+        );
+        return;
+    };
+    let d = bed("dashboard");
+    let dir = &d.0;
+    digits_with_baseline(dir, "1.1.0");
+    fs::write(
+        dir.join("rules.toml"),
+        "[[rule]]\nname = \"digits-drift\"\nmetric = \"feature_psi\"\nmodel = \"digits\"\nop = \">\"\nthreshold = 0.25\nevery_s = 1\n",
+    )
+    .unwrap();
+    let fleet = Fleet::launch(dir, &["--rules", "rules.toml"]);
+    let ids = ["dev-a", "dev-b"];
+    let devices: Vec<Device> = ids
+        .iter()
+        .map(|id| Device::start(dir, &device_config(dir, id, &fleet.broker, &["lab"])))
+        .collect();
+    online(&fleet, &ids);
+    fleet.cli(dir, &["fleet", "push", "digits-1.1.0.opb"]);
+    fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.1.0",
+            "--all",
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    );
+
+    let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
+    let images: Vec<Vec<f64>> = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| serde_json::from_value(c["pixels"].clone()).unwrap())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, device)| {
+            let (stop, url, images) = (Arc::clone(&stop), device.url.clone(), images.clone());
+            std::thread::spawn(move || {
+                for pixels in images.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    // The second device sees faded digits: drift.
+                    let pixels: Vec<f64> = if i == 1 {
+                        pixels.iter().map(|v| (v / 3.0).floor()).collect()
+                    } else {
+                        pixels.clone()
+                    };
+                    outpost_testkit::post_json(
+                        &format!("{url}/v2/models/digits/infer"),
+                        &outpost_testkit::digits_request(&pixels),
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    eventually(
+        secs(60),
+        "traffic and drift in the fleet's telemetry",
+        || {
+            let (_, drift) = get_json(&format!(
+                "{}/api/v1/drift?model=digits&version=1.1.0&window=3600",
+                fleet.api
+            ));
+            let n = drift["features"][0]["n"].as_u64().unwrap_or(0);
+            (n > 100).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    let dom = headless(&browser, dir, &["--dump-dom"], &format!("{}/", fleet.api));
+    assert!(
+        dom.contains("data-ready=\"1\""),
+        "the page never finished a refresh:\n{dom}"
+    );
+    for id in ids {
+        assert!(
+            dom.contains(&format!("data-device=\"{id}\"")),
+            "{id} missing:\n{dom}"
+        );
+    }
+    let chart = dom
+        .split("data-series=\"latency\" data-points=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no latency chart:\n{dom}"));
+    assert!(chart > 0, "the latency chart has no points");
+    assert!(dom.contains("<polyline"), "no line drawn");
+    for feature in ["mean_intensity", "predicted_class"] {
+        let psi = dom
+            .split(&format!(
+                "class=\"drift-panel\" data-feature=\"{feature}\" data-psi=\""
+            ))
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|p| p.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no drift panel for {feature}:\n{dom}"));
+        assert!(psi > 0.0, "{feature} PSI {psi}");
+    }
+    assert!(
+        dom.contains("class=\"histogram\" data-feature=\"mean_intensity\""),
+        "no histogram"
+    );
+    assert!(
+        dom.matches("<rect").count() >= 24,
+        "the histogram has no bars"
+    );
+    assert!(dom.contains("digits-drift"), "no rules table row");
+
+    let shot = dir.join("dashboard.png");
+    headless(
+        &browser,
+        dir,
+        &[&format!("--screenshot={}", shot.display())],
+        &format!("{}/", fleet.api),
+    );
+    let png = fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
+    if let Ok(keep) = std::env::var("OUTPOST_DASHBOARD_SCREENSHOT") {
+        fs::copy(&shot, keep).unwrap();
+    }
+    eprintln!(
+        "dashboard screenshot: {} ({} bytes)",
+        shot.display(),
+        png.len()
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        t.join().unwrap();
+    }
+}
