@@ -212,3 +212,104 @@ fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
         t.join().unwrap();
     }
 }
+
+/// Every metric name in `text` (`outpost_…`), histogram suffixes taken off.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("outpost_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
+        {
+            end += 1;
+        }
+        let name = &text[start..end];
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        // `outpost_fleet` alone is a job name, not a metric.
+        if name.matches('_').count() >= 2 {
+            out.insert(name.to_owned());
+        }
+        i = end;
+    }
+    out
+}
+
+/// The Grafana dashboard imports as is (a Prometheus data-source input, every panel on it,
+/// unique ids, queries), and it and the alert rules name only metrics that a running device
+/// and fleet export.
+#[test]
+fn the_grafana_dashboard_and_alert_rules_use_only_metrics_outpost_exports() {
+    let root = outpost_testkit::models_dir().join("..");
+    let dashboard: Value = serde_json::from_slice(
+        &fs::read(root.join("docs/monitoring/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let inputs = dashboard["__inputs"].as_array().unwrap();
+    assert!(
+        inputs
+            .iter()
+            .any(|i| i["name"] == "DS_PROMETHEUS" && i["pluginId"] == "prometheus")
+    );
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8);
+    let mut ids = std::collections::BTreeSet::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "panel ids are unique"
+        );
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
+        for key in ["x", "y", "w", "h"] {
+            assert!(p["gridPos"][key].is_u64(), "{}: gridPos.{key}", p["title"]);
+        }
+        let targets = p["targets"].as_array().unwrap();
+        assert!(
+            !targets.is_empty()
+                && targets
+                    .iter()
+                    .all(|t| t["expr"].as_str().is_some_and(|e| !e.is_empty()))
+        );
+    }
+    let alerts = fs::read_to_string(root.join("docs/monitoring/alerts.yml")).unwrap();
+    let used: std::collections::BTreeSet<String> = metric_names(&dashboard.to_string())
+        .into_iter()
+        .chain(metric_names(&alerts))
+        .collect();
+
+    let d = bed("metrics-names");
+    let dir = &d.0;
+    let fleet = Fleet::start(dir, None, None);
+    let device = Device::start(dir, &device_config(dir, "dev-m", &fleet.broker, &[]));
+    online(&fleet, &["dev-m"]);
+    let exported: String = [
+        format!("{}/metrics", device.url),
+        format!("{}/metrics", fleet.api),
+    ]
+    .iter()
+    .map(|u| outpost_testkit::get(u).text())
+    .collect();
+    let declared: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|m| !declared.contains(m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not exported: {missing:?}\nexported: {declared:?}"
+    );
+    eprintln!(
+        "{} metric names in the dashboard and alerts, all exported",
+        used.len()
+    );
+}
