@@ -108,6 +108,7 @@ pub fn public_router(device: Arc<Device>, limits: ApiLimits) -> Router {
             "/v2/health/ready",
             get(|| async { axum::Json(json!({ "ready": true })) }),
         )
+        .route("/", get(crate::status_page::page))
         .route("/v2", get(server_metadata))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/versions/{version}", get(model_metadata))

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod policy;
 mod run;
 pub mod state;
+mod status_page;
 mod triton;
 pub mod watch;
 

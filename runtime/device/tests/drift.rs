@@ -174,6 +174,14 @@ fn training_traffic_stays_stable_and_a_shift_crosses_the_threshold() {
     assert!(metrics.contains(
         "outpost_feature_window_observations{model=\"sensor-anomaly\",version=\"1.0.0\",feature=\"score\",kind=\"output\"} 4096"
     ));
+
+    // The device's own status page says the same.
+    let page = get(&format!("{}/", s.url));
+    assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
+    let page = page.text();
+    for needle in ["sensor-anomaly", "digits", "temperature", "significant", "score (output)"] {
+        assert!(page.contains(needle), "{needle} not on the status page:\n{page}");
+    }
 }
 
 /// The digits guest's predicted classes are counted against the training predictions; a
