@@ -211,6 +211,9 @@ A digit image from the repository: curl -X POST {url}/v2/models/digits/raw \
 The fleet that deployed both bundles, and what the device reports to it:
   cargo run -q -p outpost-cli -- fleet status --fleet {api}
   cargo run -q -p outpost-cli -- fleet telemetry --fleet {api} --device demo-device --limit 3
+  cargo run -q -p outpost-cli -- fleet drift digits@1.0.0 --fleet {api}
+
+The fleet's dashboard: {api}/   the device's status page: {url}/
 
 Ctrl-C stops it."#
             );

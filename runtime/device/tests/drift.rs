@@ -177,10 +177,22 @@ fn training_traffic_stays_stable_and_a_shift_crosses_the_threshold() {
 
     // The device's own status page says the same.
     let page = get(&format!("{}/", s.url));
-    assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
     let page = page.text();
-    for needle in ["sensor-anomaly", "digits", "temperature", "significant", "score (output)"] {
-        assert!(page.contains(needle), "{needle} not on the status page:\n{page}");
+    for needle in [
+        "sensor-anomaly",
+        "digits",
+        "temperature",
+        "significant",
+        "score (output)",
+    ] {
+        assert!(
+            page.contains(needle),
+            "{needle} not on the status page:\n{page}"
+        );
     }
 }
 
