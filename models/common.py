@@ -90,6 +90,24 @@ def write_png(path, pixels):
         f.write(chunk(b"IEND", b""))
 
 
+def export_classifier(clf, sample):
+    """A fitted scikit-learn classifier as ONNX, the way the digits guest calls it: input
+    `input`, output `probabilities` (no ZipMap, no label lookup)."""
+    from skl2onnx import to_onnx
+
+    onx = to_onnx(
+        clf,
+        initial_types=None,
+        X=sample,
+        options={id(clf): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    onx.graph.input[0].name = "input"
+    for node in onx.graph.node:
+        node.input[:] = ["input" if i == "X" else i for i in node.input]
+    return keep_output(onx, "probabilities", "probabilities")
+
+
 def keep_output(model, old_name, new_name):
     """Cuts the graph down to what computes `old_name`, exposed as the only output `new_name`.
 

@@ -47,13 +47,12 @@ def train(work, version):
     """Retrains on the original training split plus its faded copy; writes the ONNX model and
     the training baseline of the new data into `work`. Returns the test accuracy on both."""
     import numpy as np
-    from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
     sys.path.insert(0, os.path.dirname(HERE))
-    from common import categorical, histogram, keep_output, write_json
+    from common import categorical, export_classifier, histogram, write_json
 
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
@@ -65,16 +64,7 @@ def train(work, version):
         "original": float(clf.score((X_test / 16.0).astype(np.float32), y_test)),
         "faded": float(clf.score((faded(X_test) / 16.0).astype(np.float32), y_test)),
     }
-    onx = to_onnx(
-        clf,
-        X=(X_all[:1] / 16.0).astype(np.float32),
-        options={id(clf): {"zipmap": False}},
-        target_opset={"": 17, "ai.onnx.ml": 3},
-    )
-    onx.graph.input[0].name = "input"
-    for node in onx.graph.node:
-        node.input[:] = ["input" if i == "X" else i for i in node.input]
-    onx = keep_output(onx, "probabilities", "probabilities")
+    onx = export_classifier(clf, (X_all[:1] / 16.0).astype(np.float32))
     with open(os.path.join(work, "digits.onnx"), "wb") as f:
         f.write(onx.SerializeToString())
     predicted = clf.predict((X_all / 16.0).astype(np.float32))

@@ -10,14 +10,13 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
-from skl2onnx import to_onnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import categorical, histogram, keep_output, write_json, write_pgm, write_png  # noqa: E402
+from common import categorical, export_classifier, histogram, write_json, write_pgm, write_png  # noqa: E402
 
 X, y = load_digits(return_X_y=True)
 X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
@@ -26,18 +25,7 @@ clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=600, random_state=0)
 clf.fit((X_train / 16.0).astype(np.float32), y_train)
 accuracy = clf.score((X_test / 16.0).astype(np.float32), y_test)
 
-onx = to_onnx(
-    clf,
-    initial_types=None,
-    X=(X_train[:1] / 16.0).astype(np.float32),
-    options={id(clf): {"zipmap": False}},
-    target_opset={"": 17, "ai.onnx.ml": 3},
-)
-# Name the input as the guest calls it.
-onx.graph.input[0].name = "input"
-for node in onx.graph.node:
-    node.input[:] = ["input" if i == "X" else i for i in node.input]
-onx = keep_output(onx, "probabilities", "probabilities")
+onx = export_classifier(clf, (X_train[:1] / 16.0).astype(np.float32))
 with open(os.path.join(HERE, "digits.onnx"), "wb") as f:
     f.write(onx.SerializeToString())
 

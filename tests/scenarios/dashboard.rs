@@ -98,13 +98,7 @@ fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
         ],
     );
 
-    let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
-    let images: Vec<Vec<f64>> = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| serde_json::from_value(c["pixels"].clone()).unwrap())
-        .collect();
+    let images: Vec<Vec<f64>> = test_digits().into_iter().map(|(p, _)| p).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let traffic: Vec<_> = devices
         .iter()
@@ -117,8 +111,8 @@ fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
                         break;
                     }
                     // The second device sees faded digits: drift.
-                    let pixels: Vec<f64> = if i == 1 {
-                        pixels.iter().map(|v| (v / 3.0).floor()).collect()
+                    let pixels = if i == 1 {
+                        faded(pixels)
                     } else {
                         pixels.clone()
                     };

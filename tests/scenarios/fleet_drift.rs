@@ -36,14 +36,7 @@ fn traffic(url: &str, images: &[Vec<f64>]) -> (Samples, Answers) {
         );
         assert_eq!(r.status, 200, "{}", r.text());
         let body = r.json();
-        let label = body["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"] == "label")
-            .unwrap()["data"][0]
-            .as_f64()
-            .unwrap();
+        let label = outpost_testkit::digits_label(&body) as f64;
         samples
             .entry("mean_intensity".into())
             .or_default()
@@ -110,17 +103,8 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
 
     // Three kinds of traffic: the test digits as they are, faded to a third of their ink, and
     // thickened; each device gets its own mix.
-    let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
-    let digits: Vec<Vec<f64>> = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| serde_json::from_value(c["pixels"].clone()).unwrap())
-        .collect();
-    let faded: Vec<Vec<f64>> = digits
-        .iter()
-        .map(|p| p.iter().map(|v| (v / 3.0).floor()).collect())
-        .collect();
+    let digits: Vec<Vec<f64>> = test_digits().into_iter().map(|(p, _)| p).collect();
+    let faint: Vec<Vec<f64>> = digits.iter().map(|p| faded(p)).collect();
     let thick: Vec<Vec<f64>> = digits
         .iter()
         .map(|p| p.iter().map(|v| (v + 7.0).min(16.0)).collect())
@@ -129,7 +113,7 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
         digits.iter().cycle().take(40).cloned().collect(),
         digits
             .iter()
-            .chain(&faded)
+            .chain(&faint)
             .cycle()
             .take(30)
             .cloned()
@@ -249,12 +233,7 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
 
     // Ground truth: every request labelled on its own device; the fleet's accuracy is the
     // accuracy of all predictions against all labels, per tag too.
-    let truths: Vec<f64> = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["true_label"].as_f64().unwrap())
-        .collect();
+    let truths: Vec<f64> = test_digits().iter().map(|(_, t)| *t as f64).collect();
     let mut right = [0u64; 3];
     for (i, ((device, images), answered)) in devices.iter().zip(&mixes).zip(&answered).enumerate() {
         let feedback: Vec<Value> = images
@@ -302,7 +281,6 @@ fn fleet_wide_psi_equals_the_psi_of_the_pooled_samples() {
 
 /// The true digit of a (possibly faded or thickened) test image, by the test digit it came from.
 fn truth_of(digits: &[Vec<f64>], truths: &[f64], pixels: &[f64]) -> f64 {
-    let faded = |p: &Vec<f64>| p.iter().map(|v| (v / 3.0).floor()).collect::<Vec<f64>>();
     let thick = |p: &Vec<f64>| p.iter().map(|v| (v + 7.0).min(16.0)).collect::<Vec<f64>>();
     digits
         .iter()

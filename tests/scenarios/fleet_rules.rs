@@ -164,18 +164,9 @@ argv = ["sh", "-c", "cat > accuracy-fired.json"]
     assert!(out.contains("dev-r: applied"), "{out}");
 
     // Faded digits, sent all along: the mean intensity drifts far and stays drifted.
-    let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
-    let cases: Vec<(Vec<f64>, u64)> = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let pixels: Vec<f64> = serde_json::from_value(c["pixels"].clone()).unwrap();
-            (
-                pixels.iter().map(|v| (v / 3.0).floor()).collect(),
-                c["true_label"].as_u64().unwrap(),
-            )
-        })
+    let cases: Vec<(Vec<f64>, u64)> = test_digits()
+        .into_iter()
+        .map(|(p, truth)| (faded(&p), truth))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let answered: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::default();
@@ -197,14 +188,7 @@ argv = ["sh", "-c", "cat > accuracy-fired.json"]
                 );
                 assert_eq!(r.status, 200, "{}", r.text());
                 let body = r.json();
-                let label = body["outputs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|o| o["name"] == "label")
-                    .unwrap()["data"][0]
-                    .as_u64()
-                    .unwrap();
+                let label = outpost_testkit::digits_label(&body);
                 answered.lock().unwrap().push((
                     body["id"].as_str().unwrap().to_owned(),
                     label,

@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::Value;
-
 mod support;
 use support::*;
 
@@ -50,7 +48,8 @@ fn drift_fires_a_rule_that_retrains_and_rolls_the_new_version_out() {
         "--stages",
         "1,100%",
         "--canary",
-        r#"{"percent": 50, "min_requests": 10, "window_s": 3}"#,
+        // The same graph on a shared machine: latency says nothing here, errors do.
+        r#"{"percent": 50, "min_requests": 10, "window_s": 3, "max_p95_ratio": 50}"#,
         "--soak",
         "1s",
         "--gate",
@@ -116,16 +115,7 @@ timeout_s = 60
     }
 
     // Faded digits on both devices, all along (the rollout's gates need traffic too).
-    let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
-    let images: Vec<Vec<f64>> = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let pixels: Vec<f64> = serde_json::from_value(c["pixels"].clone()).unwrap();
-            pixels.iter().map(|v| (v / 3.0).floor()).collect()
-        })
-        .collect();
+    let images: Vec<Vec<f64>> = test_digits().iter().map(|(p, _)| faded(p)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let traffic: Vec<_> = devices
         .iter()

@@ -26,6 +26,37 @@ pub(crate) struct Remote {
     fleet_ca_file: Option<PathBuf>,
 }
 
+/// What `fleet drift` and `fleet quality` look at.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Monitor {
+    /// The model version, e.g. `digits@1.0.0`.
+    target: String,
+    /// Only devices reporting this tag.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Only the last SECONDS (default: since each device started).
+    #[arg(long, value_name = "SECONDS")]
+    window: Option<u64>,
+    #[command(flatten)]
+    remote: Remote,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Monitor {
+    /// The API query, from `MODEL@VERSION`.
+    fn query(&self) -> Result<outpost_proto::rest::MonitorQuery> {
+        let (model, version) = split_target(&self.target)?;
+        Ok(outpost_proto::rest::MonitorQuery {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            tag: self.tag.clone(),
+            window: self.window,
+        })
+    }
+}
+
 /// Fleet subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum FleetCommand {
@@ -113,38 +144,10 @@ pub(crate) enum FleetCommand {
     },
     /// Fleet-wide drift of MODEL@VERSION against its bundle's training baseline: the devices'
     /// bin counts added up, PSI per feature.
-    Drift {
-        /// The model version, e.g. `digits@1.0.0`.
-        target: String,
-        /// Only devices reporting this tag.
-        #[arg(long)]
-        tag: Option<String>,
-        /// Only the last SECONDS (default: since each device started).
-        #[arg(long, value_name = "SECONDS")]
-        window: Option<u64>,
-        #[command(flatten)]
-        remote: Remote,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Drift(Monitor),
     /// Fleet-wide quality of MODEL@VERSION from ground-truth feedback: accuracy or mean
     /// absolute error over the labels its devices joined.
-    Quality {
-        /// The model version, e.g. `digits@1.0.0`.
-        target: String,
-        /// Only devices reporting this tag.
-        #[arg(long)]
-        tag: Option<String>,
-        /// Only the last SECONDS (default: since each device started).
-        #[arg(long, value_name = "SECONDS")]
-        window: Option<u64>,
-        #[command(flatten)]
-        remote: Remote,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Quality(Monitor),
     /// The fleet's rules (`fleet serve --rules FILE`) and their state; `--test NAME` measures
     /// one now without firing it.
     Rules {
@@ -241,20 +244,8 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             Ok(())
         }
         FleetCommand::Status { remote, json } => status(&remote, json),
-        FleetCommand::Drift {
-            target,
-            tag,
-            window,
-            remote,
-            json,
-        } => drift(&remote, &target, tag, window, json),
-        FleetCommand::Quality {
-            target,
-            tag,
-            window,
-            remote,
-            json,
-        } => quality(&remote, &target, tag, window, json),
+        FleetCommand::Drift(m) => drift(&m),
+        FleetCommand::Quality(m) => quality(&m),
         FleetCommand::Rules { test, remote, json } => rules(&remote, test.as_deref(), json),
         FleetCommand::Firings {
             limit,
@@ -567,21 +558,9 @@ fn telemetry(
     Ok(())
 }
 
-fn drift(
-    remote: &Remote,
-    target: &str,
-    tag: Option<String>,
-    window: Option<u64>,
-    json: bool,
-) -> Result<()> {
-    let (model, version) = split_target(target)?;
-    let d = remote.client()?.drift(&outpost_proto::rest::MonitorQuery {
-        model: model.to_owned(),
-        version: version.to_owned(),
-        tag,
-        window,
-    })?;
-    if json {
+fn drift(m: &Monitor) -> Result<()> {
+    let d = m.remote.client()?.drift(&m.query()?)?;
+    if m.json {
         println!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(());
     }
@@ -615,23 +594,9 @@ fn drift(
     Ok(())
 }
 
-fn quality(
-    remote: &Remote,
-    target: &str,
-    tag: Option<String>,
-    window: Option<u64>,
-    json: bool,
-) -> Result<()> {
-    let (model, version) = split_target(target)?;
-    let q = remote
-        .client()?
-        .quality(&outpost_proto::rest::MonitorQuery {
-            model: model.to_owned(),
-            version: version.to_owned(),
-            tag,
-            window,
-        })?;
-    if json {
+fn quality(m: &Monitor) -> Result<()> {
+    let q = m.remote.client()?.quality(&m.query()?)?;
+    if m.json {
         println!("{}", serde_json::to_string_pretty(&q)?);
         return Ok(());
     }

@@ -295,14 +295,7 @@ fn feedback_accuracy_equals_the_offline_accuracy() {
         let body = r.json();
         let id = body["id"].as_str().unwrap().to_owned();
         assert_eq!(r.header("outpost-request-id"), Some(id.as_str()));
-        let label = body["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"] == "label")
-            .unwrap()["data"][0]
-            .as_u64()
-            .unwrap();
+        let label = outpost_testkit::digits_label(&body);
         sent.push((id, label, *truth));
     }
     let ids: std::collections::BTreeSet<&str> = sent.iter().map(|s| s.0.as_str()).collect();

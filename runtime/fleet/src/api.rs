@@ -312,55 +312,54 @@ async fn events(
     records(&fleet, Stream::Events, q)
 }
 
+type QueryOf<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+/// Runs `answer` on the query off the async threads; a malformed query is a 400 that says
+/// what `what` expects.
+async fn monitor<Q, T: serde::Serialize + Send + 'static>(
+    fleet: Arc<Fleet>,
+    q: QueryOf<Q>,
+    what: &'static str,
+    answer: impl FnOnce(&Fleet, Q) -> Result<T, FleetError> + Send + 'static,
+) -> Result<Json<T>, FleetError>
+where
+    Q: Send + 'static,
+{
+    let Query(q) = q.map_err(|e| FleetError::BadRequest(format!("{what}: {e}")))?;
+    let answer = tokio::task::spawn_blocking(move || answer(&fleet, q))
+        .await
+        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
+    Ok(Json(answer))
+}
+
 /// `GET /api/v1/drift?model=&version=[&tag=][&window=SECS]`: fleet-wide drift of a model
 /// version against its bundle's training baseline.
 async fn drift(
     State(fleet): Shared,
-    q: Result<Query<outpost_proto::rest::MonitorQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryOf<outpost_proto::rest::MonitorQuery>,
 ) -> Result<impl IntoResponse, FleetError> {
-    let Query(q) = q.map_err(|e| {
-        FleetError::BadRequest(format!(
-            "drift needs ?model=NAME&version=V (optional tag=T, window=SECONDS): {e}"
-        ))
-    })?;
-    let answer = tokio::task::spawn_blocking(move || fleet.drift(&q))
-        .await
-        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
-    Ok(Json(answer))
+    let what = "drift needs ?model=NAME&version=V (optional tag=T, window=SECONDS)";
+    monitor(fleet, q, what, |f, q| f.drift(&q)).await
 }
 
 /// `GET /api/v1/quality?model=&version=[&tag=][&window=SECS]`: fleet-wide accuracy or mean
 /// absolute error of a model version from the labels its devices joined.
 async fn quality(
     State(fleet): Shared,
-    q: Result<Query<outpost_proto::rest::MonitorQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryOf<outpost_proto::rest::MonitorQuery>,
 ) -> Result<impl IntoResponse, FleetError> {
-    let Query(q) = q.map_err(|e| {
-        FleetError::BadRequest(format!(
-            "quality needs ?model=NAME&version=V (optional tag=T, window=SECONDS): {e}"
-        ))
-    })?;
-    let answer = tokio::task::spawn_blocking(move || fleet.quality(&q))
-        .await
-        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
-    Ok(Json(answer))
+    let what = "quality needs ?model=NAME&version=V (optional tag=T, window=SECONDS)";
+    monitor(fleet, q, what, |f, q| f.quality(&q)).await
 }
 
 /// `GET /api/v1/series?model=&version=[&tag=][&span=SECS][&step=SECS]`: a model version's
 /// requests, errors, p95 latency and PSI per feature over time.
 async fn series(
     State(fleet): Shared,
-    q: Result<Query<outpost_proto::rest::SeriesQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryOf<outpost_proto::rest::SeriesQuery>,
 ) -> Result<impl IntoResponse, FleetError> {
-    let Query(q) = q.map_err(|e| {
-        FleetError::BadRequest(format!(
-            "series needs ?model=NAME&version=V (optional tag=T, span=SECONDS, step=SECONDS): {e}"
-        ))
-    })?;
-    let answer = tokio::task::spawn_blocking(move || fleet.series(&q))
-        .await
-        .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
-    Ok(Json(answer))
+    let what = "series needs ?model=NAME&version=V (optional tag=T, span=SECONDS, step=SECONDS)";
+    monitor(fleet, q, what, |f, q| f.series(&q)).await
 }
 
 /// The dashboard's files, embedded in the binary.

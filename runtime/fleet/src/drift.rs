@@ -69,6 +69,16 @@ impl Part {
     }
 }
 
+/// Whether `device` reports `tag` (every device does when there is none).
+pub(crate) fn tagged(device: &outpost_proto::rest::DeviceRecord, tag: Option<&str>) -> bool {
+    tag.is_none_or(|tag| {
+        device
+            .reported
+            .as_ref()
+            .is_some_and(|r| r.tags.iter().any(|t| t == tag))
+    })
+}
+
 fn sample(r: &StoredRecord) -> Option<TelemetrySample> {
     serde_json::from_value(r.record.body.clone()).ok()
 }
@@ -122,14 +132,8 @@ impl Fleet {
         let mut per_device: Vec<Vec<DeviceFeatureDrift>> = vec![Vec::new(); features.len()];
         let mut devices = 0;
         for device in self.store.devices()? {
-            if let Some(tag) = &q.tag {
-                let tagged = device
-                    .reported
-                    .as_ref()
-                    .is_some_and(|r| r.tags.iter().any(|t| t == tag));
-                if !tagged {
-                    continue;
-                }
+            if !tagged(&device, q.tag.as_deref()) {
+                continue;
             }
             let parts = self.device_parts(&device.id, q, now, &features, &centers)?;
             if parts.iter().all(|p| p.n == 0) {
@@ -326,12 +330,7 @@ impl Fleet {
         };
         let mut abs_error = 0.0;
         for device in self.store.devices()? {
-            if let Some(tag) = &q.tag
-                && !device
-                    .reported
-                    .as_ref()
-                    .is_some_and(|r| r.tags.iter().any(|t| t == tag))
-            {
+            if !tagged(&device, q.tag.as_deref()) {
                 continue;
             }
             let Some((base, last)) = self.window_of(&device.id, q.window, now)? else {
@@ -405,12 +404,7 @@ impl Fleet {
             })
             .collect();
         for device in self.store.devices()? {
-            if let Some(tag) = &q.tag
-                && !device
-                    .reported
-                    .as_ref()
-                    .is_some_and(|r| r.tags.iter().any(|t| t == tag))
-            {
+            if !tagged(&device, q.tag.as_deref()) {
                 continue;
             }
             let records = self.store.recent_records(

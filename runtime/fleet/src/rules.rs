@@ -558,12 +558,7 @@ impl Fleet {
                 let mut total = Window::default();
                 let mut shadow_total = (0u64, 0u64);
                 for device in self.store.devices()? {
-                    if let Some(tag) = &spec.tag
-                        && !device
-                            .reported
-                            .as_ref()
-                            .is_some_and(|r| r.tags.iter().any(|t| t == tag))
-                    {
+                    if !crate::drift::tagged(&device, spec.tag.as_deref()) {
                         continue;
                     }
                     let Some((base, last)) =

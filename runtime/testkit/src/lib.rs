@@ -23,5 +23,5 @@ mod poll;
 pub use dir::{KEEP_ENV, TempDir};
 pub use drift::{assert_psi_agrees, baseline_features, models_dir, numpy_psi, reference_psi};
 pub use http::{ADMIN_TOKEN, Reply, admin, agent, get, get_json, post, post_json};
-pub use oip::{digits_request, digits_version};
+pub use oip::{digits_label, digits_request, digits_version};
 pub use poll::{eventually, throughout};

@@ -27,3 +27,12 @@ pub fn digits_version(url: &str) -> Result<String, u16> {
         None => panic!("no model_version in {v}"),
     }
 }
+
+/// The label (class index) in a digits answer: its `label` output's first value.
+pub fn digits_label(body: &Value) -> u64 {
+    body["outputs"]
+        .as_array()
+        .and_then(|outputs| outputs.iter().find(|o| o["name"] == "label"))
+        .and_then(|o| o["data"][0].as_u64())
+        .unwrap_or_else(|| panic!("no label in {body}"))
+}

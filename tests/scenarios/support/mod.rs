@@ -253,6 +253,28 @@ pub fn digits_with_baseline(dir: &Path, version: &str) {
     );
 }
 
+/// The test digits `models/digits/train.py` recorded: their pixels (0–16) and true labels.
+pub fn test_digits() -> Vec<(Vec<f64>, u64)> {
+    let expected: Value = serde_json::from_str(outpost_examples::DIGITS_EXPECTED).unwrap();
+    expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                serde_json::from_value(c["pixels"].clone()).unwrap(),
+                c["true_label"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A digit faded to a third of its ink: the drifted traffic of the monitoring tests (and of
+/// `models/digits/retrain.py`).
+pub fn faded(pixels: &[f64]) -> Vec<f64> {
+    pixels.iter().map(|v| (v / 3.0).floor()).collect()
+}
+
 /// Writes a device config and returns its file name.
 pub fn device_config(dir: &Path, id: &str, broker: &str, tags: &[&str]) -> String {
     let name = format!("{id}.toml");
