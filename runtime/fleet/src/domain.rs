@@ -108,6 +108,9 @@ pub struct Fleet {
     pub(crate) rolling: Mutex<()>,
     /// The rules and their state.
     pub rules: crate::rules::RuleBook,
+    /// Training baselines of stored bundles, by digest.
+    pub(crate) baselines:
+        Mutex<HashMap<String, std::sync::Arc<outpost_bundle::manifest::Baseline>>>,
 }
 
 /// What a [`Fleet`] is configured with.
@@ -194,6 +197,7 @@ impl Fleet {
             enrolling: Mutex::new(()),
             rolling: Mutex::new(()),
             rules: crate::rules::RuleBook::default(),
+            baselines: Mutex::new(HashMap::new()),
         }
     }
 

@@ -7,7 +7,9 @@
 //! down), the last record counts alone.
 
 use outpost_bundle::drift::Level;
-use outpost_bundle::manifest::Baseline;
+use std::sync::Arc;
+
+use outpost_bundle::manifest::{Baseline, FeatureBaseline};
 use outpost_bundle::{Bundle, ReadLimits};
 use outpost_proto::rest::{
     DeviceFeatureDrift, DeviceQuality, FleetDrift, FleetFeatureDrift, FleetQuality, FleetSeries,
@@ -18,6 +20,9 @@ use outpost_proto::{DriftSeries, TelemetrySample};
 use crate::rollout::Window;
 use crate::store::{Stream, now_secs};
 use crate::{Fleet, FleetError, Result};
+
+/// Baselines kept in memory, at most (the cache starts again past it).
+const MAX_CACHED_BASELINES: usize = 256;
 
 /// Records read per device for one window, at most.
 const MAX_WINDOW_RECORDS: usize = 100_000;
@@ -79,17 +84,42 @@ pub(crate) fn tagged(device: &outpost_proto::rest::DeviceRecord, tag: Option<&st
     })
 }
 
+/// `version` of `model`'s counters of feature `f` in one record, when they fit its bins.
+fn drift_series<'a>(
+    s: &'a TelemetrySample,
+    model: &str,
+    version: &str,
+    f: &FeatureBaseline,
+) -> Option<&'a outpost_proto::DriftSeries> {
+    s.drift.iter().find(|d| {
+        d.model == model
+            && d.version == version
+            && d.feature == f.name
+            && d.counts.len() == f.bins() + 2
+    })
+}
+
 fn sample(r: &StoredRecord) -> Option<TelemetrySample> {
     serde_json::from_value(r.record.body.clone()).ok()
 }
 
 impl Fleet {
     /// The training baseline in the stored bundle of `model` at `version`, and its digest.
-    pub fn baseline(&self, model: &str, version: &str) -> Result<(Baseline, String)> {
+    /// Bundles are immutable per digest, so each is read once (rules and the dashboard ask
+    /// every few seconds).
+    pub fn baseline(&self, model: &str, version: &str) -> Result<(Arc<Baseline>, String)> {
         let record = self
             .store
             .bundle(model, version)?
             .ok_or_else(|| FleetError::NotFound(format!("bundle {model} {version}")))?;
+        if let Some(b) = self
+            .baselines
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&record.digest).cloned())
+        {
+            return Ok((b, record.digest));
+        }
         let file = std::fs::File::open(self.store.artifact_path(&record.digest)?)?;
         let limits = ReadLimits {
             max_file_bytes: self.max_bundle_bytes,
@@ -103,6 +133,13 @@ impl Fleet {
                  monitor drift"
             ))
         })?;
+        let baseline = Arc::new(baseline);
+        if let Ok(mut cache) = self.baselines.lock() {
+            if cache.len() >= MAX_CACHED_BASELINES {
+                cache.clear();
+            }
+            cache.insert(record.digest.clone(), Arc::clone(&baseline));
+        }
         Ok((baseline, record.digest))
     }
 
@@ -250,14 +287,7 @@ impl Fleet {
                 .iter()
                 .zip(centers)
                 .map(|((f, _), center)| {
-                    s.drift
-                        .iter()
-                        .find(|d| {
-                            d.model == q.model
-                                && d.version == q.version
-                                && d.feature == f.name
-                                && d.counts.len() == f.bins() + 2
-                        })
+                    drift_series(s, &q.model, &q.version, f)
                         .map(|d| Part::of(d, *center))
                         .unwrap_or_default()
                 })
@@ -436,15 +466,7 @@ impl Fleet {
                 }
                 for (j, f) in features.iter().enumerate() {
                     let find = |s: &TelemetrySample| {
-                        s.drift
-                            .iter()
-                            .find(|d| {
-                                d.model == q.model
-                                    && d.version == q.version
-                                    && d.feature == f.name
-                                    && d.counts.len() == f.bins() + 2
-                            })
-                            .map(|d| Part::of(d, 0.0))
+                        drift_series(s, &q.model, &q.version, f).map(|d| Part::of(d, 0.0))
                     };
                     let Some(e) = find(end) else { continue };
                     let part = match base.and_then(find) {

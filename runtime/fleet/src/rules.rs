@@ -20,7 +20,7 @@ use outpost_proto::rest::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::rollout::{COUNTED_ERRORS, Window, counters};
+use crate::rollout::{Window, counters};
 use crate::store::now_secs;
 use crate::{Fleet, FleetError, Result};
 
@@ -1002,7 +1002,6 @@ pub(crate) fn serving_window(
             *n = n.saturating_sub(b.buckets.get(bound).copied().unwrap_or(0));
         }
     }
-    let _ = COUNTED_ERRORS;
     w
 }
 
@@ -1061,6 +1060,36 @@ mod tests {
         };
         assert!(!s.step(true, 99, 2, 100));
         assert!(s.step(true, 100, 2, 100));
+    }
+
+    #[test]
+    fn a_restarted_fleet_keeps_the_cooldown_of_the_last_firing() {
+        let firing = FiringRecord {
+            id: 1,
+            rule: "r".into(),
+            metric: "accuracy".into(),
+            value: 0.5,
+            op: "<".into(),
+            threshold: 0.9,
+            window_s: 600,
+            model: "m".into(),
+            version: "1.0.0".into(),
+            digest: String::new(),
+            tag: None,
+            devices: Vec::new(),
+            features: Vec::new(),
+            fingerprint: String::new(),
+            time: 1_000,
+            attempts: Vec::new(),
+            delivered: true,
+        };
+        let book = RuleBook::default();
+        book.load(Vec::new(), &[firing]);
+        let mut streak = book.state.lock().unwrap()[&("r".to_owned(), "1.0.0".to_owned())].streak;
+        assert_eq!(streak.fired_at, Some(1_000));
+        // Still crossing after the restart: quiet until the cooldown from the stored firing ends.
+        assert!(!streak.step(true, 1_100, 1, 3600));
+        assert!(streak.step(true, 4_600, 1, 3600));
     }
 
     #[test]
