@@ -13,6 +13,27 @@
 //!
 //! `scale`/`offset` map each element `x` of an FP32 input to `x * scale + offset`; `softmax`
 //! turns an FP32 output into probabilities over its last axis.
+//!
+//! `monitor` lists the drift features the guest observes for each item (each row along the
+//! first axis) of every request, named as the bundle's baseline names them (`bundle build
+//! --onnx … --baseline-data FILE` writes both):
+//!
+//! ```json
+//! { "monitor": [
+//!     { "name": "x[0]", "input": "x", "stat": "value", "column": 0 },
+//!     { "name": "image.mean[0]", "input": "image", "stat": "mean", "channel": 0, "axis": 1 },
+//!     { "name": "image.std", "input": "image", "stat": "std" },
+//!     { "name": "probabilities.class", "output": "probabilities", "stat": "argmax", "classes": 10 }
+//! ] }
+//! ```
+//!
+//! `value` is the item's element `column` (of the item flattened); `mean` and `std`
+//! (population) are taken over the item, or over its elements at index `channel` along tensor
+//! axis `axis`; `argmax` is the index of the item's largest element. Inputs are observed as the
+//! client sent them (before `scale`), outputs as the client receives them. `classes` says a
+//! feature is a class index (`0 .. classes-1`; `0`: as many as the bundle's labels, or one past
+//! the largest seen) for the baseline `bundle build --baseline-data` computes; the guest does
+//! not need it.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +51,44 @@ struct Config {
     inputs: BTreeMap<String, InputStep>,
     #[serde(default)]
     outputs: BTreeMap<String, OutputStep>,
+    #[serde(default)]
+    monitor: Vec<Monitor>,
+}
+
+/// One drift feature observed for each item.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Monitor {
+    name: String,
+    #[serde(default)]
+    input: Option<String>,
+    #[serde(default)]
+    output: Option<String>,
+    stat: Stat,
+    #[serde(default)]
+    column: usize,
+    #[serde(default)]
+    channel: Option<u64>,
+    #[serde(default = "first_axis")]
+    axis: usize,
+    // Read by `bundle build`, not here.
+    #[serde(default)]
+    #[allow(dead_code)]
+    classes: Option<u64>,
+}
+
+fn first_axis() -> usize {
+    1
+}
+
+/// What one feature is of an item.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Stat {
+    Value,
+    Mean,
+    Std,
+    Argmax,
 }
 
 /// What to do to an input before the model sees it.
@@ -69,6 +128,7 @@ fn handle(request: Request) -> Result<Response, Error> {
         ));
     };
     let config = config()?;
+    observe(&config.monitor, &inputs, |m| m.input.as_deref());
     let inputs = inputs
         .into_iter()
         .map(|t| match config.inputs.get(&t.name) {
@@ -84,7 +144,75 @@ fn handle(request: Request) -> Result<Response, Error> {
             _ => Ok(t),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    observe(&config.monitor, &outputs, |m| m.output.as_deref());
     Ok(Response::tensors(outputs))
+}
+
+/// Observes, item by item, each feature `tensor_of` ties to one of `tensors`. A feature that
+/// does not fit the tensor (a column beyond the item, a non-numeric tensor) is not observed:
+/// monitoring never fails a request, and the device counts what the baseline expects.
+fn observe(monitor: &[Monitor], tensors: &[Tensor], tensor_of: impl Fn(&Monitor) -> Option<&str>) {
+    for t in tensors {
+        let features: Vec<&Monitor> = monitor
+            .iter()
+            .filter(|m| tensor_of(m) == Some(t.name.as_str()))
+            .collect();
+        if features.is_empty() {
+            continue;
+        }
+        let Ok(values) = t.to_f32() else { continue };
+        let items = t.shape.first().map_or(1, |&n| n as usize);
+        if items == 0 {
+            continue;
+        }
+        let width = values.len() / items;
+        for item in values.chunks_exact(width.max(1)).take(items) {
+            for m in &features {
+                if let Some(v) = feature(m, &t.shape, item) {
+                    outpost_guest::observe(&m.name, v);
+                }
+            }
+        }
+    }
+}
+
+/// Feature `m` of one item of a tensor shaped `shape`.
+fn feature(m: &Monitor, shape: &[u64], item: &[f32]) -> Option<f64> {
+    let selected: Vec<f64> = match m.channel {
+        None => item.iter().map(|&x| f64::from(x)).collect(),
+        Some(c) => {
+            let dim = *shape.get(m.axis).filter(|_| m.axis >= 1)?;
+            let inner: u64 = shape.get(m.axis + 1..)?.iter().product();
+            item.iter()
+                .enumerate()
+                .filter(|(i, _)| (*i as u64 / inner.max(1)) % dim.max(1) == c)
+                .map(|(_, &x)| f64::from(x))
+                .collect()
+        }
+    };
+    if selected.is_empty() {
+        return None;
+    }
+    let n = selected.len() as f64;
+    let mean = || selected.iter().sum::<f64>() / n;
+    match m.stat {
+        Stat::Value => item.get(m.column).map(|&x| f64::from(x)),
+        Stat::Mean => Some(mean()),
+        Stat::Std => {
+            let mu = mean();
+            Some((selected.iter().map(|x| (x - mu) * (x - mu)).sum::<f64>() / n).sqrt())
+        }
+        Stat::Argmax => {
+            let (best, _) =
+                selected
+                    .iter()
+                    .enumerate()
+                    .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &x)| {
+                        if x > bv { (i, x) } else { (bi, bv) }
+                    });
+            Some(best as f64)
+        }
+    }
 }
 
 fn scale(t: Tensor, step: &InputStep) -> Result<Tensor, Error> {

@@ -83,6 +83,113 @@ impl FeatureBaseline {
     }
 }
 
+/// `x` rounded to six decimals, half to even (numpy's `round(x, 6)`).
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round_ties_even() / 1e6
+}
+
+/// The `q`-quantile of sorted `v` by linear interpolation (numpy's default method).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let pos = q * (v.len() - 1) as f64;
+    let lo = (pos.floor() as usize).min(v.len() - 1);
+    let hi = (lo + 1).min(v.len() - 1);
+    let (a, b, t) = (v[lo], v[hi], pos - lo as f64);
+    // numpy's `_lerp`: exact at both ends.
+    if t >= 0.5 {
+        b - (b - a) * (1.0 - t)
+    } else {
+        a + (b - a) * t
+    }
+}
+
+/// Counts as shares rounded to six decimals, the rounding residue moved into the largest share
+/// so they still sum to 1 (`models/common.py`'s `shares`).
+fn shares(counts: &[u64]) -> Vec<f64> {
+    let total: u64 = counts.iter().sum();
+    let mut p: Vec<f64> = counts
+        .iter()
+        .map(|&c| round6(c as f64 / total as f64))
+        .collect();
+    let largest = p
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &x)| if x > p[best] { i } else { best });
+    let residue = round6(1.0 - p.iter().sum::<f64>());
+    p[largest] = round6(p[largest] + residue);
+    p
+}
+
+/// A feature baseline over `edges`: the share of `values` in each of the `n + 2` slots and the
+/// values' statistics.
+fn summarise(name: &str, edges: Vec<f64>, values: &[f64]) -> FeatureBaseline {
+    let mut f = FeatureBaseline {
+        name: name.to_owned(),
+        edges,
+        proportions: Vec::new(),
+        mean: None,
+        std: None,
+        min: None,
+        max: None,
+        count: Some(values.len() as u64),
+    };
+    let mut counts = vec![0u64; f.bins() + 2];
+    for &x in values {
+        counts[f.slot(x)] += 1;
+    }
+    f.proportions = shares(&counts);
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    f.mean = Some(round6(mean));
+    f.std = Some(round6(var.sqrt()));
+    f.min = Some(round6(values.iter().copied().fold(f64::INFINITY, f64::min)));
+    f.max = Some(round6(
+        values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    ));
+    f
+}
+
+/// The baseline of a continuous feature from its training values, as `models/common.py`'s
+/// `histogram` computes it: edges at the `bins`-quantiles rounded to six decimals (duplicates
+/// merged, the outer edges widened by a rounding step so every training value falls inside),
+/// the share of underflow, each bin and overflow, and the statistics. `None` without a finite
+/// value; non-finite values are left out.
+pub fn histogram(name: &str, values: &[f64], bins: usize) -> Option<FeatureBaseline> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let bins = bins.clamp(1, MAX_BINS);
+    let step = 1.0 / bins as f64;
+    let mut edges: Vec<f64> = (0..=bins)
+        .map(|i| {
+            let q = if i == bins { 1.0 } else { i as f64 * step };
+            round6(quantile(&v, q))
+        })
+        .collect();
+    edges.dedup();
+    if edges.len() < 2 {
+        edges.push(edges[0] + 1.0);
+    }
+    let (lo, hi) = (v[0], v[v.len() - 1]);
+    edges[0] = edges[0].min((lo * 1e6).floor() / 1e6);
+    let last = edges.len() - 1;
+    edges[last] = edges[last].max((hi * 1e6).ceil() / 1e6);
+    Some(summarise(name, edges, &v))
+}
+
+/// The baseline of a class-valued feature (`0 .. classes - 1`): one unit-wide bin per class
+/// (`models/common.py`'s `categorical`). `None` without a finite value or a class.
+pub fn categorical(name: &str, values: &[f64], classes: usize) -> Option<FeatureBaseline> {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() || classes == 0 || classes > MAX_BINS {
+        return None;
+    }
+    let edges = (0..=classes).map(|i| i as f64 - 0.5).collect();
+    Some(summarise(name, edges, &v))
+}
+
 /// How far a PSI value says a feature drifted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -291,5 +398,45 @@ mod tests {
         b.features[0].min = Some(2.0);
         b.features[0].max = Some(1.0);
         assert!(validate(&b).unwrap_err().contains("min above max"));
+    }
+
+    #[test]
+    fn histograms_put_the_edges_at_the_quantiles_and_every_training_value_inside() {
+        let values: Vec<f64> = (0..1000).map(|i| f64::from(i) / 999.0).collect();
+        let f = histogram("x", &values, 10).unwrap();
+        assert_eq!(f.edges.len(), 11);
+        assert_eq!(f.edges[0], 0.0);
+        assert_eq!(f.edges[10], 1.0);
+        assert!((f.edges[5] - 0.5).abs() < 1e-6, "{:?}", f.edges);
+        assert_eq!(f.proportions.len(), 12);
+        assert_eq!((f.proportions[0], f.proportions[11]), (0.0, 0.0));
+        assert!((f.proportions.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(f.proportions[1..11].iter().all(|p| (p - 0.1).abs() < 0.002));
+        assert_eq!(f.count, Some(1000));
+        assert!((f.mean.unwrap() - 0.5).abs() < 1e-6);
+        assert!(
+            validate(&Baseline {
+                features: vec![f.clone()],
+                ..Baseline::default()
+            })
+            .is_ok()
+        );
+        // The training data itself scores zero.
+        let mut counts = vec![0u64; f.bins() + 2];
+        values.iter().for_each(|&x| counts[f.slot(x)] += 1);
+        assert!(f.psi(&counts).unwrap() < 1e-6);
+        // A constant still has two edges; nothing but NaN has no baseline.
+        let c = histogram("c", &[2.0; 5], 10).unwrap();
+        assert_eq!(c.edges, [2.0, 3.0]);
+        assert_eq!(c.proportions, [0.0, 1.0, 0.0]);
+        assert!(histogram("n", &[f64::NAN], 10).is_none());
+    }
+
+    #[test]
+    fn categorical_baselines_have_one_bin_per_class() {
+        let f = categorical("class", &[0.0, 1.0, 1.0, 3.0], 4).unwrap();
+        assert_eq!(f.edges, [-0.5, 0.5, 1.5, 2.5, 3.5]);
+        assert_eq!(f.proportions, [0.0, 0.25, 0.5, 0.0, 0.25, 0.0]);
+        assert!(categorical("class", &[1.0], 0).is_none());
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use outpost_bundle::manifest::{Dim, TensorSpec};
-use outpost_bundle::spec::Spec;
+use outpost_bundle::spec::{BaselineSpec, Spec};
 use outpost_bundle::{BuildInput, Bundle, ReadLimits, SecretKey, TrustStore, sha256_hex};
 use outpost_engine::Engine;
 
@@ -19,6 +19,8 @@ struct Loaded {
 use crate::util;
 
 /// Bundle subcommands.
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum BundleCommand {
     /// Build an unsigned bundle from a spec file (TOML; see `docs/bundle-spec.md` and
@@ -34,6 +36,20 @@ pub(crate) enum BundleCommand {
         /// Building from an ONNX file.
         #[command(flatten)]
         onnx: crate::onnx_spec::OnnxArgs,
+        /// Compute the drift baseline from this sample of training inputs (`.npy` for a
+        /// single-input model, or JSON Lines of inference requests), by serving it through the
+        /// generic guest; written to the file the spec's `baseline` names. Inputs as clients
+        /// send them.
+        #[arg(long, value_name = "FILE")]
+        baseline_data: Option<PathBuf>,
+        /// Bins per continuous feature in a computed baseline.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 10,
+            requires = "baseline_data"
+        )]
+        baseline_bins: usize,
     },
     /// Sign a bundle with a secret key (replaces any previous signature).
     Sign {
@@ -69,7 +85,13 @@ pub(crate) enum BundleCommand {
 
 pub(crate) fn run(cmd: BundleCommand) -> Result<()> {
     match cmd {
-        BundleCommand::Build { spec, out, onnx } => {
+        BundleCommand::Build {
+            spec,
+            out,
+            onnx,
+            baseline_data,
+            baseline_bins,
+        } => {
             let spec = match (spec, &onnx.onnx) {
                 (Some(spec), _) => spec,
                 (None, Some(file)) => {
@@ -78,7 +100,13 @@ pub(crate) fn run(cmd: BundleCommand) -> Result<()> {
                         let name = onnx.name.as_deref().unwrap_or("model");
                         out.with_file_name(format!("{name}.bundle.toml"))
                     });
-                    let spec = crate::onnx_spec::spec_for(&onnx, file, &bytes, &spec_path)?;
+                    let spec = crate::onnx_spec::spec_for(
+                        &onnx,
+                        file,
+                        &bytes,
+                        &spec_path,
+                        baseline_data.is_some(),
+                    )?;
                     util::write_atomic(&spec_path, spec.to_toml()?.as_bytes(), false)?;
                     println!(
                         "wrote the spec to {} (edit it and build from it)",
@@ -88,7 +116,8 @@ pub(crate) fn run(cmd: BundleCommand) -> Result<()> {
                 }
                 (None, None) => anyhow::bail!("give a spec file or --onnx FILE"),
             };
-            let bundle = build_from_spec(&spec)?;
+            let sample = baseline_data.as_deref().map(|p| (p, baseline_bins));
+            let bundle = build_from_spec(&spec, sample)?;
             util::write_atomic(&out, &bundle.to_bytes(), false)?;
             let m = bundle.manifest();
             println!(
@@ -238,6 +267,13 @@ fn describe(b: &Bundle, bytes: &[u8]) -> String {
     if let Some(baseline) = &m.baseline {
         let names: Vec<&str> = baseline.features.iter().map(|f| f.name.as_str()).collect();
         let _ = writeln!(s, "baseline  {}", names.join(", "));
+        if !baseline.outputs.is_empty() {
+            let names: Vec<&str> = baseline.outputs.iter().map(|f| f.name.as_str()).collect();
+            let _ = writeln!(s, "          outputs  {}", names.join(", "));
+        }
+        if let Some(q) = &baseline.quality {
+            let _ = writeln!(s, "          quality  {} ({})", q.output, q.task.as_str());
+        }
     }
     if !m.labels.is_empty() {
         let _ = writeln!(s, "labels    {}", m.labels.join(" "));
@@ -248,15 +284,37 @@ fn describe(b: &Bundle, bytes: &[u8]) -> String {
     s
 }
 
-fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
+/// Builds the bundle `spec_path` describes; with a baseline sample, computes its baseline
+/// first and writes it where the spec's `baseline` says.
+fn build_from_spec(spec_path: &Path, sample: Option<(&Path, usize)>) -> Result<Bundle> {
     let text = util::read_string(spec_path)?;
     let dir = spec_path.parent().unwrap_or(Path::new("."));
-    let spec = Spec::parse(&text)
+    let mut spec = Spec::parse(&text)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     let guest_path = spec.guest.as_ref().map_or_else(
         || PathBuf::from("(the built-in generic guest)"),
         |g| dir.join(g),
     );
+    let spec_guest_is_generic = spec.guest.is_none();
+    let baseline_out = match (sample, &spec.baseline) {
+        (None, _) => None,
+        (Some(_), _) if spec.guest.is_some() => anyhow::bail!(
+            "--baseline-data computes baselines for the generic guest; a guest of your own \
+             observes features only it knows, so compute its baseline in the training script \
+             (models/common.py has the helpers)"
+        ),
+        (Some(_), Some(BaselineSpec::File(rel))) => Some(dir.join(rel)),
+        (Some(_), _) => anyhow::bail!(
+            "--baseline-data writes the baseline to the file the spec names: add `baseline = \
+             \"{}.baseline.json\"` to `{}`",
+            spec.name,
+            spec_path.display()
+        ),
+    };
+    if baseline_out.is_some() {
+        // Not there yet: computed below from the sample.
+        spec.baseline = None;
+    }
     let build = spec
         .load(
             dir,
@@ -265,6 +323,23 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
         )
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     let mut input = Loaded { guest_path, build };
+    if let (Some((data, bins)), Some(out)) = (sample, &baseline_out) {
+        let baseline = crate::baseline_data::compute(&input.build, data, bins)?;
+        let mut text = serde_json::to_string_pretty(&baseline)?;
+        text.push('\n');
+        util::write_atomic(out, text.as_bytes(), false)?;
+        let names: Vec<&str> = baseline.all().map(|(f, _)| f.name.as_str()).collect();
+        println!(
+            "computed the baseline of {} from `{}` -> {}",
+            names.join(", "),
+            data.display(),
+            out.display()
+        );
+        input.build.baseline = Some(baseline);
+    }
+    if spec_guest_is_generic {
+        check_monitor(&input.build)?;
+    }
     // Refuse what a device could not load: a guest wasmtime cannot compile or that does not
     // fit the host contract, an ONNX model tract cannot load.
     let engine = Engine::new().context("cannot start the WebAssembly engine")?;
@@ -319,4 +394,36 @@ fn build_from_spec(spec_path: &Path) -> Result<Bundle> {
     let bundle = Bundle::build(input.build)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     Ok(bundle)
+}
+
+/// The generic guest's `monitor` list declares the features it observes: each must be in the
+/// baseline, on the side (input or output) it is observed on, or a device would refuse every
+/// observation of it.
+fn check_monitor(build: &BuildInput) -> Result<()> {
+    let monitor = crate::baseline_data::monitor_of(&build.metadata)?;
+    if monitor.is_empty() {
+        return Ok(());
+    }
+    let Some(baseline) = &build.baseline else {
+        anyhow::bail!(
+            "the generic guest monitors {} but the bundle has no baseline: build with \
+             --baseline-data FILE, or remove `monitor` from the `generic` metadata",
+            monitor[0].name
+        );
+    };
+    for m in &monitor {
+        let (side, list) = if m.output.is_some() {
+            ("outputs", &baseline.outputs)
+        } else {
+            ("features", &baseline.features)
+        };
+        if !list.iter().any(|f| f.name == m.name) {
+            anyhow::bail!(
+                "the generic guest monitors `{}` but the baseline's {side} do not name it: \
+                 recompute the baseline with --baseline-data FILE, or remove it from `monitor`",
+                m.name
+            );
+        }
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod baseline_data;
 mod bundle_cmd;
 #[cfg(feature = "fleet")]
 mod demo_cmd;

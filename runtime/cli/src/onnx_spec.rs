@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use outpost_bundle::manifest::{Api, Dim, ResourceLimits, TensorSpec};
-use outpost_bundle::spec::{Spec, SpecModel};
+use outpost_bundle::spec::{BaselineSpec, Spec, SpecModel};
 
 /// What `bundle build --onnx` was given.
 #[derive(Debug, Clone, clap::Args)]
@@ -103,6 +103,7 @@ pub(crate) fn spec_for(
     onnx: &Path,
     bytes: &[u8],
     spec_path: &Path,
+    monitored: bool,
 ) -> Result<Spec> {
     let (Some(name), Some(version)) = (&args.name, &args.version) else {
         bail!("--onnx needs --name and --version");
@@ -164,6 +165,10 @@ pub(crate) fn spec_for(
     if !steps.is_empty() {
         generic.insert("outputs".into(), steps.into());
     }
+    if monitored {
+        let monitor = crate::baseline_data::monitor_for(&inputs, &outputs);
+        generic.insert("monitor".into(), monitor.into());
+    }
     let labels = match &args.labels {
         None => Vec::new(),
         Some(path) => crate::util::read_string(path)?
@@ -195,7 +200,8 @@ pub(crate) fn spec_for(
             raw_content_types: Vec::new(),
         },
         limits: ResourceLimits::default(),
-        baseline: None,
+        // Computed from the sample when the bundle is built.
+        baseline: monitored.then(|| BaselineSpec::File(format!("{name}.baseline.json").into())),
         labels,
         metadata_file: None,
         metadata,

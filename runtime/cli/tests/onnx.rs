@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -23,13 +24,26 @@ fn outpost(dir: &Path, args: &[&str]) -> Output {
 
 /// Serves `bundle` (signed here) on a loopback port; returns its URL and a stop handle.
 fn serve(dir: &TempDir, bundle: &[u8]) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let (url, _, stop) = serve_with_admin(dir, bundle);
+    (url, stop)
+}
+
+/// [`serve`], with the admin API on a second loopback port; returns both URLs.
+fn serve_with_admin(
+    dir: &TempDir,
+    bundle: &[u8],
+) -> (String, String, tokio::sync::oneshot::Sender<()>) {
     let key = SecretKey::from_seed(&[9; 32]);
     let mut b = Bundle::read(bundle, &ReadLimits::default()).unwrap();
     b.sign(&key);
     let mut trust = TrustStore::new();
     trust.allow(key.public(), ["*"]);
     let config = Config::from_toml(
-        "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\n",
+        &format!(
+            "data_dir = \"state\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             admin_token = \"{}\"\n",
+            outpost_testkit::ADMIN_TOKEN
+        ),
         dir.path(),
     )
     .unwrap();
@@ -41,7 +55,10 @@ fn serve(dir: &TempDir, bundle: &[u8]) -> (String, tokio::sync::oneshot::Sender<
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             let listeners = Listeners::bind(&config).await.unwrap();
-            addr_tx.send(listeners.public_addr().unwrap()).unwrap();
+            let admin = listeners.admin_addr().unwrap().unwrap();
+            addr_tx
+                .send((listeners.public_addr().unwrap(), admin))
+                .unwrap();
             outpost_device::run(device, &config, listeners, async {
                 let _ = stopped.await;
             })
@@ -49,7 +66,8 @@ fn serve(dir: &TempDir, bundle: &[u8]) -> (String, tokio::sync::oneshot::Sender<
             .unwrap();
         });
     });
-    (format!("http://{}", addr_rx.recv().unwrap()), stop)
+    let (public, admin) = addr_rx.recv().unwrap();
+    (format!("http://{public}"), format!("http://{admin}"), stop)
 }
 
 #[test]
@@ -300,4 +318,478 @@ fn model_inspect_shows_the_graph_as_tract_sees_it() {
     assert_eq!(doc["outputs"][0]["shape"], json!([2, 2]));
     let bad = outpost(dir.path(), &["model", "inspect", "nothing.onnx"]);
     assert!(!bad.status.success());
+}
+
+/// splitmix64: a seeded stream with no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `n` images `[3, 8, 8]` for the image classifier: each channel at a brightness drawn from
+/// 0.2..0.8 (channel 0 `brighter` on top), each pixel within ±0.1 of it.
+fn images(n: usize, seed: u64, brighter: f64) -> Vec<[f32; 192]> {
+    let mut rng = Rng(seed);
+    (0..n)
+        .map(|_| {
+            let mut image = [0f32; 192];
+            for c in 0..3 {
+                let level = 0.2 + 0.6 * rng.next() + if c == 0 { brighter } else { 0.0 };
+                for p in &mut image[c * 64..(c + 1) * 64] {
+                    *p = (level + 0.2 * (rng.next() - 0.5)) as f32;
+                }
+            }
+            image
+        })
+        .collect()
+}
+
+/// What the generic guest observes of one image: mean and std (population) per channel.
+fn image_features(image: &[f32; 192], samples: &mut BTreeMap<String, Vec<f64>>) {
+    for c in 0..3 {
+        let px: Vec<f64> = image[c * 64..(c + 1) * 64]
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
+        let mean = px.iter().sum::<f64>() / 64.0;
+        let std = (px.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / 64.0).sqrt();
+        samples
+            .entry(format!("image.mean[{c}]"))
+            .or_default()
+            .push(mean);
+        samples
+            .entry(format!("image.std[{c}]"))
+            .or_default()
+            .push(std);
+    }
+}
+
+/// `images` as a `.npy` file of FP32 `[n, 3, 8, 8]`.
+fn write_npy(path: &Path, images: &[[f32; 192]]) {
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, 3, 8, 8), }}",
+        images.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for image in images {
+        out.extend(image.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    fs::write(path, out).unwrap();
+}
+
+/// The Python in `OUTPOST_PYTHON` (or `python3`) when it has numpy and onnxruntime; panics
+/// without them when `OUTPOST_REQUIRE_PYTHON` is set (as `.ci/run` does).
+fn python_with_onnxruntime() -> Option<String> {
+    let python = std::env::var("OUTPOST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import numpy, onnxruntime"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("OUTPOST_REQUIRE_PYTHON").is_none(),
+        "OUTPOST_REQUIRE_PYTHON is set but `{python}` cannot import numpy and onnxruntime"
+    );
+    eprintln!("note: no Python with numpy and onnxruntime: the baseline is not cross-checked");
+    None
+}
+
+/// Sends `images` in requests of 10 (a device keeps the predictions of requests of up to 16
+/// items for feedback); returns each request's id and predicted classes.
+fn classify(url: &str, images: &[[f32; 192]]) -> Vec<(String, Vec<u64>)> {
+    images
+        .chunks(10)
+        .map(|chunk| {
+            let data: Vec<f32> = chunk.iter().flatten().copied().collect();
+            let reply = post_json(
+                &format!("{url}/v2/models/image-onnx/infer"),
+                &json!({"inputs": [{"name": "image", "datatype": "FP32",
+                                    "shape": [chunk.len(), 3, 8, 8], "data": data}]}),
+            );
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            let body = reply.json();
+            let p: Vec<f64> = body["outputs"][0]["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let classes = p
+                .chunks(4)
+                .map(|row| {
+                    (0..4).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u64
+                })
+                .collect();
+            (body["id"].as_str().unwrap().to_owned(), classes)
+        })
+        .collect()
+}
+
+fn drift_of(admin_url: &str) -> Value {
+    let r = outpost_testkit::admin("GET", &format!("{admin_url}/admin/drift"), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["versions"][0].clone()
+}
+
+fn psi_of(version: &Value, feature: &str) -> f64 {
+    version["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["feature"] == feature)
+        .unwrap_or_else(|| panic!("no feature {feature} in {version}"))["psi"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn an_onnx_bundle_with_baseline_data_monitors_drift_and_quality_like_numpy() {
+    let dir = TempDir::new("onnx-baseline");
+    fs::write(
+        dir.join("image.onnx"),
+        outpost_examples::graphs::image_classifier_onnx(),
+    )
+    .unwrap();
+    let training = images(800, 1, 0.0);
+    write_npy(&dir.join("train.npy"), &training);
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "bundle",
+            "build",
+            "--onnx",
+            "image.onnx",
+            "--name",
+            "image-onnx",
+            "--version",
+            "1.0.0",
+            "--softmax",
+            "probabilities",
+            "--out",
+            "image.opb",
+        ];
+        args.extend_from_slice(extra);
+        outpost(dir.path(), &args)
+    };
+
+    // A sample that does not fit the model is refused, and nothing is written.
+    fs::write(
+        dir.join("bad.npy"),
+        b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'}",
+    )
+    .unwrap();
+    let out = build(&["--baseline-data", "bad.npy"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.npy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.join("image.opb").exists());
+
+    let out = build(&["--baseline-data", "train.npy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let baseline_path = dir.join("image-onnx.baseline.json");
+    let baseline: Value = serde_json::from_slice(&fs::read(&baseline_path).unwrap()).unwrap();
+    let names = |side: &str| -> Vec<String> {
+        baseline[side]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names("features"),
+        [
+            "image.mean[0]",
+            "image.std[0]",
+            "image.mean[1]",
+            "image.std[1]",
+            "image.mean[2]",
+            "image.std[2]"
+        ]
+    );
+    assert_eq!(names("outputs"), ["probabilities.class"]);
+    assert_eq!(
+        baseline["quality"],
+        json!({"output": "probabilities.class", "task": "classification"})
+    );
+    assert!(
+        baseline["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["count"] == 800)
+    );
+
+    // numpy and onnxruntime compute the same baseline from the same sample and spec.
+    if let Some(python) = python_with_onnxruntime() {
+        let out = Command::new(python)
+            .arg(outpost_testkit::models_dir().join("drift.py"))
+            .args(["onnx-baseline", "--spec"])
+            .arg(dir.join("image-onnx.bundle.toml"))
+            .arg("--data")
+            .arg(dir.join("train.npy"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reference: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for side in ["features", "outputs"] {
+            let ours = baseline[side].as_array().unwrap();
+            let theirs = reference[side].as_array().unwrap();
+            assert_eq!(ours.len(), theirs.len());
+            for (a, b) in ours.iter().zip(theirs) {
+                assert_eq!(a["name"], b["name"]);
+                assert_eq!(a["count"], b["count"]);
+                for key in ["edges", "proportions"] {
+                    let (a, b) = (a[key].as_array().unwrap(), b[key].as_array().unwrap());
+                    assert_eq!(a.len(), b.len(), "{key}");
+                    for (x, y) in a.iter().zip(b) {
+                        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                        assert!((x - y).abs() <= 1e-6, "{key}: {x} vs {y}");
+                    }
+                }
+                for key in ["mean", "std", "min", "max"] {
+                    let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+                    assert!((x - y).abs() <= 1e-6, "{}: {key} {x} vs {y}", a["name"]);
+                }
+            }
+        }
+    }
+
+    // Served: traffic like the training data is stable, a brighter channel 0 drifts, and the
+    // device's PSI is the PSI of what was sent.
+    let bundle = fs::read(dir.join("image.opb")).unwrap();
+    let (url, admin_url, _stop) = serve_with_admin(&dir, &bundle);
+    let mut samples = BTreeMap::new();
+    let normal = images(1_000, 2, 0.0);
+    normal.iter().for_each(|i| image_features(i, &mut samples));
+    let answered = classify(&url, &normal);
+    let v = drift_of(&admin_url);
+    assert_eq!(v["unknown_observations"], 0, "{v}");
+    for f in v["features"].as_array().unwrap() {
+        let psi = f["psi"].as_f64().unwrap();
+        assert!(psi < 0.1, "{}: PSI {psi} on training traffic", f["feature"]);
+    }
+    outpost_testkit::assert_psi_agrees(dir.path(), &baseline_path, &samples, |f| psi_of(&v, f));
+
+    let bright = images(1_000, 3, 0.4);
+    bright.iter().for_each(|i| image_features(i, &mut samples));
+    classify(&url, &bright);
+    let v = drift_of(&admin_url);
+    let shifted = psi_of(&v, "image.mean[0]");
+    assert!(shifted > 0.25, "image.mean[0] PSI {shifted}: {v}");
+    assert!(psi_of(&v, "image.mean[1]") < 0.1, "{v}");
+    assert!(psi_of(&v, "image.std[0]") < 0.1, "{v}");
+    assert!(psi_of(&v, "probabilities.class") > 0.1, "{v}");
+    outpost_testkit::assert_psi_agrees(dir.path(), &baseline_path, &samples, |f| psi_of(&v, f));
+
+    // Labels join the predictions the guest observed: accuracy is what it is offline.
+    let (mut labels, mut correct) = (0u64, 0u64);
+    let feedback: Vec<Value> = answered
+        .iter()
+        .enumerate()
+        .map(|(k, (id, classes))| {
+            let truth: Vec<u64> = classes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| if (k + i) % 3 == 0 { (c + 1) % 4 } else { c })
+                .collect();
+            labels += truth.len() as u64;
+            correct += classes.iter().zip(&truth).filter(|(a, b)| a == b).count() as u64;
+            json!({"id": id, "truth": truth})
+        })
+        .collect();
+    let r = post_json(
+        &format!("{url}/v2/models/image-onnx/feedback"),
+        &json!({ "feedback": feedback }),
+    );
+    assert_eq!(r.json()["accepted"], answered.len(), "{}", r.text());
+    let q = outpost_testkit::admin("GET", &format!("{admin_url}/admin/quality"), b"").json();
+    assert_eq!(q["versions"][0]["total_labels"], labels, "{q}");
+    assert_eq!(q["versions"][0]["total_correct"], correct, "{q}");
+}
+
+#[test]
+fn a_monitored_feature_the_baseline_lacks_is_refused_at_build() {
+    let dir = TempDir::new("onnx-monitor");
+    fs::write(
+        dir.join("image.onnx"),
+        outpost_examples::graphs::image_classifier_onnx(),
+    )
+    .unwrap();
+    write_npy(&dir.join("train.npy"), &images(50, 4, 0.0));
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "--onnx",
+            "image.onnx",
+            "--name",
+            "image-onnx",
+            "--version",
+            "1.0.0",
+            "--baseline-data",
+            "train.npy",
+            "--out",
+            "image.opb",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The spec declares one more feature than its baseline has.
+    let spec_path = dir.join("image-onnx.bundle.toml");
+    let spec = fs::read_to_string(&spec_path).unwrap();
+    fs::write(
+        &spec_path,
+        format!(
+            "{spec}\n[[metadata.generic.monitor]]\ninput = \"image\"\nname = \"image.max\"\n\
+             stat = \"mean\"\n"
+        ),
+    )
+    .unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "image-onnx.bundle.toml",
+            "--out",
+            "again.opb",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("monitors `image.max`"), "{stderr}");
+    assert!(!dir.join("again.opb").exists());
+    // Recomputed from the sample, the baseline names it, and the build goes through.
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "image-onnx.bundle.toml",
+            "--baseline-data",
+            "train.npy",
+            "--out",
+            "again.opb",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let baseline = fs::read_to_string(dir.join("image-onnx.baseline.json")).unwrap();
+    assert!(baseline.contains("\"image.max\""), "{baseline}");
+}
+
+#[test]
+fn a_jsonl_sample_serves_tabular_models_column_by_column() {
+    let dir = TempDir::new("onnx-jsonl");
+    fs::write(
+        dir.join("quirky.onnx"),
+        outpost_examples::graphs::quirky_classifier_onnx(),
+    )
+    .unwrap();
+    let mut rng = Rng(5);
+    let lines: Vec<String> = (0..40)
+        .map(|_| {
+            let data: Vec<f64> = (0..6)
+                .map(|_| (rng.next() * 4.0 - 2.0) as f32 as f64)
+                .collect();
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 2], "data": data}]})
+                .to_string()
+        })
+        .collect();
+    fs::write(dir.join("sample.jsonl"), lines.join("\n")).unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "--onnx",
+            "quirky.onnx",
+            "--name",
+            "quirky",
+            "--version",
+            "1.0.0",
+            "--baseline-data",
+            "sample.jsonl",
+            "--out",
+            "quirky.opb",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let baseline: Value =
+        serde_json::from_slice(&fs::read(dir.join("quirky.baseline.json")).unwrap()).unwrap();
+    let features: Vec<&str> = baseline["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(features, ["x[0]", "x[1]"]);
+    assert_eq!(baseline["features"][0]["count"], 120);
+    // The ZipMap is dropped: the probabilities keep the graph output's name.
+    assert_eq!(baseline["outputs"][0]["name"], "output_probability.class");
+    assert_eq!(baseline["outputs"][0]["edges"], json!([-0.5, 0.5, 1.5]));
+
+    // A malformed line is named in the error.
+    fs::write(
+        dir.join("bad.jsonl"),
+        format!("{}\n{{\"inputs\": 7}}\n", lines[0]),
+    )
+    .unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "--onnx",
+            "quirky.onnx",
+            "--name",
+            "quirky",
+            "--version",
+            "1.0.0",
+            "--baseline-data",
+            "bad.jsonl",
+            "--out",
+            "bad.opb",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
 }

@@ -1,5 +1,5 @@
-//! Small ONNX graphs written in code, for tests of what a model may do at run time. Each is a
-//! single node, encoded with tract-onnx's own protobuf types.
+//! Small ONNX graphs written in code, for tests of what a model may do at run time, encoded
+//! with tract-onnx's own protobuf types.
 
 use pb::tensor_proto::DataType as Pb;
 use pb::tensor_shape_proto::dimension::Value as D;
@@ -173,6 +173,80 @@ pub fn quirky_classifier_onnx() -> Vec<u8> {
                 version: 1,
             },
         ],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A tiny image classifier: `probabilities = Softmax(ReduceMean(image, axes 2, 3) · w)` over
+/// FP32 `image [n, 3, 8, 8]` (channels first, as vision exports are), four classes decided by
+/// the channels' mean brightness.
+pub fn image_classifier_onnx() -> Vec<u8> {
+    let node = |op: &str, input: Vec<&str>, output: &str| pb::NodeProto {
+        input: input.into_iter().map(str::to_owned).collect(),
+        output: vec![output.into()],
+        name: output.into(),
+        op_type: op.into(),
+        ..Default::default()
+    };
+    let mut pool = node("ReduceMean", vec!["image"], "pooled");
+    pool.attribute = vec![
+        pb::AttributeProto {
+            name: "axes".into(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: vec![2, 3],
+            ..Default::default()
+        },
+        pb::AttributeProto {
+            name: "keepdims".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: 0,
+            ..Default::default()
+        },
+    ];
+    let n = || dim(D::DimParam("n".into()));
+    let graph = pb::GraphProto {
+        name: "image".into(),
+        node: vec![
+            pool,
+            node("MatMul", vec!["pooled", "w"], "scores"),
+            node("Softmax", vec!["scores"], "probabilities"),
+        ],
+        initializer: vec![pb::TensorProto {
+            name: "w".into(),
+            dims: vec![3, 4],
+            data_type: Pb::Float as i32,
+            float_data: vec![
+                8.0, -8.0, 0.0, 0.0, //
+                0.0, 0.0, 8.0, -8.0, //
+                -4.0, 4.0, -4.0, 4.0,
+            ],
+            ..Default::default()
+        }],
+        input: vec![value(
+            "image",
+            Pb::Float,
+            vec![
+                n(),
+                dim(D::DimValue(3)),
+                dim(D::DimValue(8)),
+                dim(D::DimValue(8)),
+            ],
+        )],
+        output: vec![value(
+            "probabilities",
+            Pb::Float,
+            vec![n(), dim(D::DimValue(4))],
+        )],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
         graph: Some(graph),
         ..Default::default()
     }
