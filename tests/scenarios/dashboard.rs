@@ -1,7 +1,8 @@
 //! The fleet's web dashboard in a real browser: headless Chromium (Debian's package) loads it
 //! from a running fleet with two devices serving digits under drifted traffic, and the test
 //! checks the rendered page: the devices, a latency chart with points, the drift panel of each
-//! baseline feature with its PSI and histogram, the rules. It saves a screenshot.
+//! baseline feature with its PSI and histogram, a shadow's comparison with its primary, the
+//! rules. It saves a screenshot.
 //!
 //! Without Chromium the test says so and passes, unless `OUTPOST_REQUIRE_CHROMIUM` is set
 //! (`.ci/run` sets it and installs the package).
@@ -98,6 +99,25 @@ fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
         ],
     );
 
+    // dev-a runs 1.2.0 as a shadow of 1.1.0 on a copy of every request.
+    digits_with_baseline(dir, "1.2.0");
+    fleet.cli(dir, &["fleet", "push", "digits-1.2.0.opb"]);
+    fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.2.0",
+            "--device",
+            "dev-a",
+            "--policy",
+            r#"{"shadow": {"id": "sh-dash", "candidate": "1.2.0", "sample_percent": 100}}"#,
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    );
+
     let images: Vec<Vec<f64>> = test_digits().into_iter().map(|(p, _)| p).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let traffic: Vec<_> = devices
@@ -136,6 +156,32 @@ fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
             let n = drift["features"][0]["n"].as_u64().unwrap_or(0);
             (n > 100).then_some(())
         },
+    );
+    let comparison = eventually(secs(60), "the shadow's comparisons at the fleet", || {
+        let (_, c) = get_json(&format!(
+            "{}/api/v1/compare?model=digits&window=900",
+            fleet.api
+        ));
+        let versions = c["versions"].as_array()?;
+        let shadow = versions.iter().find(|v| v["role"] == "shadow")?;
+        (shadow["shadow"]["agreed"].as_u64()? >= 20).then(|| c.clone())
+    });
+    let versions = comparison["versions"].as_array().unwrap();
+    let primary = &versions[0];
+    assert_eq!(
+        (&primary["version"], &primary["role"], &primary["devices"]),
+        (&"1.1.0".into(), &"primary".into(), &2.into()),
+        "{comparison}"
+    );
+    let shadow = versions.iter().find(|v| v["role"] == "shadow").unwrap();
+    assert_eq!(shadow["version"], "1.2.0");
+    assert_eq!(shadow["devices"], 1);
+    // The same model under another version number agrees with itself.
+    assert_eq!(shadow["shadow"]["agreement"], 1.0, "{comparison}");
+    let table = fleet.cli(dir, &["fleet", "compare", "digits", "--window", "900"]);
+    assert!(
+        table.contains("shadow") && table.contains("1.0000"),
+        "{table}"
     );
     std::thread::sleep(Duration::from_secs(2));
 
@@ -178,6 +224,18 @@ fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
         "the histogram has no bars"
     );
     assert!(dom.contains("digits-drift"), "no rules table row");
+    let agreement = dom
+        .split("data-version=\"1.2.0\" data-role=\"shadow\"")
+        .nth(1)
+        .and_then(|rest| rest.split("data-agreement=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|a| a.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no shadow row in the comparisons:\n{dom}"));
+    assert_eq!(agreement, 1.0);
+    assert!(
+        dom.contains("data-compare=\"digits\""),
+        "no comparison table"
+    );
 
     let shot = dir.join("dashboard.png");
     headless(

@@ -92,6 +92,11 @@ pub(crate) enum FleetCommand {
         /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Serve the version under this traffic policy (JSON, as the device's admin API takes
+        /// it) instead of activating it, e.g. `{"shadow": {"id": "sh-1", "candidate":
+        /// "1.1.0", "sample_percent": 50}}`.
+        #[arg(long, value_name = "JSON")]
+        policy: Option<String>,
         #[command(flatten)]
         remote: Remote,
         /// Print the result as JSON.
@@ -148,6 +153,23 @@ pub(crate) enum FleetCommand {
     /// Fleet-wide quality of MODEL@VERSION from ground-truth feedback: accuracy or mean
     /// absolute error over the labels its devices joined.
     Quality(Monitor),
+    /// Every version of MODEL its devices served, by role (primary, A/B or canary candidate,
+    /// shadow), side by side: requests, error rate, p95 latency, accuracy, shadow agreement.
+    Compare {
+        /// The model name.
+        model: String,
+        /// Only devices reporting this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only the last SECONDS (default: since each device started).
+        #[arg(long, value_name = "SECONDS")]
+        window: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The fleet's rules (`fleet serve --rules FILE`) and their state; `--test NAME` measures
     /// one now without firing it.
     Rules {
@@ -209,17 +231,22 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             all,
             wait,
             timeout,
+            policy,
             remote,
             json,
         } => {
             let (model, version) = split_target(&target)?;
+            let policy = policy
+                .map(|p| serde_json::from_str::<serde_json::Value>(&p))
+                .transpose()
+                .context("--policy is not JSON")?;
             let request = DeployRequest {
                 model: model.to_owned(),
                 version: version.to_owned(),
                 devices,
                 tag,
                 all,
-                policy: None,
+                policy,
             };
             deploy(
                 &remote,
@@ -246,6 +273,17 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
         FleetCommand::Status { remote, json } => status(&remote, json),
         FleetCommand::Drift(m) => drift(&m),
         FleetCommand::Quality(m) => quality(&m),
+        FleetCommand::Compare {
+            model,
+            tag,
+            window,
+            remote,
+            json,
+        } => compare(
+            &remote,
+            &outpost_proto::rest::CompareQuery { model, tag, window },
+            json,
+        ),
         FleetCommand::Rules { test, remote, json } => rules(&remote, test.as_deref(), json),
         FleetCommand::Firings {
             limit,
@@ -616,6 +654,57 @@ fn quality(m: &Monitor) -> Result<()> {
             .or(d.mae.map(|m| format!("mae {m:.4}")))
             .unwrap_or_default();
         println!("  {:<24} {:>8} labels  {v}", d.device, d.labels);
+    }
+    Ok(())
+}
+
+fn compare(remote: &Remote, q: &outpost_proto::rest::CompareQuery, json: bool) -> Result<()> {
+    let c = remote.client()?.compare(q)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+        return Ok(());
+    }
+    let window = c
+        .window_s
+        .map_or("since each device started".to_owned(), |w| {
+            format!("last {w} s")
+        });
+    println!("{} ({window})", c.model);
+    if c.versions.is_empty() {
+        println!("  no device served it");
+        return Ok(());
+    }
+    println!(
+        "  {:<12} {:<10} {:>7} {:>9} {:>10} {:>10} {:>18} {:>22}",
+        "version", "role", "devices", "requests", "errors", "p95", "accuracy", "agreement"
+    );
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "–".into());
+    for v in &c.versions {
+        let agreement = v.shadow.as_ref().and_then(|s| {
+            s.agreement.map(|a| {
+                format!(
+                    "{a:.4} ({}/{}, {} dropped)",
+                    s.agreed,
+                    s.agreed + s.disagreed,
+                    s.dropped
+                )
+            })
+        });
+        println!(
+            "  {:<12} {:<10} {:>7} {:>9} {:>10} {:>10} {:>18} {:>22}",
+            v.version,
+            v.role,
+            v.devices,
+            v.requests,
+            or_dash(v.error_rate.map(|r| format!("{:.2}%", r * 100.0))),
+            or_dash(v.p95_latency_s.map(|p| format!("{:.1} ms", p * 1000.0))),
+            or_dash(
+                v.accuracy
+                    .map(|a| format!("{a:.4} ({})", v.labels))
+                    .or(v.mae.map(|m| format!("mae {m:.4}")))
+            ),
+            or_dash(agreement),
+        );
     }
     Ok(())
 }

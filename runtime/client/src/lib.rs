@@ -243,6 +243,21 @@ impl FleetClient {
         self.get(&monitor_path("quality", query))
     }
 
+    /// `GET /api/v1/compare`: every version of a model its devices served, by role.
+    pub fn compare(
+        &self,
+        query: &outpost_proto::rest::CompareQuery,
+    ) -> Result<outpost_proto::rest::FleetComparison> {
+        let mut path = format!("/api/v1/compare?model={}", encode(&query.model));
+        if let Some(tag) = &query.tag {
+            path.push_str(&format!("&tag={}", encode(tag)));
+        }
+        if let Some(w) = query.window {
+            path.push_str(&format!("&window={w}"));
+        }
+        self.get(&path)
+    }
+
     /// `GET /api/v1/rules`: every rule with its state per model version.
     pub fn rules(&self) -> Result<Vec<outpost_proto::rest::RuleView>> {
         self.get("/api/v1/rules")

@@ -98,6 +98,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .route("/drift", get(drift))
         .route("/quality", get(quality))
         .route("/series", get(series))
+        .route("/compare", get(compare))
         .route("/rules", get(rules))
         .route("/rules/{name}/test", post(test_rule))
         .route("/firings", get(firings))
@@ -360,6 +361,16 @@ async fn series(
 ) -> Result<impl IntoResponse, FleetError> {
     let what = "series needs ?model=NAME&version=V (optional tag=T, span=SECONDS, step=SECONDS)";
     monitor(fleet, q, what, |f, q| f.series(&q)).await
+}
+
+/// `GET /api/v1/compare?model=[&tag=][&window=SECS]`: every version of a model its devices
+/// served, by role (primary, A/B or canary candidate, shadow), side by side.
+async fn compare(
+    State(fleet): Shared,
+    q: QueryOf<outpost_proto::rest::CompareQuery>,
+) -> Result<impl IntoResponse, FleetError> {
+    let what = "compare needs ?model=NAME (optional tag=T, window=SECONDS)";
+    monitor(fleet, q, what, |f, q| f.compare(&q)).await
 }
 
 /// The dashboard's files, embedded in the binary.

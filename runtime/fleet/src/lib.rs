@@ -10,6 +10,7 @@
 pub mod acl;
 pub mod api;
 pub mod broker;
+mod compare;
 pub mod domain;
 mod drift;
 mod enrol;

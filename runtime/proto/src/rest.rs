@@ -527,6 +527,77 @@ pub struct DeviceFeatureDrift {
     pub psi: Option<f64>,
 }
 
+/// What `GET /api/v1/compare` looks at: one model, optionally a tag and a window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompareQuery {
+    /// Model name.
+    pub model: String,
+    /// Only devices reporting this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Only the last this many seconds (default: everything since each device started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+/// Every version of one model that devices served in the window, by its part in their
+/// traffic policies (`primary`, `candidate` of an A/B split or a canary, `shadow`), side by
+/// side: what an operator reads to judge an A/B test or a shadow before promoting it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetComparison {
+    /// Model name.
+    pub model: String,
+    /// The tag filter, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The window in seconds (`None`: since each device started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<u64>,
+    /// One entry per version and role, primaries first.
+    pub versions: Vec<VersionComparison>,
+}
+
+/// One version in one role, its devices' counters added up over the window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionComparison {
+    /// Model version.
+    pub version: String,
+    /// `primary`, `candidate` or `shadow`.
+    pub role: String,
+    /// Devices that served it in this role in the window.
+    pub devices: u64,
+    /// Requests it served (a shadow: the copies it ran).
+    pub requests: u64,
+    /// Failed requests among them (server-side failures, as rollout gates count them).
+    pub errors: u64,
+    /// `errors / requests`, when there were requests.
+    pub error_rate: Option<f64>,
+    /// 95th percentile latency in seconds (upper bound of its histogram bucket).
+    pub p95_latency_s: Option<f64>,
+    /// Accuracy from the labels posted for this version (every role), when any were.
+    pub accuracy: Option<f64>,
+    /// Mean absolute error from the labels posted (a regression model).
+    pub mae: Option<f64>,
+    /// Labels joined.
+    pub labels: u64,
+    /// A shadow's comparisons with the primary's answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowComparison>,
+}
+
+/// A shadow's answers compared with the primary's over the window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowComparison {
+    /// Answers that agreed with the primary's.
+    pub agreed: u64,
+    /// Answers that did not (a shadow's error included).
+    pub disagreed: u64,
+    /// Copies dropped because the shadow's queue was full.
+    pub dropped: u64,
+    /// `agreed / (agreed + disagreed)`, when any were compared.
+    pub agreement: Option<f64>,
+}
+
 /// Fleet-wide model quality of one version from ground-truth feedback: the devices' labels
 /// and correct predictions (or absolute errors) added up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

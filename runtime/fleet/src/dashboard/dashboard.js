@@ -116,6 +116,27 @@ async function modelPanel(model, version, devicesOn) {
   return { summary, html: html + "</div>" };
 }
 
+// One model's versions by role, each candidate and shadow against the primary.
+function comparison(c) {
+  const primary = c.versions.find((v) => v.role === "primary");
+  const rate = (v) => (v.error_rate === null ? "–" : num(v.error_rate * 100, 2) + "%");
+  const p95 = (v) => (v.p95_latency_s === null ? "–" : num(v.p95_latency_s * 1000, 1) + " ms");
+  const body = c.versions.map((v) => {
+    let against = "";
+    if (v.role !== "primary" && primary) {
+      const parts = [];
+      if (v.error_rate !== null && primary.error_rate !== null) parts.push(`errors ${(v.error_rate - primary.error_rate >= 0 ? "+" : "") + num((v.error_rate - primary.error_rate) * 100, 2)} pts`);
+      if (v.p95_latency_s !== null && primary.p95_latency_s) parts.push(`p95 ×${num(v.p95_latency_s / primary.p95_latency_s, 2)}`);
+      if (v.accuracy !== null && primary.accuracy !== null) parts.push(`accuracy ${(v.accuracy - primary.accuracy >= 0 ? "+" : "") + num(v.accuracy - primary.accuracy, 4)}`);
+      against = parts.join(" · ");
+    }
+    const s = v.shadow;
+    const agreement = s && s.agreement !== null ? `<span class="${s.agreement >= 0.95 ? "ok" : s.agreement >= 0.8 ? "warn" : "bad"}">${num(s.agreement * 100, 1)}%</span> of ${s.agreed + s.disagreed}${s.dropped ? `, ${s.dropped} dropped` : ""}` : "–";
+    return `<tr data-version="${esc(v.version)}" data-role="${esc(v.role)}" data-requests="${v.requests}" data-agreement="${s && s.agreement !== null ? s.agreement : ""}"><td>${esc(v.version)}</td><td>${esc(v.role)}</td><td>${v.devices}</td><td>${v.requests}</td><td>${rate(v)}</td><td>${p95(v)}</td><td>${v.accuracy !== null ? num(v.accuracy) + " (" + v.labels + ")" : "–"}</td><td>${agreement}</td><td>${esc(against)}</td></tr>`;
+  }).join("");
+  return `<h3>${esc(c.model)}</h3><table class="compare" data-compare="${esc(c.model)}"><thead><tr><th>version</th><th>role</th><th>devices</th><th>requests</th><th>error rate</th><th>p95 latency</th><th>accuracy</th><th>shadow agreement</th><th>against the primary</th></tr></thead><tbody>${body}</tbody></table>`;
+}
+
 async function refresh() {
   try {
     const [info, devices, deployments, rollouts, rules, firings] = await Promise.all([
@@ -143,6 +164,17 @@ async function refresh() {
       for (const [m, v] of Object.entries((d.reported || {}).active || {})) {
         const k = m + "@" + v;
         versions.set(k, { model: m, version: v, devices: (versions.get(k)?.devices || 0) + 1 });
+      }
+    }
+    // Per model, its versions by role; a candidate or a shadow gets its own panel below too.
+    const models = [...new Set([...versions.values()].map((v) => v.model))].sort();
+    const comparisons = await Promise.all(models.map((m) => api(`/compare?model=${encodeURIComponent(m)}&window=${SERIES_SPAN_S}`)));
+    const compared = comparisons.filter((c) => c.versions.length > 1 || c.versions.some((v) => v.role !== "primary"));
+    document.getElementById("comparisons").innerHTML = compared.length ? compared.map(comparison).join("") : '<p class="muted">No A/B split, canary or shadow in the last 15 min.</p>';
+    for (const c of comparisons) {
+      for (const v of c.versions) {
+        const k = c.model + "@" + v.version;
+        if (!versions.has(k)) versions.set(k, { model: c.model, version: v.version, devices: v.devices });
       }
     }
     const panels = await Promise.all([...versions.values()].sort((a, b) => (a.model + a.version).localeCompare(b.model + b.version)).map((v) => modelPanel(v.model, v.version, v.devices)));
