@@ -259,6 +259,42 @@ fn the_dashboard_renders_devices_charts_and_drift_with_real_data() {
         png.len()
     );
 
+    // A rollout in progress shows its stage and its gates.
+    fleet.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    let out = fleet.cli(
+        dir,
+        &[
+            "fleet",
+            "rollout",
+            "start",
+            "digits@2.0.0",
+            "--device",
+            "dev-b",
+            "--stages",
+            "1",
+            "--soak",
+            "1s",
+            "--gate",
+            "error_rate<=0.05",
+            "--min-requests",
+            "100000000",
+            "--json",
+        ],
+    );
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let dom = headless(&browser, dir, &["--dump-dom"], &format!("{}/", fleet.api));
+    let row = dom
+        .split(&format!("data-rollout=\"{id}\""))
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row for rollout {id}:\n{dom}"));
+    assert!(
+        row.contains("progressing") && row.contains("error_rate ≤ 0.05 over 60 s"),
+        "{row}"
+    );
+
     stop.store(true, Ordering::Relaxed);
     for t in traffic {
         t.join().unwrap();

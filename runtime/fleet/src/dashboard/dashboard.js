@@ -153,7 +153,8 @@ async function refresh() {
     }).join(""));
     rows("rollouts", rollouts.slice(-10).reverse().map((r) => {
       const last = (r.history || []).slice(-1)[0];
-      return `<tr><td>${r.id}</td><td>${esc(r.request.model)} ${esc(r.request.version)}</td><td>${esc(r.state.state)}</td><td>${(r.state.stage ?? 0) + 1} of ${r.request.stages.length}</td><td>${esc((r.reached || []).join(", "))}</td><td>${esc(last ? last.text : "")}</td></tr>`;
+      const gates = (r.request.gates || []).map((g) => `${esc(g.metric)} ≤ ${esc(g.max)}${g.relative ? "× the replaced version's" : ""} over ${esc(g.window_s)} s (${esc(g.min_requests)} requests)`).join("<br>") || "none";
+      return `<tr data-rollout="${r.id}"><td>${r.id}</td><td>${esc(r.request.model)} ${esc(r.request.version)}</td><td>${esc(r.state.state)}${r.state.reason ? ": " + esc(r.state.reason) : ""}</td><td>${(r.state.stage ?? 0) + 1} of ${r.request.stages.length}</td><td>${gates}</td><td>${esc((r.reached || []).join(", "))}</td><td>${esc(last ? last.text : "")}</td></tr>`;
     }).join(""));
     rows("deployments", deployments.slice(-10).reverse().map((d) => `<tr><td>${d.id}</td><td>${esc(d.model)} ${esc(d.version)}</td><td>${esc((d.devices || []).join(", "))}</td><td>${when(d.created_at || d.time)}</td></tr>`).join(""));
     rows("rules", rules.flatMap((r) => (r.versions.length ? r.versions : [{ version: "–" }]).map((v) => `<tr><td>${esc(r.name)}</td><td>${esc(r.spec.metric)} ${esc(r.spec.op)} ${esc(r.spec.threshold)} over ${esc(r.spec.window_s)} s</td><td>${esc(v.version)}</td><td>${num(v.value)}</td><td class="${v.breaching ? "bad" : "ok"}">${v.breaching ? "crossing (" + v.streak + ")" : "ok"}</td><td>${when(v.fired_at)}</td></tr>`)).join(""));
