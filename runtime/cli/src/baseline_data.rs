@@ -20,6 +20,8 @@ use outpost_inference::Tensor;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::samples::{Npy, pack};
+
 /// Most columns of a tabular input monitored one by one; wider rows are summarised by their
 /// mean and standard deviation.
 const MAX_COLUMNS: u64 = 16;
@@ -347,176 +349,11 @@ fn load_sample(
     }
 }
 
-/// `values` as a tensor of `datatype`.
-fn pack(name: &str, datatype: DataType, shape: Vec<u64>, values: &[f64]) -> Result<Tensor> {
-    let integral = || {
-        values
-            .iter()
-            .all(|v| v.fract() == 0.0)
-            .then_some(())
-            .with_context(|| format!("input `{name}` is {datatype:?}, the sample has fractions"))
-    };
-    let data: Vec<u8> = match datatype {
-        DataType::F32 => values
-            .iter()
-            .flat_map(|&v| (v as f32).to_le_bytes())
-            .collect(),
-        DataType::F64 => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
-        DataType::I64 => {
-            integral()?;
-            values
-                .iter()
-                .flat_map(|&v| (v as i64).to_le_bytes())
-                .collect()
-        }
-        DataType::I32 => {
-            integral()?;
-            values
-                .iter()
-                .flat_map(|&v| (v as i32).to_le_bytes())
-                .collect()
-        }
-        DataType::U8 | DataType::Bool => {
-            integral()?;
-            values.iter().map(|&v| v as u8).collect()
-        }
-        other => bail!("a .npy sample cannot fill a {other:?} input (`{name}`); use JSON Lines"),
-    };
-    Ok(Tensor {
-        name: name.to_owned(),
-        datatype,
-        shape,
-        data,
-    })
-}
-
-/// A numeric `.npy` array (format 1 to 3, little-endian, C order), its elements as `f64`.
-#[derive(Debug)]
-struct Npy {
-    shape: Vec<u64>,
-    values: Vec<f64>,
-}
-
-impl Npy {
-    fn parse(bytes: &[u8]) -> Result<Self> {
-        let rest = bytes
-            .strip_prefix(b"\x93NUMPY")
-            .context("not a .npy file (no NUMPY magic)")?;
-        let (header, body) = match rest {
-            [1, _, a, b, rest @ ..] => {
-                let n = usize::from(u16::from_le_bytes([*a, *b]));
-                (rest.get(..n), rest.get(n..))
-            }
-            [2 | 3, _, a, b, c, d, rest @ ..] => {
-                let n = u32::from_le_bytes([*a, *b, *c, *d]) as usize;
-                (rest.get(..n), rest.get(n..))
-            }
-            _ => bail!("unknown .npy format version"),
-        };
-        let (Some(header), Some(body)) = (header, body) else {
-            bail!("the .npy header is cut short");
-        };
-        let header = std::str::from_utf8(header).context("the .npy header is not text")?;
-        let field = |key: &str| -> Result<&str> {
-            let at = header
-                .find(&format!("'{key}'"))
-                .with_context(|| format!("the .npy header has no `{key}`"))?;
-            let after = &header[at + key.len() + 2..];
-            let after = after.trim_start().trim_start_matches(':').trim_start();
-            Ok(after)
-        };
-        let descr = field("descr")?;
-        let descr = descr
-            .strip_prefix('\'')
-            .and_then(|d| d.split('\'').next())
-            .context("the .npy header's `descr` is not a string")?;
-        if field("fortran_order")?.starts_with("True") {
-            bail!("the array is in Fortran order; save it in C order (numpy's default)");
-        }
-        let shape = field("shape")?;
-        let shape = shape
-            .strip_prefix('(')
-            .and_then(|s| s.split(')').next())
-            .context("the .npy header's `shape` is not a tuple")?;
-        let shape = shape
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse::<u64>().context("the .npy shape is not numbers"))
-            .collect::<Result<Vec<_>>>()?;
-        let (order, kind) = descr.split_at(1);
-        if order == ">" {
-            bail!("the array is big-endian (`{descr}`); save it little-endian");
-        }
-        let size: usize = kind.get(1..).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let decode: fn(&[u8]) -> f64 = match kind {
-            "f4" => |b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            "f8" => |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            "i1" => |b| f64::from(b[0] as i8),
-            "u1" | "b1" => |b| f64::from(b[0]),
-            "i2" => |b| f64::from(i16::from_le_bytes([b[0], b[1]])),
-            "u2" => |b| f64::from(u16::from_le_bytes([b[0], b[1]])),
-            "i4" => |b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            "u4" => |b| f64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            "i8" => |b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f64,
-            "u8" => |b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f64,
-            _ => bail!("the array's element type `{descr}` is not a number type .npy samples take"),
-        };
-        let count = shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
-            .context("the .npy shape is too large")?;
-        if body.len() != count * size {
-            bail!(
-                "the array's shape {shape:?} of `{descr}` needs {} bytes, the file holds {}",
-                count * size,
-                body.len()
-            );
-        }
-        let values = body.chunks_exact(size).map(decode).collect();
-        Ok(Self { shape, values })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    fn npy(descr: &str, shape: &str, body: &[u8]) -> Vec<u8> {
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(body);
-        out
-    }
-
-    #[test]
-    fn npy_arrays_read_as_numpy_writes_them() {
-        let body: Vec<u8> = [1.5f32, -2.0, 3.0, 4.25]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let a = Npy::parse(&npy("<f4", "(2, 2)", &body)).unwrap();
-        assert_eq!(a.shape, [2, 2]);
-        assert_eq!(a.values, [1.5, -2.0, 3.0, 4.25]);
-        let a = Npy::parse(&npy("|u1", "(3,)", &[1, 2, 255])).unwrap();
-        assert_eq!((a.shape, a.values), (vec![3], vec![1.0, 2.0, 255.0]));
-        let short = Npy::parse(&npy("<f4", "(3, 2)", &body)).unwrap_err();
-        assert!(format!("{short:#}").contains("needs 24 bytes"), "{short:#}");
-        let big = Npy::parse(&npy(">f4", "(4,)", &body)).unwrap_err();
-        assert!(format!("{big:#}").contains("big-endian"));
-        let text = Npy::parse(&npy("<U3", "(4,)", &body)).unwrap_err();
-        assert!(format!("{text:#}").contains("not a number type"));
-        assert!(Npy::parse(b"PK\x03\x04").is_err());
-    }
 
     fn spec(name: &str, dtype: DataType, shape: &[Option<u64>]) -> TensorSpec {
         TensorSpec {

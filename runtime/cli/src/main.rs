@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod baseline_data;
+mod batch_cmd;
 mod bundle_cmd;
 #[cfg(feature = "fleet")]
 mod demo_cmd;
@@ -15,6 +16,7 @@ mod key_cmd;
 mod model_cmd;
 mod onnx_spec;
 mod rollout_cmd;
+mod samples;
 #[cfg(feature = "fleet")]
 mod serve_cmd;
 mod util;
@@ -38,6 +40,8 @@ enum Command {
     /// Look at an ONNX file as tract sees it, before it goes into a bundle.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Run a file of inputs (JSON Lines or .npy) through a bundle on every core, resumably.
+    Batch(batch_cmd::BatchArgs),
     /// Run a device: serve installed bundles over HTTP.
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Key(cmd) => key_cmd::run(cmd),
         Command::Bundle(cmd) => bundle_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Batch(args) => batch_cmd::run(args),
         Command::Device(cmd) => device_cmd::run(cmd),
         Command::Fleet(cmd) => fleet_cmd::run(cmd),
         #[cfg(feature = "fleet")]

@@ -332,6 +332,10 @@ fn every_command_has_help() {
         &["device", "install"],
         &["device", "status"],
         &["device", "default-config"],
+        &["batch"],
+        &["model", "inspect"],
+        &["fleet", "compare"],
+        &["fleet", "deploy"],
         &["demo"],
     ] {
         let mut args = cmd.to_vec();

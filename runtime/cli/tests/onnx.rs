@@ -793,3 +793,274 @@ fn a_jsonl_sample_serves_tabular_models_column_by_column() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 2"), "{stderr}");
 }
+
+/// The image classifier bundle (`--onnx`; its graph ends in a softmax) in `dir` as `image.opb`.
+fn image_bundle(dir: &TempDir) {
+    fs::write(
+        dir.join("image.onnx"),
+        outpost_examples::graphs::image_classifier_onnx(),
+    )
+    .unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "--onnx",
+            "image.onnx",
+            "--name",
+            "image-onnx",
+            "--version",
+            "1.0.0",
+            "--out",
+            "image.opb",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the image classifier answers for `image`, computed here: softmax of the channel
+/// means times its weights.
+fn expected_probabilities(image: &[f32; 192]) -> Vec<f64> {
+    let w = [
+        [8.0, -8.0, 0.0, 0.0],
+        [0.0, 0.0, 8.0, -8.0],
+        [-4.0, 4.0, -4.0, 4.0],
+    ];
+    let means: Vec<f64> = (0..3)
+        .map(|c| {
+            image[c * 64..(c + 1) * 64]
+                .iter()
+                .map(|&x| f64::from(x))
+                .sum::<f64>()
+                / 64.0
+        })
+        .collect();
+    let scores: Vec<f64> = (0..4)
+        .map(|k| (0..3).map(|c| means[c] * w[c][k]).sum())
+        .collect();
+    let top = scores.iter().copied().fold(f64::MIN, f64::max);
+    let exp: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.iter().map(|e| e / sum).collect()
+}
+
+fn batch(dir: &TempDir, args: &[&str]) -> String {
+    let mut all = vec!["batch", "--bundle", "image.opb"];
+    all.extend_from_slice(args);
+    let out = outpost(dir.path(), &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn probabilities(line: &Value) -> Vec<f64> {
+    line["outputs"][0]["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no outputs in {line}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_batch_job_answers_every_line_in_order_and_an_interrupted_one_carries_on() {
+    let dir = TempDir::new("batch-jsonl");
+    image_bundle(&dir);
+    let all = images(6_000, 11, 0.0);
+    let mut lines: Vec<String> = all
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            json!({"id": format!("img-{i}"), "inputs": [{"name": "image", "datatype": "FP32",
+                   "shape": [1, 3, 8, 8], "data": image.to_vec()}]})
+            .to_string()
+        })
+        .collect();
+    // A line that is not JSON and one the bundle's [api] refuses: error lines, the job goes on.
+    lines[2] = "{not json".into();
+    lines[4] = json!({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3],
+                                  "data": [0.0, 0.0, 0.0]}]})
+    .to_string();
+    fs::write(dir.join("in.jsonl"), lines.join("\n") + "\n\n").unwrap();
+
+    let summary = batch(&dir, &["--input", "in.jsonl", "--output", "full.jsonl"]);
+    assert!(
+        summary.contains("6000 lines written (2 errors)"),
+        "{summary}"
+    );
+    let full = fs::read_to_string(dir.join("full.jsonl")).unwrap();
+    let answers: Vec<Value> = full
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 6_000);
+    assert_eq!(answers[2]["line"], 3);
+    assert!(
+        answers[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an inference request")
+    );
+    assert_eq!(answers[4]["line"], 5);
+    assert!(
+        answers[4]["error"].as_str().unwrap().contains("image"),
+        "{}",
+        answers[4]
+    );
+    for (i, (answer, image)) in answers.iter().zip(&all).enumerate() {
+        if i == 2 || i == 4 {
+            continue;
+        }
+        assert_eq!(answer["id"], format!("img-{i}"));
+        for (got, want) in probabilities(answer)
+            .iter()
+            .zip(expected_probabilities(image))
+        {
+            assert!((got - want).abs() < 1e-5, "line {}: {got} vs {want}", i + 1);
+        }
+    }
+
+    // Killed mid-job (`kill -9`), then run again: the same output as one uninterrupted run.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args([
+            "batch",
+            "--bundle",
+            "image.opb",
+            "--input",
+            "in.jsonl",
+            "--output",
+            "cut.jsonl",
+            "--threads",
+            "1",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while fs::metadata(dir.join("cut.jsonl")).map_or(0, |m| m.len()) < 200_000
+        && started.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let cut = fs::read_to_string(dir.join("cut.jsonl")).unwrap();
+    let done = cut.lines().count();
+    assert!(
+        done < 6_000,
+        "the job finished before it was killed: make the input longer"
+    );
+    let summary = batch(&dir, &["--input", "in.jsonl", "--output", "cut.jsonl"]);
+    assert!(summary.contains("6000 of 6000"), "{summary}");
+    assert_eq!(fs::read_to_string(dir.join("cut.jsonl")).unwrap(), full);
+
+    // Two shards together are the whole job, line for line.
+    batch(
+        &dir,
+        &[
+            "--input", "in.jsonl", "--output", "s0.jsonl", "--shard", "0/2",
+        ],
+    );
+    batch(
+        &dir,
+        &[
+            "--input", "in.jsonl", "--output", "s1.jsonl", "--shard", "1/2",
+        ],
+    );
+    let s0 = fs::read_to_string(dir.join("s0.jsonl")).unwrap();
+    let s1 = fs::read_to_string(dir.join("s1.jsonl")).unwrap();
+    let (s0, s1): (Vec<&str>, Vec<&str>) = (s0.lines().collect(), s1.lines().collect());
+    assert_eq!((s0.len(), s1.len()), (3_000, 3_000));
+    for (i, line) in full.lines().enumerate() {
+        let part = if i % 2 == 0 { s0[i / 2] } else { s1[i / 2] };
+        assert_eq!(part, line, "line {}", i + 1);
+    }
+    // An output that is not this job's is refused, not appended to.
+    fs::write(dir.join("other.jsonl"), "x\n".repeat(6_001)).unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "batch",
+            "--bundle",
+            "image.opb",
+            "--input",
+            "in.jsonl",
+            "--output",
+            "other.jsonl",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
+}
+
+#[test]
+fn a_batch_job_over_an_array_gives_one_line_per_row_whatever_the_batch_size() {
+    let dir = TempDir::new("batch-npy");
+    image_bundle(&dir);
+    let all = images(300, 12, 0.0);
+    write_npy(&dir.join("in.npy"), &all);
+    batch(&dir, &["--input", "in.npy", "--output", "one.jsonl"]);
+    let summary = batch(
+        &dir,
+        &[
+            "--input",
+            "in.npy",
+            "--output",
+            "many.jsonl",
+            "--batch-size",
+            "32",
+        ],
+    );
+    assert!(
+        summary.contains("300 lines written (0 errors)"),
+        "{summary}"
+    );
+    let one = fs::read_to_string(dir.join("one.jsonl")).unwrap();
+    let many = fs::read_to_string(dir.join("many.jsonl")).unwrap();
+    assert_eq!(many.lines().count(), 300);
+    for ((a, b), image) in one.lines().zip(many.lines()).zip(&all) {
+        let (a, b): (Value, Value) = (
+            serde_json::from_str(a).unwrap(),
+            serde_json::from_str(b).unwrap(),
+        );
+        assert_eq!(b["outputs"][0]["shape"], json!([1, 4]));
+        let want = expected_probabilities(image);
+        for ((x, y), w) in probabilities(&a).iter().zip(probabilities(&b)).zip(want) {
+            assert!((x - w).abs() < 1e-5 && (y - w).abs() < 1e-5, "{x} {y} {w}");
+        }
+    }
+    // An array of the wrong shape is refused before anything runs.
+    write_npy(&dir.join("in.npy"), &all);
+    let mut wrong = fs::read(dir.join("in.npy")).unwrap();
+    let at = wrong.windows(7).position(|w| w == b"3, 8, 8").unwrap();
+    wrong[at..at + 7].copy_from_slice(b"6, 4, 8");
+    fs::write(dir.join("wrong.npy"), wrong).unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "batch",
+            "--bundle",
+            "image.opb",
+            "--input",
+            "wrong.npy",
+            "--output",
+            "w.jsonl",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("input `image` takes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -9,7 +9,7 @@ use outpost_engine::Payload;
 
 /// Whether `payload` fits `api`; the reason (for a 400) when it does not. A bundle that
 /// declares no inputs takes any tensors (its guest checks them).
-pub(crate) fn check(api: &Api, payload: &Payload) -> Result<(), String> {
+pub fn check(api: &Api, payload: &Payload) -> Result<(), String> {
     match payload {
         Payload::Raw { content_type, .. } => {
             let essence = content_type

@@ -10,7 +10,7 @@ pub mod api;
 mod api_infer;
 mod budget;
 pub mod config;
-mod contract;
+pub mod contract;
 pub mod device;
 pub mod drift;
 mod error;
