@@ -2,7 +2,9 @@
 //! model against end-to-end HTTP latency through the guest (the ratio), the guest call
 //! overhead, the time from process start to the first served request, idle RSS, and the size
 //! of the `outpost` binary this profile built; and what a shadow candidate ten times slower or
-//! more than the primary costs the primary's latency (median and p95, with and without it).
+//! more than the primary costs the primary's latency (median and p95, with and without it);
+//! and `outpost batch` over 20,000 digits rows on every core against raw tract on the same
+//! cores (items per second, at 1 and 32 rows per call).
 //!
 //! Run with: `cargo bench -p outpost-cli --bench serving` (release profile), or add
 //! `--profile dev` for the development profile the tests use.
@@ -242,5 +244,102 @@ fn main() {
         "outpost binary ({profile})              {:>9.1} MB",
         size as f64 / 1e6
     );
+    batch_against_raw(&bin, &dir, &digits_model);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `outpost batch` on every core against raw tract on the same cores, items per second.
+fn batch_against_raw(
+    bin: &PathBuf,
+    dir: &std::path::Path,
+    model: &Arc<dyn outpost_inference::Model>,
+) {
+    const ROWS: usize = 20_000;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let row = |i: usize| -> Vec<f32> { (0..64).map(|j| ((i * 7 + j * 3) % 17) as f32).collect() };
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({ROWS}, 64), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    for i in 0..ROWS {
+        npy.extend(row(i).iter().flat_map(|v| v.to_le_bytes()));
+    }
+    std::fs::write(dir.join("rows.npy"), npy).unwrap();
+    std::fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
+    let built = Command::new(bin)
+        .args([
+            "bundle",
+            "build",
+            "--onnx",
+            "digits.onnx",
+            "--name",
+            "digits-onnx",
+            "--version",
+            "1.0.0",
+            "--out",
+            "digits-onnx.opb",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    for batch in [1usize, 32] {
+        // Raw: the same rows, `batch` per run, split over the same threads.
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                scope.spawn(move || {
+                    let mut i = t * batch;
+                    while i < ROWS {
+                        let n = batch.min(ROWS - i);
+                        let values: Vec<f32> = (i..i + n).flat_map(row).collect();
+                        let input = Tensor {
+                            name: "input".into(),
+                            datatype: DataType::F32,
+                            shape: vec![n as u64, 64],
+                            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        };
+                        model.run(vec![input], 1 << 24).unwrap();
+                        i += threads * batch;
+                    }
+                });
+            }
+        });
+        let raw = ROWS as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let out = Command::new(bin)
+            .args([
+                "batch",
+                "--bundle",
+                "digits-onnx.opb",
+                "--input",
+                "rows.npy",
+                "--output",
+                "rows.jsonl",
+                "--overwrite",
+                "--batch-size",
+            ])
+            .arg(batch.to_string())
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let job = ROWS as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "batch job, {batch:>2} row(s) per call, {threads} threads {job:>9.0} items/s  (raw tract {raw:.0}/s: {:.2}×; process start and JSON output included)",
+            job / raw
+        );
+    }
 }
