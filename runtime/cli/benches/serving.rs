@@ -257,18 +257,11 @@ fn batch_against_raw(
     const ROWS: usize = 20_000;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let row = |i: usize| -> Vec<f32> { (0..64).map(|j| ((i * 7 + j * 3) % 17) as f32).collect() };
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({ROWS}, 64), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    npy.extend_from_slice(header.as_bytes());
-    for i in 0..ROWS {
-        npy.extend(row(i).iter().flat_map(|v| v.to_le_bytes()));
-    }
-    std::fs::write(dir.join("rows.npy"), npy).unwrap();
+    outpost_testkit::write_npy_f32(
+        &dir.join("rows.npy"),
+        &[ROWS as u64, 64],
+        (0..ROWS).flat_map(row),
+    );
     std::fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
     let built = Command::new(bin)
         .args([

@@ -242,18 +242,8 @@ mod tests {
 
     use super::*;
 
-    fn npy(descr: &str, shape: &str, body: &[u8]) -> Vec<u8> {
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(body);
-        out
+    fn npy(descr: &str, shape: &[u64], body: &[u8]) -> Vec<u8> {
+        outpost_testkit::npy_bytes(descr, shape, body)
     }
 
     #[test]
@@ -262,19 +252,19 @@ mod tests {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let a = Npy::parse(&npy("<f4", "(2, 2)", &body)).unwrap();
+        let a = Npy::parse(&npy("<f4", &[2, 2], &body)).unwrap();
         assert_eq!(a.shape, [2, 2]);
         assert_eq!(a.values, [1.5, -2.0, 3.0, 4.25]);
-        let a = Npy::parse(&npy("|u1", "(3,)", &[1, 2, 255])).unwrap();
+        let a = Npy::parse(&npy("|u1", &[3], &[1, 2, 255])).unwrap();
         assert_eq!((a.shape, a.values), (vec![3], vec![1.0, 2.0, 255.0]));
-        let short = Npy::parse(&npy("<f4", "(3, 2)", &body)).unwrap_err();
+        let short = Npy::parse(&npy("<f4", &[3, 2], &body)).unwrap_err();
         assert!(
             format!("{short:#}").contains("needs more bytes"),
             "{short:#}"
         );
-        let big = Npy::parse(&npy(">f4", "(4,)", &body)).unwrap_err();
+        let big = Npy::parse(&npy(">f4", &[4], &body)).unwrap_err();
         assert!(format!("{big:#}").contains("big-endian"));
-        let text = Npy::parse(&npy("<U3", "(4,)", &body)).unwrap_err();
+        let text = Npy::parse(&npy("<U3", &[4], &body)).unwrap_err();
         assert!(format!("{text:#}").contains("not a number type"));
         assert!(Npy::parse(b"PK\x03\x04").is_err());
     }
@@ -282,7 +272,7 @@ mod tests {
     #[test]
     fn npy_rows_stream_in_order_and_can_be_skipped() {
         let body: Vec<u8> = (0..12u8).collect();
-        let file = npy("|u1", "(6, 2)", &body);
+        let file = npy("|u1", &[6, 2], &body);
         let mut r = NpyReader::open(&file[..]).unwrap();
         assert_eq!(r.rows(), 6);
         r.skip_rows(2).unwrap();

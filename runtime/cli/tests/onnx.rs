@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use outpost_bundle::{Bundle, ReadLimits, SecretKey, TrustStore};
 use outpost_device::{Config, Device, Listeners};
-use outpost_testkit::{TempDir, post_json};
+use outpost_testkit::{Rng, TempDir, post_json};
 use serde_json::{Value, json};
 
 fn outpost(dir: &Path, args: &[&str]) -> Output {
@@ -320,19 +320,6 @@ fn model_inspect_shows_the_graph_as_tract_sees_it() {
     assert!(!bad.status.success());
 }
 
-/// splitmix64: a seeded stream with no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// `n` images `[3, 8, 8]` for the image classifier: each channel at a brightness drawn from
 /// 0.2..0.8 (channel 0 `brighter` on top), each pixel within ±0.1 of it.
 fn images(n: usize, seed: u64, brighter: f64) -> Vec<[f32; 192]> {
@@ -373,40 +360,8 @@ fn image_features(image: &[f32; 192], samples: &mut BTreeMap<String, Vec<f64>>) 
 
 /// `images` as a `.npy` file of FP32 `[n, 3, 8, 8]`.
 fn write_npy(path: &Path, images: &[[f32; 192]]) {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, 3, 8, 8), }}",
-        images.len()
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for image in images {
-        out.extend(image.iter().flat_map(|v| v.to_le_bytes()));
-    }
-    fs::write(path, out).unwrap();
-}
-
-/// The Python in `OUTPOST_PYTHON` (or `python3`) when it has numpy and onnxruntime; panics
-/// without them when `OUTPOST_REQUIRE_PYTHON` is set (as `.ci/run` does).
-fn python_with_onnxruntime() -> Option<String> {
-    let python = std::env::var("OUTPOST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import numpy, onnxruntime"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(
-        std::env::var_os("OUTPOST_REQUIRE_PYTHON").is_none(),
-        "OUTPOST_REQUIRE_PYTHON is set but `{python}` cannot import numpy and onnxruntime"
-    );
-    eprintln!("note: no Python with numpy and onnxruntime: the baseline is not cross-checked");
-    None
+    let shape = [images.len() as u64, 3, 8, 8];
+    outpost_testkit::write_npy_f32(path, &shape, images.iter().flatten().copied());
 }
 
 /// Sends `images` in requests of 10 (a device keeps the predictions of requests of up to 16
@@ -542,7 +497,7 @@ fn an_onnx_bundle_with_baseline_data_monitors_drift_and_quality_like_numpy() {
     );
 
     // numpy and onnxruntime compute the same baseline from the same sample and spec.
-    if let Some(python) = python_with_onnxruntime() {
+    if let Some(python) = outpost_testkit::python_with("numpy, onnxruntime") {
         let out = Command::new(python)
             .arg(outpost_testkit::models_dir().join("drift.py"))
             .args(["onnx-baseline", "--spec"])

@@ -11,30 +11,11 @@ use std::collections::BTreeMap;
 use common::*;
 use outpost_device::Device;
 use outpost_examples::Example;
-use outpost_testkit::{TempDir, admin, get, post_json};
+use outpost_testkit::{Rng, TempDir, admin, get, post_json};
 use serde_json::{Value, json};
 
 const WINDOW: usize = 16;
 const CHANNELS: [&str; 3] = ["temperature", "vibration", "current"];
-
-/// splitmix64, with Box–Muller for normal draws: a seeded stream with no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self, sd: f64) -> f64 {
-        let u = self.next().max(f64::MIN_POSITIVE);
-        let v = self.next();
-        sd * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
 
 /// `n` steps of the motor the sensor model was trained on (`readings` in
 /// `models/sensor/train.py`), temperature shifted by `hot` °C, rounded to f32 as sent.

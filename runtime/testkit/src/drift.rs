@@ -63,21 +63,7 @@ pub fn numpy_psi(
     baseline: &Path,
     samples: &BTreeMap<String, Vec<f64>>,
 ) -> Option<BTreeMap<String, f64>> {
-    let python = std::env::var("OUTPOST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_numpy = std::process::Command::new(&python)
-        .args(["-c", "import numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_numpy {
-        assert!(
-            std::env::var_os("OUTPOST_REQUIRE_PYTHON").is_none(),
-            "OUTPOST_REQUIRE_PYTHON is set but `{python}` cannot import numpy"
-        );
-        eprintln!(
-            "note: no Python with numpy (set OUTPOST_PYTHON): PSI compared with the in-test reference only"
-        );
-        return None;
-    }
+    let python = crate::python_with("numpy")?;
     let path = scratch.join("drift-samples.json");
     std::fs::write(&path, serde_json::to_vec(samples).unwrap()).unwrap();
     let out = std::process::Command::new(&python)

@@ -9,17 +9,21 @@
 //!   [`get`], [`post`], [`post_json`], [`admin`], [`get_json`], and the [`agent`] behind them.
 //! - The digits example's request body ([`digits_request`]) and the version answering it
 //!   ([`digits_version`]).
+//! - Test data: a seeded [`Rng`], `.npy` files ([`npy_bytes`], [`write_npy_f32`]), the Python
+//!   reference checks run in ([`python_with`]).
 //! - Drift checks independent of Outpost's arithmetic: [`assert_psi_agrees`] against numpy
 //!   (`models/drift.py`) and a plain [`reference_psi`].
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod data;
 mod dir;
 mod drift;
 mod http;
 mod oip;
 mod poll;
 
+pub use data::{Rng, npy_bytes, python_with, write_npy_f32};
 pub use dir::{KEEP_ENV, TempDir};
 pub use drift::{assert_psi_agrees, baseline_features, models_dir, numpy_psi, reference_psi};
 pub use http::{ADMIN_TOKEN, Reply, admin, agent, get, get_json, post, post_json};

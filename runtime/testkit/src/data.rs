@@ -1,0 +1,72 @@
+//! Test data with no dependency: a seeded random stream, `.npy` files, and the Python the
+//! reference checks run in.
+
+use std::path::Path;
+
+/// splitmix64, with Box–Muller for normal draws: a seeded stream with no dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next draw, uniform in `[0, 1)`.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A normal draw with mean 0 and standard deviation `sd`.
+    pub fn normal(&mut self, sd: f64) -> f64 {
+        let u = self.next().max(f64::MIN_POSITIVE);
+        let v = self.next();
+        sd * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// A `.npy` file (format 1.0, C order) of `descr` elements (`<f4`, `|u1`, …) shaped `shape`,
+/// with `body` as its packed elements, as numpy writes it.
+pub fn npy_bytes(descr: &str, shape: &[u64], body: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+    let tuple = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Writes FP32 `values` shaped `shape` as a `.npy` file at `path`.
+pub fn write_npy_f32(path: &Path, shape: &[u64], values: impl IntoIterator<Item = f32>) {
+    let body: Vec<u8> = values.into_iter().flat_map(f32::to_le_bytes).collect();
+    std::fs::write(path, npy_bytes("<f4", shape, &body)).unwrap();
+}
+
+/// The Python in `OUTPOST_PYTHON` (or `python3`) when it imports every module in `modules`
+/// (comma-separated, as `import` takes them); `None` otherwise, after a note on stderr — and
+/// a panic instead when `OUTPOST_REQUIRE_PYTHON` is set (`.ci/run` sets it).
+pub fn python_with(modules: &str) -> Option<String> {
+    let python = std::env::var("OUTPOST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("OUTPOST_REQUIRE_PYTHON").is_none(),
+        "OUTPOST_REQUIRE_PYTHON is set but `{python}` cannot import {modules}"
+    );
+    eprintln!("note: no Python with {modules} (set OUTPOST_PYTHON): that cross-check is skipped");
+    None
+}
