@@ -7,15 +7,14 @@
 //! answers the sample, so a device serving the bundle observes exactly the features the
 //! baseline describes, computed the same way.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use outpost_bundle::BuildInput;
 use outpost_bundle::drift::{MAX_FEATURES, categorical, histogram, validate};
 use outpost_bundle::manifest::{Baseline, DataType, Dim, QualitySpec, Task, TensorSpec};
-use outpost_engine::{CallLimits, Engine, GuestContext, Payload};
+use outpost_engine::Payload;
 use outpost_inference::Tensor;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -174,31 +173,18 @@ pub(crate) fn compute(build: &BuildInput, data: &Path, bins: usize) -> Result<Ba
              and --baseline-data to have them chosen from the model"
         );
     }
-    let engine = Engine::new().context("cannot start the WebAssembly engine")?;
-    let (guest, _) = engine
-        .compile(&build.guest)
-        .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .context("the generic guest cannot be loaded")?;
-    let backend = outpost_inference::default_backend();
-    let mut models = HashMap::new();
-    for m in &build.models {
-        let model = backend
-            .load(&m.bytes, &m.inputs)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("ONNX model `{}` cannot be loaded", m.name))?;
-        models.insert(m.name.clone(), model);
-    }
-    let l = build.limits;
-    let context = Arc::new(GuestContext {
-        label: format!("{} {} (baseline)", build.name, build.version),
+    let models = build
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.bytes.as_slice(), m.inputs.as_slice()));
+    let (engine, guest, context) = crate::samples::load_guest(
+        format!("{} {} (baseline)", build.name, build.version),
+        &build.guest,
         models,
-        metadata: build.metadata.clone(),
-        limits: CallLimits {
-            memory_bytes: l.memory_bytes,
-            timeout_ms: l.timeout_ms,
-            max_tensor_bytes: l.max_tensor_bytes,
-        },
-    });
+        build.metadata.clone(),
+        build.limits,
+    )?;
+    let l = build.limits;
     let per_call = (MAX_OBSERVATIONS / monitor.len()).clamp(1, MAX_ROWS_PER_CALL);
     let requests = load_sample(data, &build.api.inputs, per_call, l.max_tensor_bytes)?;
     if requests.is_empty() {

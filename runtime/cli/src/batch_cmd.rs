@@ -12,7 +12,6 @@
 //! `--shard I/N` takes every N-th input (those whose index is I modulo N), so N machines (a
 //! Kubernetes Indexed Job, or any scheduler) split one input.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use outpost_bundle::manifest::{Dim, Manifest, TensorSpec};
 use outpost_bundle::{Bundle, ReadLimits, TrustStore};
-use outpost_engine::{CallLimits, Engine, Guest, GuestContext, Payload};
+use outpost_engine::{Engine, Guest, GuestContext, Payload};
 use outpost_inference::Tensor;
 use outpost_oip::Encoding;
 use serde_json::json;
@@ -101,34 +100,20 @@ impl Runner {
         let guest_bytes = bundle
             .file(&manifest.guest.path)
             .context("the bundle has no guest")?;
-        let engine = Engine::new().context("cannot start the WebAssembly engine")?;
-        let (guest, _) = engine
-            .compile(guest_bytes)
-            .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .context("the bundle's guest cannot be loaded")?;
-        let backend = outpost_inference::default_backend();
-        let mut models = HashMap::new();
+        let mut models = Vec::new();
         for m in &manifest.models {
             let bytes = bundle
                 .file(&m.path)
                 .with_context(|| format!("the bundle has no file for model `{}`", m.name))?;
-            let model = backend
-                .load(bytes, &m.inputs)
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("ONNX model `{}` cannot be loaded", m.name))?;
-            models.insert(m.name.clone(), model);
+            models.push((m.name.as_str(), bytes, m.inputs.as_slice()));
         }
-        let l = manifest.limits;
-        let context = Arc::new(GuestContext {
-            label: format!("{} {} (batch)", manifest.name, manifest.version),
+        let (engine, guest, context) = crate::samples::load_guest(
+            format!("{} {} (batch)", manifest.name, manifest.version),
+            guest_bytes,
             models,
-            metadata: manifest.metadata.clone(),
-            limits: CallLimits {
-                memory_bytes: l.memory_bytes,
-                timeout_ms: l.timeout_ms,
-                max_tensor_bytes: l.max_tensor_bytes,
-            },
-        });
+            manifest.metadata.clone(),
+            manifest.limits,
+        )?;
         Ok(Self {
             engine,
             guest,

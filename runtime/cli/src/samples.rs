@@ -4,8 +4,49 @@
 use std::io::Read;
 
 use anyhow::{Context, Result, bail};
-use outpost_bundle::manifest::DataType;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use outpost_bundle::manifest::{DataType, ResourceLimits, TensorSpec};
+use outpost_engine::{CallLimits, Engine, Guest, GuestContext};
 use outpost_inference::Tensor;
+
+/// A guest and its models loaded in this process as a device loads them (models with their
+/// declared inputs pinned, the bundle's limits on every call), for commands that run a bundle
+/// locally.
+pub(crate) fn load_guest<'a>(
+    label: String,
+    guest: &[u8],
+    models: impl IntoIterator<Item = (&'a str, &'a [u8], &'a [TensorSpec])>,
+    metadata: std::collections::BTreeMap<String, serde_json::Value>,
+    limits: ResourceLimits,
+) -> Result<(Engine, Guest, Arc<GuestContext>)> {
+    let engine = Engine::new().context("cannot start the WebAssembly engine")?;
+    let (compiled, _) = engine
+        .compile(guest)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("the bundle's guest cannot be loaded")?;
+    let backend = outpost_inference::default_backend();
+    let mut loaded = HashMap::new();
+    for (name, bytes, inputs) in models {
+        let model = backend
+            .load(bytes, inputs)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("ONNX model `{name}` cannot be loaded"))?;
+        loaded.insert(name.to_owned(), model);
+    }
+    let context = Arc::new(GuestContext {
+        label,
+        models: loaded,
+        metadata,
+        limits: CallLimits {
+            memory_bytes: limits.memory_bytes,
+            timeout_ms: limits.timeout_ms,
+            max_tensor_bytes: limits.max_tensor_bytes,
+        },
+    });
+    Ok((engine, compiled, context))
+}
 
 /// `values` as a tensor of `datatype`.
 pub(crate) fn pack(
