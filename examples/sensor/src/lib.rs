@@ -6,6 +6,15 @@
 //! deviation, reconstructs each window with the autoencoder `autoencoder`, and scores the mean
 //! squared reconstruction error against the threshold. Window size, scaler and threshold come
 //! from the manifest's metadata, so a retrained model ships them with it.
+//!
+//! **Streaming.** The bundle `examples/sensor/stream.toml` serves the same model in streaming
+//! sessions (`[serving.sessions]`, metadata `streaming = true`): the device keeps one instance
+//! of this guest per session key, so the steps left over after the last complete window are
+//! kept here and prepended to the next call's readings. A client may then send readings a
+//! few steps at a time and get a score for each window as it completes; a call that completes
+//! no window answers with zero windows. Without sessions every call starts from nothing.
+
+use std::sync::Mutex;
 
 use outpost_guest::{DataType, Error, Payload, Request, Response, Tensor};
 
@@ -16,7 +25,12 @@ struct Params {
     std: Vec<f32>,
     threshold: f32,
     channels: Vec<String>,
+    streaming: bool,
 }
+
+/// In a streaming session: the readings after the last complete window, row-major, kept
+/// between calls (the instance lives as long as the session).
+static CARRIED: Mutex<Vec<f32>> = Mutex::new(Vec::new());
 
 fn params() -> Result<Params, Error> {
     let get = |key: &str| -> Result<serde_json::Value, Error> {
@@ -39,6 +53,7 @@ fn params() -> Result<Params, Error> {
         as f32;
     let channels: Vec<String> = serde_json::from_value(get("channels")?)
         .map_err(|e| Error::internal(format!("metadata `channels`: {e}")))?;
+    let streaming = outpost_guest::metadata("streaming").is_some_and(|v| v == "true");
     let (mean, std) = (floats("channel_mean")?, floats("channel_std")?);
     if mean.len() != channels.len() || std.len() != channels.len() || std.iter().any(|s| *s <= 0.0)
     {
@@ -52,6 +67,7 @@ fn params() -> Result<Params, Error> {
         std,
         threshold,
         channels,
+        streaming,
     })
 }
 
@@ -107,8 +123,33 @@ fn handle(request: Request) -> Result<Response, Error> {
     }
 }
 
-/// Scores each complete window of `flat` (row-major `[T, channels]`).
+/// Scores each complete window of `flat` (row-major `[T, channels]`); when streaming, after
+/// the readings carried from the call before, keeping what is left for the next.
 fn score(p: &Params, flat: &[f32]) -> Result<(Vec<f32>, Vec<bool>), Error> {
+    if flat.iter().any(|v| !v.is_finite()) {
+        return Err(Error::invalid_input("readings must be finite numbers"));
+    }
+    if !p.streaming {
+        return score_windows(p, flat);
+    }
+    let mut carried = CARRIED
+        .lock()
+        .map_err(|_| Error::internal("the carried readings are poisoned"))?;
+    let mut all = std::mem::take(&mut *carried);
+    all.extend_from_slice(flat);
+    let width = p.window * p.channels.len();
+    let complete = all.len() / width * width;
+    let result = if complete == 0 {
+        Ok((Vec::new(), Vec::new()))
+    } else {
+        score_windows(p, &all[..complete])
+    };
+    *carried = all.split_off(complete);
+    result
+}
+
+/// Scores each complete window of `flat`.
+fn score_windows(p: &Params, flat: &[f32]) -> Result<(Vec<f32>, Vec<bool>), Error> {
     let c = p.channels.len();
     let steps = flat.len() / c;
     if steps < p.window {
@@ -116,9 +157,6 @@ fn score(p: &Params, flat: &[f32]) -> Result<(Vec<f32>, Vec<bool>), Error> {
             "need at least {} readings, got {steps}",
             p.window
         )));
-    }
-    if flat.iter().any(|v| !v.is_finite()) {
-        return Err(Error::invalid_input("readings must be finite numbers"));
     }
     let n = steps / p.window;
     let width = p.window * c;

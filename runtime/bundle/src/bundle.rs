@@ -10,7 +10,7 @@ use crate::error::{BundleError, Result};
 use crate::keys::{SecretKey, TrustStore};
 use crate::manifest::{
     Api, Baseline, FORMAT_VERSION, FileEntry, MANIFEST_PATH, Manifest, ModelEntry, ResourceLimits,
-    SIGNATURE_PATH, TensorSpec,
+    SIGNATURE_PATH, Serving, TensorSpec,
 };
 use crate::tar::{EntryHeader, TarReader, TarWriter};
 
@@ -132,6 +132,8 @@ pub struct BuildInput {
     pub labels: Vec<String>,
     /// Free metadata.
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// Batching, caching and sessions.
+    pub serving: Serving,
 }
 
 /// A bundle whose archive structure, sizes and hashes have been checked, signed or not.
@@ -201,6 +203,7 @@ impl Bundle {
             baseline: input.baseline,
             labels: input.labels,
             metadata: input.metadata,
+            serving: input.serving,
         };
         manifest.validate()?;
         Ok(Self {

@@ -23,6 +23,7 @@
 //!     baseline: None,
 //!     labels: vec![],
 //!     metadata: Default::default(),
+//!     serving: Default::default(),
 //! })?;
 //! let key = SecretKey::from_seed(&[42; 32]);
 //! bundle.sign(&key);

@@ -50,6 +50,10 @@ pub struct Manifest {
     /// Free-form metadata (training run, dataset, owner, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// How the device serves the model beyond one call per request: dynamic batching, a
+    /// response cache, streaming sessions. All off unless the bundle asks.
+    #[serde(default, skip_serializing_if = "Serving::is_off")]
+    pub serving: Serving,
 }
 
 /// A file inside the bundle.
@@ -499,8 +503,129 @@ impl Manifest {
         if let Some(baseline) = &self.baseline {
             crate::drift::validate(baseline).or_else(invalid)?;
         }
+        self.serving.validate("serving").or_else(invalid)?;
         Ok(())
     }
+}
+
+/// How the device serves a model beyond one stateless call per request (`[serving]` in the
+/// bundle spec; each part may be overridden in the device configuration). Documented in
+/// `docs/bundle-spec.md`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Serving {
+    /// Run concurrent calls of one ONNX model whose inputs differ only in the first
+    /// dimension as one backend call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<Batching>,
+    /// Answer a repeated request from memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+    /// Keep a guest instance per session key, so a streaming model keeps its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<SessionSpec>,
+}
+
+impl Serving {
+    /// Whether nothing is asked for (one stateless call per request).
+    pub fn is_off(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Checks the bounds; `what` names where the section came from in the message.
+    pub fn validate(&self, what: &str) -> std::result::Result<(), String> {
+        if let Some(b) = &self.batching {
+            if !(1..=MAX_BATCH).contains(&b.max_batch_size) {
+                return Err(format!(
+                    "{what}: batching.max_batch_size must be 1 to {MAX_BATCH}"
+                ));
+            }
+            if b.max_queue_delay_us > MAX_QUEUE_DELAY_US {
+                return Err(format!(
+                    "{what}: batching.max_queue_delay_us must be at most {MAX_QUEUE_DELAY_US}"
+                ));
+            }
+            if let Some(p) = b
+                .preferred_sizes
+                .iter()
+                .find(|p| **p == 0 || **p > b.max_batch_size)
+            {
+                return Err(format!(
+                    "{what}: batching.preferred_sizes must lie in 1 to max_batch_size ({p})"
+                ));
+            }
+        }
+        if self.cache.is_some_and(|c| c.max_bytes == 0) {
+            return Err(format!("{what}: cache.max_bytes must be positive"));
+        }
+        if let Some(s) = &self.sessions {
+            if s.max_sessions == 0 || s.idle_timeout_s == 0 {
+                return Err(format!(
+                    "{what}: sessions.max_sessions and sessions.idle_timeout_s must be positive"
+                ));
+            }
+            if self.cache.is_some() {
+                return Err(format!(
+                    "{what}: a model with sessions keeps state between calls, so its answers \
+                     cannot be cached; ask for `sessions` or `cache`, not both"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The largest batch a model may ask for.
+pub const MAX_BATCH: u32 = 1024;
+/// The longest a request may wait for others to join its batch, in microseconds.
+pub const MAX_QUEUE_DELAY_US: u64 = 1_000_000;
+
+/// Dynamic batching of one bundle's ONNX model calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batching {
+    /// Most items (rows of the first dimension) in one backend call.
+    pub max_batch_size: u32,
+    /// Longest a call waits for others to join it, in microseconds.
+    #[serde(default = "default_queue_delay_us")]
+    pub max_queue_delay_us: u64,
+    /// Batch sizes to run at once when reached (the plan sizes a model is fast at); a batch
+    /// otherwise runs when it is full or its first call has waited `max_queue_delay_us`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_sizes: Vec<u32>,
+}
+
+fn default_queue_delay_us() -> u64 {
+    1_000
+}
+
+/// A response cache for one model version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSpec {
+    /// Bytes of cached answers (their tensors and keys) kept at most; the least recently used
+    /// are evicted beyond.
+    pub max_bytes: u64,
+}
+
+/// Streaming sessions: a guest instance kept per session key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSpec {
+    /// Live sessions at most; a new session beyond is refused (429).
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: u32,
+    /// A session unused this long, in seconds, is ended and its memory freed.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+}
+
+fn default_max_sessions() -> u32 {
+    64
+}
+
+fn default_idle_timeout_s() -> u64 {
+    300
 }
 
 fn check_tensors(tensors: &[TensorSpec], what: &str) -> Result<()> {
@@ -519,6 +644,31 @@ fn check_tensors(tensors: &[TensorSpec], what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serving_is_off_unless_asked_and_its_bounds_are_held() {
+        let off = Serving::default();
+        assert!(off.is_off());
+        assert_eq!(serde_json::to_string(&off).unwrap(), "{}");
+        let parse = |json: &str| serde_json::from_str::<Serving>(json).unwrap();
+        let batching = parse(r#"{"batching": {"max_batch_size": 8}}"#);
+        assert_eq!(
+            batching.batching.as_ref().unwrap().max_queue_delay_us,
+            1_000
+        );
+        assert!(batching.validate("serving").is_ok());
+        for bad in [
+            r#"{"batching": {"max_batch_size": 0}}"#,
+            r#"{"batching": {"max_batch_size": 4, "preferred_sizes": [8]}}"#,
+            r#"{"batching": {"max_batch_size": 4, "max_queue_delay_us": 5000000}}"#,
+            r#"{"cache": {"max_bytes": 0}}"#,
+            r#"{"sessions": {"max_sessions": 0}}"#,
+            r#"{"sessions": {}, "cache": {"max_bytes": 10}}"#,
+        ] {
+            assert!(parse(bad).validate("serving").is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<Serving>(r#"{"turbo": {}}"#).is_err());
+    }
 
     #[test]
     fn model_names() {

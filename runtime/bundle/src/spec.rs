@@ -21,6 +21,9 @@
 //!
 //! [limits]
 //! timeout_ms = 500
+//!
+//! [serving.cache]          # or [serving.batching], [serving.sessions]
+//! max_bytes = 1048576
 //! ```
 //!
 //! Paths are relative to the spec file.
@@ -31,7 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BuildInput, ModelInput};
-use crate::manifest::{Api, Baseline, ResourceLimits, TensorSpec};
+use crate::manifest::{Api, Baseline, ResourceLimits, Serving, TensorSpec};
 
 /// A parsed spec; [`Spec::load`] turns it into a [`BuildInput`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +71,9 @@ pub struct Spec {
     /// Free metadata.
     #[serde(default)]
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// Batching, caching and sessions.
+    #[serde(default, skip_serializing_if = "Serving::is_off")]
+    pub serving: Serving,
 }
 
 /// A baseline given inline or as a file.
@@ -197,6 +203,7 @@ impl Spec {
             baseline,
             labels: self.labels,
             metadata,
+            serving: self.serving,
         })
     }
 }

@@ -31,6 +31,7 @@ fn input(counter: u64) -> BuildInput {
         baseline: None,
         labels: vec!["zero".into(), "one".into()],
         metadata: Default::default(),
+        serving: Default::default(),
     }
 }
 

@@ -20,7 +20,9 @@ fn accepted(probe: &str, prefix: &str) -> BTreeSet<String> {
         .nth(1)
         .or_else(|| err.split("expected ").nth(1))
         .unwrap_or_else(|| panic!("no field list in: {err}"));
-    list.split(',')
+    // `a`, `b`, `c` or, for two fields, `a` or `b`.
+    list.replace(" or ", ",")
+        .split(',')
         .filter_map(|f| f.trim().strip_prefix('`')?.split('`').next())
         .map(|f| format!("{prefix}{f}"))
         .collect()
@@ -76,6 +78,10 @@ fn the_tables_name_every_field_the_parser_accepts_and_no_other() {
     parser.extend(accepted("[api]\nzzz = 1\n", "api."));
     parser.extend(accepted("[limits]\nzzz = 1\n", "limits."));
     parser.extend(accepted("[api]\ninputs = [{ zzz = 1 }]\n", "tensor."));
+    parser.extend(accepted("[serving]\nzzz = 1\n", "serving."));
+    parser.extend(accepted("[serving.batching]\nzzz = 1\n", "batching."));
+    parser.extend(accepted("[serving.cache]\nzzz = 1\n", "cache."));
+    parser.extend(accepted("[serving.sessions]\nzzz = 1\n", "sessions."));
     parser.extend(accepted_json(r#"{"zzz": 1}"#, "baseline."));
     parser.extend(accepted_json(r#"{"features": [{"zzz": 1}]}"#, "feature."));
     for field in [
@@ -84,6 +90,8 @@ fn the_tables_name_every_field_the_parser_accepts_and_no_other() {
         "api.raw_content_types",
         "limits.timeout_ms",
         "tensor.shape",
+        "batching.max_queue_delay_us",
+        "sessions.idle_timeout_s",
     ] {
         assert!(parser.contains(field), "{field} not in {parser:?}");
     }

@@ -205,6 +205,7 @@ pub(crate) fn spec_for(
         labels,
         metadata_file: None,
         metadata,
+        serving: Default::default(),
     })
 }
 

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 
 use crate::api::{Ctx, ModelRef, declared_length, read_body};
 use crate::budget::{self, Held};
+use crate::device::{Answer, RequestOptions};
 use crate::error::InferError;
+use crate::serving::{CACHE_STATUS, MAX_SESSION_KEY_BYTES, SESSION_KEY};
 use outpost_engine::Payload;
 use outpost_oip::{self as oip, Encoding};
 
@@ -99,6 +101,35 @@ fn route_key(headers: &HeaderMap, parameter: Option<String>) -> Result<Option<St
     }
 }
 
+/// The session key of a request: the header, else the OIP request parameter `session`.
+fn session_key(
+    headers: &HeaderMap,
+    parameter: Option<String>,
+) -> Result<Option<String>, InferError> {
+    let key =
+        match headers.get(SESSION_KEY) {
+            Some(v) => Some(v.to_str().map(str::to_owned).map_err(|_| {
+                InferError::BadRequest(format!("{SESSION_KEY} must be visible ASCII"))
+            })?),
+            None => parameter,
+        };
+    match key {
+        Some(k) if k.is_empty() || k.len() > MAX_SESSION_KEY_BYTES => Err(InferError::BadRequest(
+            format!("a session key is 1 to {MAX_SESSION_KEY_BYTES} bytes"),
+        )),
+        key => Ok(key),
+    }
+}
+
+/// Says whether the answer came from the response cache, for a model that has one.
+fn with_cache_status(mut response: Response, cached: Option<bool>) -> Response {
+    if let Some(hit) = cached {
+        let v = HeaderValue::from_static(if hit { "hit" } else { "miss" });
+        response.headers_mut().insert(CACHE_STATUS, v);
+    }
+    response
+}
+
 /// Names the version that answered, so a client can pin itself to it.
 fn with_version(mut response: Response, version: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(version) {
@@ -125,13 +156,22 @@ pub(crate) async fn infer(
             })?;
         drop((bytes, body_share));
         let key = route_key(&headers, request.route_key)?;
+        let session = session_key(&headers, request.session)?;
         let id = request_id(&ctx, &headers, request.id)?;
-        let (loaded, out) = ctx
+        let options = RequestOptions {
+            route_key: key.as_deref(),
+            session: session.as_deref(),
+        };
+        let Answer {
+            loaded,
+            output: out,
+            cached,
+        } = ctx
             .device
-            .infer_routed(
+            .infer_with(
                 &name,
                 version.as_deref(),
-                key.as_deref(),
+                options,
                 Payload::Tensors(request.inputs),
             )
             .await?;
@@ -149,18 +189,20 @@ pub(crate) async fn infer(
             id,
             request.outputs,
             request.binary_output,
+            cached,
         ))
     }
     .await;
-    let (loaded, payload, id, requested, binary_output) = match result {
+    let (loaded, payload, id, requested, binary_output, cached) = match result {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let outputs = match payload {
         Payload::Tensors(outputs) => outputs,
         Payload::Raw { content_type, body } => {
+            let response = raw_response(&ctx, content_type, body);
             return with_id(
-                with_version(raw_response(&ctx, content_type, body), loaded.version()),
+                with_version(with_cache_status(response, cached), loaded.version()),
                 &id,
             );
         }
@@ -197,7 +239,10 @@ pub(crate) async fn infer(
         }
         Err(e) => return e.into_response(),
     };
-    with_id(with_version(response, loaded.version()), &id)
+    with_id(
+        with_version(with_cache_status(response, cached), loaded.version()),
+        &id,
+    )
 }
 
 /// A raw response, keeping its share of the budget until it has been sent.
@@ -231,13 +276,22 @@ pub(crate) async fn raw(
             body: bytes,
         };
         let key = route_key(&headers, None)?;
+        let session = session_key(&headers, None)?;
         let id = request_id(&ctx, &headers, None)?;
+        let options = RequestOptions {
+            route_key: key.as_deref(),
+            session: session.as_deref(),
+        };
         let out = ctx
             .device
-            .infer_routed(&name, version.as_deref(), key.as_deref(), payload)
+            .infer_with(&name, version.as_deref(), options, payload)
             .await;
         drop(share);
-        let (loaded, out) = out?;
+        let Answer {
+            loaded,
+            output: out,
+            cached,
+        } = out?;
         ctx.device.metrics.feedback.remember(
             &id,
             &name,
@@ -245,10 +299,10 @@ pub(crate) async fn raw(
             loaded.manifest.baseline.as_ref(),
             &out.observations,
         );
-        Ok::<_, InferError>((loaded, out, id))
+        Ok::<_, InferError>((loaded, out, id, cached))
     }
     .await;
-    let (loaded, out, id) = match result {
+    let (loaded, out, id, cached) = match result {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -274,7 +328,10 @@ pub(crate) async fn raw(
             }
         }
     };
-    with_id(with_version(response, &version), &id)
+    with_id(
+        with_version(with_cache_status(response, cached), &version),
+        &id,
+    )
 }
 
 /// `POST /v2/models/{name}/feedback`: the true labels or values of earlier requests, by

@@ -1,10 +1,12 @@
 //! Device configuration: a raw TOML form with a doc line per field, validated into [`Config`].
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost_agent::{FleetConfig, FleetSection};
+use outpost_bundle::manifest::{Batching, CacheSpec, Serving, SessionSpec};
 use outpost_http::Limits;
 use serde::Deserialize;
 
@@ -67,6 +69,17 @@ idle_timeout_ms = 60000
 memory_bytes = 268435456
 timeout_ms = 10000
 max_tensor_bytes = 67108864
+# Bytes of cached responses per model version, whatever its bundle's `[serving.cache]` asks.
+cache_bytes = 67108864
+# Live streaming sessions per model, whatever its bundle's `[serving.sessions]` asks (each
+# holds a guest instance, up to memory_bytes).
+max_sessions = 64
+
+# Per model, the bundle's `[serving]` overridden: `false` turns a part off, a table replaces it.
+# [serving.digits]
+# batching = { max_batch_size = 8, max_queue_delay_us = 500 }
+# cache = false
+# sessions = { max_sessions = 16, idle_timeout_s = 60 }
 
 # Fleet sync over MQTT. Without `broker` the device runs stand-alone (admin API and
 # `outpost device install` only).
@@ -113,6 +126,59 @@ struct RawConfig {
     http: RawHttp,
     #[serde(default)]
     fleet: FleetSection,
+    #[serde(default)]
+    serving: BTreeMap<String, RawServing>,
+}
+
+/// A part of `[serving.NAME]`: `false` (off) or its settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Toggle<T> {
+    Off(bool),
+    Set(T),
+}
+
+impl<T> Toggle<T> {
+    fn validate(self, field: &str) -> Result<Option<T>> {
+        match self {
+            Toggle::Off(false) => Ok(None),
+            Toggle::Off(true) => Err(HostError::Config(format!(
+                "{field} is `false` (off) or a table of settings, not `true`"
+            ))),
+            Toggle::Set(t) => Ok(Some(t)),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServing {
+    batching: Option<Toggle<Batching>>,
+    cache: Option<Toggle<CacheSpec>>,
+    sessions: Option<Toggle<SessionSpec>>,
+}
+
+/// What the device configuration changes in one model's `[serving]`: for each part, `None`
+/// keeps the bundle's, `Some(None)` turns it off, `Some(Some(_))` replaces it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServingOverride {
+    /// Dynamic batching.
+    pub batching: Option<Option<Batching>>,
+    /// The response cache.
+    pub cache: Option<Option<CacheSpec>>,
+    /// Streaming sessions.
+    pub sessions: Option<Option<SessionSpec>>,
+}
+
+impl ServingOverride {
+    /// The bundle's `[serving]` with this override applied.
+    pub fn apply(&self, bundle: &Serving) -> Serving {
+        Serving {
+            batching: self.batching.clone().unwrap_or(bundle.batching.clone()),
+            cache: self.cache.unwrap_or(bundle.cache),
+            sessions: self.sessions.unwrap_or(bundle.sessions),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +243,8 @@ struct RawCaps {
     memory_bytes: Option<u64>,
     timeout_ms: Option<u64>,
     max_tensor_bytes: Option<u64>,
+    cache_bytes: Option<u64>,
+    max_sessions: Option<u32>,
 }
 
 /// Upper bounds on what any bundle's guest may use.
@@ -188,6 +256,10 @@ pub struct GuestCaps {
     pub timeout_ms: u64,
     /// Largest tensor a guest may pass to or get from the host, in bytes.
     pub max_tensor_bytes: u64,
+    /// Largest response cache of one model version, in bytes.
+    pub cache_bytes: u64,
+    /// Most live streaming sessions of one model.
+    pub max_sessions: u32,
 }
 
 impl Default for GuestCaps {
@@ -196,6 +268,8 @@ impl Default for GuestCaps {
             memory_bytes: 256 << 20,
             timeout_ms: 10_000,
             max_tensor_bytes: 64 << 20,
+            cache_bytes: 64 << 20,
+            max_sessions: 64,
         }
     }
 }
@@ -231,6 +305,8 @@ pub struct Config {
     pub admin_http: Limits,
     /// Fleet sync, when a broker is configured.
     pub fleet: Option<FleetConfig>,
+    /// Per model, how its bundle's `[serving]` is overridden.
+    pub serving: BTreeMap<String, ServingOverride>,
 }
 
 impl Config {
@@ -252,9 +328,39 @@ impl Config {
                 .guest_caps
                 .max_tensor_bytes
                 .unwrap_or(defaults.max_tensor_bytes),
+            cache_bytes: raw.guest_caps.cache_bytes.unwrap_or(defaults.cache_bytes),
+            max_sessions: raw.guest_caps.max_sessions.unwrap_or(defaults.max_sessions),
         };
-        if caps.memory_bytes == 0 || caps.timeout_ms == 0 || caps.max_tensor_bytes == 0 {
+        if caps.memory_bytes == 0
+            || caps.timeout_ms == 0
+            || caps.max_tensor_bytes == 0
+            || caps.max_sessions == 0
+        {
             return Err(HostError::Config("guest_caps must be positive".into()));
+        }
+        let mut serving = BTreeMap::new();
+        for (model, raw) in raw.serving {
+            let field = |part: &str| format!("serving.{model}.{part}");
+            let o = ServingOverride {
+                batching: raw
+                    .batching
+                    .map(|t| t.validate(&field("batching")))
+                    .transpose()?,
+                cache: raw.cache.map(|t| t.validate(&field("cache"))).transpose()?,
+                sessions: raw
+                    .sessions
+                    .map(|t| t.validate(&field("sessions")))
+                    .transpose()?,
+            };
+            // The parts it sets must hold on their own.
+            let set = Serving {
+                batching: o.batching.clone().flatten(),
+                cache: o.cache.flatten(),
+                sessions: o.sessions.flatten(),
+            };
+            set.validate(&format!("serving.{model}"))
+                .map_err(HostError::Config)?;
+            serving.insert(model, o);
         }
         let admin_token = match (raw.admin_token, &raw.admin_token_file) {
             (Some(t), None) => Some(t),
@@ -320,6 +426,7 @@ impl Config {
             max_inflight_bytes,
             max_bundle_bytes: raw.max_bundle_bytes.unwrap_or(256 << 20),
             guest_caps: caps,
+            serving,
         })
     }
 
@@ -357,5 +464,28 @@ mod tests {
         assert!(Config::from_toml("max_inflight_bytes = 1024", Path::new("/")).is_err());
         assert!(Config::from_toml("[http]\nmax_connections = 0", Path::new("/")).is_err());
         assert!(Config::from_toml("[fleet]\nbroker = \"mqtt://h:1\"", Path::new("/")).is_err());
+        assert!(Config::from_toml("[serving.m]\ncache = true", Path::new("/")).is_err());
+        assert!(Config::from_toml("[serving.m]\nrocket = false", Path::new("/")).is_err());
+        let zero = "[serving.m]\nbatching = { max_batch_size = 0 }";
+        assert!(Config::from_toml(zero, Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn a_serving_override_turns_parts_off_or_replaces_them() {
+        let text = "[serving.m]\ncache = false\nbatching = { max_batch_size = 4 }";
+        let c = Config::from_toml(text, Path::new("/")).unwrap();
+        let bundle = Serving {
+            batching: None,
+            cache: Some(CacheSpec { max_bytes: 100 }),
+            sessions: None,
+        };
+        let served = c.serving["m"].apply(&bundle);
+        assert_eq!(served.cache, None);
+        assert_eq!(served.batching.as_ref().map(|b| b.max_batch_size), Some(4));
+        assert_eq!(
+            served.batching.as_ref().map(|b| b.max_queue_delay_us),
+            Some(1_000),
+            "the bundle spec's default"
+        );
     }
 }

@@ -10,13 +10,15 @@ use outpost_bundle::{Bundle, ReadLimits, TrustStore, sha256_hex};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use outpost_bundle::manifest::Serving;
 use outpost_engine::{CallError, CallLimits, CallOutput, Engine, Guest, GuestContext, Payload};
-use outpost_inference::{Backend, Tensor};
+use outpost_inference::{Backend, BatchConfig, Batched, Tensor};
 
-use crate::config::{Config, GuestCaps};
+use crate::config::{Config, GuestCaps, ServingOverride};
 use crate::error::{HostError, InferError, Result};
 use crate::metrics::Metrics;
 use crate::policy::{OnPass, Policy};
+use crate::serving::{ResponseCache, Sessions};
 use crate::state::{InstalledRecord, State, StoredEvent};
 use crate::watch::{CanaryWatch, Role, ShadowLane, Verdict};
 
@@ -29,6 +31,10 @@ pub struct Loaded {
     pub record: InstalledRecord,
     guest: Guest,
     context: Arc<GuestContext>,
+    /// Batching, caching and sessions as served: the bundle's `[serving]`, overridden by the
+    /// device configuration and lowered to its caps.
+    pub serving: Serving,
+    cache: Option<ResponseCache>,
 }
 
 impl Loaded {
@@ -36,6 +42,27 @@ impl Loaded {
     pub fn version(&self) -> &str {
         &self.record.version
     }
+}
+
+/// How one request is routed and served beyond its payload.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestOptions<'a> {
+    /// The routing key, for a model with a traffic split.
+    pub route_key: Option<&'a str>,
+    /// The streaming session the request belongs to; it routes like a routing key when no
+    /// key is given, so a session stays on one version.
+    pub session: Option<&'a str>,
+}
+
+/// A request's answer, and where it came from.
+#[derive(Debug)]
+pub struct Answer {
+    /// The version that answered.
+    pub loaded: Arc<Loaded>,
+    /// What it answered.
+    pub output: CallOutput,
+    /// Whether the answer came from the version's response cache (`None`: it has none).
+    pub cached: Option<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -141,6 +168,10 @@ pub struct Device {
     /// Canaries rolled back since the device started, by (model, policy id), with the reason:
     /// refused again even when the event could not be written to disk.
     rolled_back: std::sync::Mutex<HashMap<(String, String), String>>,
+    /// The device configuration's `[serving.NAME]` overrides.
+    serving: BTreeMap<String, ServingOverride>,
+    /// Streaming sessions of every model.
+    sessions: Sessions,
 }
 
 /// One model's status, as the admin API and `outpost device status` show it.
@@ -181,6 +212,7 @@ impl Device {
         let state = State::open(&config.data_dir)?;
         let engine = Engine::new()
             .map_err(|e| HostError::Config(format!("cannot start the engine: {e:#}")))?;
+        let metrics = Arc::new(Metrics::default());
         let device = Self {
             engine,
             backend: outpost_inference::default_backend(),
@@ -197,8 +229,10 @@ impl Device {
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             max_concurrent: config.max_concurrent_requests,
             budget: crate::budget::Budget::new(config.max_inflight_bytes),
-            metrics: Arc::default(),
+            sessions: Sessions::new(Arc::clone(&metrics.serving)),
+            metrics,
             rolled_back: std::sync::Mutex::new(HashMap::new()),
+            serving: config.serving.clone(),
         };
         for (name, version) in device.state.active()? {
             match device.load(&name, &version) {
@@ -487,6 +521,11 @@ impl Device {
         }
         slot.rewatch();
         slot.trim(previous.as_deref());
+        let keep: Vec<&str> = [Some(version), slot.candidate()]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.sessions.swapped(name, &keep);
         tracing::info!(model = %name, %version, ?previous, "activated");
         Ok(())
     }
@@ -579,12 +618,44 @@ impl Device {
                 max_tensor_bytes: l.max_tensor_bytes.min(self.caps.max_tensor_bytes),
             },
         };
+        let serving = self.serving_of(name, &manifest);
+        let cache = serving.cache.map(|c| {
+            ResponseCache::new(
+                &record.digest,
+                c.max_bytes,
+                self.metrics.serving.cache(name, version),
+            )
+        });
         Arc::new(Loaded {
             manifest,
             record,
             guest,
             context: Arc::new(context),
+            serving,
+            cache,
         })
+    }
+
+    /// A bundle's `[serving]` as this device serves it: overridden by the configuration,
+    /// lowered to the device's caps. Sessions win over a cache the override adds.
+    fn serving_of(&self, name: &str, manifest: &Manifest) -> Serving {
+        let mut serving = match self.serving.get(name) {
+            Some(o) => o.apply(&manifest.serving),
+            None => manifest.serving.clone(),
+        };
+        if let Some(c) = &mut serving.cache {
+            c.max_bytes = c.max_bytes.min(self.caps.cache_bytes);
+        }
+        if serving.cache.is_some_and(|c| c.max_bytes == 0) {
+            serving.cache = None;
+        }
+        if let Some(s) = &mut serving.sessions {
+            s.max_sessions = s.max_sessions.min(self.caps.max_sessions);
+        }
+        if serving.sessions.is_some() && serving.cache.take().is_some() {
+            tracing::warn!(model = %name, "a model with sessions is not cached; the cache is off");
+        }
+        serving
     }
 
     /// Compiles the guest (or takes it from the compile cache) and loads every model with its
@@ -624,6 +695,7 @@ impl Device {
                 guest
             }
         };
+        let batching = self.serving_of(name, manifest).batching;
         let mut models = HashMap::new();
         for entry in &manifest.models {
             let bytes = verified.model(&entry.name).unwrap_or_default();
@@ -642,6 +714,23 @@ impl Device {
             // loaded with pinned inputs are narrower than the graph's, so not those).
             outpost_inference::check_signature(model.as_ref(), &entry.inputs, &[])
                 .map_err(onnx_error)?;
+            let model = match &batching {
+                Some(b) if Batched::batchable(model.as_ref()) => {
+                    let config = BatchConfig {
+                        max_batch_size: u64::from(b.max_batch_size),
+                        max_queue_delay: Duration::from_micros(b.max_queue_delay_us),
+                        preferred_sizes: b.preferred_sizes.iter().map(|n| u64::from(*n)).collect(),
+                    };
+                    let stats = self.metrics.serving.batches(name, version, &entry.name);
+                    Arc::new(Batched::new(model, config, stats))
+                        as Arc<dyn outpost_inference::Model>
+                }
+                Some(_) => {
+                    tracing::info!(model = %name, %version, onnx = %entry.name, "not batched: its inputs have a fixed first dimension");
+                    model
+                }
+                None => model,
+            };
             models.insert(entry.name.clone(), model);
         }
         Ok((guest, models, compiled))
@@ -785,27 +874,33 @@ impl Device {
         version: Option<&str>,
         payload: Payload,
     ) -> Result<(Arc<Loaded>, CallOutput), InferError> {
-        self.infer_routed(name, version, None, payload).await
+        let answer = self
+            .infer_with(name, version, RequestOptions::default(), payload)
+            .await?;
+        Ok((answer.loaded, answer.output))
     }
 
-    /// [`Device::infer`], routed by the model's traffic policy with `key` when no version is
-    /// given.
+    /// [`Device::infer`], routed by the model's traffic policy with the request's routing key
+    /// when no version is given, from the version's response cache when it has one, and in
+    /// the request's streaming session when it names one.
     ///
     /// Under a canary, the request counts in its window, and a verdict is acted on at once
     /// (a rollback or a promotion, recorded as an event); under a shadow, a sample of the
-    /// requests is copied to the candidate after this one is answered.
-    pub async fn infer_routed(
+    /// requests is copied to the candidate after this one is answered. A cached answer is
+    /// counted in the request metrics and replays its drift observations, but is not shown
+    /// to a canary's window or a shadow (they judge the model, not the cache).
+    pub async fn infer_with(
         self: &Arc<Self>,
         name: &str,
         version: Option<&str>,
-        key: Option<&str>,
+        options: RequestOptions<'_>,
         payload: Payload,
-    ) -> Result<(Arc<Loaded>, CallOutput), InferError> {
+    ) -> Result<Answer, InferError> {
+        let started = Instant::now();
+        let key = options.route_key.or(options.session);
         let route = self.pick(name, version, Some(key))?;
         let loaded = Arc::clone(&route.loaded);
-        // The bundle's API is held here, before the guest runs.
-        if let Err(reason) = crate::contract::check(&loaded.manifest.api, &payload) {
-            let refused = InferError::InvalidInput(reason);
+        let refuse = |refused: InferError| {
             self.metrics.record(
                 name,
                 loaded.version(),
@@ -814,8 +909,64 @@ impl Device {
                 Some(refused.kind()),
                 &[],
             );
-            return Err(refused);
+            refused
+        };
+        // The bundle's API is held here, before the guest runs.
+        if let Err(reason) = crate::contract::check(&loaded.manifest.api, &payload) {
+            return Err(refuse(InferError::InvalidInput(reason)));
         }
+        let session = match (options.session, loaded.serving.sessions) {
+            (None, _) => None,
+            (Some(key), Some(spec)) => {
+                let slot = self
+                    .sessions
+                    .open(name, loaded.version(), key, spec)
+                    .map_err(refuse)?;
+                Some((key.to_owned(), slot))
+            }
+            (Some(_), None) => {
+                return Err(refuse(InferError::BadRequest(format!(
+                    "version {} of `{name}` keeps no sessions (its bundle has no \
+                     [serving.sessions]); send the request without a session",
+                    loaded.version()
+                ))));
+            }
+        };
+        let cache_key = loaded.cache.as_ref().map(|c| c.key(&payload));
+        if let (Some(cache), Some(k)) = (&loaded.cache, &cache_key)
+            && let Some(hit) = cache.get(k)
+        {
+            let elapsed = started.elapsed();
+            self.metrics.record(
+                name,
+                loaded.version(),
+                route.role,
+                elapsed,
+                None,
+                &hit.observations,
+            );
+            self.metrics.drift.observe(
+                name,
+                loaded.version(),
+                loaded.manifest.baseline.as_ref(),
+                &hit.observations,
+            );
+            let output = CallOutput {
+                payload: hit.payload.clone(),
+                observations: hit.observations.clone(),
+            };
+            return Ok(Answer {
+                loaded,
+                output,
+                cached: Some(true),
+            });
+        }
+        // One call at a time in a session: the next waits for the one before to finish,
+        // holding no concurrency permit while it waits.
+        let session = match session {
+            Some((key, slot)) => Some((key, slot.lock_owned().await)),
+            None => None,
+        };
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             self.metrics.record_busy();
             return Err(InferError::Busy(self.max_concurrent));
@@ -824,22 +975,55 @@ impl Device {
             (Watch::Shadow(lane), Some(_)) if lane.shadow.samples() => Some(payload.clone()),
             _ => None,
         };
-        let started = Instant::now();
+        let call_started = Instant::now();
         let engine = self.engine.clone();
         let target = Arc::clone(&loaded);
-        let result = tokio::task::spawn_blocking(move || {
+        let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            engine
-                .call(&target.guest, &target.context, payload)
-                .map_err(InferError::from)
+            match session {
+                None => (
+                    engine
+                        .call(&target.guest, &target.context, payload)
+                        .map_err(InferError::from),
+                    None,
+                ),
+                Some((key, mut guard)) => {
+                    let result = match &mut *guard {
+                        Some(s) => s.call(payload),
+                        empty => engine
+                            .session(&target.guest, &target.context)
+                            .and_then(|s| empty.insert(s).call(payload)),
+                    };
+                    let memory = guard.as_ref().map_or(0, |s| s.memory_bytes());
+                    let ended = match (&result, guard.as_ref()) {
+                        (Err(e), None) => Some(format!("its guest could not start: {e}")),
+                        (Err(e), Some(s)) if s.is_ended() => {
+                            Some(format!("a call failed and ended it ({e})"))
+                        }
+                        _ => None,
+                    };
+                    if ended.is_some() {
+                        *guard = None;
+                    }
+                    (result.map_err(InferError::from), Some((key, memory, ended)))
+                }
+            }
         })
-        .await
-        .unwrap_or_else(|e| Err(InferError::Trap(format!("request task failed: {e}"))));
+        .await;
+        let result = match outcome {
+            Ok((result, session)) => {
+                if let Some((key, memory, ended)) = session {
+                    self.sessions.after_call(name, &key, memory, ended);
+                }
+                result
+            }
+            Err(e) => Err(InferError::Trap(format!("request task failed: {e}"))),
+        };
         let (error, observations) = match &result {
             Ok(out) => (None, out.observations.as_slice()),
             Err(e) => (Some(e.kind()), &[][..]),
         };
-        let elapsed = started.elapsed();
+        let elapsed = call_started.elapsed();
         self.metrics.record(
             name,
             loaded.version(),
@@ -857,6 +1041,9 @@ impl Device {
         if let Err(e) = &result {
             tracing::debug!(model = %name, version = %loaded.version(), error = %e, "request failed");
         }
+        if let (Some(cache), Some(k), Ok(out)) = (&loaded.cache, cache_key, &result) {
+            cache.put(k, out);
+        }
         match (&route.watch, route.shadow, copy, &result) {
             (Watch::Canary(watch), ..) => {
                 if let Some(verdict) = watch.record(route.role, elapsed, error) {
@@ -868,7 +1055,12 @@ impl Device {
             }
             _ => {}
         }
-        result.map(|out| (loaded, out))
+        let cached = loaded.cache.as_ref().map(|_| false);
+        result.map(|output| Answer {
+            loaded,
+            output,
+            cached,
+        })
     }
 
     /// Runs `input` on a shadow's candidate after the primary answered `primary`, in the

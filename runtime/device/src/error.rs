@@ -204,6 +204,22 @@ pub enum InferError {
     /// The guest trapped (500).
     #[error("model trapped: {0}")]
     Trap(String),
+    /// A streaming session ended (a version swap, a failed call): its state is gone (409).
+    #[error("{0}")]
+    SessionEnded(String),
+    /// A new streaming session would pass the model's cap on live sessions (429).
+    #[error(
+        "model `{model}` has {max} live sessions, its limit; end one by letting it idle for \
+         {idle_timeout_s} s, or retry later"
+    )]
+    TooManySessions {
+        /// Model name.
+        model: String,
+        /// The cap.
+        max: u32,
+        /// Idle time that ends a session.
+        idle_timeout_s: u64,
+    },
 }
 
 impl InferError {
@@ -216,6 +232,8 @@ impl InferError {
             | InferError::ResponseTooLarge { .. } => 400,
             InferError::TooLarge(_) | InferError::OverBudget { .. } => 413,
             InferError::Busy(_) | InferError::BudgetBusy(_) => 503,
+            InferError::SessionEnded(_) => 409,
+            InferError::TooManySessions { .. } => 429,
             InferError::Internal(_)
             | InferError::Deadline(_)
             | InferError::Memory(_)
@@ -236,6 +254,8 @@ impl InferError {
             InferError::Deadline(_) => "deadline",
             InferError::Memory(_) => "memory",
             InferError::Trap(_) => "trap",
+            InferError::SessionEnded(_) => "session_ended",
+            InferError::TooManySessions { .. } => "too_many_sessions",
         }
     }
 }

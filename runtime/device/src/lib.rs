@@ -19,6 +19,7 @@ mod fleet_link;
 pub mod metrics;
 pub mod policy;
 mod run;
+pub mod serving;
 pub mod state;
 mod status_page;
 mod triton;

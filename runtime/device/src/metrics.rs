@@ -67,6 +67,8 @@ pub struct Metrics {
     pub drift: crate::drift::Drift,
     /// Kept predictions and the quality posted labels give them.
     pub feedback: crate::feedback::Feedback,
+    /// Response caches, streaming sessions and batchers.
+    pub serving: Arc<crate::serving::ServingMetrics>,
 }
 
 /// A snapshot of one model version's counters (the telemetry form).
@@ -330,6 +332,7 @@ impl Metrics {
         }
         self.drift.render(&mut out);
         self.feedback.render(&mut out);
+        self.serving.render(&mut out);
         let shadows = match self.shadows.lock() {
             Ok(all) => all.clone(),
             Err(_) => BTreeMap::new(),

@@ -17,6 +17,8 @@ const MAX_EVENTS: usize = 1024;
 pub(crate) struct Limiter {
     pub(crate) memory_bytes: usize,
     pub(crate) memory_denied: bool,
+    /// The largest size any memory of the instance has grown to.
+    pub(crate) memory_in_use: usize,
 }
 
 impl ResourceLimiter for Limiter {
@@ -30,6 +32,7 @@ impl ResourceLimiter for Limiter {
             self.memory_denied = true;
             return Err(wasmtime::format_err!("memory limit exceeded"));
         }
+        self.memory_in_use = self.memory_in_use.max(desired);
         Ok(true)
     }
 
@@ -50,7 +53,8 @@ pub(crate) struct HostState {
     pub(crate) limiter: Limiter,
     context: Arc<GuestContext>,
     pub(crate) observations: Vec<(String, f64)>,
-    events: usize,
+    /// Log lines and observations in the current call.
+    pub(crate) events: usize,
 }
 
 impl HostState {
@@ -65,6 +69,7 @@ impl HostState {
             limiter: Limiter {
                 memory_bytes: usize::try_from(memory_bytes).unwrap_or(usize::MAX),
                 memory_denied: false,
+                memory_in_use: 0,
             },
             context,
             observations: Vec::new(),

@@ -213,39 +213,95 @@ impl Engine {
         context: &Arc<GuestContext>,
         payload: Payload,
     ) -> Result<CallOutput, CallError> {
+        check_input(&payload, context.limits)?;
+        let mut session = self.session(guest, context)?;
+        session.run(payload)
+    }
+
+    /// Instantiates a guest to keep between calls: a streaming session, whose guest keeps its
+    /// state (its globals and memory) from one call to the next. Each call still runs under
+    /// the deadline and the tensor cap; the memory limit holds for the instance as a whole.
+    pub fn session(
+        &self,
+        guest: &Guest,
+        context: &Arc<GuestContext>,
+    ) -> Result<Session, CallError> {
         let limits = context.limits;
-        // The cap holds in both directions: nothing larger enters the guest either.
-        if let Payload::Tensors(ts) = &payload {
-            ts.iter()
-                .try_for_each(|t| t.check(limits.max_tensor_bytes))
-                .map_err(CallError::BadRequest)?;
-        }
         let state = HostState::new(Arc::clone(context), limits.memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let ticks = limits.timeout_ms.div_ceil(TICK.as_millis() as u64) + 1;
-        store.set_epoch_deadline(ticks);
+        store.set_epoch_deadline(deadline_ticks(limits));
         store.epoch_deadline_trap();
+        match guest.pre.instantiate(&mut store) {
+            Ok(model) => Ok(Session {
+                store,
+                model,
+                limits,
+                ended: false,
+            }),
+            Err(e) => Err(classify(&e, &store, limits)),
+        }
+    }
+}
 
+/// A guest instance kept between calls (see [`Engine::session`]). A call that traps, runs
+/// past its deadline or exceeds the memory limit ends the session: its state is gone, and
+/// every later call is refused.
+pub struct Session {
+    store: Store<HostState>,
+    model: bindings::Model,
+    limits: CallLimits,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("ended", &self.ended)
+            .field("memory_bytes", &self.memory_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Runs one call in the session's instance.
+    pub fn call(&mut self, payload: Payload) -> Result<CallOutput, CallError> {
+        if self.ended {
+            return Err(CallError::Internal(
+                "the session ended when an earlier call failed".into(),
+            ));
+        }
+        check_input(&payload, self.limits)?;
+        self.store.set_epoch_deadline(deadline_ticks(self.limits));
+        self.store.data_mut().events = 0;
+        self.run(payload)
+    }
+
+    /// Whether a failed call ended the session.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Bytes of linear memory the instance holds.
+    pub fn memory_bytes(&self) -> u64 {
+        self.store.data().limiter.memory_in_use as u64
+    }
+
+    fn run(&mut self, payload: Payload) -> Result<CallOutput, CallError> {
+        let limits = self.limits;
         let input = payload_into_wit(payload);
-        let result = guest.pre.instantiate(&mut store).and_then(|model| {
-            model
-                .outpost_model_handler()
-                .call_handle(&mut store, &input)
-        });
-        let result = match result {
+        let result = match self
+            .model
+            .outpost_model_handler()
+            .call_handle(&mut self.store, &input)
+        {
             Ok(r) => r,
             Err(e) => {
-                return Err(if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-                    CallError::Deadline(limits.timeout_ms)
-                } else if store.data().limiter.memory_denied {
-                    CallError::Memory(limits.memory_bytes)
-                } else {
-                    CallError::Trap(trap_message(&e))
-                });
+                self.ended = true;
+                return Err(classify(&e, &self.store, limits));
             }
         };
-        let observations = std::mem::take(&mut store.data_mut().observations);
+        let observations = std::mem::take(&mut self.store.data_mut().observations);
         match result {
             Ok(payload) => {
                 let payload = payload_from_wit(payload);
@@ -258,6 +314,31 @@ impl Engine {
             Err(types::Error::InvalidInput(m)) => Err(CallError::InvalidInput(m)),
             Err(types::Error::Internal(m)) => Err(CallError::Internal(m)),
         }
+    }
+}
+
+/// The cap holds in both directions: nothing larger enters the guest either.
+fn check_input(payload: &Payload, limits: CallLimits) -> Result<(), CallError> {
+    if let Payload::Tensors(ts) = payload {
+        ts.iter()
+            .try_for_each(|t| t.check(limits.max_tensor_bytes))
+            .map_err(CallError::BadRequest)?;
+    }
+    Ok(())
+}
+
+fn deadline_ticks(limits: CallLimits) -> u64 {
+    limits.timeout_ms.div_ceil(TICK.as_millis() as u64) + 1
+}
+
+/// What a failed instantiation or call means for the caller.
+fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: CallLimits) -> CallError {
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        CallError::Deadline(limits.timeout_ms)
+    } else if store.data().limiter.memory_denied {
+        CallError::Memory(limits.memory_bytes)
+    } else {
+        CallError::Trap(trap_message(e))
     }
 }
 

@@ -28,6 +28,7 @@ pub const SENSOR_EXPECTED: &str = include_str!("../../../models/sensor/expected.
 
 const DIGITS_SPEC: &str = include_str!("../../../examples/digits/bundle.toml");
 const SENSOR_SPEC: &str = include_str!("../../../examples/sensor/bundle.toml");
+const SENSOR_STREAM_SPEC: &str = include_str!("../../../examples/sensor/stream.toml");
 const DIGITS_BASELINE: &[u8] = include_bytes!("../../../models/digits/baseline.json");
 const SENSOR_BASELINE: &[u8] = include_bytes!("../../../models/sensor/baseline.json");
 const SENSOR_METADATA: &[u8] = include_bytes!("../../../models/sensor/metadata.json");
@@ -39,10 +40,12 @@ pub enum Example {
     Digits,
     /// The sensor anomaly detector (`sensor-anomaly`).
     Sensor,
+    /// The sensor anomaly detector in streaming sessions (`sensor-stream`).
+    SensorStream,
 }
 
 impl Example {
-    /// Both examples.
+    /// The two example models (the streaming variant is the sensor model again).
     pub const ALL: [Example; 2] = [Example::Digits, Example::Sensor];
 
     /// The bundle build input, from the example's spec with the embedded files.
@@ -56,8 +59,12 @@ impl Example {
                     ("baseline.json", DIGITS_BASELINE),
                 ],
             ),
-            Example::Sensor => (
-                SENSOR_SPEC,
+            Example::Sensor | Example::SensorStream => (
+                if self == Example::Sensor {
+                    SENSOR_SPEC
+                } else {
+                    SENSOR_STREAM_SPEC
+                },
                 &[
                     ("sensor_guest.wasm", SENSOR_GUEST),
                     ("sensor.onnx", SENSOR_ONNX),

@@ -3,6 +3,7 @@
 //! default). Owns: loading, describing and running ONNX models. Never imports: wasmtime, the
 //! HTTP or MQTT stack, or the device's state.
 
+pub mod batch;
 #[cfg(feature = "tract")]
 mod inspect;
 #[cfg(feature = "tract")]
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use outpost_bundle::manifest::{DataType, TensorSpec};
 
+pub use batch::{BatchConfig, BatchStats, Batched};
 #[cfg(feature = "tract")]
 pub use inspect::{Inspection, inspect};
 pub use tensor::Tensor;

@@ -93,6 +93,8 @@ pub struct Request {
     pub binary_output: bool,
     /// The request-level parameter `route_key`: which version a traffic split sends it to.
     pub route_key: Option<String>,
+    /// The request-level parameter `session`: the streaming session it belongs to.
+    pub session: Option<String>,
 }
 
 fn bad<E: From<OipError>>(msg: impl Into<String>) -> E {
@@ -245,6 +247,11 @@ pub fn decode_request_within<R, E: From<OipError>>(
         Some(Value::String(key)) => Some(key.clone()),
         Some(_) => return Err(bad("parameters.route_key must be a string")),
     };
+    let session = match req.parameters.as_ref().and_then(|p| p.get("session")) {
+        None => None,
+        Some(Value::String(key)) => Some(key.clone()),
+        Some(_) => return Err(bad("parameters.session must be a string")),
+    };
     let outputs = req
         .outputs
         .unwrap_or_default()
@@ -273,6 +280,7 @@ pub fn decode_request_within<R, E: From<OipError>>(
             outputs,
             binary_output,
             route_key,
+            session,
         },
         reserved,
     ))

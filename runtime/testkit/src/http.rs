@@ -85,6 +85,15 @@ pub fn post_json(url: &str, body: &Value) -> Reply {
     post(url, "application/json", body.to_string().as_bytes())
 }
 
+/// [`post_json`] with extra request headers.
+pub fn post_json_with(url: &str, headers: &[(&str, &str)], body: &Value) -> Reply {
+    let mut request = agent().post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    Reply::from_response(request.send(body.to_string().as_bytes()))
+}
+
 /// `METHOD url` with `Authorization: Bearer` [`ADMIN_TOKEN`]; `body` is sent with `POST` and
 /// `PUT` and must be empty otherwise. Panics on any other method.
 pub fn admin(method: &str, url: &str, body: &[u8]) -> Reply {

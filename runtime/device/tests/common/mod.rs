@@ -45,6 +45,11 @@ pub fn signed(input: BuildInput) -> Vec<u8> {
 
 /// The hostile guest as a bundle named `hostile`, with tight limits.
 pub fn hostile_bundle(timeout_ms: u64) -> Vec<u8> {
+    signed(hostile_input(timeout_ms))
+}
+
+/// The build input of [`hostile_bundle`].
+pub fn hostile_input(timeout_ms: u64) -> BuildInput {
     let mut input = Example::Digits.build_input().unwrap();
     input.name = "hostile".into();
     input.guest = outpost_examples::HOSTILE_GUEST.to_vec();
@@ -74,7 +79,7 @@ pub fn hostile_bundle(timeout_ms: u64) -> Vec<u8> {
         outputs: Vec::new(),
         repairs: Vec::new(),
     });
-    signed(input)
+    input
 }
 
 /// A device serving on loopback, stopped when dropped.
