@@ -21,6 +21,10 @@ pub(crate) enum ModelCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also time the model in tract at batch 1, 2, 4 and 8 and print the cost per item:
+        /// whether `[serving.batching]` can pay for this model.
+        #[arg(long)]
+        bench: bool,
     },
 }
 
@@ -39,6 +43,7 @@ pub(crate) fn run(cmd: ModelCommand) -> Result<()> {
         file,
         input_shapes,
         json,
+        bench,
     } = cmd;
     let bytes = util::read(&file)?;
     let cannot = || format!("cannot read `{}` as an ONNX model", file.display());
@@ -53,6 +58,11 @@ pub(crate) fn run(cmd: ModelCommand) -> Result<()> {
     let i = outpost_inference::inspect(&bytes, &pins)
         .map_err(anyhow::Error::msg)
         .with_context(cannot)?;
+    let costs = if bench {
+        Some(batch_costs(&bytes, &pins))
+    } else {
+        None
+    };
     if json {
         let doc = serde_json::json!({
             "producer": i.producer,
@@ -65,6 +75,13 @@ pub(crate) fn run(cmd: ModelCommand) -> Result<()> {
             "unsupported": i.unsupported,
             "parameters": i.parameters,
             "parameter_bytes": i.parameter_bytes,
+            "batch_cost_us": costs.as_ref().map(|c| match c {
+                Ok(c) => serde_json::json!(c
+                    .iter()
+                    .map(|(n, d)| serde_json::json!({"batch": n, "per_item_us": d.as_secs_f64() * 1e6}))
+                    .collect::<Vec<_>>()),
+                Err(e) => serde_json::json!({"error": e}),
+            }),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -118,5 +135,63 @@ pub(crate) fn run(cmd: ModelCommand) -> Result<()> {
         "weights     {} parameters, {} bytes",
         i.parameters, i.parameter_bytes
     );
+    match &costs {
+        None => {}
+        Some(Err(e)) => println!("batching    cannot time batches: {e}"),
+        Some(Ok(costs)) => {
+            let base = costs.first().map_or(1.0, |c| c.1.as_secs_f64());
+            println!("batching    tract, one thread, cost per item (× batch 1):");
+            for (n, cost) in costs {
+                println!(
+                    "              batch {n:<2} {:>10.1} µs  {:.2}×",
+                    cost.as_secs_f64() * 1e6,
+                    cost.as_secs_f64() / base
+                );
+            }
+            let best = costs
+                .iter()
+                .map(|c| c.1.as_secs_f64() / base)
+                .fold(f64::INFINITY, f64::min);
+            println!(
+                "            {}",
+                if best < 0.8 {
+                    "batching lowers the backend's cost per item: [serving.batching] can pay \
+                     under concurrent load"
+                } else {
+                    "batching does not lower the backend's cost per item: leave \
+                     [serving.batching] off (concurrent batch-1 runs use the cores)"
+                }
+            );
+        }
+    }
     Ok(())
+}
+
+/// The model's cost per item at batch 1, 2, 4 and 8, loaded with `pins` (the first dimension
+/// left open); why not, when it cannot be timed.
+fn batch_costs(
+    bytes: &[u8],
+    pins: &[TensorSpec],
+) -> std::result::Result<Vec<(u64, std::time::Duration)>, String> {
+    use outpost_bundle::manifest::Dim;
+    // A pinned first dimension is opened again: the batch is what is being varied.
+    let open: Vec<TensorSpec> = pins
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            if let Some(first) = t.shape.first_mut() {
+                *first = Dim::Symbolic("batch".into());
+            }
+            t
+        })
+        .collect();
+    let model = outpost_inference::default_backend()
+        .load(bytes, &open)
+        .map_err(|e| e.to_string())?;
+    outpost_inference::batch::per_item_cost(
+        model.as_ref(),
+        &[1, 2, 4, 8],
+        std::time::Duration::from_millis(500),
+    )
+    .map_err(|e| e.to_string())
 }

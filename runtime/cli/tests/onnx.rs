@@ -318,6 +318,34 @@ fn model_inspect_shows_the_graph_as_tract_sees_it() {
     assert_eq!(doc["outputs"][0]["shape"], json!([2, 2]));
     let bad = outpost(dir.path(), &["model", "inspect", "nothing.onnx"]);
     assert!(!bad.status.success());
+
+    // --bench: the cost per item at batch 1, 2, 4 and 8, measured in tract.
+    let timed: Value = serde_json::from_str(&text(&[
+        "model", "inspect", "clf.onnx", "--bench", "--json",
+    ]))
+    .unwrap();
+    let costs = timed["batch_cost_us"].as_array().unwrap();
+    let sizes: Vec<u64> = costs.iter().map(|c| c["batch"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, [1, 2, 4, 8]);
+    assert!(
+        costs
+            .iter()
+            .all(|c| c["per_item_us"].as_f64().unwrap() > 0.0),
+        "{timed}"
+    );
+    let words = text(&["model", "inspect", "clf.onnx", "--bench"]);
+    assert!(words.contains("batch 8"), "{words}");
+    assert!(words.contains("[serving.batching]"), "{words}");
+    // A first dimension the graph fixes cannot be batched, and says so.
+    let fixed = text(&[
+        "model",
+        "inspect",
+        "reshape.onnx",
+        "--input-shape",
+        "x=4",
+        "--bench",
+    ]);
+    assert!(fixed.contains("cannot time batches"), "{fixed}");
 }
 
 /// `n` images `[3, 8, 8]` for the image classifier: each channel at a brightness drawn from

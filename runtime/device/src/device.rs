@@ -2,6 +2,7 @@
 //! and request execution under a concurrency limit.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub struct Loaded {
     /// device configuration and lowered to its caps.
     pub serving: Serving,
     cache: Option<ResponseCache>,
+    /// Requests running in this version's guest now: a batching model runs at once when all
+    /// of them already wait in its queue, since no other call can join.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Loaded {
@@ -438,7 +442,8 @@ impl Device {
         let m = verified.manifest();
         let version = m.version.to_string();
         let digest = sha256_hex(bytes);
-        let (guest, models, compiled) = self.prepare(&m.name, &version, &digest, &verified)?;
+        let (guest, models, compiled, in_flight) =
+            self.prepare(&m.name, &version, &digest, &verified)?;
         let size = bytes.len() + compiled.as_ref().map_or(0, Vec::len);
         self.state
             .ensure_room(size as u64, &format!("installing {name} {version}"))?;
@@ -458,7 +463,7 @@ impl Device {
             tracing::warn!(model = %record.name, version = %record.version, error = %e, "cannot keep the compiled guest");
         }
         tracing::info!(model = %record.name, version = %record.version, digest = %record.digest, "installed");
-        Ok(self.loaded(record, m.clone(), guest, models))
+        Ok(self.loaded(record, m.clone(), guest, models, in_flight))
     }
 
     /// Installs a bundle and activates it (with the guest and models install loaded).
@@ -583,7 +588,8 @@ impl Device {
         // Verified again on every load: the trust store may have changed since the install.
         let verified = Bundle::read_verified(&bytes[..], &self.read_limits, &self.trust, highest)?;
         let manifest = verified.manifest().clone();
-        let (guest, models, compiled) = self.prepare(name, version, &record.digest, &verified)?;
+        let (guest, models, compiled, in_flight) =
+            self.prepare(name, version, &record.digest, &verified)?;
         // A cache: kept when there is room for it (a full disk must not stop an activation).
         if let Some(artifact) = compiled {
             let kept = self
@@ -594,7 +600,7 @@ impl Device {
                 tracing::warn!(model = %name, %version, error = %e, "cannot keep the compiled guest");
             }
         }
-        Ok(self.loaded(record, manifest, guest, models))
+        Ok(self.loaded(record, manifest, guest, models, in_flight))
     }
 
     /// A loaded version: its guest and models under the manifest's limits capped by the
@@ -605,6 +611,7 @@ impl Device {
         manifest: Manifest,
         guest: Guest,
         models: HashMap<String, Arc<dyn outpost_inference::Model>>,
+        in_flight: Arc<AtomicUsize>,
     ) -> Arc<Loaded> {
         let (name, version) = (&record.name, &record.version);
         let l = manifest.limits;
@@ -633,6 +640,7 @@ impl Device {
             context: Arc::new(context),
             serving,
             cache,
+            in_flight,
         })
     }
 
@@ -660,7 +668,8 @@ impl Device {
 
     /// Compiles the guest (or takes it from the compile cache) and loads every model with its
     /// declared inputs: what activation needs, and what install checks before it records
-    /// anything. A fresh compile's artifact comes back for the cache.
+    /// anything. A fresh compile's artifact comes back for the cache, and the count of the
+    /// version's requests in its guest, which batching models read.
     #[allow(clippy::type_complexity)]
     fn prepare(
         &self,
@@ -672,6 +681,7 @@ impl Device {
         Guest,
         HashMap<String, Arc<dyn outpost_inference::Model>>,
         Option<Vec<u8>>,
+        Arc<AtomicUsize>,
     )> {
         let manifest = verified.manifest();
         let guest_error = |reason: String| HostError::Guest {
@@ -696,6 +706,7 @@ impl Device {
             }
         };
         let batching = self.serving_of(name, manifest).batching;
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let mut models = HashMap::new();
         for entry in &manifest.models {
             let bytes = verified.model(&entry.name).unwrap_or_default();
@@ -720,6 +731,7 @@ impl Device {
                         max_batch_size: u64::from(b.max_batch_size),
                         max_queue_delay: Duration::from_micros(b.max_queue_delay_us),
                         preferred_sizes: b.preferred_sizes.iter().map(|n| u64::from(*n)).collect(),
+                        callers: Some(Arc::clone(&in_flight)),
                     };
                     let stats = self.metrics.serving.batches(name, version, &entry.name);
                     Arc::new(Batched::new(model, config, stats))
@@ -733,7 +745,7 @@ impl Device {
             };
             models.insert(entry.name.clone(), model);
         }
-        Ok((guest, models, compiled))
+        Ok((guest, models, compiled, in_flight))
     }
 
     fn check_not_revoked(&self, record: &InstalledRecord) -> Result<()> {
@@ -980,6 +992,7 @@ impl Device {
         let target = Arc::clone(&loaded);
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _in_guest = InFlight::enter(&target.in_flight);
             match session {
                 None => (
                     engine
@@ -1280,6 +1293,22 @@ impl Device {
 }
 
 /// The bytes a payload holds.
+/// One request counted in a version's `in_flight` while it runs in the guest.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn payload_bytes(p: &Payload) -> u64 {
     match p {
         Payload::Tensors(t) => t.iter().map(|t| t.data.len() as u64).sum(),

@@ -9,7 +9,7 @@
 //! by rows, each member runs alone, so no request ever fails for batching's sake.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use outpost_bundle::manifest::DataType;
 use crate::{Model, Port, RunError, Tensor, match_inputs};
 
 /// How a [`Batched`] model groups runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BatchConfig {
     /// Most rows in one backend call.
     pub max_batch_size: u64,
@@ -26,6 +26,20 @@ pub struct BatchConfig {
     pub max_queue_delay: Duration,
     /// Sizes at which a batch runs at once.
     pub preferred_sizes: Vec<u64>,
+    /// How many callers could call the model now (the requests running in the guest that
+    /// calls it). When every one of them is already in the queue or running, no other call can
+    /// join, and a batch runs at once instead of waiting out its delay: one client pays nothing
+    /// for batching. `None`: always wait.
+    pub callers: Option<Arc<AtomicUsize>>,
+}
+
+impl PartialEq for BatchConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.max_batch_size == other.max_batch_size
+            && self.max_queue_delay == other.max_queue_delay
+            && self.preferred_sizes == other.preferred_sizes
+            && self.callers.is_some() == other.callers.is_some()
+    }
 }
 
 /// Upper bounds of the batch-size histogram.
@@ -137,6 +151,17 @@ pub struct Batched {
     queue: Mutex<Queue>,
     wake: Condvar,
     stats: Arc<BatchStats>,
+    /// Callers inside `run` now: queued, running a batch, or running alone.
+    inside: AtomicUsize,
+}
+
+/// One caller counted in [`Batched::inside`].
+struct Inside<'a>(&'a AtomicUsize);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Batched {
@@ -157,6 +182,7 @@ impl Batched {
             queue: Mutex::default(),
             wake: Condvar::new(),
             stats,
+            inside: AtomicUsize::new(0),
         }
     }
 
@@ -187,6 +213,8 @@ impl Batched {
     }
 
     fn alone(&self, inputs: Vec<Tensor>, cap: u64) -> Result<Vec<Tensor>, RunError> {
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        let _inside = Inside(&self.inside);
         let rows = inputs
             .first()
             .and_then(|t| t.shape.first().copied())
@@ -261,6 +289,59 @@ impl Batched {
     }
 }
 
+/// The backend's cost per item of `model` at each batch size of `sizes`: the median time of
+/// one call on zero inputs with that first dimension (other open dimensions 1), divided by the
+/// size, over about `budget` per size. What a user weighs before turning batching on: a model
+/// whose cost per item does not fall with the batch gains nothing from it.
+pub fn per_item_cost(
+    model: &dyn Model,
+    sizes: &[u64],
+    budget: Duration,
+) -> Result<Vec<(u64, Duration)>, RunError> {
+    if !Batched::batchable(model) {
+        return Err(RunError::Input(
+            "the model's first dimension is fixed, so it cannot take batches".into(),
+        ));
+    }
+    let mut costs = Vec::with_capacity(sizes.len());
+    for &size in sizes {
+        let inputs = || -> Vec<Tensor> {
+            model
+                .inputs()
+                .iter()
+                .map(|p| {
+                    let shape: Vec<u64> = std::iter::once(size)
+                        .chain(p.shape.iter().skip(1).map(|d| d.unwrap_or(1)))
+                        .collect();
+                    let n: u64 = shape.iter().product();
+                    let data = match p.datatype.element_size() {
+                        Some(bytes) => vec![0; usize::try_from(n).unwrap_or(0) * bytes],
+                        None => (0..n).flat_map(|_| 0u32.to_le_bytes()).collect(),
+                    };
+                    Tensor {
+                        name: p.name.clone(),
+                        datatype: p.datatype,
+                        shape,
+                        data,
+                    }
+                })
+                .collect()
+        };
+        model.run(inputs(), u64::MAX)?;
+        let started = Instant::now();
+        let mut times = Vec::new();
+        while times.len() < 3 || (started.elapsed() < budget && times.len() < 10_000) {
+            let t = Instant::now();
+            model.run(inputs(), u64::MAX)?;
+            times.push(t.elapsed());
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        costs.push((size, median / u32::try_from(size).unwrap_or(u32::MAX)));
+    }
+    Ok(costs)
+}
+
 /// `t` cut along its first dimension into pieces of `rows` each; `None` when its first
 /// dimension is not their sum.
 fn split_rows(t: &Tensor, rows: impl Iterator<Item = u64>) -> Option<Vec<Tensor>> {
@@ -317,6 +398,9 @@ impl Model for Batched {
         let Ok(mut queue) = self.queue.lock() else {
             return self.alone(inputs, cap);
         };
+        // Counted under the queue's lock, with its entry, so a leader sees both or neither.
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        let _inside = Inside(&self.inside);
         let id = queue.next;
         queue.next += 1;
         let arrived = Instant::now();
@@ -354,9 +438,15 @@ impl Model for Batched {
                 .map_or(arrived, |p| p.arrived);
             let deadline = led_since + self.config.max_queue_delay;
             let now = Instant::now();
+            // No one else can come: every caller of the model is here already.
+            let alone =
+                self.config.callers.as_ref().is_some_and(|c| {
+                    c.load(Ordering::SeqCst) <= self.inside.load(Ordering::SeqCst)
+                });
             let ready = waiting >= self.config.max_batch_size
                 || self.config.preferred_sizes.contains(&waiting)
-                || now >= deadline;
+                || now >= deadline
+                || alone;
             if !ready {
                 queue = match self.wake.wait_timeout(queue, deadline - now) {
                     Ok((q, _)) => q,
@@ -467,6 +557,7 @@ mod tests {
             max_batch_size: max,
             max_queue_delay: Duration::from_millis(50),
             preferred_sizes: vec![],
+            callers: None,
         };
         (
             Arc::new(Batched::new(inner, config, Arc::clone(&stats))),
@@ -539,6 +630,58 @@ mod tests {
         let snap = stats.snapshot();
         assert_eq!((snap.runs, snap.rows, snap.waits), (1, 1, 1));
         assert!(snap.queue_seconds >= 0.05);
+    }
+
+    #[test]
+    fn per_item_cost_runs_each_size_and_refuses_a_fixed_batch() {
+        let inner = Doubler::new(None);
+        let costs = per_item_cost(&*inner, &[1, 4], Duration::from_millis(20)).unwrap();
+        assert_eq!(costs.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 4]);
+        // The doubler sleeps 5 ms a call: a quarter of that per item at 4.
+        assert!(costs[1].1 < costs[0].1, "{costs:?}");
+        assert!(inner.calls.lock().unwrap().contains(&4));
+        assert!(per_item_cost(&*Doubler::new(Some(1)), &[1], Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn a_batch_runs_at_once_when_every_caller_is_already_queued() {
+        let callers = Arc::new(AtomicUsize::new(1));
+        let config = BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_secs(5),
+            preferred_sizes: vec![],
+            callers: Some(Arc::clone(&callers)),
+        };
+        let model = Batched::new(Doubler::new(None), config, Arc::default());
+        let started = Instant::now();
+        model.run(rows(&[1.0, 2.0]), 1 << 20).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "one caller waits for no one"
+        );
+        // Two callers: the first waits for the second, then both go at once.
+        callers.store(2, Ordering::SeqCst);
+        let inner = Doubler::new(None);
+        let config = BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_secs(5),
+            preferred_sizes: vec![],
+            callers: Some(Arc::clone(&callers)),
+        };
+        let model = Arc::new(Batched::new(
+            Arc::clone(&inner) as Arc<dyn Model>,
+            config,
+            Arc::default(),
+        ));
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let model = Arc::clone(&model);
+                s.spawn(move || model.run(rows(&[1.0, 2.0]), 1 << 20).unwrap());
+            }
+        });
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(*inner.calls.lock().unwrap(), vec![2]);
     }
 
     #[test]
