@@ -11,6 +11,11 @@
 //! crash or `kill -9` finishes the job with the same output as one uninterrupted run.
 //! `--shard I/N` takes every N-th input (those whose index is I modulo N), so N machines (a
 //! Kubernetes Indexed Job, or any scheduler) split one input.
+//!
+//! `--model NAME[@VERSION] --config DEVICE.toml` runs a model installed on a device: read from
+//! its state when the device is stopped, from its admin API when it runs, and verified against
+//! its trust store either way. The job runs at a lower CPU priority (`--nice`, 10 by default)
+//! so a device serving beside it keeps its latency.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Read, Seek, SeekFrom, Write};
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use outpost_bundle::manifest::{Dim, Manifest, TensorSpec};
 use outpost_bundle::{Bundle, ReadLimits, TrustStore};
-use outpost_engine::{Engine, Guest, GuestContext, Payload};
+use outpost_engine::{Engine, Guest, GuestContext, Payload, Session};
 use outpost_inference::Tensor;
 use outpost_oip::Encoding;
 use serde_json::json;
@@ -38,8 +43,25 @@ const NPY_BLOCK_ROWS: u64 = 1024;
 #[derive(Debug, clap::Args)]
 pub(crate) struct BatchArgs {
     /// The bundle to run (`*.opb`).
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    bundle: Option<PathBuf>,
+    /// A model installed on a device instead: `NAME` (its active version) or `NAME@VERSION`,
+    /// from the device `--config` describes (its state when it is stopped, its admin API when
+    /// it runs), verified against the device's trust store.
+    #[arg(long, value_name = "NAME[@VERSION]", requires = "config")]
+    model: Option<String>,
+    /// The device's configuration, for `--model`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// How much lower than normal the job's CPU priority is (Unix nice, 0 to 19), so a device
+    /// serving on the same machine keeps its latency; 0 keeps the priority the job started with.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: i32,
+    /// Keep one guest instance per worker thread instead of a fresh one per call: faster for
+    /// small models, and right only for guests that keep no state between calls (always on for
+    /// the built-in generic guest of `bundle build --onnx`). The limits still hold per call.
     #[arg(long)]
-    bundle: PathBuf,
+    reuse_instance: bool,
     /// Verify the bundle's signature against this trust store first (without it, the bundle's
     /// structure and hashes are checked, not who signed it).
     #[arg(long, value_name = "FILE")]
@@ -83,18 +105,91 @@ struct Runner {
     guest: Guest,
     context: Arc<GuestContext>,
     manifest: Manifest,
+    /// One guest instance per worker, kept between calls.
+    reuse: bool,
+}
+
+/// A worker's guest instance, when instances are reused.
+type Slot = std::sync::Mutex<Option<Session>>;
+
+fn load_trust(path: &Path) -> Result<TrustStore> {
+    TrustStore::from_toml_str(&util::read_string(path)?)
+        .with_context(|| format!("cannot load trust store `{}`", path.display()))
+}
+
+/// The bundle of `NAME[@VERSION]` installed on the device `config` describes, and the
+/// device's trust store.
+fn installed_bundle(config: &Path, model: &str) -> Result<(Vec<u8>, TrustStore)> {
+    let config = outpost_device::Config::load(config)?;
+    let trust = load_trust(&config.trust_store)?;
+    let (name, version) = match model.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (model, None),
+    };
+    if !config.data_dir.exists() {
+        bail!(
+            "the device's data_dir `{}` does not exist: nothing is installed there",
+            config.data_dir.display()
+        );
+    }
+    match outpost_device::state::State::open(&config.data_dir) {
+        Ok(state) => {
+            let (_, bytes) = state
+                .bundle_of(name, version)
+                .with_context(|| format!("cannot read `{model}` from the device's state"))?;
+            Ok((bytes.to_vec(), trust))
+        }
+        Err(locked) => {
+            let (Some(addr), Some(token)) = (config.admin_listen, config.admin_token.as_deref())
+            else {
+                bail!(
+                    "{locked}; that device has no admin API (admin_token) to ask instead: pass \
+                     the bundle file with --bundle"
+                );
+            };
+            let host = if addr.ip().is_unspecified() {
+                std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            } else {
+                addr
+            };
+            let mut url = format!("http://{host}/admin/models/{name}/bundle");
+            if let Some(v) = version {
+                url.push_str(&format!("?version={v}"));
+            }
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut response = agent
+                .get(&url)
+                .header("authorization", &format!("Bearer {token}"))
+                .call()
+                .with_context(|| format!("cannot reach the running device's admin API at {url}"))?;
+            let body = response
+                .body_mut()
+                .with_config()
+                .limit(config.max_bundle_bytes)
+                .read_to_vec()
+                .context("cannot read the bundle from the device")?;
+            if response.status() != 200 {
+                bail!(
+                    "the device answered {}: {}",
+                    response.status(),
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            Ok((body, trust))
+        }
+    }
 }
 
 impl Runner {
-    fn load(path: &Path, trust: Option<&Path>) -> Result<Self> {
-        let bytes = util::read(path)?;
-        let bundle = Bundle::read(&bytes[..], &ReadLimits::default())
-            .with_context(|| format!("cannot read bundle `{}`", path.display()))?;
-        if let Some(trust) = trust {
-            let store = TrustStore::from_toml_str(&util::read_string(trust)?)
-                .with_context(|| format!("cannot load trust store `{}`", trust.display()))?;
-            Bundle::read_verified(&bytes[..], &ReadLimits::default(), &store, None)
-                .with_context(|| format!("`{}` failed verification", path.display()))?;
+    fn load(bytes: &[u8], what: &str, trust: Option<&TrustStore>, reuse: bool) -> Result<Self> {
+        let bundle = Bundle::read(bytes, &ReadLimits::default())
+            .with_context(|| format!("cannot read bundle {what}"))?;
+        if let Some(store) = trust {
+            Bundle::read_verified(bytes, &ReadLimits::default(), store, None)
+                .with_context(|| format!("{what} failed verification"))?;
         }
         let manifest = bundle.manifest().clone();
         let guest_bytes = bundle
@@ -114,19 +209,40 @@ impl Runner {
             manifest.metadata.clone(),
             manifest.limits,
         )?;
+        // The generic guest keeps nothing between calls, so one instance per worker is safe.
+        let reuse = reuse || guest_bytes == outpost_examples::GENERIC_GUEST;
         Ok(Self {
             engine,
             guest,
             context,
             manifest,
+            reuse,
         })
     }
 
-    /// The model's outputs for `inputs`, the bundle's `[api]` held first as a device holds it.
-    fn call(&self, inputs: Vec<Tensor>) -> std::result::Result<Vec<Tensor>, String> {
+    /// The model's outputs for `inputs`, the bundle's `[api]` held first as a device holds it;
+    /// in the worker's kept instance when instances are reused.
+    fn call(&self, inputs: Vec<Tensor>, slot: &Slot) -> std::result::Result<Vec<Tensor>, String> {
         let payload = Payload::Tensors(inputs);
         outpost_device::contract::check(&self.manifest.api, &payload)?;
-        match self.engine.call(&self.guest, &self.context, payload) {
+        let result = if self.reuse {
+            let mut kept = slot.lock().map_err(|_| "a worker failed".to_owned())?;
+            let result = match &mut *kept {
+                Some(session) => session.call(payload),
+                empty => self
+                    .engine
+                    .session(&self.guest, &self.context)
+                    .and_then(|s| empty.insert(s).call(payload)),
+            };
+            // An instance a call ended (a trap, a deadline) is replaced on the next call.
+            if kept.as_ref().is_some_and(Session::is_ended) {
+                *kept = None;
+            }
+            result
+        } else {
+            self.engine.call(&self.guest, &self.context, payload)
+        };
+        match result {
             Ok(out) => match out.payload {
                 Payload::Tensors(t) => Ok(t),
                 Payload::Raw { content_type, .. } => Err(format!(
@@ -187,7 +303,7 @@ fn error_line(key: &str, at: u64, error: &str) -> String {
 
 impl Runner {
     /// The output lines of one piece of work.
-    fn run(&self, work: &Work, input: Option<&TensorSpec>) -> Vec<String> {
+    fn run(&self, work: &Work, input: Option<&TensorSpec>, slot: &Slot) -> Vec<String> {
         match work {
             Work::Line { number, text } => {
                 let cap = self.manifest.limits.max_tensor_bytes;
@@ -200,7 +316,7 @@ impl Runner {
                             .into_iter()
                             .map(|w| outpost_oip::Wanted { binary: false, ..w })
                             .collect();
-                        self.call(request.inputs)
+                        self.call(request.inputs, slot)
                             .and_then(|out| self.encode(request.id.as_deref(), &out, &wanted))
                     }
                 };
@@ -215,7 +331,7 @@ impl Runner {
                 let Some(input) = input else {
                     return fail("the bundle declares no input for a .npy array");
                 };
-                match self.run_rows(input, rows) {
+                match self.run_rows(input, rows, slot) {
                     Ok(lines) => lines,
                     Err(e) => {
                         if rows.len() > 1 {
@@ -229,6 +345,7 @@ impl Runner {
                                             rows: vec![r.clone()],
                                         },
                                         Some(input),
+                                        slot,
                                     )
                                 })
                                 .collect();
@@ -244,6 +361,7 @@ impl Runner {
         &self,
         input: &TensorSpec,
         rows: &[(u64, Vec<f64>)],
+        slot: &Slot,
     ) -> std::result::Result<Vec<String>, String> {
         let k = rows.len() as u64;
         let values: Vec<f64> = rows.iter().flat_map(|(_, v)| v.iter().copied()).collect();
@@ -251,7 +369,7 @@ impl Runner {
         shape.extend(row_shape(input));
         let tensor =
             pack(&input.name, input.datatype, shape, &values).map_err(|e| format!("{e:#}"))?;
-        let outputs = self.call(vec![tensor])?;
+        let outputs = self.call(vec![tensor], slot)?;
         let mut lines = Vec::with_capacity(rows.len());
         for i in 0..k {
             let row: Vec<Tensor> = outputs
@@ -514,7 +632,32 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size is at least 1");
     }
-    let runner = Runner::load(&args.bundle, args.trust.as_deref())?;
+    let trust = args.trust.as_deref().map(load_trust).transpose()?;
+    let runner = match (&args.bundle, &args.model, &args.config) {
+        (Some(path), _, _) => Runner::load(
+            &util::read(path)?,
+            &format!("`{}`", path.display()),
+            trust.as_ref(),
+            args.reuse_instance,
+        )?,
+        (None, Some(model), Some(config)) => {
+            let (bytes, device_trust) = installed_bundle(config, model)?;
+            Runner::load(
+                &bytes,
+                &format!("`{model}` from the device"),
+                Some(trust.as_ref().unwrap_or(&device_trust)),
+                args.reuse_instance,
+            )?
+        }
+        _ => bail!("give --bundle FILE, or --model NAME[@VERSION] with --config"),
+    };
+    if args.nice > 0 {
+        // Threads started from here on inherit it.
+        let now = rustix::process::getpriority_process(None).unwrap_or(0);
+        if let Err(e) = rustix::process::setpriority_process(None, (now + args.nice).min(19)) {
+            eprintln!("batch: cannot lower the job's priority ({e}); running at normal priority");
+        }
+    }
     let (mut input, total) = Input::open(&args.input, &runner.manifest.api.inputs)?;
     if args.batch_size > 1 {
         if let Some(spec) = input.input_spec()
@@ -581,6 +724,7 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
         tty: std::io::stderr().is_terminal(),
     };
     let input_spec = input.input_spec().cloned();
+    let slots: Vec<Slot> = (0..threads).map(|_| Slot::default()).collect();
     let mut written = 0u64;
     loop {
         // A chunk of work, in input order.
@@ -622,13 +766,14 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
             let workers: Vec<_> = (0..threads.min(chunk.len()))
                 .map(|w| {
                     let (chunk, runner, spec) = (&chunk, &runner, input_spec.as_ref());
+                    let slot = &slots[w];
                     scope.spawn(move || {
                         chunk
                             .iter()
                             .enumerate()
                             .skip(w)
                             .step_by(threads)
-                            .map(|(i, work)| (i, runner.run(work, spec)))
+                            .map(|(i, work)| (i, runner.run(work, spec, slot)))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -665,9 +810,14 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
     let secs = progress.start.elapsed().as_secs_f64();
     println!(
         "batch: {written} lines written ({} errors) in {secs:.2} s, {:.0} lines/s on {threads} \
-         thread(s); {} of {total} in `{}`",
+         thread(s), {}; {} of {total} in `{}`",
         progress.errors,
         written as f64 / secs.max(1e-9),
+        if runner.reuse {
+            "one guest instance per thread"
+        } else {
+            "a fresh guest instance per call"
+        },
         already + written,
         args.output.display()
     );

@@ -1047,3 +1047,142 @@ fn a_batch_job_over_an_array_gives_one_line_per_row_whatever_the_batch_size() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_batch_job_runs_a_model_installed_on_a_device_stopped_or_running() {
+    let dir = TempDir::new("batch-model");
+    image_bundle(&dir);
+    write_npy(&dir.join("in.npy"), &images(200, 13, 0.0));
+    batch(&dir, &["--input", "in.npy", "--output", "ref.jsonl"]);
+    let reference = fs::read_to_string(dir.join("ref.jsonl")).unwrap();
+    let key = SecretKey::from_seed(&[9; 32]);
+    let mut trust = TrustStore::new();
+    trust.allow(key.public(), ["*"]);
+    fs::write(dir.join("trust.toml"), trust.to_toml_string()).unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["batch", "--input", "in.npy"];
+        all.extend_from_slice(args);
+        outpost(dir.path(), &all)
+    };
+    let same_as_reference = |out: Output, file: &str| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(fs::read_to_string(dir.join(file)).unwrap(), reference);
+    };
+
+    // A stopped device: the bundle comes from its state.
+    let stopped = "data_dir = \"stopped\"\ntrust_store = \"trust.toml\"\n";
+    fs::write(dir.join("stopped.toml"), stopped).unwrap();
+    {
+        let config = Config::from_toml(stopped, dir.path()).unwrap();
+        let device = Device::with_trust(&config, trust.clone()).unwrap();
+        let mut b = Bundle::read(
+            &fs::read(dir.join("image.opb")).unwrap()[..],
+            &ReadLimits::default(),
+        )
+        .unwrap();
+        b.sign(&key);
+        device.install_and_activate(&b.to_bytes()).unwrap();
+    }
+    let args = [
+        "--model",
+        "image-onnx",
+        "--config",
+        "stopped.toml",
+        "--output",
+    ];
+    same_as_reference(run(&[&args[..], &["a.jsonl"]].concat()), "a.jsonl");
+
+    // A running device: from its admin API, verified against its trust store.
+    let (_, admin, _stop) = serve_with_admin(&dir, &fs::read(dir.join("image.opb")).unwrap());
+    let admin = admin.trim_start_matches("http://");
+    fs::write(
+        dir.join("running.toml"),
+        format!(
+            "data_dir = \"state\"\ntrust_store = \"trust.toml\"\nadmin_listen = \"{admin}\"\n\
+             admin_token = \"{}\"\n",
+            outpost_testkit::ADMIN_TOKEN
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--model",
+        "image-onnx@1.0.0",
+        "--config",
+        "running.toml",
+        "--output",
+    ];
+    same_as_reference(run(&[&args[..], &["b.jsonl"]].concat()), "b.jsonl");
+
+    // What cannot work says why, and writes nothing.
+    let fails = |args: &[&str], wanted: &str| {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(wanted),
+            "{args:?}: {stderr}"
+        );
+    };
+    fails(
+        &[
+            "--model",
+            "image-onnx@9.9.9",
+            "--config",
+            "running.toml",
+            "--output",
+            "c.jsonl",
+        ],
+        "not installed",
+    );
+    fails(
+        &[
+            "--model",
+            "nothing",
+            "--config",
+            "stopped.toml",
+            "--output",
+            "c.jsonl",
+        ],
+        "not installed",
+    );
+    fs::write(
+        dir.join("no-admin.toml"),
+        "data_dir = \"state\"\ntrust_store = \"trust.toml\"\n",
+    )
+    .unwrap();
+    fails(
+        &[
+            "--model",
+            "image-onnx",
+            "--config",
+            "no-admin.toml",
+            "--output",
+            "c.jsonl",
+        ],
+        "--bundle",
+    );
+    let mut other = TrustStore::new();
+    other.allow(SecretKey::from_seed(&[1; 32]).public(), ["*"]);
+    fs::write(dir.join("other.toml"), other.to_toml_string()).unwrap();
+    fails(
+        &[
+            "--model",
+            "image-onnx",
+            "--config",
+            "stopped.toml",
+            "--trust",
+            "other.toml",
+            "--output",
+            "c.jsonl",
+        ],
+        "failed verification",
+    );
+    fails(
+        &["--model", "image-onnx", "--output", "c.jsonl"],
+        "--config",
+    );
+    assert!(!dir.join("c.jsonl").exists());
+}

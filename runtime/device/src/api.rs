@@ -260,6 +260,7 @@ pub fn admin_router(device: Arc<Device>, limits: ApiLimits, token: String) -> Ro
         .route("/admin/drift", get(admin_drift))
         .route("/admin/quality", get(admin_quality))
         .route("/admin/models/{name}/activate", post(admin_activate))
+        .route("/admin/models/{name}/bundle", get(admin_bundle))
         .route(
             "/admin/models/{name}/policy",
             get(admin_policy)
@@ -312,6 +313,41 @@ async fn admin_status(State(ctx): State<Ctx>) -> Response {
 async fn admin_bundles(State(ctx): State<Ctx>) -> Response {
     match ctx.device.installed() {
         Ok(list) => axum::Json(list).into_response(),
+        Err(e) => host_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct BundleQuery {
+    version: Option<String>,
+}
+
+/// `GET /admin/models/{name}/bundle[?version=V]`: the installed bundle (the active version's
+/// unless one is named), as it was installed, for `outpost batch --model`.
+async fn admin_bundle(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    Query(q): Query<BundleQuery>,
+) -> Response {
+    match ctx.device.state().bundle_of(&name, q.version.as_deref()) {
+        Ok((record, bytes)) => {
+            let version = HeaderValue::from_str(&record.version)
+                .unwrap_or(HeaderValue::from_static("unknown"));
+            (
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    ),
+                    (
+                        header::HeaderName::from_static(crate::api_infer::MODEL_VERSION),
+                        version,
+                    ),
+                ],
+                bytes.to_vec(),
+            )
+                .into_response()
+        }
         Err(e) => host_error(e),
     }
 }

@@ -238,6 +238,36 @@ impl State {
         Ok(self.blobs.get(digest)?)
     }
 
+    /// An installed bundle of `name` (`version`, or the active one) with its record.
+    pub fn bundle_of(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(InstalledRecord, sled::IVec)> {
+        let version = match version {
+            Some(v) => v.to_owned(),
+            None => self
+                .active()?
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v)
+                .ok_or_else(|| HostError::UnknownModel(name.into()))?,
+        };
+        let record = self
+            .record(name, &version)?
+            .ok_or_else(|| HostError::UnknownVersion {
+                model: name.into(),
+                version: version.clone(),
+            })?;
+        let bytes =
+            self.bundle_bytes(&record.digest)?
+                .ok_or_else(|| HostError::UnknownVersion {
+                    model: name.into(),
+                    version,
+                })?;
+        Ok((record, bytes))
+    }
+
     /// Makes `version` the active version of `name`; the one it replaces becomes the
     /// previous version (kept loaded for a fast rollback, across restarts too).
     pub fn set_active(&self, name: &str, version: &str) -> Result<()> {
