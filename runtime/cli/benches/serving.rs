@@ -3,8 +3,8 @@
 //! overhead, the time from process start to the first served request, idle RSS, and the size
 //! of the `outpost` binary this profile built; and what a shadow candidate ten times slower or
 //! more than the primary costs the primary's latency (median and p95, with and without it);
-//! and `outpost batch` over 20,000 digits rows on every core against raw tract on the same
-//! cores (items per second, at 1 and 32 rows per call).
+//! and `outpost batch` over 200,000 digits rows on every core against raw tract on the same
+//! cores (items per second, at 1 and 32 rows per call, JSON Lines and `.npy` output).
 //!
 //! Run with: `cargo bench -p outpost-cli --bench serving` (release profile), or add
 //! `--profile dev` for the development profile the tests use.
@@ -254,7 +254,7 @@ fn batch_against_raw(
     dir: &std::path::Path,
     model: &Arc<dyn outpost_inference::Model>,
 ) {
-    const ROWS: usize = 20_000;
+    const ROWS: usize = 200_000;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let row = |i: usize| -> Vec<f32> { (0..64).map(|j| ((i * 7 + j * 3) % 17) as f32).collect() };
     outpost_testkit::write_npy_f32(
@@ -284,7 +284,12 @@ fn batch_against_raw(
         "{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    for batch in [1usize, 32] {
+    for (batch, output) in [
+        (1usize, "answers.jsonl"),
+        (32, "answers.jsonl"),
+        (32, "answers.npy"),
+        (256, "answers.npy"),
+    ] {
         // Raw: the same rows, `batch` per run, split over the same threads.
         let started = Instant::now();
         std::thread::scope(|scope| {
@@ -316,7 +321,7 @@ fn batch_against_raw(
                 "--input",
                 "rows.npy",
                 "--output",
-                "rows.jsonl",
+                output,
                 "--overwrite",
                 "--batch-size",
             ])
@@ -331,7 +336,12 @@ fn batch_against_raw(
         );
         let job = ROWS as f64 / started.elapsed().as_secs_f64();
         println!(
-            "batch job, {batch:>2} row(s) per call, {threads} threads {job:>9.0} items/s  (raw tract {raw:.0}/s: {:.2}×; process start and JSON output included)",
+            "batch job, {batch:>3} row(s) per call, {threads} threads, {} {job:>9.0} items/s  (raw tract {raw:.0}/s: {:.2}×; process start included)",
+            if output.ends_with(".npy") {
+                ".npy out "
+            } else {
+                "JSON out"
+            },
             job / raw
         );
     }

@@ -17,8 +17,8 @@
 //! its trust store either way. The job runs at a lower CPU priority (`--nice`, 10 by default)
 //! so a device serving beside it keeps its latency.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use outpost_inference::Tensor;
 use outpost_oip::Encoding;
 use serde_json::json;
 
+use crate::batch_out::{Out, Sink};
 use crate::samples::{NpyReader, pack};
 use crate::util;
 
@@ -69,8 +70,10 @@ pub(crate) struct BatchArgs {
     /// The inputs: `.jsonl` (one inference request per line) or `.npy` (one row per item).
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
-    /// Where the answers go, one JSON line per input, in input order. An existing file is
-    /// carried on from its last complete line.
+    /// Where the answers go, in input order: `.jsonl`, one JSON line per input, or `.npy`
+    /// (for a `.npy` input), one row per input row of each declared output (`STEM.NAME.npy`
+    /// for several; failed rows are NaN and their errors in `STEM.errors.jsonl`). An existing
+    /// output is carried on from what it holds.
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
     /// Start the output again instead of carrying it on.
@@ -107,6 +110,8 @@ struct Runner {
     manifest: Manifest,
     /// One guest instance per worker, kept between calls.
     reuse: bool,
+    /// Rows answered as tensors for a `.npy` output, not as JSON lines.
+    arrays: bool,
 }
 
 /// A worker's guest instance, when instances are reused.
@@ -217,6 +222,7 @@ impl Runner {
             context,
             manifest,
             reuse,
+            arrays: false,
         })
     }
 
@@ -302,8 +308,8 @@ fn error_line(key: &str, at: u64, error: &str) -> String {
 }
 
 impl Runner {
-    /// The output lines of one piece of work.
-    fn run(&self, work: &Work, input: Option<&TensorSpec>, slot: &Slot) -> Vec<String> {
+    /// The answers to one piece of work, one per input line or row.
+    fn run(&self, work: &Work, input: Option<&TensorSpec>, slot: &Slot) -> Vec<Out> {
         match work {
             Work::Line { number, text } => {
                 let cap = self.manifest.limits.max_tensor_bytes;
@@ -320,12 +326,12 @@ impl Runner {
                             .and_then(|out| self.encode(request.id.as_deref(), &out, &wanted))
                     }
                 };
-                vec![line.unwrap_or_else(|e| error_line("line", *number, &e))]
+                vec![line.map_or_else(|e| Out::Failed(error_line("line", *number, &e)), Out::Line)]
             }
             Work::Rows { rows, .. } => {
-                let fail = |e: &str| -> Vec<String> {
+                let fail = |e: &str| -> Vec<Out> {
                     rows.iter()
-                        .map(|(row, _)| error_line("row", *row, e))
+                        .map(|(row, _)| Out::Failed(error_line("row", *row, e)))
                         .collect()
                 };
                 let Some(input) = input else {
@@ -362,7 +368,7 @@ impl Runner {
         input: &TensorSpec,
         rows: &[(u64, Vec<f64>)],
         slot: &Slot,
-    ) -> std::result::Result<Vec<String>, String> {
+    ) -> std::result::Result<Vec<Out>, String> {
         let k = rows.len() as u64;
         let values: Vec<f64> = rows.iter().flat_map(|(_, v)| v.iter().copied()).collect();
         let mut shape = vec![k];
@@ -376,7 +382,11 @@ impl Runner {
                 .iter()
                 .map(|t| split_row(t, i, k))
                 .collect::<std::result::Result<_, _>>()?;
-            lines.push(self.encode(None, &row, &[])?);
+            lines.push(if self.arrays {
+                Out::Row(rows[i as usize].0, row)
+            } else {
+                Out::Line(self.encode(None, &row, &[])?)
+            });
         }
         Ok(lines)
     }
@@ -560,23 +570,6 @@ enum Item {
     Row(Vec<f64>),
 }
 
-/// Lines of `path` already complete; a partial last line (an interrupted write) is cut off.
-fn complete_lines(path: &Path) -> Result<u64> {
-    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", path.display())),
-    };
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if keep < bytes.len() {
-        file.set_len(keep as u64)?;
-        file.seek(SeekFrom::End(0))?;
-    }
-    Ok(bytes[..keep].iter().filter(|&&b| b == b'\n').count() as u64)
-}
-
 /// Progress on stderr: a bar redrawn in place on a terminal, a plain line every few seconds
 /// otherwise.
 struct Progress {
@@ -632,8 +625,19 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size is at least 1");
     }
+    // The output must never be the input: --overwrite would delete it before it is read.
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(&args.input, &args.output) {
+        bail!(
+            "--output `{}` is the input file: give the answers another file",
+            args.output.display()
+        );
+    }
     let trust = args.trust.as_deref().map(load_trust).transpose()?;
-    let runner = match (&args.bundle, &args.model, &args.config) {
+    let mut runner = match (&args.bundle, &args.model, &args.config) {
         (Some(path), _, _) => Runner::load(
             &util::read(path)?,
             &format!("`{}`", path.display()),
@@ -678,30 +682,31 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
     let keep = move |i: u64| i % shards == shard;
     // The items of this shard: indices I, I + N, I + 2N, ...
     let total = total / shards + u64::from(total % shards > shard);
-    if args.overwrite {
-        let _ = std::fs::remove_file(&args.output);
-    }
-    let already = complete_lines(&args.output)?;
-    if already > total {
-        bail!(
-            "`{}` already holds {already} lines, more than the {total} this job writes: not its \
-             output (--overwrite starts it again)",
-            args.output.display()
-        );
-    }
+    runner.arrays = args.output.extension().is_some_and(|e| e == "npy");
+    let (mut sink, already) = if runner.arrays {
+        if matches!(input, Input::Lines { .. }) {
+            bail!(
+                "a .npy output answers a .npy input row by row; JSON Lines requests are answered \
+                 in JSON Lines (.jsonl)"
+            );
+        }
+        // Input row r of shard I/N is the job's row (r - I) / N.
+        Sink::arrays(
+            &args.output,
+            &runner.manifest.api.outputs,
+            total,
+            args.overwrite,
+            move |row| row.saturating_sub(shard) / shards,
+        )?
+    } else {
+        Sink::lines(&args.output, total, args.overwrite)?
+    };
     if already > 0 {
         eprintln!(
-            "batch: carrying on `{}` after the {already} lines it holds",
-            args.output.display()
+            "batch: carrying on {} after the {already} answers it holds",
+            sink.files()
         );
     }
-    let mut out = BufWriter::new(
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&args.output)
-            .with_context(|| format!("cannot write `{}`", args.output.display()))?,
-    );
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -760,7 +765,7 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
         }
         let expected: usize = chunk.iter().map(Work::items).sum();
         debug_assert_eq!(expected, items);
-        let mut results: Vec<Option<Vec<String>>> = Vec::new();
+        let mut results: Vec<Option<Vec<Out>>> = Vec::new();
         results.resize_with(chunk.len(), || None);
         std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads.min(chunk.len()))
@@ -792,25 +797,24 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
                     Work::Line { number, .. } => ("line", *number),
                     Work::Rows { first, .. } => ("row", *first),
                 };
-                vec![error_line(key, at, "the worker stopped"); work.items()]
+                (0..work.items())
+                    .map(|_| Out::Failed(error_line(key, at, "the worker stopped")))
+                    .collect()
             });
-            for line in lines {
-                progress.errors += u64::from(line.starts_with("{\"error\""));
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")?;
+            for answer in lines {
+                progress.errors += u64::from(sink.write(answer)?);
                 written += 1;
             }
         }
-        out.flush()
-            .with_context(|| format!("cannot write `{}`", args.output.display()))?;
+        sink.flush()?;
         progress.done = already + written;
         progress.show(false);
     }
     progress.show(true);
     let secs = progress.start.elapsed().as_secs_f64();
     println!(
-        "batch: {written} lines written ({} errors) in {secs:.2} s, {:.0} lines/s on {threads} \
-         thread(s), {}; {} of {total} in `{}`",
+        "batch: {written} answers written ({} errors) in {secs:.2} s, {:.0} answers/s on \
+         {threads} thread(s), {}; {} of {total} in {}",
         progress.errors,
         written as f64 / secs.max(1e-9),
         if runner.reuse {
@@ -819,7 +823,7 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
             "a fresh guest instance per call"
         },
         already + written,
-        args.output.display()
+        sink.files()
     );
     Ok(())
 }

@@ -6,6 +6,7 @@ use clap::Parser;
 
 mod baseline_data;
 mod batch_cmd;
+mod batch_out;
 mod bundle_cmd;
 #[cfg(feature = "fleet")]
 mod demo_cmd;

@@ -876,7 +876,7 @@ fn a_batch_job_answers_every_line_in_order_and_an_interrupted_one_carries_on() {
 
     let summary = batch(&dir, &["--input", "in.jsonl", "--output", "full.jsonl"]);
     assert!(
-        summary.contains("6000 lines written (2 errors)"),
+        summary.contains("6000 answers written (2 errors)"),
         "{summary}"
     );
     let full = fs::read_to_string(dir.join("full.jsonl")).unwrap();
@@ -1005,7 +1005,7 @@ fn a_batch_job_over_an_array_gives_one_line_per_row_whatever_the_batch_size() {
         ],
     );
     assert!(
-        summary.contains("300 lines written (0 errors)"),
+        summary.contains("300 answers written (0 errors)"),
         "{summary}"
     );
     let one = fs::read_to_string(dir.join("one.jsonl")).unwrap();
@@ -1185,4 +1185,94 @@ fn a_batch_job_runs_a_model_installed_on_a_device_stopped_or_running() {
         "--config",
     );
     assert!(!dir.join("c.jsonl").exists());
+}
+
+/// The shape and `f32` values of a `.npy` file NumPy's way: version 1 header, then the data.
+fn read_npy_f32(path: &Path) -> (String, Vec<f32>) {
+    let bytes = fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8(bytes[10..10 + len].to_vec()).unwrap();
+    let values = bytes[10 + len..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (header, values)
+}
+
+#[test]
+fn a_batch_job_writes_an_array_output_and_carries_it_on_after_a_cut() {
+    let dir = TempDir::new("batch-npy-out");
+    image_bundle(&dir);
+    let all = images(300, 14, 0.0);
+    write_npy(&dir.join("in.npy"), &all);
+    let summary = batch(
+        &dir,
+        &[
+            "--input",
+            "in.npy",
+            "--output",
+            "out.npy",
+            "--batch-size",
+            "32",
+        ],
+    );
+    assert!(
+        summary.contains("300 answers written (0 errors)"),
+        "{summary}"
+    );
+    let (header, values) = read_npy_f32(&dir.join("out.npy"));
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'shape': (300, 4)"),
+        "{header}"
+    );
+    for (got, image) in values.chunks(4).zip(&all) {
+        for (g, w) in got.iter().zip(expected_probabilities(image)) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{g} {w}");
+        }
+    }
+    assert_eq!(
+        fs::read_to_string(dir.join("out.errors.jsonl")).unwrap(),
+        ""
+    );
+    // Cut mid-row, as a kill would: the same command finishes it, byte for byte.
+    let whole = fs::read(dir.join("out.npy")).unwrap();
+    fs::write(dir.join("out.npy"), &whole[..whole.len() / 2 + 7]).unwrap();
+    let summary = batch(&dir, &["--input", "in.npy", "--output", "out.npy"]);
+    assert!(summary.contains("300 of 300"), "{summary}");
+    assert_eq!(fs::read(dir.join("out.npy")).unwrap(), whole);
+    // An array output answers an array input only.
+    fs::write(dir.join("r.jsonl"), "{}\n").unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "batch",
+            "--bundle",
+            "image.opb",
+            "--input",
+            "r.jsonl",
+            "--output",
+            "o.npy",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JSON Lines"));
+    // Nor may the answers overwrite the inputs.
+    let before = fs::read(dir.join("in.npy")).unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "batch",
+            "--bundle",
+            "image.opb",
+            "--input",
+            "in.npy",
+            "--output",
+            "./in.npy",
+            "--overwrite",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the input file"));
+    assert_eq!(fs::read(dir.join("in.npy")).unwrap(), before);
 }
