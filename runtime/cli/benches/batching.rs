@@ -217,5 +217,76 @@ fn main() {
             );
         }
     }
+    beside_a_device(&root, &trust, &key, time);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A batch job on the same cores as a serving device: the endpoint's latency with one client
+/// alone, beside a job at normal priority, and beside a job at its default `--nice 10`.
+fn beside_a_device(root: &std::path::Path, trust: &TrustStore, key: &SecretKey, time: Duration) {
+    let bin = env!("CARGO_BIN_EXE_outpost");
+    let dir = root.join("beside");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
+    let built = std::process::Command::new(bin)
+        .args([
+            "bundle",
+            "build",
+            "--onnx",
+            "digits.onnx",
+            "--name",
+            "job",
+            "--version",
+            "1.0.0",
+        ])
+        .args(["--out", "job.opb"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    outpost_testkit::write_npy_f32(
+        &dir.join("rows.npy"),
+        &[200_000, 64],
+        (0..200_000 * 64).map(|i| (i % 17) as f32),
+    );
+    let mut bundle = Bundle::build(Example::Digits.build_input().unwrap()).unwrap();
+    bundle.sign(key);
+    let server = Server::start(&dir, &bundle.to_bytes(), trust, "");
+    let url = format!("{}/v2/models/digits/infer", server.url);
+    let request = outpost_testkit::digits_request(&[8.0; 64]);
+    println!(
+        "\na batch job beside the device (digits, one client; the job: digits rows on every core)"
+    );
+    println!("job         | req/s | p50     | p99     | job rows/s");
+    let (rps, p50, p99) = load(&url, &request, 1, time);
+    println!("none        | {rps:>5.0} | {p50:.2} ms | {p99:.2} ms |");
+    for nice in ["0", "10"] {
+        let started = Instant::now();
+        let mut job = std::process::Command::new(bin)
+            .args([
+                "batch", "--bundle", "job.opb", "--input", "rows.npy", "--output",
+            ])
+            .args(["answers.jsonl", "--overwrite", "--nice", nice])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let (rps, p50, p99) = load(&url, &request, 1, time);
+        let _ = job.kill();
+        let _ = job.wait();
+        let secs = started.elapsed().as_secs_f64();
+        let rows = std::fs::read_to_string(dir.join("answers.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        println!(
+            "--nice {nice:<4} | {rps:>5.0} | {p50:.2} ms | {p99:.2} ms | {:.0}",
+            rows as f64 / secs
+        );
+    }
 }

@@ -685,6 +685,34 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_runs_at_once_on_reaching_a_preferred_size() {
+        let inner = Doubler::new(None);
+        let config = BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_secs(5),
+            preferred_sizes: vec![2],
+            callers: None,
+        };
+        let model = Arc::new(Batched::new(
+            Arc::clone(&inner) as Arc<dyn Model>,
+            config,
+            Arc::default(),
+        ));
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let model = Arc::clone(&model);
+                s.spawn(move || model.run(rows(&[1.0, 2.0]), 1 << 20).unwrap());
+            }
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "two rows are a preferred size: no waiting out the 5 s delay"
+        );
+        assert_eq!(*inner.calls.lock().unwrap(), vec![2]);
+    }
+
+    #[test]
     fn outputs_split_back_by_rows_for_every_datatype() {
         let t = Tensor {
             name: "s".into(),
