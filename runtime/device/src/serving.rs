@@ -508,61 +508,37 @@ impl ServingMetrics {
             let _ = writeln!(out, "outpost_cache_bytes{{{}}} {}", mv(m, v), s.counts().3);
         }
         let sessions = self.sessions.lock().map(|c| c.clone()).unwrap_or_default();
-        family(
-            out,
-            "outpost_sessions_live",
-            "gauge",
-            "Streaming sessions holding a guest instance.",
-        );
-        for (m, s) in &sessions {
-            let _ = writeln!(
-                out,
-                "outpost_sessions_live{{model=\"{}\"}} {}",
-                escape(m),
-                s.counts().2
-            );
-        }
-        family(
-            out,
-            "outpost_session_memory_bytes",
-            "gauge",
-            "Guest memory the live streaming sessions of a model hold.",
-        );
-        for (m, s) in &sessions {
-            let bytes: u64 = s.memory.lock().map(|m| m.values().sum()).unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "outpost_session_memory_bytes{{model=\"{}\"}} {bytes}",
-                escape(m)
-            );
-        }
-        family(
-            out,
-            "outpost_sessions_started_total",
-            "counter",
-            "Streaming sessions started.",
-        );
-        for (m, s) in &sessions {
-            let _ = writeln!(
-                out,
-                "outpost_sessions_started_total{{model=\"{}\"}} {}",
-                escape(m),
-                s.counts().0
-            );
-        }
-        family(
-            out,
-            "outpost_sessions_refused_total",
-            "counter",
-            "New streaming sessions refused at the cap on live sessions.",
-        );
-        for (m, s) in &sessions {
-            let _ = writeln!(
-                out,
-                "outpost_sessions_refused_total{{model=\"{}\"}} {}",
-                escape(m),
-                s.counts().1
-            );
+        let per_model: [(&str, &str, &str, fn(&SessionStats) -> u64); 4] = [
+            (
+                "outpost_sessions_live",
+                "gauge",
+                "Streaming sessions holding a guest instance.",
+                |s| s.counts().2,
+            ),
+            (
+                "outpost_session_memory_bytes",
+                "gauge",
+                "Guest memory the live streaming sessions of a model hold.",
+                |s| s.memory.lock().map(|m| m.values().sum()).unwrap_or(0),
+            ),
+            (
+                "outpost_sessions_started_total",
+                "counter",
+                "Streaming sessions started.",
+                |s| s.counts().0,
+            ),
+            (
+                "outpost_sessions_refused_total",
+                "counter",
+                "New streaming sessions refused at the cap on live sessions.",
+                |s| s.counts().1,
+            ),
+        ];
+        for (name, kind, help, value) in per_model {
+            family(out, name, kind, help);
+            for (m, s) in &sessions {
+                let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", escape(m), value(s));
+            }
         }
         family(
             out,
