@@ -159,7 +159,8 @@ fn installed_bundle(config: &Path, model: &str) -> Result<(Vec<u8>, TrustStore)>
             };
             let mut url = format!("http://{host}/admin/models/{name}/bundle");
             if let Some(v) = version {
-                url.push_str(&format!("?version={v}"));
+                // Semver build metadata (`+`) would be read as a space.
+                url.push_str(&format!("?version={}", v.replace('+', "%2B")));
             }
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -232,7 +233,12 @@ impl Runner {
         let payload = Payload::Tensors(inputs);
         outpost_device::contract::check(&self.manifest.api, &payload)?;
         let result = if self.reuse {
-            let mut kept = slot.lock().map_err(|_| "a worker failed".to_owned())?;
+            // A worker that panicked leaves its instance behind, not its lock.
+            let mut kept = slot.lock().unwrap_or_else(|poisoned| {
+                let mut kept = poisoned.into_inner();
+                *kept = None;
+                kept
+            });
             let result = match &mut *kept {
                 Some(session) => session.call(payload),
                 empty => self
@@ -693,6 +699,7 @@ pub(crate) fn run(args: BatchArgs) -> Result<()> {
         // Input row r of shard I/N is the job's row (r - I) / N.
         Sink::arrays(
             &args.output,
+            &args.input,
             &runner.manifest.api.outputs,
             total,
             args.overwrite,

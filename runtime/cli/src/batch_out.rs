@@ -156,6 +156,7 @@ impl Sink {
     /// job-local row to its input row, to keep the error lines of rows already written.
     pub(crate) fn arrays(
         path: &Path,
+        input: &Path,
         outputs: &[TensorSpec],
         total: u64,
         overwrite: bool,
@@ -170,6 +171,12 @@ impl Sink {
         let stem = path.with_extension("");
         let mut plans = Vec::new();
         for o in outputs {
+            if o.name.contains(['/', '\\']) || o.name.starts_with('.') {
+                bail!(
+                    "output `{}` cannot name a file: write JSON Lines (.jsonl)",
+                    o.name
+                );
+            }
             let Some(d) = descr(o.datatype) else {
                 bail!(
                     "output `{}` is BYTES, which a .npy array cannot hold: write JSON Lines",
@@ -199,6 +206,21 @@ impl Sink {
             plans.push((o, d, elements, file, npy_header(d, &shape)));
         }
         let errors_path = PathBuf::from(format!("{}.errors.jsonl", stem.display()));
+        let is_input = |p: &Path| match (std::fs::canonicalize(p), std::fs::canonicalize(input)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if let Some(p) = plans
+            .iter()
+            .map(|(.., file, _)| file.as_path())
+            .chain([errors_path.as_path()])
+            .find(|p| is_input(p))
+        {
+            bail!(
+                "the answers would go to `{}`, the input file: give --output another name",
+                p.display()
+            );
+        }
         if overwrite {
             for (.., file, _) in &plans {
                 let _ = std::fs::remove_file(file);
@@ -209,16 +231,19 @@ impl Sink {
         let mut held = u64::MAX;
         for (o, _, elements, file, header) in &plans {
             let row_bytes = (elements * o.datatype.element_size().unwrap_or(1)) as u64;
-            let rows = match std::fs::read(file) {
-                Ok(bytes) => {
-                    if !bytes.starts_with(header) {
+            let rows = match File::open(file) {
+                Ok(mut f) => {
+                    // Only the header is read: the rows are the length past it.
+                    let mut head = vec![0u8; header.len()];
+                    let whole = f.read_exact(&mut head).is_ok();
+                    if !whole || &head != header {
                         bail!(
                             "`{}` is not this job's output (another shape or type): \
                              --overwrite starts it again",
                             file.display()
                         );
                     }
-                    let body = (bytes.len() - header.len()) as u64;
+                    let body = f.metadata()?.len() - header.len() as u64;
                     body.checked_div(row_bytes).unwrap_or(total)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
@@ -268,13 +293,21 @@ impl Sink {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let mut errors = BufWriter::new(
-            File::create(&errors_path)
-                .with_context(|| format!("cannot write `{}`", errors_path.display()))?,
-        );
-        for line in kept {
-            writeln!(errors, "{line}")?;
+        // Rewritten aside and renamed over, so a cut here loses no error line.
+        let fresh = PathBuf::from(format!("{}.tmp", errors_path.display()));
+        {
+            let mut f = BufWriter::new(
+                File::create(&fresh)
+                    .with_context(|| format!("cannot write `{}`", fresh.display()))?,
+            );
+            for line in kept {
+                writeln!(f, "{line}")?;
+            }
+            f.flush()?;
         }
+        std::fs::rename(&fresh, &errors_path)
+            .with_context(|| format!("cannot write `{}`", errors_path.display()))?;
+        let errors = append(&errors_path)?;
         Ok((
             Self::Arrays {
                 arrays,
@@ -297,11 +330,14 @@ impl Sink {
                 Ok(true)
             }
             (Self::Arrays { arrays, errors, .. }, out) => {
+                // The error reaches the disk before its row does: a row held after a cut has
+                // its error line too.
                 let failed = |errors: &mut BufWriter<File>, arrays: &mut [Array], line: &str| {
+                    writeln!(errors, "{line}")?;
+                    errors.flush()?;
                     for a in arrays.iter_mut() {
                         a.file.write_all(&fill(a.datatype, a.elements))?;
                     }
-                    writeln!(errors, "{line}")?;
                     Ok::<_, std::io::Error>(true)
                 };
                 match out {
@@ -352,14 +388,15 @@ impl Sink {
                 errors,
                 errors_path,
             } => {
+                errors
+                    .flush()
+                    .with_context(|| format!("cannot write `{}`", errors_path.display()))?;
                 for a in arrays.iter_mut() {
                     a.file
                         .flush()
                         .with_context(|| format!("cannot write `{}`", a.path.display()))?;
                 }
-                errors
-                    .flush()
-                    .with_context(|| format!("cannot write `{}`", errors_path.display()))
+                Ok(())
             }
         }
     }
@@ -428,7 +465,15 @@ mod tests {
             shape: vec![Dim::Symbolic("n".into()), Dim::Fixed(2)],
         };
         let open = |overwrite| {
-            Sink::arrays(&path, std::slice::from_ref(&spec), 4, overwrite, |r| r).unwrap()
+            Sink::arrays(
+                &path,
+                Path::new("in.npy"),
+                std::slice::from_ref(&spec),
+                4,
+                overwrite,
+                |r| r,
+            )
+            .unwrap()
         };
         let (mut sink, held) = open(true);
         assert_eq!(held, 0);
@@ -479,7 +524,22 @@ mod tests {
             shape: vec![Dim::Symbolic("n".into()), Dim::Fixed(3)],
             ..spec.clone()
         };
-        assert!(Sink::arrays(&path, &[other], 4, false, |r| r).is_err());
+        assert!(Sink::arrays(&path, Path::new("in.npy"), &[other], 4, false, |r| r).is_err());
+        // Nor may an answer land on the input.
+        let input = dir.join("out.y.npy");
+        std::fs::write(&input, b"rows").unwrap();
+        let two = [
+            spec.clone(),
+            TensorSpec {
+                name: "z".into(),
+                ..spec.clone()
+            },
+        ];
+        let Err(err) = Sink::arrays(&path, &input, &two, 4, true, |r| r) else {
+            panic!("an output on the input was accepted");
+        };
+        assert!(err.to_string().contains("the input file"), "{err}");
+        assert_eq!(std::fs::read(&input).unwrap(), b"rows");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

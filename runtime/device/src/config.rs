@@ -74,6 +74,9 @@ cache_bytes = 67108864
 # Live streaming sessions per model, whatever its bundle's `[serving.sessions]` asks (each
 # holds a guest instance, up to memory_bytes).
 max_sessions = 64
+# Guest memory all streaming sessions of the device may hold; a new session beyond is refused
+# (429) until others end.
+session_memory_bytes = 268435456
 
 # Per model, the bundle's `[serving]` overridden: `false` turns a part off, a table replaces it.
 # [serving.digits]
@@ -245,6 +248,7 @@ struct RawCaps {
     max_tensor_bytes: Option<u64>,
     cache_bytes: Option<u64>,
     max_sessions: Option<u32>,
+    session_memory_bytes: Option<u64>,
 }
 
 /// Upper bounds on what any bundle's guest may use.
@@ -260,6 +264,8 @@ pub struct GuestCaps {
     pub cache_bytes: u64,
     /// Most live streaming sessions of one model.
     pub max_sessions: u32,
+    /// Guest memory all streaming sessions of the device may hold.
+    pub session_memory_bytes: u64,
 }
 
 impl Default for GuestCaps {
@@ -270,6 +276,7 @@ impl Default for GuestCaps {
             max_tensor_bytes: 64 << 20,
             cache_bytes: 64 << 20,
             max_sessions: 64,
+            session_memory_bytes: 256 << 20,
         }
     }
 }
@@ -330,6 +337,10 @@ impl Config {
                 .unwrap_or(defaults.max_tensor_bytes),
             cache_bytes: raw.guest_caps.cache_bytes.unwrap_or(defaults.cache_bytes),
             max_sessions: raw.guest_caps.max_sessions.unwrap_or(defaults.max_sessions),
+            session_memory_bytes: raw
+                .guest_caps
+                .session_memory_bytes
+                .unwrap_or(defaults.session_memory_bytes),
         };
         if caps.memory_bytes == 0
             || caps.timeout_ms == 0

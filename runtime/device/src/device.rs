@@ -19,7 +19,7 @@ use crate::config::{Config, GuestCaps, ServingOverride};
 use crate::error::{HostError, InferError, Result};
 use crate::metrics::Metrics;
 use crate::policy::{OnPass, Policy};
-use crate::serving::{ResponseCache, Sessions};
+use crate::serving::{ResponseCache, Sessions, SlotState};
 use crate::state::{InstalledRecord, State, StoredEvent};
 use crate::watch::{CanaryWatch, Role, ShadowLane, Verdict};
 
@@ -233,7 +233,10 @@ impl Device {
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             max_concurrent: config.max_concurrent_requests,
             budget: crate::budget::Budget::new(config.max_inflight_bytes),
-            sessions: Sessions::new(Arc::clone(&metrics.serving)),
+            sessions: Sessions::new(
+                Arc::clone(&metrics.serving),
+                config.guest_caps.session_memory_bytes,
+            ),
             metrics,
             rolled_back: std::sync::Mutex::new(HashMap::new()),
             serving: config.serving.clone(),
@@ -526,9 +529,8 @@ impl Device {
         }
         slot.rewatch();
         slot.trim(previous.as_deref());
-        let keep: Vec<&str> = [Some(version), slot.candidate()]
-            .into_iter()
-            .flatten()
+        let keep: Vec<&str> = std::iter::once(version)
+            .chain(slot.policy.versions())
             .collect();
         self.sessions.swapped(name, &keep);
         tracing::info!(model = %name, %version, ?previous, "activated");
@@ -642,6 +644,12 @@ impl Device {
             cache,
             in_flight,
         })
+    }
+
+    /// Ends the streaming sessions idle past their timeout, freeing their instances (the
+    /// device's serving loop calls it every few seconds).
+    pub fn expire_sessions(&self) {
+        self.sessions.expire();
     }
 
     /// A bundle's `[serving]` as this device serves it: overridden by the configuration,
@@ -932,9 +940,14 @@ impl Device {
             (Some(key), Some(spec)) => {
                 let slot = self
                     .sessions
-                    .open(name, loaded.version(), key, spec)
+                    .open(name, loaded.version(), key, spec, version.is_some())
                     .map_err(refuse)?;
-                Some((key.to_owned(), slot))
+                // One call at a time in a session: a second one at once is the client's
+                // mistake (which state would it see?), refused rather than queued.
+                let guard = Arc::clone(&slot)
+                    .try_lock_owned()
+                    .map_err(|_| refuse(InferError::SessionBusy(key.to_owned())))?;
+                Some((key.to_owned(), slot, guard))
             }
             (Some(_), None) => {
                 return Err(refuse(InferError::BadRequest(format!(
@@ -973,12 +986,6 @@ impl Device {
                 cached: Some(true),
             });
         }
-        // One call at a time in a session: the next waits for the one before to finish,
-        // holding no concurrency permit while it waits.
-        let session = match session {
-            Some((key, slot)) => Some((key, slot.lock_owned().await)),
-            None => None,
-        };
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             self.metrics.record_busy();
             return Err(InferError::Busy(self.max_concurrent));
@@ -990,48 +997,62 @@ impl Device {
         let call_started = Instant::now();
         let engine = self.engine.clone();
         let target = Arc::clone(&loaded);
+        let device = Arc::clone(self);
+        let model = name.to_owned();
+        // Everything below runs to its end even when the client goes away, so a session's
+        // outcome is always recorded.
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let _in_guest = InFlight::enter(&target.in_flight);
-            match session {
-                None => (
-                    engine
-                        .call(&target.guest, &target.context, payload)
-                        .map_err(InferError::from),
-                    None,
-                ),
-                Some((key, mut guard)) => {
-                    let result = match &mut *guard {
-                        Some(s) => s.call(payload),
-                        empty => engine
-                            .session(&target.guest, &target.context)
-                            .and_then(|s| empty.insert(s).call(payload)),
-                    };
-                    let memory = guard.as_ref().map_or(0, |s| s.memory_bytes());
-                    let ended = match (&result, guard.as_ref()) {
-                        (Err(e), None) => Some(format!("its guest could not start: {e}")),
-                        (Err(e), Some(s)) if s.is_ended() => {
-                            Some(format!("a call failed and ended it ({e})"))
-                        }
-                        _ => None,
-                    };
-                    if ended.is_some() {
-                        *guard = None;
-                    }
-                    (result.map_err(InferError::from), Some((key, memory, ended)))
+            let Some((key, slot, mut guard)) = session else {
+                return engine
+                    .call(&target.guest, &target.context, payload)
+                    .map_err(InferError::from);
+            };
+            let result = match std::mem::take(&mut *guard) {
+                SlotState::Ended(reason) => {
+                    *guard = SlotState::Ended(reason.clone());
+                    return Err(InferError::SessionEnded(format!(
+                        "session `{key}` of `{model}` ended: {reason}; its state is gone"
+                    )));
                 }
+                SlotState::Live(mut s) => {
+                    let r = s.call(payload);
+                    *guard = SlotState::Live(s);
+                    r
+                }
+                SlotState::Fresh => match engine.session(&target.guest, &target.context) {
+                    Ok(mut s) => {
+                        let r = s.call(payload);
+                        *guard = SlotState::Live(s);
+                        r
+                    }
+                    Err(e) => {
+                        *guard = SlotState::Ended(format!("its guest could not start: {e}"));
+                        Err(e)
+                    }
+                },
+            };
+            let (memory, ended) = match (&*guard, &result) {
+                (SlotState::Live(s), Err(e)) if s.is_ended() => {
+                    (0, Some(format!("a call failed and ended it ({e})")))
+                }
+                (SlotState::Live(s), _) => (s.memory_bytes(), None),
+                (SlotState::Ended(reason), _) => (0, Some(reason.clone())),
+                (SlotState::Fresh, _) => (0, None),
+            };
+            if let Some(reason) = &ended {
+                // The instance goes now; a call that finds the slot later is told why.
+                *guard = SlotState::Ended(reason.clone());
             }
+            device
+                .sessions
+                .after_call(&model, &key, &slot, memory, ended);
+            result.map_err(InferError::from)
         })
         .await;
-        let result = match outcome {
-            Ok((result, session)) => {
-                if let Some((key, memory, ended)) = session {
-                    self.sessions.after_call(name, &key, memory, ended);
-                }
-                result
-            }
-            Err(e) => Err(InferError::Trap(format!("request task failed: {e}"))),
-        };
+        let result =
+            outcome.unwrap_or_else(|e| Err(InferError::Trap(format!("request task failed: {e}"))));
         let (error, observations) = match &result {
             Ok(out) => (None, out.observations.as_slice()),
             Err(e) => (Some(e.kind()), &[][..]),

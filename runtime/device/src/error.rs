@@ -220,6 +220,20 @@ pub enum InferError {
         /// Idle time that ends a session.
         idle_timeout_s: u64,
     },
+    /// A new streaming session would pass the device's bound on session memory (429).
+    #[error(
+        "the device's streaming sessions hold {bytes} bytes of guest memory, its \
+         guest_caps.session_memory_bytes ({cap}); retry when sessions have ended"
+    )]
+    SessionMemory {
+        /// Bytes the live sessions hold.
+        bytes: u64,
+        /// The bound.
+        cap: u64,
+    },
+    /// A streaming session is answering another call (409): one call at a time.
+    #[error("session `{0}` is answering another call; a session takes one call at a time")]
+    SessionBusy(String),
 }
 
 impl InferError {
@@ -233,7 +247,8 @@ impl InferError {
             InferError::TooLarge(_) | InferError::OverBudget { .. } => 413,
             InferError::Busy(_) | InferError::BudgetBusy(_) => 503,
             InferError::SessionEnded(_) => 409,
-            InferError::TooManySessions { .. } => 429,
+            InferError::TooManySessions { .. } | InferError::SessionMemory { .. } => 429,
+            InferError::SessionBusy(_) => 409,
             InferError::Internal(_)
             | InferError::Deadline(_)
             | InferError::Memory(_)
@@ -255,7 +270,10 @@ impl InferError {
             InferError::Memory(_) => "memory",
             InferError::Trap(_) => "trap",
             InferError::SessionEnded(_) => "session_ended",
-            InferError::TooManySessions { .. } => "too_many_sessions",
+            InferError::TooManySessions { .. } | InferError::SessionMemory { .. } => {
+                "too_many_sessions"
+            }
+            InferError::SessionBusy(_) => "session_busy",
         }
     }
 }

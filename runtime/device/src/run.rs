@@ -104,7 +104,20 @@ pub async fn run(
         public: config.http,
         admin: config.admin_http,
     };
+    // Idle streaming sessions end on time even when no new session comes to sweep them.
+    let weak = Arc::downgrade(&device);
+    let reaper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            match weak.upgrade() {
+                Some(device) => device.expire_sessions(),
+                None => break,
+            }
+        }
+    });
     api::serve(device, limits, doors, listeners.public, admin, shutdown).await;
+    reaper.abort();
     if let Some(agent) = agent {
         agent.stopped().await;
     }

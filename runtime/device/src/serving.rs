@@ -197,8 +197,23 @@ fn observation_bytes(out: &CallOutput) -> u64 {
         .sum()
 }
 
-/// A live session's guest instance; `None` until its first call instantiates it.
-pub(crate) type SessionSlot = Arc<tokio::sync::Mutex<Option<Session>>>;
+/// A session's guest instance, as its calls find it.
+#[derive(Debug, Default)]
+pub(crate) enum SlotState {
+    /// Not started: the first call instantiates the guest.
+    #[default]
+    Fresh,
+    /// The instance, with the state its calls left in it.
+    Live(Session),
+    /// A call failed and took the state with it.
+    Ended(String),
+}
+
+/// A session's guest instance behind the lock its calls take one at a time.
+pub(crate) type SessionSlot = Arc<tokio::sync::Mutex<SlotState>>;
+
+/// Longest reason kept for an ended session.
+const MAX_REASON_CHARS: usize = 300;
 
 #[derive(Debug)]
 enum Entry {
@@ -206,10 +221,25 @@ enum Entry {
         version: String,
         slot: SessionSlot,
         last_used: Instant,
+        idle: Duration,
     },
     /// Ended by a version swap or a failed call: the next request with the key is told so,
     /// once.
-    Ended { reason: String, at: Instant },
+    Ended {
+        reason: String,
+        at: Instant,
+        idle: Duration,
+    },
+}
+
+impl Entry {
+    fn ended(reason: String, idle: Duration) -> Self {
+        Entry::Ended {
+            reason: reason.chars().take(MAX_REASON_CHARS).collect(),
+            at: Instant::now(),
+            idle,
+        }
+    }
 }
 
 /// Started and ended sessions of one model, and how many are live.
@@ -229,7 +259,7 @@ impl SessionStats {
         }
     }
 
-    /// Sessions started, refused at the cap, and live now.
+    /// Sessions started, refused (at the cap or the memory bound), and live now.
     pub fn counts(&self) -> (u64, u64, u64) {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         (get(&self.started), get(&self.refused), get(&self.live))
@@ -239,6 +269,26 @@ impl SessionStats {
     pub fn ended(&self) -> BTreeMap<&'static str, u64> {
         self.ended.lock().map(|e| e.clone()).unwrap_or_default()
     }
+
+    fn memory(&self) -> u64 {
+        self.memory.lock().map(|m| m.values().sum()).unwrap_or(0)
+    }
+
+    fn set_memory(&self, key: &str, bytes: Option<u64>) {
+        if let Ok(mut m) = self.memory.lock() {
+            match bytes {
+                Some(b) => m.insert(key.to_owned(), b),
+                None => m.remove(key),
+            };
+        }
+    }
+}
+
+fn live_count(sessions: &HashMap<String, Entry>) -> u64 {
+    sessions
+        .values()
+        .filter(|e| matches!(e, Entry::Live { .. }))
+        .count() as u64
 }
 
 /// Every model's streaming sessions, by model and session key.
@@ -246,57 +296,86 @@ impl SessionStats {
 pub(crate) struct Sessions {
     models: Mutex<HashMap<String, HashMap<String, Entry>>>,
     stats: Arc<ServingMetrics>,
+    /// Guest memory all sessions of the device may hold; a new session beyond is refused.
+    memory_cap: u64,
 }
 
 impl Sessions {
-    pub(crate) fn new(stats: Arc<ServingMetrics>) -> Self {
+    pub(crate) fn new(stats: Arc<ServingMetrics>, memory_cap: u64) -> Self {
         Self {
             models: Mutex::default(),
             stats,
+            memory_cap,
         }
     }
 
-    /// The session `key` of `model` on `version`: the live one, or a new one under the cap.
+    /// Ends the sessions idle past their timeout, and forgets the ended ones told long enough,
+    /// in every model (on every new session, and periodically).
+    pub(crate) fn expire(&self) {
+        let Ok(mut models) = self.models.lock() else {
+            return;
+        };
+        self.expire_locked(&mut models);
+    }
+
+    fn expire_locked(&self, models: &mut HashMap<String, HashMap<String, Entry>>) {
+        let now = Instant::now();
+        for (model, sessions) in models.iter_mut() {
+            let stats = self.stats.sessions(model);
+            sessions.retain(|k, e| match e {
+                Entry::Live {
+                    last_used, idle, ..
+                } if now.duration_since(*last_used) > *idle => {
+                    stats.end("idle");
+                    stats.set_memory(k, None);
+                    false
+                }
+                Entry::Ended { at, idle, .. } => now.duration_since(*at) <= *idle,
+                Entry::Live { .. } => true,
+            });
+            stats.live.store(live_count(sessions), Ordering::Relaxed);
+        }
+        models.retain(|_, sessions| !sessions.is_empty());
+    }
+
+    /// The session `key` of `model` on `version`: the live one, or a new one under the caps.
     /// A key whose session ended (a swap, a failed call) is refused once with the reason, and
-    /// starts a new session on the request after.
+    /// starts a new session on the request after. A request `pinned` to a version other than
+    /// its session's is refused and leaves the session as it is.
     pub(crate) fn open(
         &self,
         model: &str,
         version: &str,
         key: &str,
         spec: SessionSpec,
+        pinned: bool,
     ) -> Result<SessionSlot, InferError> {
         let stats = self.stats.sessions(model);
         let mut models = self
             .models
             .lock()
             .map_err(|_| InferError::Internal("the session table is poisoned".into()))?;
+        self.expire_locked(&mut models);
+        let memory: u64 = models.keys().map(|m| self.stats.sessions(m).memory()).sum();
         let sessions = models.entry(model.to_owned()).or_default();
         let now = Instant::now();
         let idle = Duration::from_secs(spec.idle_timeout_s);
-        sessions.retain(|k, e| match e {
-            Entry::Live { last_used, .. } if now.duration_since(*last_used) > idle => {
-                stats.end("idle");
-                forget_memory(&stats, k);
-                false
-            }
-            Entry::Ended { at, .. } => now.duration_since(*at) <= idle,
-            Entry::Live { .. } => true,
-        });
-        let live = |s: &HashMap<String, Entry>| {
-            s.values()
-                .filter(|e| matches!(e, Entry::Live { .. }))
-                .count() as u64
-        };
-        let live_now = live(sessions);
+        let live_now = live_count(sessions);
         let answer = match sessions.get_mut(key) {
             Some(Entry::Live {
                 version: v,
                 slot,
                 last_used,
+                ..
             }) if v == version => {
                 *last_used = now;
                 Ok(Arc::clone(slot))
+            }
+            Some(Entry::Live { version: v, .. }) if pinned => {
+                Err(InferError::SessionEnded(format!(
+                    "session `{key}` runs on version {v} of `{model}`, not {version}: send its \
+                     requests to that version, or unversioned"
+                )))
             }
             Some(Entry::Live { version: v, .. }) => {
                 let reason = format!(
@@ -306,7 +385,7 @@ impl Sessions {
                 );
                 sessions.remove(key);
                 stats.end("swap");
-                forget_memory(&stats, key);
+                stats.set_memory(key, None);
                 Err(InferError::SessionEnded(reason))
             }
             Some(Entry::Ended { reason, .. }) => {
@@ -325,6 +404,13 @@ impl Sessions {
                     idle_timeout_s: spec.idle_timeout_s,
                 })
             }
+            None if memory >= self.memory_cap => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                Err(InferError::SessionMemory {
+                    bytes: memory,
+                    cap: self.memory_cap,
+                })
+            }
             None => {
                 let slot = SessionSlot::default();
                 sessions.insert(
@@ -333,58 +419,55 @@ impl Sessions {
                         version: version.to_owned(),
                         slot: Arc::clone(&slot),
                         last_used: now,
+                        idle,
                     },
                 );
                 stats.started.fetch_add(1, Ordering::Relaxed);
                 Ok(slot)
             }
         };
-        stats.live.store(live(sessions), Ordering::Relaxed);
+        stats.live.store(live_count(sessions), Ordering::Relaxed);
         answer
     }
 
-    /// After a call on session `key`: records the instance's memory, or ends the session when
-    /// the call ended it.
-    pub(crate) fn after_call(&self, model: &str, key: &str, memory: u64, ended: Option<String>) {
+    /// After a call on session `key` (its `slot`): records the instance's memory, or ends the
+    /// session when the call ended it. Nothing happens when the key now names another session
+    /// (this one ended meanwhile).
+    pub(crate) fn after_call(
+        &self,
+        model: &str,
+        key: &str,
+        slot: &SessionSlot,
+        memory: u64,
+        ended: Option<String>,
+    ) {
         let stats = self.stats.sessions(model);
         let Ok(mut models) = self.models.lock() else {
             return;
         };
         let Some(sessions) = models.get_mut(model) else {
             return;
+        };
+        let idle = match sessions.get(key) {
+            Some(Entry::Live { slot: s, idle, .. }) if Arc::ptr_eq(s, slot) => *idle,
+            _ => return,
         };
         match ended {
-            None => {
-                if let Ok(mut m) = stats.memory.lock() {
-                    m.insert(key.to_owned(), memory);
-                }
-            }
+            None => stats.set_memory(key, Some(memory)),
             Some(reason) => {
-                if matches!(sessions.get(key), Some(Entry::Live { .. })) {
-                    sessions.insert(
-                        key.to_owned(),
-                        Entry::Ended {
-                            reason,
-                            at: Instant::now(),
-                        },
-                    );
-                    stats.end("failed");
-                    forget_memory(&stats, key);
-                }
+                sessions.insert(key.to_owned(), Entry::ended(reason, idle));
+                stats.end("failed");
+                stats.set_memory(key, None);
+                cap_tombstones(sessions);
             }
         }
-        let live = sessions
-            .values()
-            .filter(|e| matches!(e, Entry::Live { .. }))
-            .count();
-        stats.live.store(live as u64, Ordering::Relaxed);
+        stats.live.store(live_count(sessions), Ordering::Relaxed);
     }
 
-    /// Ends every session of `model` not on a version of `keep` (the version now active, and
-    /// a traffic policy's candidate), freeing their instances; each key is told why on its
-    /// next request.
+    /// Ends every session of `model` not on a version of `keep` (the versions that still
+    /// answer: the active one and those its traffic policy names), freeing their instances;
+    /// each key is told why on its next request.
     pub(crate) fn swapped(&self, model: &str, keep: &[&str]) {
-        let version = keep.first().copied().unwrap_or("none");
         let stats = self.stats.sessions(model);
         let Ok(mut models) = self.models.lock() else {
             return;
@@ -392,32 +475,45 @@ impl Sessions {
         let Some(sessions) = models.get_mut(model) else {
             return;
         };
-        let now = Instant::now();
+        let active = keep.first().copied().unwrap_or("none");
         for (key, entry) in sessions.iter_mut() {
-            if let Entry::Live { version: v, .. } = entry
+            if let Entry::Live {
+                version: v, idle, ..
+            } = entry
                 && !keep.contains(&v.as_str())
             {
-                *entry = Entry::Ended {
-                    reason: format!("version {v} was replaced by {version}"),
-                    at: now,
-                };
+                *entry = Entry::ended(format!("version {v} was replaced by {active}"), *idle);
                 stats.end("swap");
-                forget_memory(&stats, key);
+                stats.set_memory(key, None);
             }
         }
-        let live = sessions
-            .values()
-            .filter(|e| matches!(e, Entry::Live { .. }))
-            .count();
-        stats.live.store(live as u64, Ordering::Relaxed);
+        cap_tombstones(sessions);
+        stats.live.store(live_count(sessions), Ordering::Relaxed);
     }
 }
 
-fn forget_memory(stats: &SessionStats, key: &str) {
-    if let Ok(mut m) = stats.memory.lock() {
-        m.remove(key);
+/// At most as many ended sessions as live ones may be (and 64 more), the oldest forgotten
+/// first: a client cycling through keys cannot grow the table.
+fn cap_tombstones(sessions: &mut HashMap<String, Entry>) {
+    let limit = live_count(sessions) as usize + 64;
+    let mut ended: Vec<(Instant, String)> = sessions
+        .iter()
+        .filter_map(|(k, e)| match e {
+            Entry::Ended { at, .. } => Some((*at, k.clone())),
+            Entry::Live { .. } => None,
+        })
+        .collect();
+    if ended.len() > limit {
+        let excess = ended.len() - limit;
+        ended.sort();
+        for (_, k) in ended.into_iter().take(excess) {
+            sessions.remove(&k);
+        }
     }
 }
+
+/// A metric family drawn from one value of each series: name, type, help, the value.
+type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
 /// The counters of every cache, session table and batcher, for `/metrics`.
 #[derive(Debug, Default)]
@@ -508,7 +604,7 @@ impl ServingMetrics {
             let _ = writeln!(out, "outpost_cache_bytes{{{}}} {}", mv(m, v), s.counts().3);
         }
         let sessions = self.sessions.lock().map(|c| c.clone()).unwrap_or_default();
-        let per_model: [(&str, &str, &str, fn(&SessionStats) -> u64); 4] = [
+        let per_model: [Family<SessionStats>; 4] = [
             (
                 "outpost_sessions_live",
                 "gauge",
@@ -519,7 +615,7 @@ impl ServingMetrics {
                 "outpost_session_memory_bytes",
                 "gauge",
                 "Guest memory the live streaming sessions of a model hold.",
-                |s| s.memory.lock().map(|m| m.values().sum()).unwrap_or(0),
+                SessionStats::memory,
             ),
             (
                 "outpost_sessions_started_total",
@@ -686,23 +782,23 @@ mod tests {
     #[test]
     fn sessions_are_capped_end_on_a_swap_and_say_so_once() {
         let metrics = Arc::new(ServingMetrics::default());
-        let sessions = Sessions::new(Arc::clone(&metrics));
+        let sessions = Sessions::new(Arc::clone(&metrics), u64::MAX);
         let spec = SessionSpec {
             max_sessions: 2,
             idle_timeout_s: 60,
         };
-        let a = sessions.open("m", "1.0.0", "a", spec).unwrap();
-        let again = sessions.open("m", "1.0.0", "a", spec).unwrap();
+        let a = sessions.open("m", "1.0.0", "a", spec, false).unwrap();
+        let again = sessions.open("m", "1.0.0", "a", spec, false).unwrap();
         assert!(Arc::ptr_eq(&a, &again), "the same key finds its session");
-        sessions.open("m", "1.0.0", "b", spec).unwrap();
-        let full = sessions.open("m", "1.0.0", "c", spec).unwrap_err();
+        sessions.open("m", "1.0.0", "b", spec, false).unwrap();
+        let full = sessions.open("m", "1.0.0", "c", spec, false).unwrap_err();
         assert_eq!(full.status(), 429, "{full}");
         assert!(full.to_string().contains("2 live sessions"), "{full}");
         sessions.swapped("m", &["2.0.0"]);
-        let ended = sessions.open("m", "2.0.0", "a", spec).unwrap_err();
+        let ended = sessions.open("m", "2.0.0", "a", spec, false).unwrap_err();
         assert_eq!(ended.status(), 409);
         assert!(ended.to_string().contains("replaced by 2.0.0"), "{ended}");
-        let fresh = sessions.open("m", "2.0.0", "a", spec).unwrap();
+        let fresh = sessions.open("m", "2.0.0", "a", spec, false).unwrap();
         assert!(
             !Arc::ptr_eq(&a, &fresh),
             "the next request starts a new session"
@@ -713,17 +809,57 @@ mod tests {
     }
 
     #[test]
+    fn a_request_pinned_to_another_version_leaves_the_session_alone() {
+        let sessions = Sessions::new(Arc::default(), u64::MAX);
+        let spec = SessionSpec {
+            max_sessions: 4,
+            idle_timeout_s: 60,
+        };
+        let a = sessions.open("m", "1", "a", spec, false).unwrap();
+        let pinned = sessions.open("m", "2", "a", spec, true).unwrap_err();
+        assert_eq!(pinned.status(), 409);
+        assert!(pinned.to_string().contains("runs on version 1"), "{pinned}");
+        let again = sessions.open("m", "1", "a", spec, false).unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+    }
+
+    #[test]
+    fn ended_sessions_are_bounded_and_a_stale_call_changes_nothing() {
+        let stats = Arc::new(ServingMetrics::default());
+        let sessions = Sessions::new(Arc::clone(&stats), u64::MAX);
+        let spec = SessionSpec {
+            max_sessions: 1_000,
+            idle_timeout_s: 600,
+        };
+        for i in 0..500 {
+            let key = format!("k{i}");
+            let slot = sessions.open("m", "1", &key, spec, false).unwrap();
+            sessions.after_call("m", &key, &slot, 10, Some("trapped".into()));
+        }
+        let held = sessions.models.lock().unwrap()["m"].len();
+        assert!(held <= 64, "{held} entries for 500 ended sessions");
+        // A call that finishes after its session was replaced records nothing.
+        let old = sessions.open("m", "1", "x", spec, false).unwrap();
+        sessions.swapped("m", &["2"]);
+        let _ = sessions.open("m", "2", "x", spec, false);
+        let new = sessions.open("m", "2", "x", spec, false).unwrap();
+        sessions.after_call("m", "x", &old, 1 << 30, Some("late".into()));
+        sessions.after_call("m", "x", &new, 77, None);
+        assert_eq!(stats.sessions("m").memory(), 77);
+    }
+
+    #[test]
     fn an_idle_session_ends_and_frees_its_place() {
-        let sessions = Sessions::new(Arc::default());
+        let sessions = Sessions::new(Arc::default(), u64::MAX);
         let spec = SessionSpec {
             max_sessions: 1,
             idle_timeout_s: 1,
         };
-        sessions.open("m", "1", "a", spec).unwrap();
-        assert!(sessions.open("m", "1", "b", spec).is_err());
+        sessions.open("m", "1", "a", spec, false).unwrap();
+        assert!(sessions.open("m", "1", "b", spec, false).is_err());
         std::thread::sleep(Duration::from_millis(1_100));
         sessions
-            .open("m", "1", "b", spec)
+            .open("m", "1", "b", spec, false)
             .expect("the idle session made room");
     }
 }

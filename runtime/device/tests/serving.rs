@@ -182,6 +182,41 @@ fn a_session_keeps_the_limits_per_call_and_a_failed_call_ends_it() {
     );
     let r = call("text/plain", b"hello");
     assert_eq!(r.status, 200, "{}", r.text());
+
+    // One call at a time: a second call while the first spins is refused, not queued.
+    std::thread::scope(|scope| {
+        let spinning = scope.spawn(|| call("attack/spin", b""));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let r = call("text/plain", b"hello");
+        assert_eq!(r.status, 409, "{}", r.text());
+        assert!(r.text().contains("one call at a time"), "{}", r.text());
+        assert_eq!(spinning.join().unwrap().status, 500);
+    });
+}
+
+#[test]
+fn new_sessions_are_refused_past_the_devices_session_memory() {
+    let (_dir, s) = serve(
+        "session-memory",
+        "[guest_caps]\nsession_memory_bytes = 1\n",
+        &[example_bundle(Example::SensorStream, None)],
+    );
+    let url = format!("{}/v2/models/sensor-stream/infer", s.url);
+    let steps = sensor_case();
+    let first = post_json_with(&url, &[("outpost-session", "a")], &readings(&steps[..4]));
+    assert_eq!(first.status, 200, "{}", first.text());
+    // The first session's instance now holds more than the whole bound.
+    let second = post_json_with(&url, &[("outpost-session", "b")], &readings(&steps[..4]));
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert!(
+        second.text().contains("session_memory_bytes"),
+        "{}",
+        second.text()
+    );
+    // The live one carries on.
+    let again = post_json_with(&url, &[("outpost-session", "a")], &readings(&steps[4..16]));
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(scores(&again.json()).len(), 1, "4 + 12 steps: one window");
 }
 
 #[test]

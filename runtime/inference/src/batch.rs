@@ -24,7 +24,7 @@ pub struct BatchConfig {
     pub max_batch_size: u64,
     /// Longest the first run of a batch waits for others.
     pub max_queue_delay: Duration,
-    /// Sizes at which a batch runs at once.
+    /// Sizes at which a batch runs at once: as soon as the rows waiting reach any of them.
     pub preferred_sizes: Vec<u64>,
     /// How many callers could call the model now (the requests running in the guest that
     /// calls it). When every one of them is already in the queue or running, no other call can
@@ -444,7 +444,7 @@ impl Model for Batched {
                     c.load(Ordering::SeqCst) <= self.inside.load(Ordering::SeqCst)
                 });
             let ready = waiting >= self.config.max_batch_size
-                || self.config.preferred_sizes.contains(&waiting)
+                || self.config.preferred_sizes.iter().any(|p| waiting >= *p)
                 || now >= deadline
                 || alone;
             if !ready {
@@ -479,8 +479,19 @@ impl Model for Batched {
             // The next leader starts its own window now, not after this batch.
             self.wake.notify_all();
             drop(queue);
+            let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
             let mut results = Vec::with_capacity(members.len());
-            self.run_batch(members, cap, &mut results);
+            // A backend that panics must not leave the batch's other callers waiting forever:
+            // each of them gets the fault as its answer.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_batch(members, cap, &mut results);
+            }));
+            if ran.is_err() {
+                results = ids
+                    .into_iter()
+                    .map(|id| (id, Err(RunError::Fault("the model panicked".into()))))
+                    .collect();
+            }
             queue = match self.queue.lock() {
                 Ok(q) => q,
                 Err(_) => return Err(RunError::Fault("the batch queue is poisoned".into())),
@@ -682,6 +693,51 @@ mod tests {
         });
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(*inner.calls.lock().unwrap(), vec![2]);
+    }
+
+    /// Panics on every call.
+    #[derive(Debug)]
+    struct Panics(Vec<Port>);
+
+    impl Model for Panics {
+        fn inputs(&self) -> &[Port] {
+            &self.0
+        }
+        fn outputs(&self) -> &[Port] {
+            &self.0
+        }
+        fn run(&self, _: Vec<Tensor>, _: u64) -> Result<Vec<Tensor>, RunError> {
+            panic!("the backend fell over");
+        }
+    }
+
+    #[test]
+    fn a_backend_that_panics_answers_every_caller_of_its_batch_with_a_fault() {
+        let ports = Doubler::new(None).ports.clone();
+        let config = BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(50),
+            preferred_sizes: vec![],
+            callers: None,
+        };
+        let model = Arc::new(Batched::new(
+            Arc::new(Panics(ports)),
+            config,
+            Arc::default(),
+        ));
+        std::thread::scope(|s| {
+            let runs: Vec<_> = (0..3)
+                .map(|_| {
+                    let model = Arc::clone(&model);
+                    s.spawn(move || model.run(rows(&[1.0, 2.0]), 1 << 20))
+                })
+                .collect();
+            for r in runs {
+                assert!(matches!(r.join().unwrap(), Err(RunError::Fault(_))));
+            }
+        });
+        // And the queue still works afterwards.
+        assert!(model.run(rows(&[1.0, 2.0]), 1 << 20).is_err());
     }
 
     #[test]
