@@ -310,7 +310,7 @@ impl Sessions {
     }
 
     /// Ends the sessions idle past their timeout, and forgets the ended ones told long enough,
-    /// in every model (on every new session, and periodically).
+    /// in every model (on every request that names a session, and periodically).
     pub(crate) fn expire(&self) {
         let Ok(mut models) = self.models.lock() else {
             return;

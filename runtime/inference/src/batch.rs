@@ -153,6 +153,8 @@ pub struct Batched {
     stats: Arc<BatchStats>,
     /// Callers inside `run` now: queued, running a batch, or running alone.
     inside: AtomicUsize,
+    /// Whether the model's inputs can be batched at all (see [`Batched::batchable`]).
+    batchable: bool,
 }
 
 /// One caller counted in [`Batched::inside`].
@@ -177,6 +179,7 @@ impl Batched {
     /// Wraps `inner`; its counters go to `stats`.
     pub fn new(inner: Arc<dyn Model>, config: BatchConfig, stats: Arc<BatchStats>) -> Self {
         Self {
+            batchable: Self::batchable(inner.as_ref()),
             inner,
             config,
             queue: Mutex::default(),
@@ -199,7 +202,7 @@ impl Batched {
     /// The group and row count of ordered inputs, when they can join a batch.
     fn group_of(&self, inputs: &[Tensor]) -> Option<(Group, u64)> {
         let rows = inputs.first()?.shape.first().copied()?;
-        if rows == 0 || rows >= self.config.max_batch_size || !Self::batchable(&*self.inner) {
+        if rows == 0 || rows >= self.config.max_batch_size || !self.batchable {
             return None;
         }
         let mut group = Vec::with_capacity(inputs.len());
@@ -562,14 +565,23 @@ mod tests {
             .collect()
     }
 
+    fn batch_config(
+        max: u64,
+        delay: Duration,
+        preferred: Vec<u64>,
+        callers: Option<Arc<AtomicUsize>>,
+    ) -> BatchConfig {
+        BatchConfig {
+            max_batch_size: max,
+            max_queue_delay: delay,
+            preferred_sizes: preferred,
+            callers,
+        }
+    }
+
     fn batched(inner: Arc<Doubler>, max: u64) -> (Arc<Batched>, Arc<BatchStats>) {
         let stats = Arc::new(BatchStats::default());
-        let config = BatchConfig {
-            max_batch_size: max,
-            max_queue_delay: Duration::from_millis(50),
-            preferred_sizes: vec![],
-            callers: None,
-        };
+        let config = batch_config(max, Duration::from_millis(50), vec![], None);
         (
             Arc::new(Batched::new(inner, config, Arc::clone(&stats))),
             stats,
@@ -657,12 +669,12 @@ mod tests {
     #[test]
     fn a_batch_runs_at_once_when_every_caller_is_already_queued() {
         let callers = Arc::new(AtomicUsize::new(1));
-        let config = BatchConfig {
-            max_batch_size: 8,
-            max_queue_delay: Duration::from_secs(5),
-            preferred_sizes: vec![],
-            callers: Some(Arc::clone(&callers)),
-        };
+        let config = batch_config(
+            8,
+            Duration::from_secs(5),
+            vec![],
+            Some(Arc::clone(&callers)),
+        );
         let model = Batched::new(Doubler::new(None), config, Arc::default());
         let started = Instant::now();
         model.run(rows(&[1.0, 2.0]), 1 << 20).unwrap();
@@ -673,12 +685,12 @@ mod tests {
         // Two callers: the first waits for the second, then both go at once.
         callers.store(2, Ordering::SeqCst);
         let inner = Doubler::new(None);
-        let config = BatchConfig {
-            max_batch_size: 8,
-            max_queue_delay: Duration::from_secs(5),
-            preferred_sizes: vec![],
-            callers: Some(Arc::clone(&callers)),
-        };
+        let config = batch_config(
+            8,
+            Duration::from_secs(5),
+            vec![],
+            Some(Arc::clone(&callers)),
+        );
         let model = Arc::new(Batched::new(
             Arc::clone(&inner) as Arc<dyn Model>,
             config,
@@ -714,12 +726,7 @@ mod tests {
     #[test]
     fn a_backend_that_panics_answers_every_caller_of_its_batch_with_a_fault() {
         let ports = Doubler::new(None).ports.clone();
-        let config = BatchConfig {
-            max_batch_size: 8,
-            max_queue_delay: Duration::from_millis(50),
-            preferred_sizes: vec![],
-            callers: None,
-        };
+        let config = batch_config(8, Duration::from_millis(50), vec![], None);
         let model = Arc::new(Batched::new(
             Arc::new(Panics(ports)),
             config,
@@ -743,12 +750,7 @@ mod tests {
     #[test]
     fn a_batch_runs_at_once_on_reaching_a_preferred_size() {
         let inner = Doubler::new(None);
-        let config = BatchConfig {
-            max_batch_size: 8,
-            max_queue_delay: Duration::from_secs(5),
-            preferred_sizes: vec![2],
-            callers: None,
-        };
+        let config = batch_config(8, Duration::from_secs(5), vec![2], None);
         let model = Arc::new(Batched::new(
             Arc::clone(&inner) as Arc<dyn Model>,
             config,
