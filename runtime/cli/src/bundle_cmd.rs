@@ -107,26 +107,26 @@ pub(crate) fn run(cmd: BundleCommand) -> Result<()> {
                         &spec_path,
                         baseline_data.is_some(),
                     )?;
+                    let existed = spec_path.exists();
                     util::write_atomic(&spec_path, spec.to_toml()?.as_bytes(), false)?;
+                    let sample = baseline_data.as_deref().map(|p| (p, baseline_bins));
+                    let bundle = build_from_spec(&spec_path, sample).inspect_err(|_| {
+                        // A build that fails leaves nothing behind, not even its spec.
+                        if !existed {
+                            let _ = std::fs::remove_file(&spec_path);
+                        }
+                    })?;
                     println!(
                         "wrote the spec to {} (edit it and build from it)",
                         spec_path.display()
                     );
-                    spec_path
+                    return write_built(&bundle, &out);
                 }
                 (None, None) => anyhow::bail!("give a spec file or --onnx FILE"),
             };
             let sample = baseline_data.as_deref().map(|p| (p, baseline_bins));
             let bundle = build_from_spec(&spec, sample)?;
-            util::write_atomic(&out, &bundle.to_bytes(), false)?;
-            let m = bundle.manifest();
-            println!(
-                "built {} {} -> {} (unsigned; sign it with `outpost bundle sign`)",
-                m.name,
-                m.version,
-                out.display()
-            );
-            Ok(())
+            write_built(&bundle, &out)
         }
         BundleCommand::Sign { bundle, key, out } => {
             let key = SecretKey::from_file_str(&util::read_string(&key)?)
@@ -375,25 +375,80 @@ fn build_from_spec(spec_path: &Path, sample: Option<(&Path, usize)>) -> Result<B
                 backend.name()
             )
         };
-        // The declaration is checked against the graph's own facts, then the model is loaded
-        // as a device loads it: with the declared inputs pinned.
-        let model = backend
-            .load(&m.bytes, &[])
-            .map_err(anyhow::Error::msg)
-            .with_context(cannot_load)?;
+        let mismatch = || format!("ONNX model `{}` does not match its declaration", m.name);
+        // The declaration is checked against the graph's own facts where the graph types
+        // with its dimensions open, else against the graph typed with the declared inputs
+        // (many exports type only then); the model must also load as a device loads it, with
+        // the declared inputs pinned.
+        let open = backend.load(&m.bytes, &[]);
+        let pinned = (!m.inputs.is_empty()).then(|| backend.load(&m.bytes, &m.inputs));
+        let model = match (open, pinned) {
+            (Ok(open), None | Some(Ok(_))) => open,
+            (Ok(open), Some(Err(e))) => {
+                outpost_inference::check_signature(open.as_ref(), &m.inputs, &m.outputs)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(mismatch)?;
+                return Err(anyhow::Error::msg(e)).with_context(cannot_load);
+            }
+            (Err(e), None) => return Err(anyhow::Error::msg(e)).with_context(cannot_load),
+            (Err(_), Some(Ok(pinned))) => pinned,
+            (Err(_), Some(Err(e))) => {
+                // A declaration of other inputs than the graph's is the thing to fix first.
+                if let Ok(graph) = outpost_inference::graph_inputs(&m.bytes) {
+                    let fits = graph.len() == m.inputs.len()
+                        && graph.iter().zip(&m.inputs).all(|(g, d)| {
+                            g.name == d.name
+                                && g.datatype == d.datatype
+                                && g.shape.len() == d.shape.len()
+                        });
+                    if !fits {
+                        let list: Vec<String> = graph.iter().map(tensor_spec).collect();
+                        anyhow::bail!(
+                            "{}: the spec declares inputs {}, the graph's are {}",
+                            mismatch(),
+                            m.inputs
+                                .iter()
+                                .map(tensor_spec)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            list.join(", ")
+                        );
+                    }
+                }
+                return Err(anyhow::Error::msg(e)).with_context(cannot_load);
+            }
+        };
         outpost_inference::check_signature(model.as_ref(), &m.inputs, &m.outputs)
             .map_err(anyhow::Error::msg)
-            .with_context(|| format!("ONNX model `{}` does not match its declaration", m.name))?;
-        if !m.inputs.is_empty() {
-            backend
-                .load(&m.bytes, &m.inputs)
-                .map_err(anyhow::Error::msg)
-                .with_context(cannot_load)?;
-        }
+            .with_context(mismatch)?;
     }
     let bundle = Bundle::build(input.build)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     Ok(bundle)
+}
+
+/// Writes a built bundle to `out` and says so.
+fn write_built(bundle: &Bundle, out: &Path) -> Result<()> {
+    util::write_atomic(out, &bundle.to_bytes(), false)?;
+    let m = bundle.manifest();
+    println!(
+        "built {} {} -> {} (unsigned; sign it with `outpost bundle sign`)",
+        m.name,
+        m.version,
+        out.display()
+    );
+    Ok(())
+}
+
+/// `name DATATYPE [d, ...]`, as the signature messages write a tensor.
+fn tensor_spec(t: &outpost_bundle::manifest::TensorSpec) -> String {
+    let dims: Vec<String> = t.shape.iter().map(ToString::to_string).collect();
+    format!(
+        "`{}` {} [{}]",
+        t.name,
+        t.datatype.oip_name(),
+        dims.join(", ")
+    )
 }
 
 /// The generic guest's `monitor` list declares the features it observes: each must be in the

@@ -104,10 +104,18 @@ pub(crate) fn run(cmd: ModelCommand) -> Result<()> {
         Err(e) => {
             println!("outputs     tract cannot type the graph with these inputs:");
             println!("              {e}");
-            println!(
-                "            (a dimension left open is often the cause: pin it with \
-                 --input-shape INPUT=D1,D2,...)"
-            );
+            if i.unsupported.is_empty() {
+                println!(
+                    "            (a dimension left open is often the cause: pin it with \
+                     --input-shape INPUT=D1,D2,...)"
+                );
+            } else {
+                println!(
+                    "            (tract has no {}: export the model without it, e.g. with \
+                     another converter option or opset, or keep that step in a guest)",
+                    i.unsupported.join(", ")
+                );
+            }
         }
     }
     for r in &i.repairs {
@@ -120,15 +128,9 @@ pub(crate) fn run(cmd: ModelCommand) -> Result<()> {
         .collect();
     println!("operators   {}", ops.join(" "));
     if !i.unsupported.is_empty() {
-        let repaired = i.outputs.is_ok();
         println!(
-            "unsupported {}{}",
-            i.unsupported.join(", "),
-            if repaired {
-                " (removed by the repairs above)"
-            } else {
-                " (tract cannot run these)"
-            }
+            "unsupported {} (tract cannot run these)",
+            i.unsupported.join(", ")
         );
     }
     println!(

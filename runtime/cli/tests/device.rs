@@ -6,11 +6,11 @@
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{bin, build_and_sign, digits_spec, ok, signer};
+use common::{bin, build_and_sign, digits_spec, ok, run_device, signer};
 use outpost_testkit::{TempDir, digits_version};
 
 /// A device directory: key, trust store, config, and two signed digits bundles.
@@ -32,32 +32,6 @@ fn setup(tag: &str) -> TempDir {
 
 fn status(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(dir, &["device", "status", "--config", "device.toml"])).unwrap()
-}
-
-/// Starts `outpost device run` and returns it with the address it serves on.
-fn run(dir: &Path) -> (Child, String) {
-    let mut child = bin()
-        .args(["device", "run", "--config", "device.toml"])
-        .current_dir(dir)
-        .env("OUTPOST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        if let Some(i) = line.find("serving addr=") {
-            let addr: String = line[i + 13..]
-                .chars()
-                .take_while(|c| !c.is_whitespace())
-                .collect();
-            return (child, format!("http://{addr}"));
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("the device never said where it serves");
 }
 
 #[test]
@@ -133,7 +107,7 @@ fn kill_9_during_install_leaves_a_consistent_device_and_the_install_can_be_retri
     );
     assert_eq!(status(dir)[0]["active"], "2.0.0");
 
-    let (mut device, url) = run(dir);
+    let (mut device, url) = run_device(dir, "device.toml");
     assert_eq!(digits_version(&url), Ok("2.0.0".into()));
     device.kill().unwrap();
     device.wait().unwrap();
@@ -158,7 +132,7 @@ fn device_run_serves_the_last_active_deployment_and_refuses_a_second_process() {
         dir,
         &["device", "install", "2.0.0.opb", "--config", "device.toml"],
     );
-    let (mut device, url) = run(dir);
+    let (mut device, url) = run_device(dir, "device.toml");
     assert_eq!(
         digits_version(&url),
         Ok("1.0.0".into()),

@@ -179,6 +179,86 @@ pub fn quirky_classifier_onnx() -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// A scikit-learn pipeline's shape as skl2onnx writes it: `scaled = Scaler(x)` (`ai.onnx.ml`,
+/// offset `[1, 2]`, scale `[2, 0.5]`) over FP32 `x [n, 2]`, then `label = Cast(ArgMax(scaled,
+/// axis 1), INT64)`. tract has no Scaler and types an INT64 cast as a dimension: it serves
+/// once the loader rewrites the one and converts the other.
+pub fn scaled_labeler_onnx() -> Vec<u8> {
+    let float_list = |name: &str, floats: Vec<f32>| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Floats as i32,
+        floats,
+        ..Default::default()
+    };
+    let int = |name: &str, i: i64| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    };
+    let node = |op: &str, domain: &str, input: &str, output: &str, attribute| pb::NodeProto {
+        input: vec![input.into()],
+        output: vec![output.into()],
+        name: op.into(),
+        op_type: op.into(),
+        domain: domain.into(),
+        attribute,
+        ..Default::default()
+    };
+    let n = || dim(D::DimParam("n".into()));
+    let graph = pb::GraphProto {
+        name: "scaled".into(),
+        node: vec![
+            node(
+                "Scaler",
+                "ai.onnx.ml",
+                "x",
+                "scaled",
+                vec![
+                    float_list("offset", vec![1.0, 2.0]),
+                    float_list("scale", vec![2.0, 0.5]),
+                ],
+            ),
+            node(
+                "ArgMax",
+                "",
+                "scaled",
+                "index",
+                vec![int("axis", 1), int("keepdims", 0)],
+            ),
+            node(
+                "Cast",
+                "",
+                "index",
+                "label",
+                vec![int("to", Pb::Int64 as i64)],
+            ),
+        ],
+        input: vec![value("x", Pb::Float, vec![n(), dim(D::DimValue(2))])],
+        output: vec![
+            value("scaled", Pb::Float, vec![n(), dim(D::DimValue(2))]),
+            value("label", Pb::Int64, vec![n()]),
+        ],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![
+            pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            },
+            pb::OperatorSetIdProto {
+                domain: "ai.onnx.ml".into(),
+                version: 1,
+            },
+        ],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 /// A tiny image classifier: `probabilities = Softmax(ReduceMean(image, axes 2, 3) · w)` over
 /// FP32 `image [n, 3, 8, 8]` (channels first, as vision exports are), four classes decided by
 /// the channels' mean brightness.

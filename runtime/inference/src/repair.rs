@@ -4,7 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tract_onnx::pb::ModelProto;
+use tract_onnx::pb::{
+    AttributeProto, ModelProto, NodeProto, TensorProto, attribute_proto, tensor_proto,
+};
 
 /// Repairs `model` in place; returns one line per repair made, for the manifest and the user.
 pub(crate) fn repair(model: &mut ModelProto) -> Vec<String> {
@@ -70,6 +72,76 @@ pub(crate) fn repair(model: &mut ModelProto) -> Vec<String> {
         graph.value_info.retain(|v| v.name != from && v.name != to);
         done.push(format!(
             "dropped the ZipMap after `{from}`: output `{to}` is the probability tensor"
+        ));
+    }
+
+    // `ai.onnx.ml` Scaler (skl2onnx's StandardScaler, MinMaxScaler, ...): `y = (x - offset) *
+    // scale`, which tract does not implement. Rewritten as the standard Sub and Mul it is.
+    let mut scalers = 0;
+    let mut i = 0;
+    while i < graph.node.len() {
+        let node = &graph.node[i];
+        if node.op_type != "Scaler" || node.input.len() != 1 || node.output.len() != 1 {
+            i += 1;
+            continue;
+        }
+        let floats = |name: &str| {
+            node.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .map(|a| a.floats.clone())
+                .unwrap_or_default()
+        };
+        let (offset, scale) = (floats("offset"), floats("scale"));
+        let (input, output) = (node.input[0].clone(), node.output[0].clone());
+        let base = format!("{output}__scaler");
+        let constant = |suffix: &str, values: Vec<f32>| TensorProto {
+            name: format!("{base}_{suffix}"),
+            dims: vec![values.len() as i64],
+            data_type: tensor_proto::DataType::Float as i32,
+            float_data: values,
+            ..Default::default()
+        };
+        let op = |op: &str, inputs: [String; 2], output: String| NodeProto {
+            name: format!("{base}_{}", op.to_lowercase()),
+            op_type: op.into(),
+            input: inputs.into(),
+            output: vec![output],
+            ..Default::default()
+        };
+        // Scaler takes integers and doubles too, and always gives floats.
+        let cast = NodeProto {
+            name: format!("{base}_cast"),
+            op_type: "Cast".into(),
+            input: vec![input],
+            output: vec![format!("{base}_float")],
+            attribute: vec![AttributeProto {
+                name: "to".into(),
+                r#type: attribute_proto::AttributeType::Int as i32,
+                i: tensor_proto::DataType::Float as i64,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let shifted = format!("{base}_shifted");
+        let sub = op(
+            "Sub",
+            [format!("{base}_float"), format!("{base}_offset")],
+            shifted.clone(),
+        );
+        let mul = op("Mul", [shifted, format!("{base}_scale")], output);
+        // An empty attribute means no shift or no scaling.
+        let offset = if offset.is_empty() { vec![0.0] } else { offset };
+        let scale = if scale.is_empty() { vec![1.0] } else { scale };
+        graph.initializer.push(constant("offset", offset));
+        graph.initializer.push(constant("scale", scale));
+        graph.node.splice(i..=i, [cast, sub, mul]);
+        scalers += 1;
+        i += 3;
+    }
+    if scalers > 0 {
+        done.push(format!(
+            "rewrote {scalers} ai.onnx.ml Scaler node(s) as Sub and Mul"
         ));
     }
     done

@@ -52,6 +52,8 @@ pub(crate) fn datatype(dt: DatumType) -> Option<DataType> {
         DatumType::F16 => DataType::F16,
         DatumType::F32 => DataType::F32,
         DatumType::F64 => DataType::F64,
+        // tract computes ONNX INT64 values (a `Cast` to INT64, shapes) as dimensions.
+        DatumType::TDim => DataType::I64,
         _ => return None,
     })
 }
@@ -292,7 +294,7 @@ impl Model for TractModel {
         // tract panics on some inputs that fit the graph (a Gather index beyond its table):
         // that is the model failing, and it must not take the serving thread with it. The plan
         // is immutable and each run makes its own state, so nothing is left half-changed.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.plan.run(values)));
+        let run = quiet_panics(|| self.plan.run(values));
         let outputs = match run {
             Ok(result) => result.map_err(|e| fault(format!("{e:#}")))?,
             Err(panic) => {
@@ -318,6 +320,31 @@ impl Model for TractModel {
         }
         Ok(result)
     }
+}
+
+thread_local! {
+    /// Set while this thread runs a model under [`quiet_panics`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic in it without the panic hook's report on stderr (and without
+/// the backtrace it symbolises when `RUST_BACKTRACE` is set, which takes long enough to miss
+/// a request's deadline): the caller turns the panic into an error the request answers with.
+/// Panics elsewhere, on any thread, still reach the hook that was installed before.
+fn quiet_panics<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    result
 }
 
 fn decode<T: Datum + Copy, const N: usize>(
@@ -367,6 +394,12 @@ fn encode<T: Datum + Copy, const N: usize>(
 }
 
 fn from_tract(name: &str, t: &TractTensor) -> Result<Tensor, String> {
+    if t.datum_type() == DatumType::TDim {
+        let t = t
+            .cast_to::<i64>()
+            .map_err(|e| format!("output `{name}`: {e:#}"))?;
+        return from_tract(name, &t);
+    }
     let datatype = datatype(t.datum_type())
         .ok_or_else(|| format!("output `{name}` has unsupported type {:?}", t.datum_type()))?;
     let data = match datatype {
@@ -442,6 +475,36 @@ mod tests {
         );
         let err = model.run(vec![ids(&[0; 64])], 16).unwrap_err();
         assert!(matches!(err, RunError::Input(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_scikit_learn_scaler_and_an_integer_label_load_and_run() {
+        let model = Tract
+            .load(&outpost_examples::graphs::scaled_labeler_onnx(), &[])
+            .unwrap();
+        assert_eq!(model.outputs()[1].datatype, DataType::I64);
+        let mut x = floats("x", &[3.0, 2.0, 1.0, 6.0]);
+        x.shape = vec![2, 2];
+        let out = model.run(vec![x], 1 << 20).unwrap();
+        let scaled: Vec<f32> = out[0]
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        // (x - offset) * scale, per column.
+        assert_eq!(scaled, [4.0, 0.0, 0.0, 2.0]);
+        assert_eq!(out[1].datatype, DataType::I64);
+        assert_eq!(out[1].shape, vec![2]);
+        let labels: Vec<i64> = out[1]
+            .data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(labels, [0, 1]);
+        assert_eq!(
+            repairs(&outpost_examples::graphs::scaled_labeler_onnx()).unwrap(),
+            ["rewrote 1 ai.onnx.ml Scaler node(s) as Sub and Mul"]
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The `outpost` binary under test.
 pub fn bin() -> Command {
@@ -20,6 +21,35 @@ pub fn outpost(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .output()
         .expect("run outpost")
+}
+
+/// Starts `outpost device run --config CONFIG` in `dir` and returns it with the URL it
+/// serves on (its config listens on port 0). Its log goes on being read, so it never blocks
+/// on a full pipe.
+pub fn run_device(dir: &Path, config: &str) -> (Child, String) {
+    let mut child = bin()
+        .args(["device", "run", "--config", config])
+        .current_dir(dir)
+        .env("OUTPOST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(i) = line.find("serving addr=") {
+            let addr: String = line[i + 13..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, format!("http://{addr}"));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the device never said where it serves");
 }
 
 /// Runs a command that must succeed; returns its stdout.
