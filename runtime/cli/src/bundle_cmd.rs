@@ -25,10 +25,13 @@ use crate::util;
 pub(crate) enum BundleCommand {
     /// Build an unsigned bundle from a spec file (TOML; see `docs/bundle-spec.md` and
     /// `examples/*/bundle.toml`), or from an ONNX file alone with `--onnx`.
-    #[command(disable_version_flag = true)]
+    #[command(
+        disable_version_flag = true,
+        group(clap::ArgGroup::new("source").args(["onnx", "from_mlflow"]))
+    )]
     Build {
         /// The spec file. Paths inside it are relative to its directory.
-        #[arg(required_unless_present = "onnx")]
+        #[arg(required_unless_present_any = ["onnx", "from_mlflow"])]
         spec: Option<PathBuf>,
         /// Where to write the bundle.
         #[arg(long, short)]
@@ -92,41 +95,52 @@ pub(crate) fn run(cmd: BundleCommand) -> Result<()> {
             baseline_data,
             baseline_bins,
         } => {
-            let spec = match (spec, &onnx.onnx) {
-                (Some(spec), _) => spec,
-                (None, Some(file)) => {
-                    let bytes = util::read(file)?;
-                    let spec_path = onnx.spec_out.clone().unwrap_or_else(|| {
-                        let name = onnx.name.as_deref().unwrap_or("model");
-                        out.with_file_name(format!("{name}.bundle.toml"))
-                    });
-                    let spec = crate::onnx_spec::spec_for(
-                        &onnx,
-                        file,
-                        &bytes,
-                        &spec_path,
-                        baseline_data.is_some(),
-                    )?;
-                    let existed = spec_path.exists();
-                    util::write_atomic(&spec_path, spec.to_toml()?.as_bytes(), false)?;
-                    let sample = baseline_data.as_deref().map(|p| (p, baseline_bins));
-                    let bundle = build_from_spec(&spec_path, sample).inspect_err(|_| {
-                        // A build that fails leaves nothing behind, not even its spec.
-                        if !existed {
-                            let _ = std::fs::remove_file(&spec_path);
-                        }
-                    })?;
-                    println!(
-                        "wrote the spec to {} (edit it and build from it)",
-                        spec_path.display()
-                    );
-                    return write_built(&bundle, &out);
-                }
-                (None, None) => anyhow::bail!("give a spec file or --onnx FILE"),
-            };
             let sample = baseline_data.as_deref().map(|p| (p, baseline_bins));
-            let bundle = build_from_spec(&spec, sample)?;
-            write_built(&bundle, &out)
+            match (spec, &onnx.onnx, &onnx.from_mlflow) {
+                (Some(spec), _, _) => {
+                    let bundle = build_from_spec(&spec, sample)?;
+                    write_built(&bundle, &out)
+                }
+                (None, Some(file), _) => {
+                    let bytes = util::read(file)?;
+                    build_onnx(&onnx, file, &bytes, &out, sample, None)
+                }
+                (None, None, Some(dir)) => {
+                    let model = crate::mlflow::read(dir)?;
+                    let mut args = onnx.clone();
+                    let name = args
+                        .name
+                        .get_or_insert_with(|| crate::mlflow::name_of(dir))
+                        .clone();
+                    let graph = outpost_inference::graph_inputs(&model.onnx)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| {
+                            format!("cannot read the ONNX model of `{}`", dir.display())
+                        })?;
+                    if let Some(sig) = &model.inputs {
+                        let pins = crate::mlflow::pins(sig, &graph, &args.input_shapes)?;
+                        args.input_shapes.extend(pins);
+                    }
+                    // The model with its external data inside, next to the bundle: the spec
+                    // written names it, so the build can be repeated from the spec alone.
+                    let file = out.with_file_name(format!("{name}.onnx"));
+                    let existed = file.exists();
+                    util::write_atomic(&file, &model.onnx, false)?;
+                    for f in &model.data_files {
+                        println!("read external data {}", f.display());
+                    }
+                    build_onnx(&args, &file, &model.onnx, &out, sample, Some(&model)).inspect_err(
+                        |_| {
+                            if !existed {
+                                let _ = std::fs::remove_file(&file);
+                            }
+                        },
+                    )
+                }
+                (None, None, None) => {
+                    anyhow::bail!("give a spec file, --onnx FILE or --from-mlflow DIR")
+                }
+            }
         }
         BundleCommand::Sign { bundle, key, out } => {
             let key = SecretKey::from_file_str(&util::read_string(&key)?)
@@ -425,6 +439,47 @@ fn build_from_spec(spec_path: &Path, sample: Option<(&Path, usize)>) -> Result<B
     let bundle = Bundle::build(input.build)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     Ok(bundle)
+}
+
+/// Builds a bundle with the generic guest around the ONNX model `file` (`bytes`): writes the
+/// spec it used, then the bundle; a build that fails leaves neither.
+fn build_onnx(
+    args: &crate::onnx_spec::OnnxArgs,
+    file: &Path,
+    bytes: &[u8],
+    out: &Path,
+    sample: Option<(&Path, usize)>,
+    mlflow: Option<&crate::mlflow::MlflowModel>,
+) -> Result<()> {
+    let spec_path = args.spec_out.clone().unwrap_or_else(|| {
+        let name = args.name.as_deref().unwrap_or("model");
+        out.with_file_name(format!("{name}.bundle.toml"))
+    });
+    let mut spec = crate::onnx_spec::spec_for(args, file, bytes, &spec_path, sample.is_some())?;
+    if let Some(m) = mlflow {
+        if let Some(sig) = &m.outputs {
+            crate::mlflow::check_outputs(sig, &spec.model[0].outputs)?;
+        }
+        if !m.metadata.is_empty() {
+            spec.metadata.insert(
+                "mlflow".to_owned(),
+                serde_json::Value::Object(m.metadata.clone()),
+            );
+        }
+    }
+    let existed = spec_path.exists();
+    util::write_atomic(&spec_path, spec.to_toml()?.as_bytes(), false)?;
+    let bundle = build_from_spec(&spec_path, sample).inspect_err(|_| {
+        // A build that fails leaves nothing behind, not even its spec.
+        if !existed {
+            let _ = std::fs::remove_file(&spec_path);
+        }
+    })?;
+    println!(
+        "wrote the spec to {} (edit it and build from it)",
+        spec_path.display()
+    );
+    write_built(&bundle, out)
 }
 
 /// Writes a built bundle to `out` and says so.

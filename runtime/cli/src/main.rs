@@ -14,6 +14,7 @@ mod device_cmd;
 mod enrol_cmd;
 mod fleet_cmd;
 mod key_cmd;
+mod mlflow;
 mod model_cmd;
 mod onnx_spec;
 mod rollout_cmd;

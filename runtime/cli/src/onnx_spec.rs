@@ -15,30 +15,36 @@ pub(crate) struct OnnxArgs {
     /// tensors out); writes the spec it used next to the bundle.
     #[arg(long, conflicts_with = "spec", requires_all = ["name", "version"])]
     pub onnx: Option<PathBuf>,
-    /// Model name for `--onnx` (`[a-z0-9][a-z0-9-]*`).
-    #[arg(long, requires = "onnx")]
+    /// Build from an MLflow model directory with the `onnx` flavor (`MLmodel`, its ONNX file
+    /// and external data files), with the built-in generic guest: the signature pins the
+    /// inputs and is checked against the graph; run id, model uuid and MLflow version go in
+    /// the manifest's metadata. The name defaults to the directory's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["spec", "onnx"], requires = "version")]
+    pub from_mlflow: Option<PathBuf>,
+    /// Model name for `--onnx` or `--from-mlflow` (`[a-z0-9][a-z0-9-]*`).
+    #[arg(long, requires = "source")]
     pub name: Option<String>,
-    /// Model version for `--onnx` (semver, e.g. 1.0.0).
-    #[arg(long, requires = "onnx")]
+    /// Model version for `--onnx` or `--from-mlflow` (semver, e.g. 1.0.0).
+    #[arg(long, requires = "source")]
     pub version: Option<String>,
-    /// Anti-rollback counter for `--onnx`.
-    #[arg(long, requires = "onnx", default_value_t = 1)]
+    /// Anti-rollback counter for `--onnx` or `--from-mlflow`.
+    #[arg(long, requires = "source", default_value_t = 1)]
     pub security_counter: u64,
     /// Pin an input's shape, e.g. `image=1,3,224,224` or `input=batch,64` (a name keeps a
     /// dimension open). Repeat for more inputs.
-    #[arg(long = "input-shape", value_name = "INPUT=DIMS", requires = "onnx")]
+    #[arg(long = "input-shape", value_name = "INPUT=DIMS", requires = "source")]
     pub input_shapes: Vec<String>,
     /// Class labels, one per line, for the bundle's `labels`.
-    #[arg(long, value_name = "FILE", requires = "onnx")]
+    #[arg(long, value_name = "FILE", requires = "source")]
     pub labels: Option<PathBuf>,
     /// Map an FP32 input's values to `x * SCALE + OFFSET` before the model sees them.
-    #[arg(long, value_name = "INPUT=SCALE[,OFFSET]", requires = "onnx")]
+    #[arg(long, value_name = "INPUT=SCALE[,OFFSET]", requires = "source")]
     pub scale: Vec<String>,
     /// Turn an FP32 output into probabilities (softmax over its last axis).
-    #[arg(long, value_name = "OUTPUT", requires = "onnx")]
+    #[arg(long, value_name = "OUTPUT", requires = "source")]
     pub softmax: Vec<String>,
     /// Where to write the spec (default: next to the bundle, `NAME.bundle.toml`).
-    #[arg(long, value_name = "FILE", requires = "onnx")]
+    #[arg(long, value_name = "FILE", requires = "source")]
     pub spec_out: Option<PathBuf>,
 }
 

@@ -5,6 +5,8 @@
 
 pub mod batch;
 #[cfg(feature = "tract")]
+mod external;
+#[cfg(feature = "tract")]
 mod inspect;
 #[cfg(feature = "tract")]
 mod repair;
@@ -17,6 +19,8 @@ use std::sync::Arc;
 use outpost_bundle::manifest::{DataType, TensorSpec};
 
 pub use batch::{BatchConfig, BatchStats, Batched};
+#[cfg(feature = "tract")]
+pub use external::inline_external_data;
 #[cfg(feature = "tract")]
 pub use inspect::{Inspection, inspect};
 pub use tensor::Tensor;
