@@ -106,6 +106,60 @@ pub enum DataType {
     Bytes,
 }
 
+/// An element type a tensor can hold as plain values: every OIP datatype except `FP16` (use
+/// [`Tensor::from_f16_bits`] and [`Tensor::to_f16_bits`]) and `BYTES` (use
+/// [`Tensor::from_strings`], [`Tensor::from_bytes_elements`], [`Tensor::to_bytes_elements`]).
+pub trait Element: Copy + sealed::Sealed {
+    /// The tensor datatype of this element type.
+    const DATATYPE: DataType;
+    /// Bytes per element.
+    const SIZE: usize;
+    /// Appends the little-endian bytes of `self`.
+    fn put(self, out: &mut Vec<u8>);
+    /// Reads one element from exactly [`Self::SIZE`] little-endian bytes.
+    fn get(bytes: &[u8]) -> Self;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! elements {
+    ($($t:ty => $dt:ident),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t {
+            const DATATYPE: DataType = DataType::$dt;
+            const SIZE: usize = std::mem::size_of::<$t>();
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(bytes: &[u8]) -> Self {
+                let mut b = [0u8; std::mem::size_of::<$t>()];
+                b.copy_from_slice(bytes);
+                <$t>::from_le_bytes(b)
+            }
+        }
+    )*};
+}
+
+elements!(
+    u8 => U8, u16 => U16, u32 => U32, u64 => U64,
+    i8 => I8, i16 => I16, i32 => I32, i64 => I64,
+    f32 => F32, f64 => F64,
+);
+
+impl sealed::Sealed for bool {}
+impl Element for bool {
+    const DATATYPE: DataType = DataType::Bool;
+    const SIZE: usize = 1;
+    fn put(self, out: &mut Vec<u8>) {
+        out.push(u8::from(self));
+    }
+    fn get(bytes: &[u8]) -> Self {
+        bytes[0] != 0
+    }
+}
+
 /// A named tensor: element type, shape, and the elements packed little-endian, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
@@ -122,33 +176,81 @@ pub struct Tensor {
 impl Tensor {
     /// A `FP32` tensor from values.
     pub fn from_f32(name: impl Into<String>, shape: impl Into<Vec<u64>>, values: &[f32]) -> Self {
-        Self {
-            name: name.into(),
-            datatype: DataType::F32,
-            shape: shape.into(),
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
+        Self::from_values(name, shape, values)
     }
 
     /// An `INT64` tensor from values.
     pub fn from_i64(name: impl Into<String>, shape: impl Into<Vec<u64>>, values: &[i64]) -> Self {
+        Self::from_values(name, shape, values)
+    }
+
+    /// A tensor of `values`, its datatype that of `T` (`Tensor::from_values::<u8>(...)` is a
+    /// `UINT8` tensor, `bool` a `BOOL` one).
+    pub fn from_values<T: Element>(
+        name: impl Into<String>,
+        shape: impl Into<Vec<u64>>,
+        values: &[T],
+    ) -> Self {
+        let mut data = Vec::with_capacity(values.len() * T::SIZE);
+        for &v in values {
+            v.put(&mut data);
+        }
         Self {
             name: name.into(),
-            datatype: DataType::I64,
+            datatype: T::DATATYPE,
             shape: shape.into(),
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data,
         }
     }
 
-    /// A `BYTES` tensor of strings, one element per string.
-    pub fn from_strings<S: AsRef<str>>(
+    /// The elements as `T`, which must be the tensor's own datatype (no conversion; see
+    /// [`Tensor::to_f32`] for one).
+    pub fn to_values<T: Element>(&self) -> Result<Vec<T>, Error> {
+        if self.datatype != T::DATATYPE {
+            return Err(Error::invalid_input(format!(
+                "tensor `{}`: expected {:?}, got {:?}",
+                self.name,
+                T::DATATYPE,
+                self.datatype
+            )));
+        }
+        self.check_size(T::SIZE)?;
+        Ok(self.data.chunks_exact(T::SIZE).map(T::get).collect())
+    }
+
+    /// An `FP16` tensor from the IEEE 754 half-precision bit patterns of its values.
+    pub fn from_f16_bits(
         name: impl Into<String>,
         shape: impl Into<Vec<u64>>,
-        values: &[S],
+        bits: &[u16],
+    ) -> Self {
+        Self {
+            datatype: DataType::F16,
+            ..Self::from_values(name, shape, bits)
+        }
+    }
+
+    /// The bit patterns of an `FP16` tensor's elements.
+    pub fn to_f16_bits(&self) -> Result<Vec<u16>, Error> {
+        if self.datatype != DataType::F16 {
+            return Err(Error::invalid_input(format!(
+                "tensor `{}`: expected F16, got {:?}",
+                self.name, self.datatype
+            )));
+        }
+        self.check_size(2)?;
+        Ok(self.data.chunks_exact(2).map(u16::get).collect())
+    }
+
+    /// A `BYTES` tensor, one element per byte string.
+    pub fn from_bytes_elements<B: AsRef<[u8]>>(
+        name: impl Into<String>,
+        shape: impl Into<Vec<u64>>,
+        values: &[B],
     ) -> Self {
         let mut data = Vec::new();
         for v in values {
-            let b = v.as_ref().as_bytes();
+            let b = v.as_ref();
             data.extend_from_slice(&(b.len() as u32).to_le_bytes());
             data.extend_from_slice(b);
         }
@@ -158,6 +260,45 @@ impl Tensor {
             shape: shape.into(),
             data,
         }
+    }
+
+    /// The elements of a `BYTES` tensor as UTF-8 strings.
+    pub fn to_strings(&self) -> Result<Vec<String>, Error> {
+        self.to_bytes_elements()?
+            .into_iter()
+            .map(|b| {
+                String::from_utf8(b).map_err(|_| {
+                    Error::invalid_input(format!("tensor `{}`: an element is not UTF-8", self.name))
+                })
+            })
+            .collect()
+    }
+
+    /// Checks that `data` holds exactly the shape's elements of `size` bytes.
+    fn check_size(&self, size: usize) -> Result<(), Error> {
+        let n = usize::try_from(self.element_count())
+            .map_err(|_| Error::invalid_input(format!("tensor `{}` is too large", self.name)))?;
+        if self.data.len() != n.saturating_mul(size) {
+            return Err(Error::invalid_input(format!(
+                "tensor `{}`: shape {:?} needs {} bytes of {:?}, got {}",
+                self.name,
+                self.shape,
+                n.saturating_mul(size),
+                self.datatype,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A `BYTES` tensor of strings, one element per string.
+    pub fn from_strings<S: AsRef<str>>(
+        name: impl Into<String>,
+        shape: impl Into<Vec<u64>>,
+        values: &[S],
+    ) -> Self {
+        let bytes: Vec<&[u8]> = values.iter().map(|v| v.as_ref().as_bytes()).collect();
+        Self::from_bytes_elements(name, shape, &bytes)
     }
 
     /// Number of elements the shape describes.
@@ -463,5 +604,53 @@ pub mod log {
     /// Logs at error level.
     pub fn error(message: &str) {
         wit_log::log(wit_log::Level::Error, message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Element + PartialEq + fmt::Debug>(values: &[T]) {
+        let t = Tensor::from_values("t", [values.len() as u64], values);
+        assert_eq!(t.datatype, T::DATATYPE);
+        assert_eq!(t.data.len(), values.len() * T::SIZE);
+        assert_eq!(t.to_values::<T>().unwrap(), values);
+    }
+
+    #[test]
+    fn every_datatype_has_a_constructor_and_an_accessor() {
+        round_trip(&[true, false]);
+        round_trip(&[0u8, 255]);
+        round_trip(&[1u16, u16::MAX]);
+        round_trip(&[1u32, u32::MAX]);
+        round_trip(&[1u64, u64::MAX]);
+        round_trip(&[-1i8, i8::MAX]);
+        round_trip(&[-1i16, i16::MIN]);
+        round_trip(&[-1i32, i32::MIN]);
+        round_trip(&[-1i64, i64::MIN]);
+        round_trip(&[1.5f32, -0.25]);
+        round_trip(&[1.5f64, f64::MIN_POSITIVE]);
+        let half = Tensor::from_f16_bits("h", [2], &[0x3c00, 0xc000]);
+        assert_eq!(half.datatype, DataType::F16);
+        assert_eq!(half.to_f16_bits().unwrap(), [0x3c00, 0xc000]);
+        let text = Tensor::from_strings("s", [2], &["a", "été"]);
+        assert_eq!(text.to_strings().unwrap(), ["a", "été"]);
+        let raw = Tensor::from_bytes_elements("b", [1], &[[0xffu8, 0]]);
+        assert!(raw.to_strings().is_err());
+        assert_eq!(raw.to_bytes_elements().unwrap(), [vec![0xff, 0]]);
+    }
+
+    #[test]
+    fn an_accessor_refuses_another_datatype_or_a_short_buffer() {
+        let t = Tensor::from_values("x", [2], &[1i32, 2]);
+        assert!(t.to_values::<i64>().is_err());
+        assert!(t.to_f16_bits().is_err());
+        assert_eq!(t.to_f32().unwrap(), [1.0, 2.0]);
+        let short = Tensor {
+            data: vec![0; 7],
+            ..t
+        };
+        assert!(short.to_values::<i32>().is_err());
     }
 }

@@ -13,6 +13,7 @@ mod demo_cmd;
 mod device_cmd;
 mod enrol_cmd;
 mod fleet_cmd;
+mod guest_cmd;
 mod key_cmd;
 mod mlflow;
 mod model_cmd;
@@ -42,6 +43,9 @@ enum Command {
     /// Look at an ONNX file as tract sees it, before it goes into a bundle.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Start a guest of your own (Rust for wasm32-wasip2) from the template.
+    #[command(subcommand)]
+    Guest(guest_cmd::GuestCommand),
     /// Run a file of inputs (JSON Lines or .npy) through a bundle on every core, resumably.
     Batch(batch_cmd::BatchArgs),
     /// Run a device: serve installed bundles over HTTP.
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Key(cmd) => key_cmd::run(cmd),
         Command::Bundle(cmd) => bundle_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Guest(cmd) => guest_cmd::run(cmd),
         Command::Batch(args) => batch_cmd::run(args),
         Command::Device(cmd) => device_cmd::run(cmd),
         Command::Fleet(cmd) => fleet_cmd::run(cmd),

@@ -334,6 +334,8 @@ fn every_command_has_help() {
         &["device", "default-config"],
         &["batch"],
         &["model", "inspect"],
+        &["guest"],
+        &["guest", "new"],
         &["fleet", "compare"],
         &["fleet", "deploy"],
         &["demo"],
