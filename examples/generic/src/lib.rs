@@ -14,6 +14,17 @@
 //! `scale`/`offset` map each element `x` of an FP32 input to `x * scale + offset`; `softmax`
 //! turns an FP32 output into probabilities over its last axis.
 //!
+//! `image` lets the raw endpoint take a PNG or JPEG for an image input: decoded, resized
+//! (bilinear) to the input's height and width, each channel mapped to `(pixel / 255 - mean) /
+//! std`, laid out channels first (`NCHW`) or last (`NHWC`), as one item:
+//!
+//! ```json
+//! { "image": { "input": "image", "layout": "NCHW", "height": 224, "width": 224,
+//!              "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225] } }
+//! ```
+//!
+//! (`bgr: true` for models trained on OpenCV's channel order; `channels: 1` for gray.)
+//!
 //! `monitor` lists the drift features the guest observes for each item (each row along the
 //! first axis) of every request, named as the bundle's baseline names them (`bundle build
 //! --onnx … --baseline-data FILE` writes both):
@@ -35,6 +46,8 @@
 //! the largest seen) for the baseline `bundle build --baseline-data` computes; the guest does
 //! not need it.
 
+mod image;
+
 use std::collections::BTreeMap;
 
 use outpost_guest::{DataType, Error, Payload, Request, Response, Tensor};
@@ -53,6 +66,9 @@ struct Config {
     outputs: BTreeMap<String, OutputStep>,
     #[serde(default)]
     monitor: Vec<Monitor>,
+    /// The raw endpoint's image step, when the model takes an image.
+    #[serde(default)]
+    image: Option<image::ImageStep>,
 }
 
 /// One drift feature observed for each item.
@@ -122,12 +138,19 @@ fn config() -> Result<Config, Error> {
 }
 
 fn handle(request: Request) -> Result<Response, Error> {
-    let Payload::Tensors(inputs) = request else {
-        return Err(Error::invalid_input(
-            "this model takes tensors (the Open Inference Protocol endpoints), not a raw payload",
-        ));
-    };
     let config = config()?;
+    let inputs = match (request, &config.image) {
+        (Payload::Tensors(inputs), _) => inputs,
+        (Payload::Raw { content_type, body }, Some(step)) => {
+            vec![image::tensor(step, &content_type, &body)?]
+        }
+        (Payload::Raw { .. }, None) => {
+            return Err(Error::invalid_input(
+                "this model takes tensors (the Open Inference Protocol endpoints), not a raw \
+                 payload",
+            ));
+        }
+    };
     observe(&config.monitor, &inputs, |m| m.input.as_deref());
     let inputs = inputs
         .into_iter()

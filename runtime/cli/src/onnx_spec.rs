@@ -43,6 +43,21 @@ pub(crate) struct OnnxArgs {
     /// Turn an FP32 output into probabilities (softmax over its last axis).
     #[arg(long, value_name = "OUTPUT", requires = "source")]
     pub softmax: Vec<String>,
+    /// Let the raw endpoint take PNG and JPEG images for this FP32 input (rank 4, channels
+    /// first or last, 1 or 3 channels, height and width fixed): decoded, resized, scaled to
+    /// 0-1 and normalised with --image-mean and --image-std.
+    #[arg(long, value_name = "INPUT", requires = "source")]
+    pub image: Option<String>,
+    /// Per-channel mean subtracted from an --image input's 0-1 pixels (ImageNet:
+    /// 0.485,0.456,0.406).
+    #[arg(long, value_name = "M,M,M", requires = "image", value_delimiter = ',')]
+    pub image_mean: Vec<f32>,
+    /// Per-channel divisor after the mean (ImageNet: 0.229,0.224,0.225).
+    #[arg(long, value_name = "S,S,S", requires = "image", value_delimiter = ',')]
+    pub image_std: Vec<f32>,
+    /// The --image input takes its channels in BGR order (models trained with OpenCV).
+    #[arg(long, requires = "image")]
+    pub image_bgr: bool,
     /// Where to write the spec (default: next to the bundle, `NAME.bundle.toml`).
     #[arg(long, value_name = "FILE", requires = "source")]
     pub spec_out: Option<PathBuf>,
@@ -171,6 +186,22 @@ pub(crate) fn spec_for(
     if !steps.is_empty() {
         generic.insert("outputs".into(), steps.into());
     }
+    let image = match &args.image {
+        None => None,
+        Some(input) => {
+            if args
+                .scale
+                .iter()
+                .any(|a| a.split_once('=').is_some_and(|(i, _)| i == input))
+            {
+                bail!("--image `{input}` and --scale `{input}` together: the image step scales");
+            }
+            Some(image_step(args, input, &inputs)?)
+        }
+    };
+    if let Some(step) = &image {
+        generic.insert("image".into(), step.clone());
+    }
     if monitored {
         let monitor = crate::baseline_data::monitor_for(&inputs, &outputs);
         generic.insert("monitor".into(), monitor.into());
@@ -203,7 +234,11 @@ pub(crate) fn spec_for(
         api: Api {
             inputs,
             outputs,
-            raw_content_types: Vec::new(),
+            raw_content_types: if image.is_some() {
+                vec!["image/png".into(), "image/jpeg".into()]
+            } else {
+                Vec::new()
+            },
         },
         limits: ResourceLimits::default(),
         // Computed from the sample when the bundle is built.
@@ -213,6 +248,72 @@ pub(crate) fn spec_for(
         metadata,
         serving: Default::default(),
     })
+}
+
+/// The generic guest's `image` step for input `name`: its layout, size and channels from the
+/// input's shape, its normalisation from the flags.
+fn image_step(args: &OnnxArgs, name: &str, inputs: &[TensorSpec]) -> Result<serde_json::Value> {
+    let Some(input) = inputs.iter().find(|t| t.name == name) else {
+        let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+        bail!(
+            "--image `{name}`: the model has no input `{name}` (its inputs: {})",
+            names.join(", ")
+        );
+    };
+    let shape: Vec<String> = input.shape.iter().map(ToString::to_string).collect();
+    let shape = shape.join(", ");
+    if input.datatype.oip_name() != "FP32" || input.shape.len() != 4 {
+        bail!(
+            "--image `{name}`: an image input is FP32 of rank 4, `{name}` is {} [{shape}]",
+            input.datatype.oip_name()
+        );
+    }
+    let fixed = |d: &Dim| match d {
+        Dim::Fixed(n) => Some(*n as usize),
+        Dim::Symbolic(_) => None,
+    };
+    let dims: Vec<Option<usize>> = input.shape.iter().map(fixed).collect();
+    let channels_ok = |c: Option<usize>| matches!(c, Some(1 | 3));
+    let (layout, c, h, w) = if channels_ok(dims[1]) {
+        ("NCHW", dims[1], dims[2], dims[3])
+    } else if channels_ok(dims[3]) {
+        ("NHWC", dims[3], dims[1], dims[2])
+    } else {
+        bail!("--image `{name}`: [{shape}] has no channel dimension of 1 or 3 second or last");
+    };
+    let (Some(c), Some(h), Some(w)) = (c, h, w) else {
+        bail!(
+            "--image `{name}`: its height and width must be fixed to resize to them: pin them \
+             with --input-shape {name}=... ([{shape}] now)"
+        );
+    };
+    if matches!(dims[0], Some(n) if n != 1) {
+        bail!("--image `{name}`: an image is one item, and [{shape}] fixes the batch above 1");
+    }
+    for (flag, values) in [
+        ("--image-mean", &args.image_mean),
+        ("--image-std", &args.image_std),
+    ] {
+        if !values.is_empty() && values.len() != c {
+            bail!("{flag}: {} values for {c} channel(s)", values.len());
+        }
+        if values.iter().any(|v| !v.is_finite()) {
+            bail!("{flag}: every value must be a number");
+        }
+    }
+    if args.image_std.contains(&0.0) {
+        bail!("--image-std: a channel's divisor cannot be 0");
+    }
+    Ok(serde_json::json!({
+        "input": name,
+        "layout": layout,
+        "height": h,
+        "width": w,
+        "channels": c,
+        "bgr": args.image_bgr,
+        "mean": args.image_mean,
+        "std": args.image_std,
+    }))
 }
 
 /// `file` as the spec at `spec` should name it: by its name when they share a directory,

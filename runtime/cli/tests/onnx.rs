@@ -1279,3 +1279,179 @@ fn a_batch_job_writes_an_array_output_and_carries_it_on_after_a_cut() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the input file"));
     assert_eq!(fs::read(dir.join("in.npy")).unwrap(), before);
 }
+
+/// The probabilities of one answer.
+fn first_output(body: &Value) -> Vec<f64> {
+    body["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+fn assert_close(got: &[f64], want: &[f64], tolerance: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= tolerance, "{what}: {got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn an_image_input_takes_png_and_jpeg_on_the_raw_endpoint() {
+    let dir = TempDir::new("onnx-image");
+    fs::write(
+        dir.join("image.onnx"),
+        outpost_examples::graphs::image_classifier_onnx(),
+    )
+    .unwrap();
+    let out = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "--onnx",
+            "image.onnx",
+            "--name",
+            "vision",
+            "--version",
+            "1.0.0",
+            "--image",
+            "image",
+            "--image-mean",
+            "0.5,0.4,0.3",
+            "--image-std",
+            "0.25,0.5,0.2",
+            "--out",
+            "vision.opb",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = fs::read_to_string(dir.join("vision.bundle.toml")).unwrap();
+    assert!(spec.contains("image/jpeg"), "{spec}");
+    let (url, _stop) = serve(&dir, &fs::read(dir.join("vision.opb")).unwrap());
+    let raw = |content_type: &str, body: &[u8]| {
+        outpost_testkit::post(&format!("{url}/v2/models/vision/raw"), content_type, body)
+    };
+    // What the model answers for 8×8 RGB pixels sent as a tensor, normalised by hand.
+    let (mean, std) = ([0.5, 0.4, 0.3], [0.25, 0.5, 0.2]);
+    let by_tensor = |rgb: &[u8]| {
+        let mut nchw = vec![0f64; 192];
+        for (i, px) in rgb.chunks(3).enumerate() {
+            for c in 0..3 {
+                nchw[c * 64 + i] = (f64::from(px[c]) / 255.0 - mean[c]) / std[c];
+            }
+        }
+        let reply = post_json(
+            &format!("{url}/v2/models/vision/infer"),
+            &json!({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8],
+                                "data": nchw}]}),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        first_output(&reply.json())
+    };
+    let mut rng = Rng(5);
+    let rgb: Vec<u8> = (0..192).map(|_| (rng.next() * 255.0) as u8).collect();
+    let want = by_tensor(&rgb);
+
+    // A PNG of the input's size: exactly the tensor.
+    let reply = raw("image/png", &outpost_testkit::png_bytes(8, 8, 3, &rgb));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_close(&first_output(&reply.json()), &want, 1e-6, "8×8 PNG");
+    // Twice the size in 2×2 blocks: resized to the same pixels.
+    let mut big = vec![0u8; 16 * 16 * 3];
+    for y in 0..16 {
+        for x in 0..16 {
+            let from = ((y / 2) * 8 + x / 2) * 3;
+            big[(y * 16 + x) * 3..][..3].copy_from_slice(&rgb[from..from + 3]);
+        }
+    }
+    let reply = raw("image/png", &outpost_testkit::png_bytes(16, 16, 3, &big));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_close(&first_output(&reply.json()), &want, 1e-5, "16×16 PNG");
+    // Gray: each channel the gray value.
+    let gray: Vec<u8> = (0..64).map(|i| (i * 4) as u8).collect();
+    let as_rgb: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g]).collect();
+    let reply = raw("image/png", &outpost_testkit::png_bytes(8, 8, 1, &gray));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_close(
+        &first_output(&reply.json()),
+        &by_tensor(&as_rgb),
+        1e-6,
+        "gray PNG",
+    );
+
+    // A JPEG (made and decoded by Pillow, 4:4:4 so that no chroma upsampling differs): the
+    // model sees what Pillow decodes, within a decoder's rounding.
+    if let Some(python) = outpost_testkit::python_with("numpy, PIL") {
+        fs::write(dir.join("rgb.bin"), &rgb).unwrap();
+        let made = Command::new(python)
+            .current_dir(dir.path())
+            .args([
+                "-c",
+                "import io, numpy as np; from PIL import Image\n\
+                 a = np.frombuffer(open('rgb.bin', 'rb').read(), np.uint8).reshape(8, 8, 3)\n\
+                 b = io.BytesIO(); Image.fromarray(a).save(b, 'JPEG', quality=95, subsampling=0)\n\
+                 open('img.jpg', 'wb').write(b.getvalue())\n\
+                 open('decoded.bin', 'wb').write(np.asarray(Image.open('img.jpg').convert('RGB')).tobytes())",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let decoded = fs::read(dir.join("decoded.bin")).unwrap();
+        let reply = raw("image/jpeg", &fs::read(dir.join("img.jpg")).unwrap());
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_close(
+            &first_output(&reply.json()),
+            &by_tensor(&decoded),
+            0.02,
+            "JPEG",
+        );
+    }
+
+    // Bad images are the client's fault, named.
+    let reply = raw("image/png", b"\x89PNG\r\n\x1a\nnot really");
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("invalid PNG"), "{}", reply.text());
+    let reply = raw("image/jpeg", b"\xff\xd8\xff garbage");
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("invalid JPEG"), "{}", reply.text());
+    let reply = raw("image/gif", b"GIF89a");
+    assert!((400..500).contains(&reply.status), "{}", reply.status);
+
+    // An image input needs a fixed height and width and a channel axis.
+    let bad = outpost(
+        dir.path(),
+        &[
+            "bundle",
+            "build",
+            "--onnx",
+            "image.onnx",
+            "--name",
+            "v",
+            "--version",
+            "1.0.0",
+            "--image",
+            "image",
+            "--image-mean",
+            "0.5",
+            "--out",
+            "v.opb",
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--image-mean: 1 values for 3 channel(s)"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(!dir.join("v.opb").exists() && !dir.join("v.bundle.toml").exists());
+}
