@@ -296,8 +296,16 @@ enum Work {
     },
     Rows {
         first: u64,
-        rows: Vec<(u64, Vec<f64>)>,
+        rows: Vec<(u64, RowData)>,
     },
+}
+
+/// One row of a `.npy` input: its bytes as the input tensor holds them when the array's
+/// element type is the input's (no conversion at all), else its values.
+#[derive(Debug, Clone)]
+enum RowData {
+    Raw(Vec<u8>),
+    Values(Vec<f64>),
 }
 
 impl Work {
@@ -372,15 +380,37 @@ impl Runner {
     fn run_rows(
         &self,
         input: &TensorSpec,
-        rows: &[(u64, Vec<f64>)],
+        rows: &[(u64, RowData)],
         slot: &Slot,
     ) -> std::result::Result<Vec<Out>, String> {
         let k = rows.len() as u64;
-        let values: Vec<f64> = rows.iter().flat_map(|(_, v)| v.iter().copied()).collect();
         let mut shape = vec![k];
         shape.extend(row_shape(input));
-        let tensor =
-            pack(&input.name, input.datatype, shape, &values).map_err(|e| format!("{e:#}"))?;
+        let raw: Option<Vec<&[u8]>> = rows
+            .iter()
+            .map(|(_, r)| match r {
+                RowData::Raw(b) => Some(&b[..]),
+                RowData::Values(_) => None,
+            })
+            .collect();
+        let tensor = match raw {
+            Some(parts) => Tensor {
+                name: input.name.clone(),
+                datatype: input.datatype,
+                shape,
+                data: parts.concat(),
+            },
+            None => {
+                let values: Vec<f64> = rows
+                    .iter()
+                    .flat_map(|(_, r)| match r {
+                        RowData::Values(v) => v.clone(),
+                        RowData::Raw(_) => Vec::new(),
+                    })
+                    .collect();
+                pack(&input.name, input.datatype, shape, &values).map_err(|e| format!("{e:#}"))?
+            }
+        };
         let outputs = self.call(vec![tensor], slot)?;
         let mut lines = Vec::with_capacity(rows.len());
         for i in 0..k {
@@ -456,7 +486,7 @@ enum Input {
         reader: NpyReader<BufReader<File>>,
         input: TensorSpec,
         row: u64,
-        pending: std::collections::VecDeque<(u64, Vec<f64>)>,
+        pending: std::collections::VecDeque<(u64, RowData)>,
     },
 }
 
@@ -549,21 +579,37 @@ impl Input {
                 reader,
                 row,
                 pending,
-                ..
+                input,
             } => loop {
-                if let Some((index, values)) = pending.pop_front() {
-                    return Ok(Some((index, Item::Row(values))));
+                if let Some((index, data)) = pending.pop_front() {
+                    return Ok(Some((index, Item::Row(data))));
                 }
-                let Some((n, values)) = reader.read_rows(NPY_BLOCK_ROWS)? else {
-                    return Ok(None);
-                };
-                let width = values.len() / n.max(1) as usize;
-                for (i, chunk) in values.chunks(width.max(1)).enumerate() {
-                    let index = *row + i as u64;
-                    if keep(index) {
-                        pending.push_back((index, chunk.to_vec()));
+                // The array's bytes as they are when its element type is the input's.
+                let n = if reader.holds(input.datatype) {
+                    let Some((n, bytes)) = reader.read_rows_raw(NPY_BLOCK_ROWS)? else {
+                        return Ok(None);
+                    };
+                    let width = bytes.len() / n.max(1) as usize;
+                    for (i, chunk) in bytes.chunks(width.max(1)).enumerate() {
+                        let index = *row + i as u64;
+                        if keep(index) {
+                            pending.push_back((index, RowData::Raw(chunk.to_vec())));
+                        }
                     }
-                }
+                    n
+                } else {
+                    let Some((n, values)) = reader.read_rows(NPY_BLOCK_ROWS)? else {
+                        return Ok(None);
+                    };
+                    let width = values.len() / n.max(1) as usize;
+                    for (i, chunk) in values.chunks(width.max(1)).enumerate() {
+                        let index = *row + i as u64;
+                        if keep(index) {
+                            pending.push_back((index, RowData::Values(chunk.to_vec())));
+                        }
+                    }
+                    n
+                };
                 *row += n;
             },
         }
@@ -573,7 +619,7 @@ impl Input {
 /// One input item.
 enum Item {
     Line(String),
-    Row(Vec<f64>),
+    Row(RowData),
 }
 
 /// Progress on stderr: a bar redrawn in place on a terminal, a plain line every few seconds

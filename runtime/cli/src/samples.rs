@@ -270,6 +270,48 @@ impl<R: Read> NpyReader<R> {
         )))
     }
 
+    /// Whether the array's elements are exactly those of a `datatype` tensor (same type and
+    /// width, little-endian), so its bytes can be used as they are.
+    pub(crate) fn holds(&self, datatype: DataType) -> bool {
+        let kind = self.descr.get(1..).unwrap_or_default();
+        matches!(
+            (kind, datatype),
+            ("f4", DataType::F32)
+                | ("f8", DataType::F64)
+                | ("i1", DataType::I8)
+                | ("u1", DataType::U8)
+                | ("i2", DataType::I16)
+                | ("u2", DataType::U16)
+                | ("i4", DataType::I32)
+                | ("u4", DataType::U32)
+                | ("i8", DataType::I64)
+                | ("u8", DataType::U64)
+        )
+    }
+
+    /// The next at most `n` rows as the file's bytes, and how many rows they are; `None` at
+    /// the end.
+    pub(crate) fn read_rows_raw(&mut self, n: u64) -> Result<Option<(u64, Vec<u8>)>> {
+        let n = n.min(self.rows_left);
+        if n == 0 {
+            return Ok(None);
+        }
+        let bytes = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_mul(self.row_elems))
+            .and_then(|e| e.checked_mul(self.size))
+            .context("too many rows at once")?;
+        let mut out = vec![0u8; bytes];
+        self.reader.read_exact(&mut out).with_context(|| {
+            format!(
+                "the array's shape {:?} of `{}` needs more bytes than the file holds",
+                self.shape, self.descr
+            )
+        })?;
+        self.rows_left -= n;
+        Ok(Some((n, out)))
+    }
+
     /// Whether nothing follows the last row.
     pub(crate) fn at_end(&mut self) -> Result<bool> {
         let mut one = [0u8; 1];

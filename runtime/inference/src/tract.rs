@@ -364,7 +364,47 @@ fn decode<T: Datum + Copy, const N: usize>(
     TractTensor::from_shape(&shape, &values).map_err(|e| format!("{e:#}"))
 }
 
+/// The tract datum type of a packed fixed-width element type (not BYTES).
+fn datum(dt: DataType) -> Option<DatumType> {
+    Some(match dt {
+        DataType::Bool => DatumType::Bool,
+        DataType::U8 => DatumType::U8,
+        DataType::U16 => DatumType::U16,
+        DataType::U32 => DatumType::U32,
+        DataType::U64 => DatumType::U64,
+        DataType::I8 => DatumType::I8,
+        DataType::I16 => DatumType::I16,
+        DataType::I32 => DatumType::I32,
+        DataType::I64 => DatumType::I64,
+        DataType::F16 => DatumType::F16,
+        DataType::F32 => DatumType::F32,
+        DataType::F64 => DatumType::F64,
+        DataType::Bytes => return None,
+    })
+}
+
 fn to_tract(t: &Tensor) -> Result<TractTensor, String> {
+    // On a little-endian machine the packed elements are tract's own bytes: one copy. A bool
+    // is any non-zero byte on the wire but must be 0 or 1 in tract, so it is decoded.
+    if cfg!(target_endian = "little")
+        && t.datatype != DataType::Bool
+        && let Some(dt) = datum(t.datatype)
+    {
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let mut tensor = TractTensor::zero_dt(dt, &shape).map_err(|e| format!("{e:#}"))?;
+        let bytes = tensor.as_bytes_mut();
+        if bytes.len() != t.data.len() {
+            return Err(format!(
+                "input `{}`: shape {:?} needs {} bytes, got {}",
+                t.name,
+                t.shape,
+                bytes.len(),
+                t.data.len()
+            ));
+        }
+        bytes.copy_from_slice(&t.data);
+        return Ok(tensor);
+    }
     match t.datatype {
         DataType::Bool => decode(t, |[b]: [u8; 1]| b != 0),
         DataType::U8 => decode(t, u8::from_le_bytes),
@@ -402,6 +442,16 @@ fn from_tract(name: &str, t: &TractTensor) -> Result<Tensor, String> {
     }
     let datatype = datatype(t.datum_type())
         .ok_or_else(|| format!("output `{name}` has unsupported type {:?}", t.datum_type()))?;
+    if cfg!(target_endian = "little") && datatype != DataType::Bytes {
+        // Fixed-width elements, tract's bytes already as the wire packs them (a bool is 0 or
+        // 1 in both).
+        return Ok(Tensor {
+            name: name.to_owned(),
+            datatype,
+            shape: t.shape().iter().map(|&d| d as u64).collect(),
+            data: t.as_bytes().to_vec(),
+        });
+    }
     let data = match datatype {
         DataType::Bool => encode(t, |b: bool| [u8::from(b)]),
         DataType::U8 => encode(t, u8::to_le_bytes),
