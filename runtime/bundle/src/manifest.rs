@@ -219,6 +219,20 @@ pub enum Dim {
     Symbolic(String),
 }
 
+impl std::fmt::Display for TensorSpec {
+    /// As messages name a tensor: `` `name` FP32 [batch, 64] ``.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` {} [", self.name, self.datatype.oip_name())?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
 impl std::fmt::Display for Dim {
     /// A size as its number, a symbolic dimension as its name.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

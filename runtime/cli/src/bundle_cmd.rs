@@ -416,13 +416,13 @@ fn build_from_spec(spec_path: &Path, sample: Option<(&Path, usize)>) -> Result<B
                                 && g.shape.len() == d.shape.len()
                         });
                     if !fits {
-                        let list: Vec<String> = graph.iter().map(tensor_spec).collect();
+                        let list: Vec<String> = graph.iter().map(ToString::to_string).collect();
                         anyhow::bail!(
                             "{}: the spec declares inputs {}, the graph's are {}",
                             mismatch(),
                             m.inputs
                                 .iter()
-                                .map(tensor_spec)
+                                .map(ToString::to_string)
                                 .collect::<Vec<_>>()
                                 .join(", "),
                             list.join(", ")
@@ -493,17 +493,6 @@ fn write_built(bundle: &Bundle, out: &Path) -> Result<()> {
         out.display()
     );
     Ok(())
-}
-
-/// `name DATATYPE [d, ...]`, as the signature messages write a tensor.
-fn tensor_spec(t: &outpost_bundle::manifest::TensorSpec) -> String {
-    let dims: Vec<String> = t.shape.iter().map(ToString::to_string).collect();
-    format!(
-        "`{}` {} [{}]",
-        t.name,
-        t.datatype.oip_name(),
-        dims.join(", ")
-    )
 }
 
 /// The generic guest's `monitor` list declares the features it observes: each must be in the

@@ -172,15 +172,7 @@ fn matched<'a>(
     let all = || {
         ports
             .iter()
-            .map(|t| {
-                let dims: Vec<String> = t.shape.iter().map(ToString::to_string).collect();
-                format!(
-                    "`{}` {} [{}]",
-                    t.name,
-                    t.datatype.oip_name(),
-                    dims.join(", ")
-                )
-            })
+            .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ")
     };

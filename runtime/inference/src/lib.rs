@@ -121,15 +121,6 @@ fn check_ports(kind: &str, graph: &[Port], declared: &[TensorSpec]) -> Result<()
     if declared.is_empty() {
         return Ok(());
     }
-    let spec = |t: &TensorSpec| {
-        let dims: Vec<String> = t.shape.iter().map(ToString::to_string).collect();
-        format!(
-            "`{}` {} [{}]",
-            t.name,
-            t.datatype.oip_name(),
-            dims.join(", ")
-        )
-    };
     let all = || {
         graph
             .iter()
@@ -155,9 +146,8 @@ fn check_ports(kind: &str, graph: &[Port], declared: &[TensorSpec]) -> Result<()
             });
         if g.name != d.name || g.datatype != d.datatype || !dims_fit {
             return Err(format!(
-                "the spec declares {kind} {}, the model's is {g} (the model's {kind}s: {}; \
+                "the spec declares {kind} {d}, the model's is {g} (the model's {kind}s: {}; \
                  `?` is any size)",
-                spec(d),
                 all()
             ));
         }
