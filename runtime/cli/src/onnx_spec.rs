@@ -139,11 +139,24 @@ pub(crate) fn spec_for(
     let (inputs, outputs) = outpost_inference::signature(bytes, &inputs)
         .map_err(anyhow::Error::msg)
         .with_context(|| {
-            format!(
-                "tract cannot load `{}` with these input shapes (pin open dimensions with \
-                 --input-shape INPUT=D1,D2,...)",
-                onnx.display()
-            )
+            // An operator tract lacks is not a matter of shapes: say which.
+            let lacking = outpost_inference::inspect(bytes, &[])
+                .map(|i| i.unsupported)
+                .unwrap_or_default();
+            if lacking.is_empty() {
+                format!(
+                    "tract cannot load `{}` with these input shapes (pin open dimensions with \
+                     --input-shape INPUT=D1,D2,...; `outpost model inspect` shows the graph)",
+                    onnx.display()
+                )
+            } else {
+                format!(
+                    "tract cannot load `{}`: it has no {} (export the model without it, e.g. \
+                     with another converter option or opset, or do that step in a guest)",
+                    onnx.display(),
+                    lacking.join(", ")
+                )
+            }
         })?;
     let mut generic = serde_json::Map::new();
     let mut steps = serde_json::Map::new();

@@ -163,7 +163,16 @@ fn a_bad_onnx_build_says_what_is_wrong_and_writes_nothing() {
     let dir = TempDir::new("onnx-bad");
     fs::write(dir.join("digits.onnx"), outpost_examples::DIGITS_ONNX).unwrap();
     fs::write(dir.join("notes.onnx"), b"not a model").unwrap();
+    fs::write(
+        dir.join("imputer.onnx"),
+        outpost_examples::graphs::imputer_onnx(),
+    )
+    .unwrap();
     let cases: &[(&[&str], &str)] = &[
+        (
+            &["--onnx", "imputer.onnx"],
+            "cannot load `imputer.onnx`: it has no Imputer (export the model without it",
+        ),
         (
             &["--onnx", "notes.onnx"],
             "cannot read `notes.onnx` as an ONNX model",

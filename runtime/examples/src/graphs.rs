@@ -259,6 +259,42 @@ pub fn scaled_labeler_onnx() -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// `y = Imputer(x)` (`ai.onnx.ml`, scikit-learn's SimpleImputer as skl2onnx writes it) over
+/// FP32 `x [n, 2]`: an operator tract does not implement.
+pub fn imputer_onnx() -> Vec<u8> {
+    let n = || dim(D::DimParam("n".into()));
+    let graph = pb::GraphProto {
+        name: "imputer".into(),
+        node: vec![pb::NodeProto {
+            input: vec!["x".into()],
+            output: vec!["y".into()],
+            name: "Imputer".into(),
+            op_type: "Imputer".into(),
+            domain: "ai.onnx.ml".into(),
+            attribute: vec![pb::AttributeProto {
+                name: "imputed_value_floats".into(),
+                r#type: pb::attribute_proto::AttributeType::Floats as i32,
+                floats: vec![0.0, 0.0],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        input: vec![value("x", Pb::Float, vec![n(), dim(D::DimValue(2))])],
+        output: vec![value("y", Pb::Float, vec![n(), dim(D::DimValue(2))])],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: "ai.onnx.ml".into(),
+            version: 1,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 /// A tiny image classifier: `probabilities = Softmax(ReduceMean(image, axes 2, 3) · w)` over
 /// FP32 `image [n, 3, 8, 8]` (channels first, as vision exports are), four classes decided by
 /// the channels' mean brightness.
