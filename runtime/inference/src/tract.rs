@@ -1,7 +1,8 @@
 //! The tract backend: ONNX models loaded, typed and optimised once per bundle version, run
 //! natively and shared by every request.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use outpost_bundle::manifest::{DataType, Dim, TensorSpec};
 
@@ -9,7 +10,8 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use tract_onnx::prelude::{
     Datum, DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
-    IntoTValue, TDim, TValue, TVec, Tensor as TractTensor, TypedModel, TypedRunnableModel, f16,
+    IntoTValue, Symbol, TDim, TValue, TVec, Tensor as TractTensor, TypedModel, TypedRunnableModel,
+    f16,
 };
 
 use crate::{Backend, LoadError, Model, Port, RunError, Tensor, match_inputs};
@@ -30,12 +32,79 @@ impl Backend for Tract {
     }
 }
 
+/// Plans kept per concrete input shape, beyond the symbolic one.
+const CONCRETE_PLANS: usize = 4;
+
 /// A loaded, optimised, runnable model. Cheap to share across threads.
 #[derive(Debug)]
 struct TractModel {
+    /// The plan for any size of the open dimensions.
     plan: Arc<TypedRunnableModel>,
+    /// The typed graph and, for each input dimension, the symbol it is, when some input
+    /// dimension is open: a plan optimised for the sizes a request brings runs much faster
+    /// than the symbolic one on convolutions (tract picks its kernels by shape).
+    concrete: Option<Concrete>,
     inputs: Vec<Port>,
     outputs: Vec<Port>,
+}
+
+#[derive(Debug)]
+struct Concrete {
+    typed: TypedModel,
+    symbols: Vec<Vec<Option<Symbol>>>,
+    /// Most recently used first: (the symbols' sizes, the plan made for them).
+    plans: Mutex<Vec<(Vec<i64>, Arc<TypedRunnableModel>)>>,
+}
+
+impl Concrete {
+    /// The plan for inputs shaped `shapes`: one made for those sizes (made now on first use,
+    /// at most [`CONCRETE_PLANS`] kept), or `fallback` when the graph cannot be made for them.
+    fn plan(
+        &self,
+        shapes: &[&[u64]],
+        fallback: &Arc<TypedRunnableModel>,
+    ) -> Arc<TypedRunnableModel> {
+        let mut subs = HashMap::new();
+        let mut key = Vec::new();
+        for (dims, syms) in shapes.iter().zip(&self.symbols) {
+            for (&d, sym) in dims.iter().zip(syms) {
+                if let Some(sym) = sym {
+                    let v = d as i64;
+                    if let Some(TDim::Val(seen)) = subs.get(sym) {
+                        if *seen != v {
+                            // One symbol, two sizes: the symbolic plan says what is wrong.
+                            return fallback.clone();
+                        }
+                        continue;
+                    }
+                    subs.insert(sym.clone(), TDim::Val(v));
+                    key.push(v);
+                }
+            }
+        }
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = plans.iter().position(|(k, _)| *k == key) {
+            let hit = plans.remove(i);
+            let plan = hit.1.clone();
+            plans.insert(0, hit);
+            return plan;
+        }
+        let made = quiet_panics(|| {
+            self.typed
+                .set_symbols(&subs)
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+        });
+        let plan = match made {
+            Ok(Ok(plan)) => plan,
+            // Kept as the answer for these sizes, so a graph that cannot be made concrete is
+            // tried once per shape, not per request.
+            _ => fallback.clone(),
+        };
+        plans.insert(0, (key, plan.clone()));
+        plans.truncate(CONCRETE_PLANS);
+        plan
+    }
 }
 
 pub(crate) fn datatype(dt: DatumType) -> Option<DataType> {
@@ -264,12 +333,32 @@ impl TractModel {
                 .unwrap_or_else(|| typed.node(o.node).name.clone());
             outputs.push(port(o, name)?);
         }
+        let mut symbols = Vec::new();
+        for &o in typed.input_outlets().map_err(|e| format!("{e:#}"))? {
+            let fact = typed.outlet_fact(o).map_err(|e| format!("{e:#}"))?;
+            symbols.push(
+                fact.shape
+                    .iter()
+                    .map(|d| match d {
+                        TDim::Sym(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let open = symbols.iter().flatten().any(Option::is_some);
+        let concrete = open.then(|| Concrete {
+            typed: typed.clone(),
+            symbols,
+            plans: Mutex::new(Vec::new()),
+        });
         let plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| format!("{e:#}"))?;
         Ok(Self {
             plan,
+            concrete,
             inputs,
             outputs,
         })
@@ -286,15 +375,23 @@ impl Model for TractModel {
     }
 
     fn run(&self, inputs: Vec<Tensor>, cap: u64) -> Result<Vec<Tensor>, RunError> {
+        let inputs = match_inputs(&self.inputs, inputs, cap)?;
+        let plan = match &self.concrete {
+            None => self.plan.clone(),
+            Some(c) => {
+                let shapes: Vec<&[u64]> = inputs.iter().map(|t| &t.shape[..]).collect();
+                c.plan(&shapes, &self.plan)
+            }
+        };
         let mut values: TVec<TValue> = TVec::new();
-        for t in match_inputs(&self.inputs, inputs, cap)? {
+        for t in inputs {
             values.push(to_tract(&t).map_err(RunError::Input)?.into_tvalue());
         }
         let fault = RunError::Fault;
         // tract panics on some inputs that fit the graph (a Gather index beyond its table):
         // that is the model failing, and it must not take the serving thread with it. The plan
         // is immutable and each run makes its own state, so nothing is left half-changed.
-        let run = quiet_panics(|| self.plan.run(values));
+        let run = quiet_panics(|| plan.run(values));
         let outputs = match run {
             Ok(result) => result.map_err(|e| fault(format!("{e:#}")))?,
             Err(panic) => {
@@ -554,6 +651,54 @@ mod tests {
         assert_eq!(
             repairs(&outpost_examples::graphs::scaled_labeler_onnx()).unwrap(),
             ["rewrote 1 ai.onnx.ml Scaler node(s) as Sub and Mul"]
+        );
+    }
+
+    #[test]
+    fn open_dimensions_get_a_plan_per_size_bounded_and_answering_alike() {
+        let model = TractModel::load(outpost_examples::DIGITS_ONNX, &[]).unwrap();
+        let concrete = model.concrete.as_ref().expect("the batch is open");
+        let row =
+            |i: usize| -> Vec<f32> { (0..64).map(|j| ((i + j) % 17) as f32 / 16.0).collect() };
+        let run = |rows: usize| {
+            let mut t = floats("input", &(0..rows).flat_map(row).collect::<Vec<_>>());
+            t.shape = vec![rows as u64, 64];
+            model.run(vec![t], 1 << 20).unwrap()[0].data.clone()
+        };
+        let one: Vec<u8> = (0..6)
+            .flat_map(|i| {
+                let mut t = floats("input", &row(i));
+                t.shape = vec![1, 64];
+                model.run(vec![t], 1 << 20).unwrap()[0].data.clone()
+            })
+            .collect();
+        for rows in 1..=6 {
+            let got = run(rows);
+            let want = &one[..got.len()];
+            for (g, w) in got.chunks_exact(4).zip(want.chunks_exact(4)) {
+                let (g, w) = (
+                    f32::from_le_bytes(g.try_into().unwrap()),
+                    f32::from_le_bytes(w.try_into().unwrap()),
+                );
+                assert!((g - w).abs() < 1e-6, "{rows} rows: {g} vs {w}");
+            }
+        }
+        // Six sizes seen, the last four kept, most recent first.
+        let plans = concrete.plans.lock().unwrap();
+        let kept: Vec<i64> = plans.iter().map(|(k, _)| k[0]).collect();
+        assert_eq!(kept, [6, 5, 4, 3]);
+        drop(plans);
+        // A graph whose inputs are all fixed has only its one plan.
+        let pinned = vec![TensorSpec {
+            name: "input".into(),
+            datatype: DataType::F32,
+            shape: vec![Dim::Fixed(1), Dim::Fixed(64)],
+        }];
+        assert!(
+            TractModel::load(outpost_examples::DIGITS_ONNX, &pinned)
+                .unwrap()
+                .concrete
+                .is_none()
         );
     }
 
