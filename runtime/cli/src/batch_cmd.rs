@@ -584,32 +584,23 @@ impl Input {
                 if let Some((index, data)) = pending.pop_front() {
                     return Ok(Some((index, Item::Row(data))));
                 }
-                // The array's bytes as they are when its element type is the input's.
-                let n = if reader.holds(input.datatype) {
-                    let Some((n, bytes)) = reader.read_rows_raw(NPY_BLOCK_ROWS)? else {
-                        return Ok(None);
-                    };
-                    let width = bytes.len() / n.max(1) as usize;
-                    for (i, chunk) in bytes.chunks(width.max(1)).enumerate() {
-                        let index = *row + i as u64;
-                        if keep(index) {
-                            pending.push_back((index, RowData::Raw(chunk.to_vec())));
-                        }
-                    }
-                    n
-                } else {
-                    let Some((n, values)) = reader.read_rows(NPY_BLOCK_ROWS)? else {
-                        return Ok(None);
-                    };
-                    let width = values.len() / n.max(1) as usize;
-                    for (i, chunk) in values.chunks(width.max(1)).enumerate() {
-                        let index = *row + i as u64;
-                        if keep(index) {
-                            pending.push_back((index, RowData::Values(chunk.to_vec())));
-                        }
-                    }
-                    n
+                let Some((n, bytes)) = reader.read_rows_raw(NPY_BLOCK_ROWS)? else {
+                    return Ok(None);
                 };
+                // The array's bytes as they are when its element type is the input's.
+                let raw = reader.holds(input.datatype);
+                let width = bytes.len() / n.max(1) as usize;
+                for (i, chunk) in bytes.chunks(width.max(1)).enumerate() {
+                    let index = *row + i as u64;
+                    if keep(index) {
+                        let data = if raw {
+                            RowData::Raw(chunk.to_vec())
+                        } else {
+                            RowData::Values(reader.decode_values(chunk))
+                        };
+                        pending.push_back((index, data));
+                    }
+                }
                 *row += n;
             },
         }

@@ -248,26 +248,14 @@ impl<R: Read> NpyReader<R> {
 
     /// The next at most `n` rows and how many they are; `None` at the end.
     pub(crate) fn read_rows(&mut self, n: u64) -> Result<Option<(u64, Vec<f64>)>> {
-        let n = n.min(self.rows_left);
-        if n == 0 {
-            return Ok(None);
-        }
-        let elems = usize::try_from(n)
-            .ok()
-            .and_then(|n| n.checked_mul(self.row_elems))
-            .context("too many rows at once")?;
-        let mut bytes = vec![0u8; elems * self.size];
-        self.reader.read_exact(&mut bytes).with_context(|| {
-            format!(
-                "the array's shape {:?} of `{}` needs more bytes than the file holds",
-                self.shape, self.descr
-            )
-        })?;
-        self.rows_left -= n;
-        Ok(Some((
-            n,
-            bytes.chunks_exact(self.size).map(self.decode).collect(),
-        )))
+        Ok(self
+            .read_rows_raw(n)?
+            .map(|(n, bytes)| (n, self.decode_values(&bytes))))
+    }
+
+    /// The values of elements read by [`Self::read_rows_raw`].
+    pub(crate) fn decode_values(&self, bytes: &[u8]) -> Vec<f64> {
+        bytes.chunks_exact(self.size).map(self.decode).collect()
     }
 
     /// Whether the array's elements are exactly those of a `datatype` tensor (same type and
