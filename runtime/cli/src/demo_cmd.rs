@@ -83,6 +83,7 @@ fn start_fleet(
         require_enrolment: false,
         share_group: None,
         rules: Vec::new(),
+        per_device_metrics: false,
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use outpost_client::FleetClient;
-use outpost_proto::rest::{DeployRequest, DeployResponse, DeviceView, RecordQuery};
+use outpost_proto::rest::{
+    DeployRequest, DeployResponse, DeviceQuery, DeviceStatus, DeviceView, RecordQuery,
+};
 
 use crate::util;
 
@@ -63,6 +65,10 @@ pub(crate) enum FleetCommand {
     /// Run the fleet manager: MQTT broker (embedded unless --broker), REST API, artifact store.
     #[cfg(feature = "fleet")]
     Serve(Box<crate::serve_cmd::ServeArgs>),
+    /// Run N virtual devices against a fleet (each its own MQTT connection, presence,
+    /// reported state, telemetry, signed desired states checked and reported applied), for a
+    /// load test or a rollout on a fleet of nothing. Prints a JSON summary at the end.
+    Simulate(Box<crate::simulate_cmd::SimulateArgs>),
     /// Upload a signed bundle to the fleet's artifact store.
     Push {
         /// The bundle (`*.opb`).
@@ -110,6 +116,8 @@ pub(crate) enum FleetCommand {
     Devices {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        filter: DeviceFilter,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -118,6 +126,8 @@ pub(crate) enum FleetCommand {
     Status {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        filter: DeviceFilter,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -219,6 +229,7 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
     match cmd {
         #[cfg(feature = "fleet")]
         FleetCommand::Serve(args) => crate::serve_cmd::serve(*args),
+        FleetCommand::Simulate(args) => crate::simulate_cmd::simulate(*args),
         FleetCommand::Push {
             bundle,
             remote,
@@ -256,7 +267,11 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             )
         }
         FleetCommand::Rollout(cmd) => crate::rollout_cmd::run(cmd),
-        FleetCommand::Devices { remote, json } => devices(&remote, json),
+        FleetCommand::Devices {
+            remote,
+            filter,
+            json,
+        } => devices(&remote, &filter.query(), json),
         FleetCommand::RemoveBundle { target, remote } => {
             let (model, version) = split_target(&target)?;
             let removed = remote.client()?.remove_bundle(model, version)?;
@@ -270,7 +285,11 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<()> {
             println!("forgot {device}: {}", answer.note);
             Ok(())
         }
-        FleetCommand::Status { remote, json } => status(&remote, json),
+        FleetCommand::Status {
+            remote,
+            filter,
+            json,
+        } => status(&remote, &filter.query(), json),
         FleetCommand::Drift(m) => drift(&m),
         FleetCommand::Quality(m) => quality(&m),
         FleetCommand::Compare {
@@ -381,7 +400,7 @@ fn deploy(
             deployed.deployment.model,
             deployed.deployment.version,
             deployed.deployment.devices.len(),
-            deployed.deployment.devices.join(", ")
+            util::some_of(&deployed.deployment.devices)
         );
     }
     let Some(timeout) = wait else {
@@ -432,16 +451,17 @@ fn wait_for(
     let mut retrying = std::collections::BTreeSet::new();
     loop {
         // One request per round for the whole registry, however many targets.
-        let views: Vec<DeviceView> = client.devices().unwrap_or_default();
+        let views: std::collections::HashMap<String, DeviceView> = client
+            .devices()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| (v.record.id.clone(), v))
+            .collect();
         for (device, generation) in &deployed.generations {
             if outcome.contains_key(device) {
                 continue;
             }
-            let Some(reported) = views
-                .iter()
-                .find(|v| &v.record.id == device)
-                .and_then(|v| v.record.reported.clone())
-            else {
+            let Some(reported) = views.get(device).and_then(|v| v.record.reported.clone()) else {
                 continue;
             };
             let accepted = reported
@@ -500,8 +520,49 @@ fn ago(seconds: Option<u64>) -> String {
     }
 }
 
-fn devices(remote: &Remote, json: bool) -> Result<()> {
-    let views = remote.client()?.devices()?;
+/// Which devices a listing shows (the fleet filters; the list is read a page at a time).
+#[derive(Debug, clap::Args)]
+pub(crate) struct DeviceFilter {
+    /// Only devices reporting this tag.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Only online (or offline) devices.
+    #[arg(long, value_parser = ["online", "offline"])]
+    status: Option<String>,
+    /// Only devices running this model (`NAME` or `NAME@VERSION`).
+    #[arg(long, value_name = "NAME[@VERSION]")]
+    model: Option<String>,
+    /// Only devices that have not applied the fleet's current desired state.
+    #[arg(long)]
+    pending: bool,
+}
+
+impl DeviceFilter {
+    fn query(&self) -> DeviceQuery {
+        let (model, version) = match self.model.as_deref().map(|m| m.split_once('@')) {
+            Some(Some((m, v))) => (Some(m.to_owned()), Some(v.to_owned())),
+            Some(None) => (self.model.clone(), None),
+            None => (None, None),
+        };
+        DeviceQuery {
+            tag: self.tag.clone(),
+            status: self.status.as_deref().map(|s| {
+                if s == "online" {
+                    DeviceStatus::Online
+                } else {
+                    DeviceStatus::Offline
+                }
+            }),
+            model,
+            version,
+            in_sync: self.pending.then_some(false),
+            ..DeviceQuery::default()
+        }
+    }
+}
+
+fn devices(remote: &Remote, query: &DeviceQuery, json: bool) -> Result<()> {
+    let views = remote.client()?.devices_matching(query)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -524,8 +585,8 @@ fn devices(remote: &Remote, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn status(remote: &Remote, json: bool) -> Result<()> {
-    let views = remote.client()?.devices()?;
+fn status(remote: &Remote, query: &DeviceQuery, json: bool) -> Result<()> {
+    let views = remote.client()?.devices_matching(query)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());

@@ -22,6 +22,7 @@ mod rollout_cmd;
 mod samples;
 #[cfg(feature = "fleet")]
 mod serve_cmd;
+mod simulate_cmd;
 mod util;
 
 /// Outpost: signed ML model bundles served on edge devices.

@@ -8,6 +8,7 @@ use outpost_proto::rest::{
 };
 
 use crate::fleet_cmd::Remote;
+use crate::util;
 
 /// Rollout subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -317,7 +318,7 @@ fn show(r: &RolloutRecord, json: bool) -> Result<()> {
         "  reached {} of {} device(s): {}",
         r.reached.len(),
         r.targets.len(),
-        r.reached.join(", ")
+        util::some_of(&r.reached)
     );
     for line in &r.history {
         println!("  {}", line.text);

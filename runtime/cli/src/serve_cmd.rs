@@ -114,10 +114,18 @@ pub(crate) struct ServeArgs {
     /// (default: a quarter of the file descriptors the process may open, less 256).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_api_connections: Option<u32>,
+    /// Also give `/metrics` one series per device (seconds since last heard, records dropped).
+    /// Off by default: two series per device is what a Prometheus server with thousands of
+    /// devices should not be asked to hold; the device list API has the same detail.
+    #[arg(long)]
+    per_device_metrics: bool,
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     crate::init_logging();
+    // Before any limit is derived from it (the broker's and the API's connection caps).
+    let fds = util::raise_fd_limit();
+    tracing::debug!(?fds, "open-file limit");
     let broker = match &args.broker {
         Some(url) => {
             let url: outpost_proto::BrokerUrl = url.parse()?;
@@ -176,6 +184,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         insecure: args.insecure,
         require_enrolment: args.require_enrolment,
         share_group: args.mqtt_share_group,
+        per_device_metrics: args.per_device_metrics,
         rules: match &args.rules {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -267,7 +276,11 @@ mod tests {
         assert_eq!(parse_ttl("12h"), Ok(Duration::from_secs(43_200)));
         assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(604_800)));
         assert!(parse_ttl("7").unwrap_err().contains("no unit"));
-        assert!(parse_ttl("7w").unwrap_err().contains("one of s, m, h, d"));
+        assert!(
+            parse_ttl("7w")
+                .unwrap_err()
+                .contains("one of ms, s, m, h, d")
+        );
         assert!(parse_ttl("1s").unwrap_err().contains("too short"));
         assert!(parse_ttl("h").unwrap_err().contains("whole number"));
         assert!(parse_ttl("99999999999999999999d").is_err());

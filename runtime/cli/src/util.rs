@@ -62,14 +62,50 @@ pub(crate) fn parse_duration(text: &str) -> std::result::Result<std::time::Durat
     let n: u64 = number
         .parse()
         .map_err(|_| format!("{text:?}: expected a whole number before the unit"))?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d")),
+    let scale_ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?}: the unit is one of ms, s, m, h, d")),
     };
-    n.checked_mul(scale)
-        .map(std::time::Duration::from_secs)
+    n.checked_mul(scale_ms)
+        .map(std::time::Duration::from_millis)
         .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as servers do (a
+/// systemd service starts at a soft 1,024 whatever `LimitNOFILE` allows above it), and says
+/// what it is now. Every connection costs file descriptors: a fleet's embedded broker three
+/// per device, its API one per client.
+pub(crate) fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// The first few of `names`, joined, with how many more there are: a fleet of thousands
+/// does not print thousands of ids on one line (`--json` has them all).
+pub(crate) fn some_of(names: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
 }

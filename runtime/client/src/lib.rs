@@ -7,8 +7,9 @@ use std::io::Read;
 use std::time::Duration;
 
 use outpost_proto::rest::{
-    BundleRecord, DeployRequest, DeployResponse, DeploymentRecord, DeviceView, Enrolment,
-    ErrorBody, FleetInfo, Forgotten, RecordQuery, Records, Revoked,
+    BundleRecord, DeployRequest, DeployResponse, DeploymentRecord, DeviceQuery, DeviceStatus,
+    DeviceView, Enrolment, ErrorBody, FleetInfo, Forgotten, MAX_DEVICE_PAGE, NEXT_AFTER_HEADER,
+    RecordQuery, Records, Revoked,
 };
 use serde::de::DeserializeOwned;
 
@@ -98,9 +99,46 @@ impl FleetClient {
         self.get("/api/v1/fleet")
     }
 
-    /// `GET /api/v1/devices`: every device with its desired state.
+    /// `GET /api/v1/devices`: every device with its desired state, read a page of
+    /// [`MAX_DEVICE_PAGE`] at a time (so no single answer holds a large registry).
     pub fn devices(&self) -> Result<Vec<DeviceView>> {
-        self.get("/api/v1/devices")
+        self.devices_matching(&DeviceQuery::default())
+    }
+
+    /// Every device `query` selects (its `limit` and `after` are replaced), page by page.
+    pub fn devices_matching(&self, query: &DeviceQuery) -> Result<Vec<DeviceView>> {
+        let mut query = DeviceQuery {
+            limit: Some(MAX_DEVICE_PAGE),
+            after: None,
+            ..query.clone()
+        };
+        let mut all = Vec::new();
+        loop {
+            let (page, next) = self.devices_page(&query)?;
+            all.extend(page);
+            match next {
+                Some(after) => query.after = Some(after),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of `GET /api/v1/devices?...`: the devices, and the `after` of the next page
+    /// when there is one.
+    pub fn devices_page(&self, query: &DeviceQuery) -> Result<(Vec<DeviceView>, Option<String>)> {
+        let path = device_path(query);
+        let what = format!("GET {path}");
+        let response = self
+            .authorized(self.http.get(&self.url(&path)))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        let next = response
+            .headers()
+            .get(NEXT_AFTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let page = self.answer(response, &what)?;
+        Ok((page, next))
     }
 
     /// `GET /api/v1/devices/{id}`.
@@ -347,6 +385,41 @@ fn http_agent(roots: &[outpost_tls::Certificate<'static>]) -> ureq::Agent {
         .tls_config(outpost_tls::ureq_tls_config(roots))
         .build()
         .new_agent()
+}
+
+/// `/api/v1/devices[?…]` for `query`.
+fn device_path(query: &DeviceQuery) -> String {
+    let mut params = Vec::new();
+    if let Some(limit) = query.limit {
+        params.push(format!("limit={limit}"));
+    }
+    for (name, value) in [
+        ("after", &query.after),
+        ("tag", &query.tag),
+        ("model", &query.model),
+        ("version", &query.version),
+    ] {
+        if let Some(value) = value {
+            params.push(format!("{name}={}", encode(value)));
+        }
+    }
+    if let Some(status) = query.status {
+        params.push(format!(
+            "status={}",
+            match status {
+                DeviceStatus::Online => "online",
+                DeviceStatus::Offline => "offline",
+            }
+        ));
+    }
+    if let Some(in_sync) = query.in_sync {
+        params.push(format!("in_sync={in_sync}"));
+    }
+    if params.is_empty() {
+        "/api/v1/devices".to_owned()
+    } else {
+        format!("/api/v1/devices?{}", params.join("&"))
+    }
 }
 
 /// `/api/v1/{what}?model=…&version=…[&tag=…][&window=…]`.

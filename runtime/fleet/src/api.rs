@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/healthz` | liveness |
 //! | GET | `/api/v1/fleet` | replica, broker, public key |
-//! | GET | `/api/v1/devices`, `/api/v1/devices/{id}` | registry with reported state |
+//! | GET | `/api/v1/devices`, `/api/v1/devices/{id}` | registry with reported state; the list takes `?limit=&after=&tag=&status=&model=&version=&in_sync=` ([`DeviceQuery`]) |
 //! | GET, POST | `/api/v1/bundles` | list; push a signed bundle (body: the `.opb`) |
 //! | GET, POST | `/api/v1/deployments` | list; deploy (JSON [`DeployRequest`]) |
 //! | GET | `/api/v1/telemetry`, `/api/v1/events` | `?device=&after=&limit=` |
@@ -25,7 +25,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use outpost_proto::rest::{FleetInfo, Forgotten, RecordQuery, Records, Revoked};
+use outpost_proto::rest::{
+    DeviceQuery, FleetInfo, Forgotten, MAX_DEVICE_PAGE, NEXT_AFTER_HEADER, RecordQuery, Records,
+    Revoked,
+};
 
 use crate::domain::Fleet;
 use crate::error::FleetError;
@@ -164,12 +167,66 @@ fn view(fleet: &Fleet, mut record: DeviceRecord) -> Result<DeviceView, FleetErro
     })
 }
 
-async fn devices(State(fleet): Shared) -> Result<Json<Vec<DeviceView>>, FleetError> {
-    let mut out = Vec::new();
-    for record in fleet.store.devices()? {
-        out.push(view(&fleet, record)?);
+async fn devices(
+    State(fleet): Shared,
+    Query(query): Query<DeviceQuery>,
+) -> Result<Response, FleetError> {
+    if query.limit == Some(0) || query.limit.is_some_and(|l| l > MAX_DEVICE_PAGE) {
+        return Err(FleetError::BadRequest(format!(
+            "limit must be 1 to {MAX_DEVICE_PAGE}"
+        )));
     }
-    Ok(Json(out))
+    // A scan of the registry (bounded by the page, but a filter may read far for few hits)
+    // runs off the async threads.
+    let scan_fleet = Arc::clone(&fleet);
+    let scan_query = query.clone();
+    let (page, next) = tokio::task::spawn_blocking(move || device_page(&scan_fleet, &scan_query))
+        .await
+        .map_err(|e| FleetError::Corrupt(format!("device list task: {e}")))??;
+    let mut response = Json(page).into_response();
+    if let Some(next) = next {
+        let mut link_query = query;
+        link_query.after = Some(next.clone());
+        let link = serde_urlencoded::to_string(&link_query)
+            .map(|q| format!("</api/v1/devices?{q}>; rel=\"next\""))
+            .ok()
+            .and_then(|l| HeaderValue::from_str(&l).ok());
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&next) {
+            headers.insert(NEXT_AFTER_HEADER, value);
+        }
+        if let Some(link) = link {
+            headers.insert(header::LINK, link);
+        }
+    }
+    Ok(response)
+}
+
+/// One page of the device list, and the id to continue after when more may follow.
+fn device_page(
+    fleet: &Fleet,
+    query: &DeviceQuery,
+) -> Result<(Vec<DeviceView>, Option<String>), FleetError> {
+    let now = now_secs();
+    let limit = query.limit.unwrap_or(usize::MAX);
+    let mut page = Vec::new();
+    for record in fleet.store.devices_after(query.after.as_deref()) {
+        let record = record?;
+        if !query.admits(&record, now) {
+            continue;
+        }
+        let view = view(fleet, record)?;
+        if query.in_sync.is_some_and(|want| view.in_sync != want) {
+            continue;
+        }
+        if page.len() == limit {
+            // One more matches: the page is full and another follows.
+            let next = page.last().map(|v: &DeviceView| v.record.id.clone());
+            return Ok((page, next));
+        }
+        page.push(view);
+    }
+    Ok((page, None))
 }
 
 async fn device(
@@ -555,10 +612,59 @@ async fn artifact(
         .map_err(|e| FleetError::Corrupt(e.to_string()))
 }
 
-async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
-    let devices = fleet.store.devices()?;
+/// What `/metrics` says about the registry as a whole: one pass over it, no series per device.
+#[derive(Debug, Default)]
+struct Census {
+    devices: u64,
+    online: u64,
+    /// Devices with a desired state that they have not applied.
+    pending: u64,
+    /// Devices whose last reported state carries an error.
+    failing: u64,
+    /// Records the devices say they dropped, summed.
+    dropped: u64,
+    /// Devices by seconds since last heard: at most 60, 300, 3,600, 86,400, and ever.
+    heard_within: [u64; 5],
+    /// (id, seconds since heard, dropped) per device, only when asked for.
+    per_device: Vec<(String, Option<u64>, u64)>,
+}
+
+/// The bounds of [`Census::heard_within`], in seconds.
+const HEARD_WITHIN: [u64; 4] = [60, 300, 3_600, 86_400];
+
+fn census(fleet: &Fleet) -> Result<Census, FleetError> {
     let now = now_secs();
-    let online = devices.iter().filter(|d| d.is_online(now)).count();
+    let mut c = Census::default();
+    for record in fleet.store.devices_after(None) {
+        let d = record?;
+        c.devices += 1;
+        c.online += u64::from(d.is_online(now));
+        c.dropped += d.dropped;
+        let reported = d.reported.as_ref();
+        c.failing += u64::from(reported.is_some_and(|r| r.last_error.is_some()));
+        if let Some(desired) = fleet.store.desired(&d.id)? {
+            let applied = reported.and_then(|r| r.generation);
+            c.pending += u64::from(applied != Some(desired.generation));
+        }
+        let age = d.last_seen.map(|seen| now.saturating_sub(seen));
+        if let Some(age) = age {
+            for (i, bound) in HEARD_WITHIN.iter().enumerate() {
+                c.heard_within[i] += u64::from(age <= *bound);
+            }
+            c.heard_within[4] += 1;
+        }
+        if fleet.per_device_metrics {
+            c.per_device.push((d.id, age, d.dropped));
+        }
+    }
+    Ok(c)
+}
+
+async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
+    let scan = Arc::clone(&fleet);
+    let census = tokio::task::spawn_blocking(move || census(&scan))
+        .await
+        .map_err(|e| FleetError::Corrupt(format!("metrics task: {e}")))??;
     let mut out = String::new();
     let m = &fleet.metrics;
     let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
@@ -570,13 +676,43 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         "outpost_fleet_devices",
         "Devices known to the fleet.",
         "gauge",
-        devices.len().to_string(),
+        census.devices.to_string(),
     );
     gauge(
         "outpost_fleet_devices_online",
         "Devices whose presence says online.",
         "gauge",
-        online.to_string(),
+        census.online.to_string(),
+    );
+    gauge(
+        "outpost_fleet_devices_pending",
+        "Devices that have not reported applying the desired state the fleet last signed for them.",
+        "gauge",
+        census.pending.to_string(),
+    );
+    gauge(
+        "outpost_fleet_devices_failing",
+        "Devices whose last reported state carries an error.",
+        "gauge",
+        census.failing.to_string(),
+    );
+    gauge(
+        "outpost_fleet_device_dropped_records_sum",
+        "Records the devices say they dropped (outbox quota, full disk), summed over devices.",
+        "gauge",
+        census.dropped.to_string(),
+    );
+    gauge(
+        "outpost_fleet_malformed_messages_total",
+        "Device messages that could not be read, ignored.",
+        "counter",
+        m.malformed.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
+        "outpost_fleet_foreign_messages_total",
+        "Device messages naming a device other than their topic's (publishing as another device), ignored.",
+        "counter",
+        m.foreign.load(Ordering::Relaxed).to_string(),
     );
     gauge(
         "outpost_fleet_broker_connected",
@@ -626,14 +762,21 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         "counter",
         m.artifact_bytes.load(Ordering::Relaxed).to_string(),
     );
-    out.push_str("# HELP outpost_fleet_device_last_seen_seconds Seconds since a device was last heard.\n# TYPE outpost_fleet_device_last_seen_seconds gauge\n");
-    for d in &devices {
-        if let Some(seen) = d.last_seen {
-            out.push_str(&format!(
-                "outpost_fleet_device_last_seen_seconds{{device=\"{}\"}} {}\n",
-                d.id,
-                now.saturating_sub(seen)
-            ));
+    out.push_str("# HELP outpost_fleet_devices_heard_within Devices last heard at most `le` seconds ago (cumulative; +Inf: ever heard).\n# TYPE outpost_fleet_devices_heard_within gauge\n");
+    for (i, le) in ["60", "300", "3600", "86400", "+Inf"].iter().enumerate() {
+        out.push_str(&format!(
+            "outpost_fleet_devices_heard_within{{le=\"{le}\"}} {}\n",
+            census.heard_within[i]
+        ));
+    }
+    if fleet.per_device_metrics {
+        out.push_str("# HELP outpost_fleet_device_last_seen_seconds Seconds since a device was last heard.\n# TYPE outpost_fleet_device_last_seen_seconds gauge\n");
+        for (id, age, _) in &census.per_device {
+            if let Some(age) = age {
+                out.push_str(&format!(
+                    "outpost_fleet_device_last_seen_seconds{{device=\"{id}\"}} {age}\n"
+                ));
+            }
         }
     }
     if let Some(gate) = m.gate.get() {
@@ -715,12 +858,13 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         "outpost_fleet_http",
         &[("api", &m.http)],
     ));
-    out.push_str("# HELP outpost_fleet_device_dropped_records Records a device dropped (outbox quota, full disk).\n# TYPE outpost_fleet_device_dropped_records gauge\n");
-    for d in &devices {
-        out.push_str(&format!(
-            "outpost_fleet_device_dropped_records{{device=\"{}\"}} {}\n",
-            d.id, d.dropped
-        ));
+    if fleet.per_device_metrics {
+        out.push_str("# HELP outpost_fleet_device_dropped_records Records a device dropped (outbox quota, full disk).\n# TYPE outpost_fleet_device_dropped_records gauge\n");
+        for (id, _, dropped) in &census.per_device {
+            out.push_str(&format!(
+                "outpost_fleet_device_dropped_records{{device=\"{id}\"}} {dropped}\n"
+            ));
+        }
     }
     out.push_str(&fleet.rules.render());
     let mut response = out.into_response();

@@ -21,15 +21,18 @@ const MAX_PAYLOAD: usize = 1 << 20;
 /// Connections the router accepts; the gate keeps below it (a refusal by the router is one of
 /// the paths that broke rumqttd).
 const ROUTER_MAX_CONNECTIONS: usize = 20_000;
-/// Connections the gate lets in at most (each costs two file descriptors, the client's and
-/// the broker's side).
+/// Connections the gate lets in at most.
 const GATE_MAX_CONNECTIONS: usize = 16_384;
+/// File descriptors one connection costs this process: the client's socket, and the
+/// loopback pair between the gate and rumqttd (both ends are in this process).
+pub const FDS_PER_CONNECTION: usize = 3;
 
 /// Connections the gate lets in at once: [`GATE_MAX_CONNECTIONS`], or fewer so that they take
 /// at most 60% of the file descriptors left after the reserve (the API has 25%).
 fn gate_max_connections() -> usize {
     let fds = outpost_http::fd_limit().unwrap_or(1024);
-    let usable = fds.saturating_sub(outpost_http::Limits::FD_RESERVE) as f64 * 0.6 / 2.0;
+    let usable = fds.saturating_sub(outpost_http::Limits::FD_RESERVE) as f64 * 0.6
+        / FDS_PER_CONNECTION as f64;
     (usable as usize).clamp(32, GATE_MAX_CONNECTIONS)
 }
 /// Time a client has to send its CONNECT.
@@ -47,6 +50,8 @@ pub struct EmbeddedBroker {
     addr: SocketAddr,
     inner: SocketAddr,
     tls: bool,
+    /// The login [`EmbeddedBroker::prober`] connects with, when the broker has logins.
+    probe_login: Option<(String, String)>,
     stats: Arc<GateStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -103,6 +108,11 @@ impl EmbeddedBroker {
             max_packet_bytes: MAX_PAYLOAD + 64 * 1024,
             device_rate: DEVICE_RATE,
         };
+        tracing::info!(
+            max_connections = limits.max_connections,
+            open_file_limit = ?outpost_http::fd_limit(),
+            "embedded broker: devices connected at once at most ({FDS_PER_CONNECTION} open files each; raise LimitNOFILE for more)"
+        );
 
         let mut connections = ConnectionSettings {
             connection_timeout_ms: CONNECT_TIMEOUT.as_millis() as u16,
@@ -180,6 +190,7 @@ impl EmbeddedBroker {
             addr,
             inner,
             tls: tls_on,
+            probe_login: probe_login.clone(),
             stats,
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -196,6 +207,16 @@ impl EmbeddedBroker {
         Err(FleetError::Config(format!(
             "the embedded MQTT broker did not start on {addr}"
         )))
+    }
+
+    /// A check that rumqttd still answers a CONNECT behind the gate (its router takes part in
+    /// every CONNECT): blocking, at most a few seconds. rumqttd's router runs on a thread of
+    /// its own that nothing can restart, and it has panics on paths a client can reach; the
+    /// fleet watches it with this and stops when it is gone, for its service manager to
+    /// start it again, rather than serve an API beside a broker that is not there.
+    pub fn prober(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let (inner, login) = (self.inner, self.probe_login.clone());
+        move || probe_mqtt(inner, login.as_ref()).is_ok()
     }
 
     /// Where it listens.

@@ -42,6 +42,11 @@ pub struct FleetMetrics {
     pub unenrolled: AtomicU64,
     /// Records refused because their device held its quota already.
     pub over_quota: AtomicU64,
+    /// Messages from devices that could not be read (malformed JSON, a wrong shape), ignored.
+    pub malformed: AtomicU64,
+    /// Messages whose body names a device other than the topic's (someone publishing as
+    /// another device, or a confused one), ignored.
+    pub foreign: AtomicU64,
     /// Artifact bytes served.
     pub artifact_bytes: AtomicU64,
     /// Artifact requests served.
@@ -96,6 +101,9 @@ pub struct Fleet {
     pub share_group: String,
     /// The embedded broker's logins, when it has any (enrolment changes them).
     pub logins: Option<std::sync::Arc<crate::acl::LiveLogins>>,
+    /// Whether `/metrics` also has one series per device (see
+    /// [`FleetOptions::per_device_metrics`](crate::FleetOptions::per_device_metrics)).
+    pub per_device_metrics: bool,
     /// Counters.
     pub metrics: FleetMetrics,
     outbound: mpsc::UnboundedSender<Outbound>,
@@ -146,6 +154,8 @@ pub struct Settings {
     pub share_group: String,
     /// The embedded broker's logins, when it has any.
     pub logins: Option<std::sync::Arc<crate::acl::LiveLogins>>,
+    /// Whether `/metrics` also has one series per device.
+    pub per_device_metrics: bool,
 }
 
 impl Fleet {
@@ -172,6 +182,7 @@ impl Fleet {
             require_enrolment,
             share_group,
             logins,
+            per_device_metrics,
         } = settings;
         Self {
             store,
@@ -191,6 +202,7 @@ impl Fleet {
             require_enrolment,
             share_group,
             logins,
+            per_device_metrics,
             metrics: FleetMetrics::default(),
             outbound,
             republished: Mutex::new(HashMap::new()),

@@ -69,11 +69,11 @@ impl Fleet {
                     stored.map(|_| ())
                 }
                 Ok(_) => {
-                    tracing::warn!(%device, "reported state names another device; ignored");
+                    fleet.refused(device, Refusal::Foreign, "reported state");
                     Ok(())
                 }
                 Err(e) => {
-                    tracing::warn!(%device, error = %e, "malformed reported state; ignored");
+                    fleet.refused(device, Refusal::Malformed(&e), "reported state");
                     Ok(())
                 }
             },
@@ -88,11 +88,11 @@ impl Fleet {
                         store_batch(fleet, stream, device, &batch, now)
                     }
                     Ok(_) => {
-                        tracing::warn!(%device, "batch names another device; ignored");
+                        fleet.refused(device, Refusal::Foreign, "batch");
                         Ok(())
                     }
                     Err(e) => {
-                        tracing::warn!(%device, error = %e, "malformed batch; ignored");
+                        fleet.refused(device, Refusal::Malformed(&e), "batch");
                         Ok(())
                     }
                 }
@@ -104,6 +104,21 @@ impl Fleet {
             Err(e) => {
                 tracing::error!(%device, error = %e, "cannot store a device message");
                 false
+            }
+        }
+    }
+
+    /// Counts a message that is not stored. Logged at debug level only: a hostile client can
+    /// send them as fast as the broker lets it, and each would otherwise be a log line.
+    fn refused(&self, device: &str, why: Refusal<'_>, what: &str) {
+        match why {
+            Refusal::Foreign => {
+                self.metrics.foreign.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%device, "{what} names another device; ignored");
+            }
+            Refusal::Malformed(e) => {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%device, error = %e, "malformed {what}; ignored");
             }
         }
     }
@@ -139,6 +154,14 @@ impl Fleet {
             tracing::error!(%device, error = %e, "cannot publish a desired state again");
         }
     }
+}
+
+/// Why a device message was not stored.
+enum Refusal<'a> {
+    /// It names another device.
+    Foreign,
+    /// It could not be read.
+    Malformed(&'a serde_json::Error),
 }
 
 fn store_batch(
@@ -195,6 +218,10 @@ fn store_batch(
         d.over_quota += over_quota;
         d.dropped = batch.dropped;
         d.last_seen = Some(now);
+        // Telemetry comes only over a live connection (it is never retained): the device is
+        // online even when its presence message was lost (a broker that dropped messages for
+        // a fleet that fell behind). Its last will still says offline when it goes.
+        d.online = true;
         if last_event.is_some() {
             d.last_event = last_event;
         }

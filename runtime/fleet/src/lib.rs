@@ -108,6 +108,10 @@ pub struct FleetOptions {
     /// Retraining triggers and alerts (`fleet serve --rules FILE`), evaluated by the replica
     /// that owns deployments.
     pub rules: Vec<rules::Rule>,
+    /// `/metrics` also carries one series per device (seconds since last heard, records
+    /// dropped). Off by default: 10,000 devices would be 20,000 series, which is what
+    /// Prometheus operators are told to avoid; the device list API has the same detail.
+    pub per_device_metrics: bool,
 }
 
 /// The API's front door on its defaults: timeouts of [`outpost_http::Limits::default`] and a
@@ -261,6 +265,8 @@ pub struct Server {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     subscribed: watch::Receiver<bool>,
     broker: Option<broker::EmbeddedBroker>,
+    /// Turns true when the embedded broker stopped answering.
+    broker_lost: Option<watch::Receiver<bool>>,
 }
 
 impl Server {
@@ -380,6 +386,7 @@ impl Server {
                     .clone()
                     .unwrap_or_else(|| outpost_proto::FLEET_GROUP.to_owned()),
                 logins: live_logins,
+                per_device_metrics: options.per_device_metrics,
             },
             outbound_tx,
         ));
@@ -456,6 +463,18 @@ impl Server {
             key_id = fleet.key_id(),
             "fleet ready"
         );
+        let broker_lost = match &embedded {
+            Some(broker) => {
+                let (lost_tx, lost_rx) = watch::channel(false);
+                tasks.push(tokio::spawn(broker_watch(
+                    broker.prober(),
+                    BROKER_CHECK_EVERY,
+                    lost_tx,
+                )));
+                Some(lost_rx)
+            }
+            None => None,
+        };
         Ok(Self {
             ready,
             fleet,
@@ -465,6 +484,7 @@ impl Server {
             tasks,
             subscribed: subscribed_rx,
             broker: embedded,
+            broker_lost,
         })
     }
 
@@ -486,14 +506,29 @@ impl Server {
     }
 
     /// Runs until `shutdown` completes (or the API's task fails), then stops.
+    /// Runs until `shutdown` completes (or the API's task fails, or the embedded broker stops
+    /// answering), then stops.
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let mut lost = self.broker_lost.clone();
+        let broker_lost = async {
+            match lost.as_mut() {
+                Some(lost) => {
+                    let _ = lost.wait_for(|l| *l).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         let failed = tokio::select! {
             _ = shutdown => None,
-            result = &mut self.api => Some(result),
+            result = &mut self.api => Some(result.map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))),
+            _ = broker_lost => Some(Err(FleetError::Config(format!(
+                "the embedded MQTT broker stopped answering ({} checks {} s apart failed): stopping, for the service manager to start the fleet again",
+                BROKER_CHECKS, BROKER_CHECK_EVERY.as_secs()
+            )))),
         };
         let stopped = self.stop().await;
         match failed {
-            Some(Err(e)) => Err(FleetError::Io(std::io::Error::other(e.to_string()))),
+            Some(Err(e)) => Err(e),
             _ => stopped,
         }
     }
@@ -538,6 +573,40 @@ impl Server {
         }
         tracing::info!("fleet stopped");
         Ok(())
+    }
+}
+
+/// How often the fleet checks that its embedded broker answers.
+const BROKER_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Checks in a row that must fail before the broker counts as gone.
+const BROKER_CHECKS: u32 = 3;
+
+/// Checks the embedded broker `every` so often; says so on `lost` after [`BROKER_CHECKS`]
+/// failures in a row.
+async fn broker_watch(
+    probe: impl Fn() -> bool + Send + Sync + 'static,
+    every: Duration,
+    lost: watch::Sender<bool>,
+) {
+    let probe = Arc::new(probe);
+    let mut failures = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        let check = Arc::clone(&probe);
+        let answered = tokio::task::spawn_blocking(move || check())
+            .await
+            .unwrap_or(false);
+        if answered {
+            failures = 0;
+            continue;
+        }
+        failures += 1;
+        tracing::warn!(failures, "the embedded MQTT broker did not answer a check");
+        if failures >= BROKER_CHECKS {
+            tracing::error!("the embedded MQTT broker is gone");
+            lost.send_replace(true);
+            return;
+        }
     }
 }
 
@@ -641,5 +710,44 @@ async fn retention_task(fleet: Arc<Fleet>, retention: Duration, mut stop: watch:
             _ = stop.changed() => return,
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn a_broker_that_stops_answering_is_reported_after_three_checks_and_not_before() {
+        // Answers twice, then fails once, answers again, then never.
+        let calls = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&calls);
+        let probe = move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            n < 2 || n == 3
+        };
+        let (tx, mut rx) = watch::channel(false);
+        let watcher = tokio::spawn(broker_watch(probe, Duration::from_millis(5), tx));
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| *l))
+            .await
+            .expect("reported")
+            .expect("sender alive until it reports");
+        // Checks 0, 1 and 3 answered; 2 failed alone (no report); 4, 5 and 6 failed in a row.
+        assert_eq!(calls.load(Ordering::SeqCst), 7);
+        watcher
+            .await
+            .expect("the watcher ends once it has reported");
+    }
+
+    #[tokio::test]
+    async fn a_live_embedded_broker_answers_its_check() {
+        let broker = broker::EmbeddedBroker::start("127.0.0.1:0".parse().expect("addr"), None)
+            .expect("broker");
+        let probe = broker.prober();
+        assert!(tokio::task::spawn_blocking(probe).await.expect("probe"));
+        let probe = broker.prober();
+        broker.stop();
+        assert!(!tokio::task::spawn_blocking(probe).await.expect("probe"));
     }
 }

@@ -25,10 +25,16 @@ use crate::domain::{Fleet, Outbound};
 
 /// Messages handed to the store worker and not yet stored, at most.
 const INGEST_QUEUE: usize = 1024;
+/// Messages received and not yet handed to the store worker, at most, before the loop stops
+/// reading from the broker.
+const WAITING_MAX: usize = 4096;
 /// Messages stored per flush, at most.
 const INGEST_BATCH: usize = 256;
 /// Desired states and cleared messages waiting for room in the MQTT queue, at most.
 const BACKLOG: usize = 1024;
+/// Publishes sent and not yet acknowledged by the broker, at most: well under rumqttc's window
+/// (100), so that acknowledgements of what the fleet receives always get through.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 32;
 
 fn session_options(fleet: &Fleet) -> SessionOptions {
     let mut options = SessionOptions::new(
@@ -104,25 +110,27 @@ pub async fn run(
         move || ingest_worker(fleet, ingest_rx, stored_tx)
     });
     let mut backlog: VecDeque<Outbound> = VecDeque::new();
-    // A message the worker had no room for: nothing more is read until it is handed over.
-    let mut waiting: Option<Publish> = None;
+    // Messages stored and not yet acknowledged (the request queue was full).
+    let mut acks: VecDeque<Publish> = VecDeque::new();
+    // Messages the worker had no room for yet, in arrival order. The broker sends no more
+    // than its window of unacknowledged messages (the fleet acknowledges only what it
+    // stored), so this stays small; the connection is still served meanwhile (pings,
+    // acknowledgements, publishes), so a slow store never looks like a dead fleet to the
+    // broker. Past WAITING_MAX (a broker that ignores its window) nothing more is read.
+    let mut waiting: VecDeque<Publish> = VecDeque::new();
     loop {
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             Some(done) = stored_rx.recv() => {
-                for message in &done {
-                    if let Err(e) = mqtt.ack(message) {
-                        tracing::warn!(error = %e, "cannot acknowledge");
-                    }
-                }
+                acks.extend(done);
             }
-            permit = ingest_tx.reserve(), if waiting.is_some() => {
-                if let (Ok(permit), Some(message)) = (permit, waiting.take()) {
+            permit = ingest_tx.reserve(), if !waiting.is_empty() => {
+                if let (Ok(permit), Some(message)) = (permit, waiting.pop_front()) {
                     permit.send(message);
                 }
             }
-            event = mqtt.next(), if waiting.is_none() => match event {
+            event = mqtt.next(), if waiting.len() < WAITING_MAX => match event {
                 SessionEvent::Connected => {
                     tracing::info!("fleet connected to the broker");
                     fleet.metrics.broker_connected.store(true, Ordering::Relaxed);
@@ -158,19 +166,22 @@ pub async fn run(
                             tracing::warn!(error = %e, "cannot announce the fleet's presence");
                         }
                     }
-                    if let Err(e) = mqtt.ack(&message) {
-                        tracing::warn!(error = %e, "cannot acknowledge");
-                    }
+                    acks.push_back(message);
                 }
                 SessionEvent::Message(message) => {
                     // Acknowledged only once stored: what could not be stored is not
                     // acknowledged, and the broker delivers it again.
-                    match ingest_tx.try_send(message) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(message)) => waiting = Some(message),
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            tracing::error!("the store worker stopped");
-                            break;
+                    if !waiting.is_empty() {
+                        // Behind others: order is kept.
+                        waiting.push_back(message);
+                    } else {
+                        match ingest_tx.try_send(message) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(message)) => waiting.push_back(message),
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                tracing::error!("the store worker stopped");
+                                break;
+                            }
                         }
                     }
                 }
@@ -183,15 +194,40 @@ pub async fn run(
                     }
                     fleet.metrics.broker_connected.store(false, Ordering::Relaxed);
                     subscribed.send_replace(false);
+                    // The broker delivers what was not acknowledged again, on the next
+                    // connection; acknowledging these there would name other messages.
+                    waiting.clear();
+                    acks.clear();
                 }
             },
             Some(message) = outbound.recv(), if backlog.len() < BACKLOG => {
                 backlog.push_back(message);
             }
+            // Room in the request queue comes as the event loop sends: try again shortly even
+            // when nothing arrives.
+            _ = tokio::time::sleep(Duration::from_millis(20)), if mqtt.is_connected() && (!acks.is_empty() || !backlog.is_empty()) => {}
         }
-        // Never block the loop on a full request queue: what does not fit waits here.
-        while let Some(message) = backlog.pop_front() {
+        // Acknowledgements first, and none lost: one dropped for a full request queue would
+        // hold a slot of the broker's in-flight window for the rest of the connection (with
+        // Mosquitto's 20 by default, 20 of them stop delivery to the fleet altogether).
+        while let Some(message) = acks.front() {
             if !mqtt.is_connected() {
+                // Unacknowledged on a lost connection: the broker delivers them again.
+                acks.clear();
+                break;
+            }
+            if mqtt.ack(message).is_err() {
+                break;
+            }
+            acks.pop_front();
+        }
+        // Never block the loop on a full request queue: what does not fit waits here. And
+        // never fill the client's window of unacknowledged publishes: rumqttc stops taking
+        // requests when it is full, acknowledgements included, and a broker that holds its
+        // PUBACKs while the fleet owes it acknowledgements (rumqttd does) then waits forever
+        // (a deployment to 1,000 devices on the embedded broker did, until this bound).
+        while let Some(message) = backlog.pop_front() {
+            if !mqtt.is_connected() || mqtt.tagged_in_flight() >= MAX_PUBLISHES_IN_FLIGHT {
                 backlog.push_front(message);
                 break;
             }
@@ -200,7 +236,7 @@ pub async fn run(
                 payload,
                 retain,
             } = message;
-            if let Err(e) = mqtt.publish(topic.clone(), payload.clone(), retain, None) {
+            if let Err(e) = mqtt.publish(topic.clone(), payload.clone(), retain, Some(())) {
                 tracing::debug!(error = %e, "publish queue full; retrying");
                 backlog.push_front(Outbound {
                     topic,

@@ -280,6 +280,28 @@ impl Store {
         self.devices.iter().values().map(|v| decode(&v?)).collect()
     }
 
+    /// Devices in id order, starting after `after` when given: read one at a time, so a page
+    /// of a large registry costs the page, not the registry.
+    pub fn devices_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<DeviceRecord>> + '_ {
+        use std::ops::Bound;
+        let start = match after {
+            Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        self.devices
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .values()
+            .map(|v| decode(&v?))
+    }
+
+    /// How many devices the registry holds.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
     /// Stores a record unless the same record is already there under (device, seq).
     ///
     /// A different record under a (device, seq) already taken is a conflict: anyone who can

@@ -31,6 +31,7 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         require_enrolment: false,
         share_group: None,
         rules: Vec::new(),
+        per_device_metrics: false,
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,

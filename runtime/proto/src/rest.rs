@@ -87,6 +87,81 @@ pub struct DeviceView {
     pub enrolled: bool,
 }
 
+/// The most devices one page of `GET /api/v1/devices` holds.
+pub const MAX_DEVICE_PAGE: usize = 1000;
+
+/// The header of a `GET /api/v1/devices` page that names the device id to pass as `after` for
+/// the next page (absent on the last page). A `Link: <...>; rel="next"` header says the same.
+pub const NEXT_AFTER_HEADER: &str = "x-next-after";
+
+/// Whether a device counts as online (see [`DeviceRecord::is_online`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    /// Its presence says online and it was heard from lately.
+    Online,
+    /// Anything else.
+    Offline,
+}
+
+/// What `GET /api/v1/devices` selects: a page of devices in id order, filtered. Without
+/// `limit` the answer holds every device that matches (what older clients expect); with it,
+/// at most `limit` (up to [`MAX_DEVICE_PAGE`]) and the next page's `after` in
+/// [`NEXT_AFTER_HEADER`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceQuery {
+    /// At most this many devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Only devices whose id sorts after this one (the last id of the previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Only devices reporting this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Only online or only offline devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DeviceStatus>,
+    /// Only devices reporting this model active (at `version` when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Only devices reporting this version active (of `model` when given, else of any model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Only devices that have (or have not) applied the fleet's current desired state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_sync: Option<bool>,
+}
+
+impl DeviceQuery {
+    /// Whether `record` passes the filters at `now` (all but `in_sync`, which needs the
+    /// desired state).
+    pub fn admits(&self, record: &DeviceRecord, now: u64) -> bool {
+        if let Some(status) = self.status
+            && record.is_online(now) != (status == DeviceStatus::Online)
+        {
+            return false;
+        }
+        let reported = record.reported.as_ref();
+        if let Some(tag) = &self.tag
+            && !reported.is_some_and(|r| r.tags.iter().any(|t| t == tag))
+        {
+            return false;
+        }
+        match (&self.model, &self.version) {
+            (None, None) => true,
+            (Some(model), version) => reported.is_some_and(|r| {
+                r.active
+                    .get(model)
+                    .is_some_and(|v| version.as_ref().is_none_or(|want| v == want))
+            }),
+            (None, Some(version)) => {
+                reported.is_some_and(|r| r.active.values().any(|v| v == version))
+            }
+        }
+    }
+}
+
 /// `POST /api/v1/devices/{id}/enrolment`: a device's new broker credentials. The password is
 /// shown this once; the fleet keeps only its hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,19 @@ use serde_json::Value;
 
 /// The repository's `models/` directory.
 pub fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models")
+    // Found at run time from the package under test (cargo sets CARGO_MANIFEST_DIR for the
+    // test process too) or the working directory: a path fixed at compile time names the
+    // checkout that built this crate, and a shared target directory reuses that build for
+    // other checkouts (a CI clone that is gone by the next run).
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok());
+    start
+        .iter()
+        .flat_map(|dir| dir.ancestors())
+        .find(|dir| dir.join("models").is_dir() && dir.join("runtime").is_dir())
+        .map(|root| root.join("models"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"))
 }
 
 /// Every feature of a baseline (inputs, then outputs) by name.
