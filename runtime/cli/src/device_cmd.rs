@@ -36,12 +36,33 @@ pub(crate) enum DeviceCommand {
     },
     /// Print the default configuration, with a comment on every field.
     DefaultConfig,
+    /// Check a configuration as `device run` reads it, without starting anything or writing
+    /// the data directory: exit 0 when it is valid, else an error naming the problem.
+    CheckConfig {
+        /// The device configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 pub(crate) fn run(cmd: DeviceCommand) -> Result<()> {
     match cmd {
         DeviceCommand::DefaultConfig => {
             print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        DeviceCommand::CheckConfig { config: path } => {
+            let config = Config::load(&path)?;
+            println!(
+                "{}: valid (serving on {}, state in {}, {})",
+                path.display(),
+                config.listen,
+                config.data_dir.display(),
+                match &config.fleet {
+                    Some(fleet) => format!("fleet broker {} as {}", fleet.broker, fleet.device_id),
+                    None => "no fleet".to_owned(),
+                }
+            );
             Ok(())
         }
         DeviceCommand::Install {

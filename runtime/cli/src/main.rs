@@ -18,6 +18,7 @@ mod key_cmd;
 mod mlflow;
 mod model_cmd;
 mod onnx_spec;
+mod release_cmd;
 mod rollout_cmd;
 mod samples;
 #[cfg(feature = "fleet")]
@@ -59,6 +60,19 @@ enum Command {
     /// Start a local fleet and device with the example bundles deployed through the fleet.
     #[cfg(feature = "fleet")]
     Demo(demo_cmd::DemoArgs),
+    /// Sign a directory of release files, or verify one before installing it.
+    #[command(subcommand)]
+    Release(release_cmd::ReleaseCommand),
+    /// Exit 0 when URL answers 2xx in time, 1 otherwise: a container's health check (the
+    /// images hold no shell and no curl).
+    Health {
+        /// What to ask, e.g. `http://127.0.0.1:7878/healthz`.
+        #[arg(long)]
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = util::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 /// Logs to stderr; the level comes from `OUTPOST_LOG` (error, warn, info, debug, trace).
@@ -89,6 +103,24 @@ fn init_logging() {
         .try_init();
 }
 
+/// `outpost health`: one GET, a 2xx answer within `timeout` or an error.
+fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .new_agent();
+    let response = agent
+        .get(url)
+        .call()
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        anyhow::bail!("{url} answered {status}");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -101,6 +133,8 @@ fn main() -> ExitCode {
         Command::Fleet(cmd) => fleet_cmd::run(cmd),
         #[cfg(feature = "fleet")]
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Release(cmd) => release_cmd::run(cmd),
+        Command::Health { url, timeout } => health(&url, timeout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

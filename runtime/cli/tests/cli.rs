@@ -346,3 +346,36 @@ fn every_command_has_help() {
         assert!(out.contains("Usage: outpost"), "{args:?}: {out}");
     }
 }
+
+/// `device check-config` reads a configuration as `device run` does, writes nothing, and names
+/// what is wrong; `health` succeeds only on a 2xx answer.
+#[test]
+fn check_config_and_health_answer_by_exit_status() {
+    let d = workspace("check-config");
+    let dir = &d.0;
+    let config = ok(dir, &["device", "default-config"])
+        .replace("data_dir = \"/var/lib/outpost\"", "data_dir = \"data\"");
+    assert!(config.contains("data_dir = \"data\""));
+    fs::write(dir.join("device.toml"), config).unwrap();
+    let out = ok(dir, &["device", "check-config", "--config", "device.toml"]);
+    assert!(out.contains("device.toml: valid"), "{out}");
+    assert!(
+        !dir.join("data").exists(),
+        "the check wrote the data directory"
+    );
+    fs::write(dir.join("bad.toml"), "listen = 8080\n").unwrap();
+    let err = fails(dir, &["device", "check-config", "--config", "bad.toml"]);
+    assert!(err.contains("listen"), "{err}");
+    let err = fails(dir, &["device", "check-config", "--config", "missing.toml"]);
+    assert!(err.contains("missing.toml"), "{err}");
+
+    // Nothing listens on a port just freed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let err = fails(dir, &["health", "--url", &url, "--timeout", "2s"]);
+    assert!(err.contains(&url), "{err}");
+}
