@@ -7,13 +7,11 @@
 //! beside them: a tarball someone added a file to is refused, not partly trusted.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use outpost_bundle::{PublicKey, SecretKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::util;
 
@@ -203,18 +201,8 @@ fn release_files(dir: &Path) -> Result<Vec<String>> {
 }
 
 fn sha256_of(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open `{}`", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    outpost_agent::download::sha256_file(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))
 }
 
 #[cfg(test)]
