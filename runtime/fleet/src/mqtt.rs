@@ -8,9 +8,11 @@
 //! broker never swallows records published before the fleet subscribed again.
 //!
 //! The store is written on a blocking worker, never on the MQTT loop: the loop hands messages
-//! over a bounded channel (stopping its reads from the broker while the worker is behind), the
-//! worker stores whatever has queued up, flushes once, and returns the messages it stored; only
-//! then does the loop acknowledge them, in the order they arrived.
+//! over a bounded channel (holding, in order, what does not fit while the worker is behind,
+//! and still serving the connection: pings, acknowledgements, publishes), the worker stores
+//! whatever has queued up, flushes once, and returns the messages it stored; only then does
+//! the loop acknowledge them, in the order they arrived. The broker sends no more than its
+//! window of unacknowledged messages, which bounds what the loop holds.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

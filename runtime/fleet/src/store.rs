@@ -297,11 +297,6 @@ impl Store {
             .map(|v| decode(&v?))
     }
 
-    /// How many devices the registry holds.
-    pub fn device_count(&self) -> usize {
-        self.devices.len()
-    }
-
     /// Stores a record unless the same record is already there under (device, seq).
     ///
     /// A different record under a (device, seq) already taken is a conflict: anyone who can
