@@ -155,11 +155,20 @@ resource "kubernetes_deployment_v1" "fleet" {
             "--mqtt-share-group=$(OUTPOST_SHARE_GROUP)",
             "--public-url=${local.public_url}",
             "--require-enrolment",
-          ], var.replicas > 1 ? [] : ["--replica=primary"])
+          ], var.replicas > 1 ? ["--replica=$(OUTPOST_POD_NAME)"] : ["--replica=primary"])
 
           env {
             name  = "OUTPOST_LOG"
             value = "info"
+          }
+          # Replicas sharing the data volume each need their own name (their MQTT client id).
+          env {
+            name = "OUTPOST_POD_NAME"
+            value_from {
+              field_ref {
+                field_path = "metadata.name"
+              }
+            }
           }
           env {
             name = "OUTPOST_SHARE_GROUP"
@@ -206,7 +215,7 @@ resource "kubernetes_deployment_v1" "fleet" {
           }
           readiness_probe {
             http_get {
-              path = "/healthz"
+              path = "/readyz"
               port = "api"
             }
             period_seconds    = 5

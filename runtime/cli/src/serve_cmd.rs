@@ -16,6 +16,21 @@ pub(crate) struct ServeArgs {
     /// State directory: database, artifacts, the fleet key (created on first start).
     #[arg(long, default_value = "fleet-data")]
     data_dir: PathBuf,
+    /// Keep the fleet's state in PostgreSQL instead of the data directory's embedded store,
+    /// e.g. postgres://outpost@db:5432/outpost (also from OUTPOST_DATABASE_URL). Replicas on
+    /// one database (and one broker) each answer the whole API; the schema is made or
+    /// migrated at start.
+    #[arg(
+        long,
+        env = "OUTPOST_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    database: Option<String>,
+    /// Where bundle files are kept (default DATA_DIR/artifacts). Replicas on one database
+    /// need storage they all see here (files are named by digest and written once).
+    #[arg(long, value_name = "DIR")]
+    artifacts_dir: Option<PathBuf>,
     /// REST API and artifact address.
     #[arg(long, default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
@@ -185,6 +200,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         require_enrolment: args.require_enrolment,
         share_group: args.mqtt_share_group,
         per_device_metrics: args.per_device_metrics,
+        database: args.database.filter(|url| !url.trim().is_empty()),
+        artifacts_dir: args.artifacts_dir,
         rules: match &args.rules {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

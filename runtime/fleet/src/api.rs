@@ -43,6 +43,7 @@ impl IntoResponse for FleetError {
             FleetError::Config(_) | FleetError::BadRequest(_) => StatusCode::BAD_REQUEST,
             FleetError::NotFound(_) => StatusCode::NOT_FOUND,
             FleetError::Bundle(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            FleetError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (
@@ -50,6 +51,17 @@ impl IntoResponse for FleetError {
             Json(serde_json::json!({ "error": self.to_string() })),
         )
             .into_response()
+    }
+}
+
+/// Ready to serve: the store answers (a database gone away makes this 503 until it is back,
+/// so a load balancer sends the API's clients to a replica that can answer them). `/healthz`
+/// says only that the process runs.
+async fn ready(State(fleet): Shared) -> Response {
+    match tokio::task::spawn_blocking(move || fleet.store.check()).await {
+        Ok(Ok(())) => "ready\n".into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => FleetError::Corrupt(format!("readiness task: {e}")).into_response(),
     }
 }
 
@@ -128,6 +140,7 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
             get(|Path(file): Path<String>| dashboard_file_owned(file)),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/artifacts/{digest}", get(artifact).head(artifact))
         .with_state(fleet)

@@ -19,6 +19,9 @@ pub enum FleetError {
     /// The state database failed.
     #[error("state store: {0}")]
     Store(sled::Error),
+    /// The database (PostgreSQL) failed or cannot be reached; the request may succeed later.
+    #[error("database: {0}")]
+    Database(String),
     /// Stored data could not be read back.
     #[error("corrupt state: {0}")]
     Corrupt(String),

@@ -22,6 +22,7 @@ pub mod mqtt;
 pub mod rollout;
 pub mod rules;
 pub mod store;
+pub mod store_pg;
 mod tls_listener;
 
 use std::future::Future;
@@ -37,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 pub use acl::{Identity, LiveLogins, Logins};
 pub use domain::{Fleet, FleetMetrics};
 pub use error::{FleetError, Result};
-use store::{Store, now_secs};
+use store::{SledStore, Store, now_secs};
 
 /// Where the fleet's MQTT broker is.
 #[derive(Debug, Clone)]
@@ -112,6 +113,14 @@ pub struct FleetOptions {
     /// dropped). Off by default: 10,000 devices would be 20,000 series, which is what
     /// Prometheus operators are told to avoid; the device list API has the same detail.
     pub per_device_metrics: bool,
+    /// Keep the state in this PostgreSQL database (a `postgres://` URL) instead of sled in
+    /// the data directory: replicas on one database each answer the whole API. The data
+    /// directory still holds the fleet key and, unless [`FleetOptions::artifacts_dir`] says
+    /// otherwise, the bundle files.
+    pub database: Option<String>,
+    /// Where bundle files are kept (default `<data-dir>/artifacts`): storage every replica on
+    /// one database shares.
+    pub artifacts_dir: Option<PathBuf>,
 }
 
 /// The API's front door on its defaults: timeouts of [`outpost_http::Limits::default`] and a
@@ -184,14 +193,36 @@ fn load_or_create_key(dir: &Path) -> Result<SecretKey> {
         Ok(text) => SecretKey::from_file_str(&text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::generate()?;
-            write_private(&path, key.to_file_string().as_bytes())?;
-            tracing::info!(path = %path.display(), key_id = key.id(), "created the fleet key");
-            key
+            match write_private(&path, key.to_file_string().as_bytes()) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), key_id = key.id(), "created the fleet key");
+                    key
+                }
+                // Another replica on a shared data volume made it first: use that one, once
+                // it is whole.
+                Err(FleetError::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    read_key_made_elsewhere(&path)?
+                }
+                Err(e) => return Err(e),
+            }
         }
         Err(e) => return Err(e.into()),
     };
     std::fs::write(dir.join("fleet.pub"), key.public().to_file_string())?;
     Ok(key)
+}
+
+fn read_key_made_elsewhere(path: &Path) -> Result<SecretKey> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match SecretKey::from_file_str(&std::fs::read_to_string(path)?) {
+            Ok(key) => return Ok(key),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -206,7 +237,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn replica_name(store: &Store, given: Option<String>) -> Result<String> {
+/// This replica's name: the one given, else the one kept from an earlier start (in the
+/// store when it is this replica's own, in the data directory when replicas share the store),
+/// else a new one.
+fn replica_name(store: &Store, dir: &Path, given: Option<String>) -> Result<String> {
     if let Some(name) = given {
         if !outpost_proto::is_valid_device_id(&name) {
             return Err(FleetError::Config(format!(
@@ -215,14 +249,66 @@ fn replica_name(store: &Store, given: Option<String>) -> Result<String> {
         }
         return Ok(name);
     }
-    if let Some(name) = store.meta("replica")? {
-        return Ok(String::from_utf8_lossy(&name).into_owned());
+    let file = dir.join("replica");
+    let kept = if store.shared() {
+        match std::fs::read_to_string(&file) {
+            Ok(name) => Some(name.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        store
+            .meta("replica")?
+            .map(|name| String::from_utf8_lossy(&name).into_owned())
+    };
+    if let Some(name) = kept.filter(|n| outpost_proto::is_valid_device_id(n)) {
+        return Ok(name);
     }
     let mut bytes = [0u8; 4];
     getrandom::fill(&mut bytes).map_err(|e| FleetError::Config(e.to_string()))?;
     let name = format!("fleet-{}", hex::encode(bytes));
-    store.set_meta("replica", name.as_bytes())?;
+    if store.shared() {
+        std::fs::write(&file, &name)?;
+    } else {
+        store.set_meta("replica", name.as_bytes())?;
+    }
     Ok(name)
+}
+
+/// Opens the store `options` name: PostgreSQL when given a database, else sled in the data
+/// directory.
+async fn open_store(options: &FleetOptions) -> Result<Store> {
+    std::fs::create_dir_all(&options.data_dir)?;
+    let Some(url) = options.database.clone() else {
+        return Ok(Box::new(SledStore::open(&options.data_dir)?));
+    };
+    let artifacts = options
+        .artifacts_dir
+        .clone()
+        .unwrap_or_else(|| options.data_dir.join("artifacts"));
+    let store = tokio::task::spawn_blocking(move || store_pg::PgStore::connect(&url, &artifacts))
+        .await
+        .map_err(|e| FleetError::Config(format!("opening the database: {e}")))??;
+    Ok(Box::new(store))
+}
+
+/// Replicas on one database must sign with one key: devices trust one. The first replica
+/// records its public key; a replica with another key is refused by name.
+fn check_shared_key(store: &Store, key: &SecretKey) -> Result<()> {
+    if !store.shared() {
+        return Ok(());
+    }
+    let ours = key.public().to_file_string();
+    match store.meta("fleet_public_key")? {
+        None => store.set_meta("fleet_public_key", ours.as_bytes()),
+        Some(theirs) if theirs == ours.as_bytes() => Ok(()),
+        Some(_) => Err(FleetError::Config(format!(
+            "the fleet key in this data directory (id {}) is not the one the other replicas on \
+             the {} sign with: give every replica the same fleet.key",
+            key.id(),
+            store.describe()
+        ))),
+    }
 }
 
 /// The sockets a fleet serves its API on, bound before it starts (port 0: the OS picks).
@@ -274,9 +360,11 @@ impl Server {
     /// tasks and the API on `listeners`, and returns once the API accepts connections.
     pub async fn start(options: FleetOptions, listeners: Listeners) -> Result<Self> {
         options.validate()?;
-        let store = Store::open(&options.data_dir)?;
+        let store = open_store(&options).await?;
         let key = load_or_create_key(&options.data_dir)?;
-        let replica = replica_name(&store, options.replica.clone())?;
+        check_shared_key(&store, &key)?;
+        let replica = replica_name(&store, &options.data_dir, options.replica.clone())?;
+        tracing::info!(store = %store.describe(), %replica, "state store open");
         let live_logins = options
             .embedded_logins()
             .map(|l| Arc::new(LiveLogins::new(l)));

@@ -81,10 +81,9 @@ fn ingest_worker(
                 Err(_) => break,
             }
         }
-        let mut done: Vec<Publish> = batch
-            .into_iter()
-            .filter(|m| fleet.ingest(&m.topic, &m.payload))
-            .collect();
+        let Some(mut done) = store_batch(&fleet, batch, &stored) else {
+            return;
+        };
         // Stored before the broker hears the acknowledgement.
         if let Err(e) = fleet.store.flush() {
             tracing::error!(error = %e, "cannot flush the store; not acknowledging");
@@ -95,6 +94,52 @@ fn ingest_worker(
         }
     }
 }
+
+/// Stores `batch` in order; returns what was stored (the rest is left unacknowledged), or
+/// `None` when the loop hung up meanwhile. While the store does not answer (a database gone
+/// away) nothing is given up: the message that failed is tried again, with a growing pause,
+/// until it is stored, so the broker's unacknowledged window holds the backlog and delivery
+/// resumes by itself when the store is back. A message that fails with the store answering
+/// is left unacknowledged, as before.
+fn store_batch(
+    fleet: &Fleet,
+    batch: Vec<Publish>,
+    stored: &mpsc::UnboundedSender<Vec<Publish>>,
+) -> Option<Vec<Publish>> {
+    let mut done = Vec::with_capacity(batch.len());
+    let mut pending: VecDeque<Publish> = batch.into();
+    let mut pause = STORE_RETRY_FIRST;
+    let mut outage: Option<std::time::Instant> = None;
+    while let Some(message) = pending.front() {
+        if fleet.ingest(&message.topic, &message.payload) {
+            done.extend(pending.pop_front());
+            if let Some(since) = outage.take() {
+                tracing::info!(after = ?since.elapsed(), "the store answers again; storing and acknowledging");
+            }
+            pause = STORE_RETRY_FIRST;
+            continue;
+        }
+        if let Err(e) = fleet.store.check() {
+            if outage.is_none() {
+                tracing::error!(error = %e, "the store does not answer; holding messages unacknowledged until it does");
+                outage = Some(std::time::Instant::now());
+            }
+            if stored.is_closed() {
+                return None;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(STORE_RETRY_MAX);
+            continue;
+        }
+        pending.pop_front();
+    }
+    Some(done)
+}
+
+/// The first pause before storing again while the store does not answer...
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// ...doubling up to this.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Runs the fleet's MQTT client until `shutdown`; `subscribed` turns true once the broker has
 /// acknowledged the subscriptions.

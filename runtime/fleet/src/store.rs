@@ -1,5 +1,8 @@
-//! The fleet's state: sled trees for devices, bundles, desired states, deployments, telemetry
-//! and events, and a directory of content-addressed artifact files.
+//! The fleet's state behind one trait, [`FleetStore`], with two implementations: [`SledStore`]
+//! (the embedded default: sled trees for devices, bundles, desired states, deployments,
+//! telemetry and events) and, for replicas that share their state, `PgStore` in
+//! [`crate::store_pg`] (PostgreSQL). Both keep bundle files in a directory of content-addressed
+//! artifact files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,9 +49,214 @@ pub enum Stream {
     Events,
 }
 
-/// The store.
+/// The store the fleet runs on: sled or PostgreSQL.
+pub type Store = Box<dyn FleetStore>;
+
+/// Where the fleet keeps its state. Every method is blocking (sled writes to disk, PostgreSQL
+/// answers over a socket) and safe to call from any thread, async workers included; the
+/// fleet runs the long ones (scans, deployments) on blocking threads.
+///
+/// The closures some methods take run once, between reading a record and writing it back,
+/// with the record locked against every other writer (every replica's, for PostgreSQL).
+pub trait FleetStore: Send + Sync + std::fmt::Debug {
+    /// What the store is, for logs (`sled at DIR`, `postgres at HOST`).
+    fn describe(&self) -> String;
+    /// Whether other fleet processes share this store (replicas on one database).
+    fn shared(&self) -> bool;
+    /// Whether the store answers now (a database that went away does not).
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+    /// A value of the meta table.
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Sets a value of the meta table.
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<()>;
+    /// Applies `change` to a device's record (created on first sight) and stores it.
+    fn update_device_with(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut DeviceRecord),
+    ) -> Result<DeviceRecord>;
+    /// Applies `change` to a device's record only if the device is known; returns whether it was.
+    fn update_known_device_with(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut DeviceRecord),
+    ) -> Result<bool>;
+    /// Forgets a device: its registry record and desired state (its telemetry stays until
+    /// retention removes it). Returns whether it was known.
+    fn remove_device(&self, id: &str) -> Result<bool>;
+    /// Enrols `device` with `credential` (replacing an earlier one) and registers it.
+    fn put_credential(&self, device: &str, credential: &Credential) -> Result<()>;
+    /// Ends `device`'s credential; returns whether it had one.
+    fn remove_credential(&self, device: &str) -> Result<bool>;
+    /// Every enrolled device's credential, by device id.
+    fn credentials(&self) -> Result<Vec<(String, Credential)>>;
+    /// Whether `device` is enrolled.
+    fn is_enrolled(&self, device: &str) -> Result<bool>;
+    /// One device.
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>>;
+    /// Every device, by id.
+    fn devices(&self) -> Result<Vec<DeviceRecord>>;
+    /// Devices in id order (bytewise), starting after `after` when given: read a few at a
+    /// time, so a page of a large registry costs the page, not the registry.
+    fn devices_after<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> Box<dyn Iterator<Item = Result<DeviceRecord>> + 'a>;
+    /// Stores a record unless the same record is already there under (device, seq), and
+    /// tells the stored size in bytes (what the device's quota counts, and what pruning gives
+    /// back).
+    ///
+    /// A different record under a (device, seq) already taken is a conflict: anyone who can
+    /// publish on the broker can send a device's next sequence numbers first, and discarding
+    /// what comes after as a duplicate would let them erase the genuine records. So a conflicting
+    /// record is kept too, after the first, up to [`MAX_VARIANTS`] per (device, seq).
+    fn put_record_sized(
+        &self,
+        stream: Stream,
+        device: &str,
+        record: &TelemetryRecord,
+    ) -> Result<(Put, u64)>;
+    /// Records of one device (or all) after sequence number `after`, at most `limit`, in
+    /// (device, seq) order.
+    fn records(
+        &self,
+        stream: Stream,
+        device: Option<&str>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>>;
+    /// Deletes records older than `cutoff` (Unix seconds), at most about `limit` of them;
+    /// returns how many, and gives their bytes back to each device's quota.
+    fn prune(&self, stream: Stream, cutoff: u64, limit: usize) -> Result<usize>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()>;
+    /// Adds a bundle file to the artifact store (idempotent) and records it.
+    fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()>;
+    /// Removes a bundle record, and its artifact file unless another record has the same
+    /// digest. Returns the removed record.
+    fn remove_bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>>;
+    /// Every bundle, by name and version.
+    fn bundles(&self) -> Result<Vec<BundleRecord>>;
+    /// One bundle.
+    fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>>;
+    /// Where an artifact's bytes are.
+    fn artifact_path(&self, digest: &str) -> Result<PathBuf>;
+    /// Replaces a device's desired state with `make(previous)` and stores it.
+    fn update_desired_with(
+        &self,
+        device: &str,
+        make: &mut dyn FnMut(Option<&DesiredRecord>) -> Result<DesiredRecord>,
+    ) -> Result<DesiredRecord>;
+    /// One device's desired state.
+    fn desired(&self, device: &str) -> Result<Option<DesiredRecord>>;
+    /// Every desired state.
+    fn all_desired(&self) -> Result<Vec<DesiredRecord>>;
+    /// Stores a deployment and the desired state it gives each of `devices`, all or nothing:
+    /// `make` turns each device's previous desired state into its next one, for every device
+    /// before anything is written, and one transaction then writes them all with the record.
+    fn record_deployment_with(
+        &self,
+        devices: &[DeviceId],
+        make: &mut dyn FnMut(&DeviceId, Option<&DesiredRecord>) -> Result<DesiredRecord>,
+        record: DeploymentRecord,
+    ) -> Result<(Vec<DesiredRecord>, DeploymentRecord)>;
+    /// Records of `device` taken at or after `since` (Unix seconds), oldest first, at most
+    /// `limit` (the newest).
+    fn recent_records(
+        &self,
+        stream: Stream,
+        device: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>>;
+    /// A new rollout id.
+    fn next_rollout_id(&self) -> Result<u64>;
+    /// Stores a rollout (durably: its state survives a `kill -9`).
+    fn put_rollout(&self, rollout: &outpost_proto::rest::RolloutRecord) -> Result<()>;
+    /// One rollout.
+    fn rollout(&self, id: u64) -> Result<Option<outpost_proto::rest::RolloutRecord>>;
+    /// Every rollout, oldest first.
+    fn rollouts(&self) -> Result<Vec<outpost_proto::rest::RolloutRecord>>;
+    /// A new firing id.
+    fn next_firing_id(&self) -> Result<u64>;
+    /// Stores a rule firing (durably: a restarted fleet knows what fired and when).
+    fn put_firing(&self, firing: &outpost_proto::rest::FiringRecord) -> Result<()>;
+    /// The newest `limit` firings, oldest first.
+    fn firings(&self, limit: usize) -> Result<Vec<outpost_proto::rest::FiringRecord>>;
+    /// Every deployment, oldest first.
+    fn deployments(&self) -> Result<Vec<DeploymentRecord>>;
+}
+
+/// The closure-taking methods in their convenient form (a closure by value, called once).
+impl dyn FleetStore {
+    /// [`FleetStore::update_device_with`].
+    pub fn update_device(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<DeviceRecord> {
+        let mut change = Some(change);
+        self.update_device_with(id, &mut |d| {
+            if let Some(change) = change.take() {
+                change(d)
+            }
+        })
+    }
+
+    /// [`FleetStore::update_known_device_with`].
+    pub fn update_known_device(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<bool> {
+        let mut change = Some(change);
+        self.update_known_device_with(id, &mut |d| {
+            if let Some(change) = change.take() {
+                change(d)
+            }
+        })
+    }
+
+    /// [`FleetStore::update_desired_with`].
+    pub fn update_desired(
+        &self,
+        device: &str,
+        make: impl FnOnce(Option<&DesiredRecord>) -> Result<DesiredRecord>,
+    ) -> Result<DesiredRecord> {
+        let mut make = Some(make);
+        self.update_desired_with(device, &mut |previous| match make.take() {
+            Some(make) => make(previous),
+            None => Err(FleetError::Corrupt("a desired state made twice".into())),
+        })
+    }
+
+    /// [`FleetStore::record_deployment_with`].
+    pub fn record_deployment(
+        &self,
+        devices: &[DeviceId],
+        mut make: impl FnMut(&DeviceId, Option<&DesiredRecord>) -> Result<DesiredRecord>,
+        record: DeploymentRecord,
+    ) -> Result<(Vec<DesiredRecord>, DeploymentRecord)> {
+        self.record_deployment_with(devices, &mut make, record)
+    }
+
+    /// [`FleetStore::put_record_sized`], without the size.
+    pub fn put_record(
+        &self,
+        stream: Stream,
+        device: &str,
+        record: &TelemetryRecord,
+    ) -> Result<Put> {
+        self.put_record_sized(stream, device, record)
+            .map(|(put, _)| put)
+    }
+}
+
+/// The embedded store: sled trees in the data directory.
 #[derive(Debug)]
-pub struct Store {
+pub struct SledStore {
     /// Held for the life of the process: the store is this process's alone.
     _lock: std::fs::File,
     db: sled::Db,
@@ -91,7 +299,7 @@ pub enum Put {
     ConflictDropped,
 }
 
-fn record_key(device: &str, seq: u64) -> Vec<u8> {
+pub(crate) fn record_key(device: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(device.len() + 9);
     key.extend_from_slice(device.as_bytes());
     key.push(0);
@@ -99,11 +307,11 @@ fn record_key(device: &str, seq: u64) -> Vec<u8> {
     key
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| FleetError::Corrupt(e.to_string()))
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| FleetError::Corrupt(e.to_string()))
 }
 
@@ -112,6 +320,28 @@ pub fn is_digest(d: &str) -> bool {
     d.len() == 64
         && d.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Writes an artifact file named by its digest into `dir` unless it is there (under a
+/// temporary name first, then renamed: a reader never sees half a file).
+pub(crate) fn write_artifact(dir: &Path, digest: &str, bytes: &[u8]) -> Result<()> {
+    let path = artifact_path_in(dir, digest)?;
+    if !path.exists() {
+        let tmp = dir.join(format!(".{digest}.{}.tmp", std::process::id()));
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(())
+}
+
+/// Where the artifact `digest` is in `dir`.
+pub(crate) fn artifact_path_in(dir: &Path, digest: &str) -> Result<PathBuf> {
+    if !is_digest(digest) {
+        return Err(FleetError::NotFound(format!("artifact `{digest}`")));
+    }
+    Ok(dir.join(digest))
 }
 
 /// Opens the sled database at `path`. The fleet's own lock is held by now, so a sled lock
@@ -132,7 +362,7 @@ fn open_db(path: &Path) -> Result<sled::Db> {
     }
 }
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -174,24 +404,35 @@ impl Store {
             .lock()
             .map_err(|_| FleetError::Corrupt("store lock poisoned".into()))
     }
+}
+
+impl FleetStore for SledStore {
+    fn describe(&self) -> String {
+        format!(
+            "sled at {}",
+            self.artifacts.parent().unwrap_or(&self.artifacts).display()
+        )
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// A value of the meta tree.
-    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
 
-    /// Sets a value of the meta tree.
-    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
         self.db.insert(key, value)?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// Applies `change` to a device's record (created on first sight) and stores it.
-    pub fn update_device(
+    fn update_device_with(
         &self,
         id: &str,
-        change: impl FnOnce(&mut DeviceRecord),
+        change: &mut dyn FnMut(&mut DeviceRecord),
     ) -> Result<DeviceRecord> {
         let _guard = self.lock()?;
         let mut record = match self.devices.get(id)? {
@@ -206,9 +447,7 @@ impl Store {
         Ok(record)
     }
 
-    /// Forgets a device: its registry record and desired state (its telemetry stays until
-    /// retention removes it). Returns whether it was known.
-    pub fn remove_device(&self, id: &str) -> Result<bool> {
+    fn remove_device(&self, id: &str) -> Result<bool> {
         let _guard = self.lock()?;
         let known = self.devices.remove(id)?.is_some();
         let desired = self.desired.remove(id)?.is_some();
@@ -216,8 +455,7 @@ impl Store {
         Ok(known || desired)
     }
 
-    /// Enrols `device` with `credential` (replacing an earlier one) and registers it.
-    pub fn put_credential(&self, device: &str, credential: &Credential) -> Result<()> {
+    fn put_credential(&self, device: &str, credential: &Credential) -> Result<()> {
         let _guard = self.lock()?;
         self.credentials.insert(device, encode(credential)?)?;
         if self.devices.get(device)?.is_none() {
@@ -231,15 +469,13 @@ impl Store {
         Ok(())
     }
 
-    /// Ends `device`'s credential; returns whether it had one.
-    pub fn remove_credential(&self, device: &str) -> Result<bool> {
+    fn remove_credential(&self, device: &str) -> Result<bool> {
         let removed = self.credentials.remove(device)?.is_some();
         self.db.flush()?;
         Ok(removed)
     }
 
-    /// Every enrolled device's credential, by device id.
-    pub fn credentials(&self) -> Result<Vec<(String, Credential)>> {
+    fn credentials(&self) -> Result<Vec<(String, Credential)>> {
         self.credentials
             .iter()
             .map(|entry| {
@@ -249,16 +485,14 @@ impl Store {
             .collect()
     }
 
-    /// Whether `device` is enrolled.
-    pub fn is_enrolled(&self, device: &str) -> Result<bool> {
+    fn is_enrolled(&self, device: &str) -> Result<bool> {
         Ok(self.credentials.contains_key(device)?)
     }
 
-    /// Applies `change` to a device's record only if the device is known; returns whether it was.
-    pub fn update_known_device(
+    fn update_known_device_with(
         &self,
         id: &str,
-        change: impl FnOnce(&mut DeviceRecord),
+        change: &mut dyn FnMut(&mut DeviceRecord),
     ) -> Result<bool> {
         let _guard = self.lock()?;
         let Some(bytes) = self.devices.get(id)? else {
@@ -270,52 +504,32 @@ impl Store {
         Ok(true)
     }
 
-    /// One device.
-    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
         self.devices.get(id)?.map(|b| decode(&b)).transpose()
     }
 
-    /// Every device, by id.
-    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+    fn devices(&self) -> Result<Vec<DeviceRecord>> {
         self.devices.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// Devices in id order, starting after `after` when given: read one at a time, so a page
-    /// of a large registry costs the page, not the registry.
-    pub fn devices_after(
-        &self,
+    fn devices_after<'a>(
+        &'a self,
         after: Option<&str>,
-    ) -> impl Iterator<Item = Result<DeviceRecord>> + '_ {
+    ) -> Box<dyn Iterator<Item = Result<DeviceRecord>> + 'a> {
         use std::ops::Bound;
         let start = match after {
             Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
             None => Bound::Unbounded,
         };
-        self.devices
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .values()
-            .map(|v| decode(&v?))
+        Box::new(
+            self.devices
+                .range::<Vec<u8>, _>((start, Bound::Unbounded))
+                .values()
+                .map(|v| decode(&v?)),
+        )
     }
 
-    /// Stores a record unless the same record is already there under (device, seq).
-    ///
-    /// A different record under a (device, seq) already taken is a conflict: anyone who can
-    /// publish on the broker can send a device's next sequence numbers first, and discarding
-    /// what comes after as a duplicate would let them erase the genuine records. So a conflicting
-    /// record is kept too, after the first, up to [`MAX_VARIANTS`] per (device, seq).
-    pub fn put_record(
-        &self,
-        stream: Stream,
-        device: &str,
-        record: &TelemetryRecord,
-    ) -> Result<Put> {
-        self.put_record_sized(stream, device, record)
-            .map(|(put, _)| put)
-    }
-
-    /// [`Store::put_record`], also telling the stored size in bytes (what the device's quota
-    /// counts, and what pruning gives back).
-    pub fn put_record_sized(
+    fn put_record_sized(
         &self,
         stream: Stream,
         device: &str,
@@ -348,8 +562,7 @@ impl Store {
         Ok((Put::ConflictDropped, 0))
     }
 
-    /// Records of one device (or all) after sequence number `after`, at most `limit`.
-    pub fn records(
+    fn records(
         &self,
         stream: Stream,
         device: Option<&str>,
@@ -385,10 +598,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes records taken before `cutoff` (Unix seconds), at most `limit` of them; returns
-    /// how many. Sequence numbers grow with time per device, so each device's scan stops at its
-    /// first newer record.
-    pub fn prune(&self, stream: Stream, cutoff: u64, limit: usize) -> Result<usize> {
+    fn prune(&self, stream: Stream, cutoff: u64, limit: usize) -> Result<usize> {
         let tree = match stream {
             Stream::Telemetry => &self.telemetry,
             Stream::Events => &self.events,
@@ -415,31 +625,20 @@ impl Store {
             }
         }
         for (device, bytes) in freed {
-            self.update_known_device(&device, |d| {
+            self.update_known_device_with(&device, &mut |d| {
                 d.stored_bytes = d.stored_bytes.saturating_sub(bytes);
             })?;
         }
         Ok(removed)
     }
 
-    /// Flushes everything written so far to disk.
-    pub fn flush(&self) -> Result<()> {
+    fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
     }
 
-    /// Adds a bundle file to the artifact store (idempotent) and records it.
-    pub fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()> {
-        let path = self.artifact_path(&record.digest)?;
-        if !path.exists() {
-            let tmp = self
-                .artifacts
-                .join(format!(".{}.{}.tmp", record.digest, std::process::id()));
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-        }
+    fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()> {
+        write_artifact(&self.artifacts, &record.digest, bytes)?;
         self.bundles.insert(
             format!("{}@{}", record.name, record.version),
             encode(record)?,
@@ -448,14 +647,14 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a bundle record, and its artifact file unless another record has the same
-    /// digest. Returns the removed record.
-    pub fn remove_bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
+    fn remove_bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
         let Some(bytes) = self.bundles.remove(format!("{name}@{version}"))? else {
             return Ok(None);
         };
         let record: BundleRecord = decode(&bytes)?;
-        let shared = self.bundles()?.iter().any(|b| b.digest == record.digest);
+        let shared = FleetStore::bundles(self)?
+            .iter()
+            .any(|b| b.digest == record.digest);
         if !shared {
             match std::fs::remove_file(self.artifact_path(&record.digest)?) {
                 Ok(()) => {}
@@ -467,32 +666,25 @@ impl Store {
         Ok(Some(record))
     }
 
-    /// Every bundle, by name and version.
-    pub fn bundles(&self) -> Result<Vec<BundleRecord>> {
+    fn bundles(&self) -> Result<Vec<BundleRecord>> {
         self.bundles.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// One bundle.
-    pub fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
+    fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
         self.bundles
             .get(format!("{name}@{version}"))?
             .map(|b| decode(&b))
             .transpose()
     }
 
-    /// Where an artifact's bytes are.
-    pub fn artifact_path(&self, digest: &str) -> Result<PathBuf> {
-        if !is_digest(digest) {
-            return Err(FleetError::NotFound(format!("artifact `{digest}`")));
-        }
-        Ok(self.artifacts.join(digest))
+    fn artifact_path(&self, digest: &str) -> Result<PathBuf> {
+        artifact_path_in(&self.artifacts, digest)
     }
 
-    /// Replaces a device's desired state with `make(previous)` and stores it.
-    pub fn update_desired(
+    fn update_desired_with(
         &self,
         device: &str,
-        make: impl FnOnce(Option<&DesiredRecord>) -> Result<DesiredRecord>,
+        make: &mut dyn FnMut(Option<&DesiredRecord>) -> Result<DesiredRecord>,
     ) -> Result<DesiredRecord> {
         let _guard = self.lock()?;
         let previous: Option<DesiredRecord> =
@@ -502,23 +694,18 @@ impl Store {
         Ok(next)
     }
 
-    /// One device's desired state.
-    pub fn desired(&self, device: &str) -> Result<Option<DesiredRecord>> {
+    fn desired(&self, device: &str) -> Result<Option<DesiredRecord>> {
         self.desired.get(device)?.map(|b| decode(&b)).transpose()
     }
 
-    /// Every desired state.
-    pub fn all_desired(&self) -> Result<Vec<DesiredRecord>> {
+    fn all_desired(&self) -> Result<Vec<DesiredRecord>> {
         self.desired.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// Stores a deployment and the desired state it gives each of `devices`, all or nothing:
-    /// `make` turns each device's previous desired state into its next one, for every device
-    /// before anything is written, and one transaction then writes them all with the record.
-    pub fn record_deployment(
+    fn record_deployment_with(
         &self,
         devices: &[DeviceId],
-        mut make: impl FnMut(&DeviceId, Option<&DesiredRecord>) -> Result<DesiredRecord>,
+        make: &mut dyn FnMut(&DeviceId, Option<&DesiredRecord>) -> Result<DesiredRecord>,
         mut record: DeploymentRecord,
     ) -> Result<(Vec<DesiredRecord>, DeploymentRecord)> {
         let _guard = self.lock()?;
@@ -557,10 +744,7 @@ impl Store {
         Ok((next, record))
     }
 
-    /// Records of `device` taken at or after `since` (Unix seconds), oldest first, at most
-    /// `limit` (the newest): read from the newest back, so the cost is the window's, not the
-    /// device's history.
-    pub fn recent_records(
+    fn recent_records(
         &self,
         stream: Stream,
         device: &str,
@@ -587,47 +771,40 @@ impl Store {
         Ok(out)
     }
 
-    /// A new rollout id.
-    pub fn next_rollout_id(&self) -> Result<u64> {
+    fn next_rollout_id(&self) -> Result<u64> {
         Ok(self.db.generate_id()? + 1)
     }
 
-    /// Stores a rollout (and flushes: its state survives a `kill -9`).
-    pub fn put_rollout(&self, rollout: &outpost_proto::rest::RolloutRecord) -> Result<()> {
+    fn put_rollout(&self, rollout: &outpost_proto::rest::RolloutRecord) -> Result<()> {
         self.rollouts
             .insert(rollout.id.to_be_bytes(), encode(rollout)?)?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// One rollout.
-    pub fn rollout(&self, id: u64) -> Result<Option<outpost_proto::rest::RolloutRecord>> {
+    fn rollout(&self, id: u64) -> Result<Option<outpost_proto::rest::RolloutRecord>> {
         self.rollouts
             .get(id.to_be_bytes())?
             .map(|b| decode(&b))
             .transpose()
     }
 
-    /// Every rollout, oldest first.
-    pub fn rollouts(&self) -> Result<Vec<outpost_proto::rest::RolloutRecord>> {
+    fn rollouts(&self) -> Result<Vec<outpost_proto::rest::RolloutRecord>> {
         self.rollouts.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// A new firing id.
-    pub fn next_firing_id(&self) -> Result<u64> {
+    fn next_firing_id(&self) -> Result<u64> {
         Ok(self.db.generate_id()? + 1)
     }
 
-    /// Stores a rule firing (and flushes: a restarted fleet knows what fired and when).
-    pub fn put_firing(&self, firing: &outpost_proto::rest::FiringRecord) -> Result<()> {
+    fn put_firing(&self, firing: &outpost_proto::rest::FiringRecord) -> Result<()> {
         self.firings
             .insert(firing.id.to_be_bytes(), encode(firing)?)?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// The newest `limit` firings, oldest first.
-    pub fn firings(&self, limit: usize) -> Result<Vec<outpost_proto::rest::FiringRecord>> {
+    fn firings(&self, limit: usize) -> Result<Vec<outpost_proto::rest::FiringRecord>> {
         let mut out: Vec<_> = self
             .firings
             .iter()
@@ -640,8 +817,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Every deployment, oldest first.
-    pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
+    fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
         self.deployments
             .iter()
             .values()

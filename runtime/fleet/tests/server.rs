@@ -32,6 +32,8 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         share_group: None,
         rules: Vec::new(),
         per_device_metrics: false,
+        database: None,
+        artifacts_dir: None,
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,

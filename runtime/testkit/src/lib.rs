@@ -22,6 +22,7 @@ mod drift;
 mod http;
 mod oip;
 mod poll;
+pub mod postgres;
 
 pub use data::{Rng, npy_bytes, png_bytes, python_with, write_npy_f32};
 pub use dir::{KEEP_ENV, TempDir};

@@ -1,0 +1,1061 @@
+//! The fleet's state in PostgreSQL (`fleet serve --database postgres://…`), for replicas that
+//! share it: every replica then answers the whole API.
+//!
+//! - **Schema**: versioned migrations in `runtime/fleet/migrations/`, applied at start in one
+//!   transaction under an advisory lock (replicas starting together do not race); a database
+//!   migrated by a newer fleet is refused by name.
+//! - **Telemetry and events**: records in tables partitioned by the UTC day the fleet received
+//!   them, so retention drops whole partitions; exactly-once storage per (device, seq) by the
+//!   primary key of a key table beside them (a primary key on a partitioned table must hold the
+//!   partition's column, so it could not stop a record received twice on two days).
+//! - **Bundle files** stay content-addressed files in a directory (`<data-dir>/artifacts`, on
+//!   storage the replicas share): devices download them over HTTP by digest, a file is written
+//!   once under a temporary name and renamed, and a digest names the same bytes everywhere, so
+//!   replicas need no coordination over them, and the database holds no large values.
+//! - **Blocking calls**: the store's trait is blocking (sled's is), so each call runs the
+//!   driver's future on the calling thread, its connections driven by a small runtime of the
+//!   store's own. A call costs its round trips to the database, as a sled call costs its
+//!   disk; the fleet already runs the long ones on blocking threads.
+//!
+//! When the database is unreachable every call fails with [`FleetError::Database`] (the API
+//! answers 503, ingestion stops acknowledging) and the pool connects again by itself.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use outpost_proto::{DeviceId, TelemetryRecord};
+use sha2::Digest;
+use tokio_postgres::NoTls;
+use tokio_postgres::types::Json;
+
+use crate::error::{FleetError, Result};
+use crate::store::{
+    BundleRecord, Credential, DeploymentRecord, DesiredRecord, DeviceRecord, FleetStore,
+    MAX_VARIANTS, Put, StoredRecord, Stream, artifact_path_in, decode, encode, now_secs,
+    write_artifact,
+};
+
+/// The schema's migrations, in order: (version, SQL).
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+
+/// The advisory lock migrations are applied under.
+const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7401;
+/// The advisory lock retention runs under (one replica prunes at a time).
+const PRUNE_LOCK: i64 = 0x6f75_7470_6f73_7402;
+
+/// Seconds in a partition.
+const DAY: u64 = 86_400;
+/// Devices read per round trip by [`FleetStore::devices_after`].
+const DEVICE_PAGE: i64 = 256;
+/// Connections per replica.
+const POOL_SIZE: usize = 8;
+/// How long a call waits for a connection, or to make one.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn db(e: impl std::fmt::Display) -> FleetError {
+    FleetError::Database(e.to_string())
+}
+
+/// u64 to bigint (saturating: every stored value fits in practice).
+fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn unbig(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn tables(stream: Stream) -> (&'static str, &'static str) {
+    match stream {
+        Stream::Telemetry => ("telemetry", "telemetry_keys"),
+        Stream::Events => ("events", "events_keys"),
+    }
+}
+
+/// Wakes the thread that blocks on a future.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    /// Drives the pool's connections (taken out on drop: a runtime must not be dropped on an
+    /// async thread).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    artifacts: PathBuf,
+    shown: String,
+    /// Day partitions known to exist (or that could not be made), by (table, day).
+    partitions: Mutex<HashSet<(&'static str, u64)>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("database", &self.shown)
+            .field("artifacts", &self.artifacts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Where `url` points, without its password.
+fn shown(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(host, port)| match host {
+            tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+            tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+        })
+        .collect();
+    format!(
+        "postgres at {}/{}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or("(default database)")
+    )
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgres://` URL or a libpq key=value string),
+    /// applies the migrations it lacks, and keeps bundle files in `artifacts`.
+    pub fn connect(url: &str, artifacts: &Path) -> Result<Self> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| FleetError::Config(format!("the database URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("outpost-fleet");
+        }
+        let shown = shown(&config);
+        std::fs::create_dir_all(artifacts)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("outpost-pg")
+            .enable_all()
+            .build()?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(TIMEOUT))
+            .create_timeout(Some(TIMEOUT))
+            .recycle_timeout(Some(TIMEOUT))
+            .build()
+            .map_err(|e| FleetError::Config(format!("the database pool: {e}")))?;
+        let store = Self {
+            runtime: Some(runtime),
+            pool,
+            artifacts: artifacts.to_owned(),
+            shown,
+            partitions: Mutex::new(HashSet::new()),
+        };
+        store.migrate().map_err(|e| match e {
+            FleetError::Database(e) => {
+                FleetError::Config(format!("cannot use the {}: {e}", store.shown))
+            }
+            other => other,
+        })?;
+        let today = now_secs() / DAY;
+        for stream in [Stream::Telemetry, Stream::Events] {
+            store.ensure_partition(tables(stream).0, today);
+            store.ensure_partition(tables(stream).0, today + 1);
+        }
+        Ok(store)
+    }
+
+    /// Runs `future` to its end on this thread, its I/O driven by the store's runtime.
+    fn block<F: Future>(&self, future: F) -> F::Output {
+        let _entered = self.runtime.as_ref().map(|r| r.enter());
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+            std::thread::park();
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(db)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(db)?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS outpost_migrations \
+                 (version integer PRIMARY KEY, applied_at bigint NOT NULL)",
+            )
+            .await
+            .map_err(db)?;
+            let applied: HashSet<i32> = tx
+                .query("SELECT version FROM outpost_migrations", &[])
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(db)?;
+            let known = MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0);
+            if let Some(newer) = applied.iter().copied().filter(|v| *v > known).max() {
+                return Err(FleetError::Config(format!(
+                    "the {} has schema version {newer}, from a newer fleet; this fleet knows \
+                     versions up to {known}",
+                    self.shown
+                )));
+            }
+            for (version, sql) in MIGRATIONS {
+                if applied.contains(version) {
+                    continue;
+                }
+                tx.batch_execute(sql)
+                    .await
+                    .map_err(|e| db(format!("migration {version}: {e}")))?;
+                tx.execute(
+                    "INSERT INTO outpost_migrations (version, applied_at) VALUES ($1, $2)",
+                    &[version, &big(now_secs())],
+                )
+                .await
+                .map_err(db)?;
+                tracing::info!(version, "applied a database migration");
+            }
+            tx.commit().await.map_err(db)
+        })
+    }
+
+    /// Makes the partition of `table` for `day` (days since 1970) unless it is known. A
+    /// partition that cannot be made (its rows already sit in the default partition) is
+    /// logged once; its rows keep going to the default partition.
+    fn ensure_partition(&self, table: &'static str, day: u64) {
+        let Ok(mut known) = self.partitions.lock() else {
+            return;
+        };
+        if !known.insert((table, day)) {
+            return;
+        }
+        drop(known);
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {table}_d{day} PARTITION OF {table} \
+             FOR VALUES FROM ({}) TO ({})",
+            day * DAY,
+            (day + 1) * DAY
+        );
+        let made: Result<()> = self.block(async {
+            let client = self.client().await?;
+            client.batch_execute(&sql).await.map_err(db)
+        });
+        if let Err(e) = made {
+            // Two replicas making it at once: one of them sees a duplicate name.
+            if !e.to_string().contains("already exists") {
+                tracing::warn!(table, day, error = %e, "cannot make a day partition");
+                if matches!(e, FleetError::Database(_)) && self.check().is_err() {
+                    // The database is away: try again on the next record.
+                    if let Ok(mut known) = self.partitions.lock() {
+                        known.remove(&(table, day));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the database answers.
+    pub fn check(&self) -> Result<()> {
+        self.block(async {
+            let client = self.client().await?;
+            client.simple_query("SELECT 1").await.map_err(db)?;
+            Ok(())
+        })
+    }
+
+    async fn next_id(&self) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT nextval('ids')", &[])
+            .await
+            .map_err(db)?;
+        Ok(unbig(row.try_get(0).map_err(db)?))
+    }
+
+    async fn docs<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<T>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(db)?;
+        client
+            .query(&statement, params)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|row| row.try_get::<_, Json<T>>(0).map(|j| j.0).map_err(db))
+            .collect()
+    }
+
+    async fn doc<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<T>> {
+        Ok(self.docs(sql, params).await?.into_iter().next())
+    }
+
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(db)?;
+        client.execute(&statement, params).await.map_err(db)
+    }
+
+    async fn bodies(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<StoredRecord>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(db)?;
+        client
+            .query(&statement, params)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|row| decode(row.try_get::<_, &[u8]>(0).map_err(db)?))
+            .collect()
+    }
+
+    fn device_page(&self, after: Option<&str>) -> Result<Vec<DeviceRecord>> {
+        self.block(async {
+            match after {
+                Some(after) => {
+                    self.docs(
+                        "SELECT doc FROM devices WHERE id > $1 ORDER BY id LIMIT $2",
+                        &[&after, &DEVICE_PAGE],
+                    )
+                    .await
+                }
+                None => {
+                    self.docs(
+                        "SELECT doc FROM devices ORDER BY id LIMIT $1",
+                        &[&DEVICE_PAGE],
+                    )
+                    .await
+                }
+            }
+        })
+    }
+}
+
+/// Devices read a page at a time.
+struct DevicePages<'a> {
+    store: &'a PgStore,
+    after: Option<String>,
+    buffer: VecDeque<DeviceRecord>,
+    done: bool,
+}
+
+impl Iterator for DevicePages<'_> {
+    type Item = Result<DeviceRecord>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buffer.is_empty() && !self.done {
+            match self.store.device_page(self.after.as_deref()) {
+                Ok(page) => {
+                    self.done = (page.len() as i64) < DEVICE_PAGE;
+                    self.after = page.last().map(|d| d.id.clone());
+                    self.buffer = page.into();
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.buffer.pop_front().map(Ok)
+    }
+}
+
+fn new_device(id: &str) -> DeviceRecord {
+    DeviceRecord {
+        id: id.to_owned(),
+        ..DeviceRecord::default()
+    }
+}
+
+impl FleetStore for PgStore {
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn check(&self) -> Result<()> {
+        PgStore::check(self)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+                .await
+                .map_err(db)?;
+            row.map(|r| r.try_get::<_, Vec<u8>>(0).map_err(db))
+                .transpose()
+        })
+    }
+
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.block(self.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&key, &value],
+        ))
+        .map(|_| ())
+    }
+
+    fn update_device_with(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut DeviceRecord),
+    ) -> Result<DeviceRecord> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let select = tx
+                .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
+                .await
+                .map_err(db)?;
+            let mut row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
+            if row.is_none() {
+                let insert = tx
+                    .prepare_cached(
+                        "INSERT INTO devices (id, doc) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .await
+                    .map_err(db)?;
+                tx.execute(&insert, &[&id, &Json(new_device(id))])
+                    .await
+                    .map_err(db)?;
+                row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
+            }
+            let mut record = match row {
+                Some(row) => row.try_get::<_, Json<DeviceRecord>>(0).map_err(db)?.0,
+                None => new_device(id),
+            };
+            change(&mut record);
+            let update = tx
+                .prepare_cached("UPDATE devices SET doc = $2 WHERE id = $1")
+                .await
+                .map_err(db)?;
+            tx.execute(&update, &[&id, &Json(&record)])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(record)
+        })
+    }
+
+    fn update_known_device_with(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut DeviceRecord),
+    ) -> Result<bool> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let select = tx
+                .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
+                .await
+                .map_err(db)?;
+            let Some(row) = tx.query_opt(&select, &[&id]).await.map_err(db)? else {
+                return Ok(false);
+            };
+            let mut record = row.try_get::<_, Json<DeviceRecord>>(0).map_err(db)?.0;
+            change(&mut record);
+            let update = tx
+                .prepare_cached("UPDATE devices SET doc = $2 WHERE id = $1")
+                .await
+                .map_err(db)?;
+            tx.execute(&update, &[&id, &Json(&record)])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(true)
+        })
+    }
+
+    fn remove_device(&self, id: &str) -> Result<bool> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let known = tx
+                .execute("DELETE FROM devices WHERE id = $1", &[&id])
+                .await
+                .map_err(db)?;
+            let desired = tx
+                .execute("DELETE FROM desired WHERE device = $1", &[&id])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(known + desired > 0)
+        })
+    }
+
+    fn put_credential(&self, device: &str, credential: &Credential) -> Result<()> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            tx.execute(
+                "INSERT INTO credentials (device, doc) VALUES ($1, $2) \
+                 ON CONFLICT (device) DO UPDATE SET doc = EXCLUDED.doc",
+                &[&device, &Json(credential)],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO devices (id, doc) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                &[&device, &Json(new_device(device))],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)
+        })
+    }
+
+    fn remove_credential(&self, device: &str) -> Result<bool> {
+        self.block(self.execute("DELETE FROM credentials WHERE device = $1", &[&device]))
+            .map(|n| n > 0)
+    }
+
+    fn credentials(&self) -> Result<Vec<(String, Credential)>> {
+        self.block(async {
+            let client = self.client().await?;
+            client
+                .query("SELECT device, doc FROM credentials ORDER BY device", &[])
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get::<_, String>(0).map_err(db)?,
+                        row.try_get::<_, Json<Credential>>(1).map_err(db)?.0,
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn is_enrolled(&self, device: &str) -> Result<bool> {
+        self.block(async {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached("SELECT 1 FROM credentials WHERE device = $1")
+                .await
+                .map_err(db)?;
+            Ok(client
+                .query_opt(&statement, &[&device])
+                .await
+                .map_err(db)?
+                .is_some())
+        })
+    }
+
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        self.block(self.doc("SELECT doc FROM devices WHERE id = $1", &[&id]))
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.block(self.docs("SELECT doc FROM devices ORDER BY id", &[]))
+    }
+
+    fn devices_after<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> Box<dyn Iterator<Item = Result<DeviceRecord>> + 'a> {
+        Box::new(DevicePages {
+            store: self,
+            after: after.map(str::to_owned),
+            buffer: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    fn put_record_sized(
+        &self,
+        stream: Stream,
+        device: &str,
+        record: &TelemetryRecord,
+    ) -> Result<(Put, u64)> {
+        let (table, keys) = tables(stream);
+        let bytes = encode(&StoredRecord {
+            device: device.to_owned(),
+            record: record.clone(),
+        })?;
+        let sha = sha2::Sha256::digest(&bytes).to_vec();
+        let size = bytes.len() as u64;
+        let received = now_secs();
+        self.ensure_partition(table, received / DAY);
+        let insert_key = format!(
+            "INSERT INTO {keys} (device, seq, variant, sha256, size, received) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+        );
+        let select_key =
+            format!("SELECT sha256 FROM {keys} WHERE device = $1 AND seq = $2 AND variant = $3");
+        let insert_record = format!(
+            "INSERT INTO {table} (device, seq, variant, time, received, body) \
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        );
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let insert_key = tx.prepare_cached(&insert_key).await.map_err(db)?;
+            let select_key = tx.prepare_cached(&select_key).await.map_err(db)?;
+            let insert_record = tx.prepare_cached(&insert_record).await.map_err(db)?;
+            let seq = big(record.seq);
+            let size_col = i32::try_from(size).unwrap_or(i32::MAX);
+            for variant in 0..i16::from(MAX_VARIANTS) {
+                let taken = tx
+                    .execute(
+                        &insert_key,
+                        &[&device, &seq, &variant, &sha, &size_col, &big(received)],
+                    )
+                    .await
+                    .map_err(db)?;
+                if taken == 1 {
+                    tx.execute(
+                        &insert_record,
+                        &[
+                            &device,
+                            &seq,
+                            &variant,
+                            &big(record.time),
+                            &big(received),
+                            &bytes,
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                    tx.commit().await.map_err(db)?;
+                    let put = if variant == 0 {
+                        Put::New
+                    } else {
+                        Put::Conflict
+                    };
+                    return Ok((put, size));
+                }
+                let existing = tx
+                    .query_opt(&select_key, &[&device, &seq, &variant])
+                    .await
+                    .map_err(db)?;
+                if let Some(row) = existing
+                    && row.try_get::<_, &[u8]>(0).map_err(db)? == sha.as_slice()
+                {
+                    return Ok((Put::Duplicate, 0));
+                }
+            }
+            Ok((Put::ConflictDropped, 0))
+        })
+    }
+
+    fn records(
+        &self,
+        stream: Stream,
+        device: Option<&str>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        let (table, _) = tables(stream);
+        let after = after.map_or(-1, big);
+        let limit = big(limit as u64);
+        self.block(async {
+            match device {
+                Some(device) => {
+                    self.bodies(
+                        &format!(
+                            "SELECT body FROM {table} WHERE device = $1 AND seq > $2 \
+                             ORDER BY seq, variant LIMIT $3"
+                        ),
+                        &[&device, &after, &limit],
+                    )
+                    .await
+                }
+                None => {
+                    self.bodies(
+                        &format!(
+                            "SELECT body FROM {table} WHERE seq > $1 \
+                             ORDER BY device, seq, variant LIMIT $2"
+                        ),
+                        &[&after, &limit],
+                    )
+                    .await
+                }
+            }
+        })
+    }
+
+    /// Retention by whole days of receipt: the records received before the UTC day `cutoff`
+    /// falls in go, by dropping their partitions (and deleting any that went to the default
+    /// one). `limit` does not apply: a partition goes at once. One replica prunes at a time.
+    fn prune(&self, stream: Stream, cutoff: u64, _limit: usize) -> Result<usize> {
+        let (table, keys) = tables(stream);
+        let floor = big(cutoff / DAY * DAY);
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let locked: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PRUNE_LOCK])
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+            if !locked {
+                return Ok(0);
+            }
+            tx.execute(
+                &format!(
+                    "UPDATE devices d SET doc = jsonb_set(d.doc, '{{stored_bytes}}', \
+                     to_jsonb(GREATEST(0, COALESCE((d.doc->>'stored_bytes')::bigint, 0) - f.bytes))) \
+                     FROM (SELECT device, sum(size)::bigint AS bytes FROM {keys} \
+                           WHERE received < $1 GROUP BY device) f \
+                     WHERE d.id = f.device"
+                ),
+                &[&floor],
+            )
+            .await
+            .map_err(db)?;
+            let removed = tx
+                .execute(&format!("DELETE FROM {keys} WHERE received < $1"), &[&floor])
+                .await
+                .map_err(db)?;
+            let partitions = tx
+                .query(
+                    "SELECT c.relname::text FROM pg_inherits i \
+                     JOIN pg_class c ON c.oid = i.inhrelid \
+                     WHERE i.inhparent = $1::text::regclass",
+                    &[&table],
+                )
+                .await
+                .map_err(db)?;
+            let prefix = format!("{table}_d");
+            let mut dropped = Vec::new();
+            for row in partitions {
+                let name: String = row.try_get(0).map_err(db)?;
+                let Some(day) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|d| d.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if big((day + 1) * DAY) <= floor {
+                    tx.batch_execute(&format!("DROP TABLE {name}"))
+                        .await
+                        .map_err(db)?;
+                    dropped.push(day);
+                }
+            }
+            tx.execute(
+                &format!("DELETE FROM {table}_default WHERE received < $1"),
+                &[&floor],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            if let Ok(mut known) = self.partitions.lock() {
+                for day in dropped {
+                    known.remove(&(table, day));
+                }
+            }
+            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        // Every write is a committed transaction by now.
+        Ok(())
+    }
+
+    fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()> {
+        write_artifact(&self.artifacts, &record.digest, bytes)?;
+        self.block(self.execute(
+            "INSERT INTO bundles (name, version, digest, doc) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name, version) DO UPDATE SET digest = EXCLUDED.digest, doc = EXCLUDED.doc",
+            &[&record.name, &record.version, &record.digest, &Json(record)],
+        ))
+        .map(|_| ())
+    }
+
+    fn remove_bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
+        let removed: Option<(BundleRecord, bool)> = self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let Some(row) = tx
+                .query_opt(
+                    "DELETE FROM bundles WHERE name = $1 AND version = $2 RETURNING doc",
+                    &[&name, &version],
+                )
+                .await
+                .map_err(db)?
+            else {
+                return Ok(None);
+            };
+            let record = row.try_get::<_, Json<BundleRecord>>(0).map_err(db)?.0;
+            let shared = tx
+                .query_opt(
+                    "SELECT 1 FROM bundles WHERE digest = $1 LIMIT 1",
+                    &[&record.digest],
+                )
+                .await
+                .map_err(db)?
+                .is_some();
+            tx.commit().await.map_err(db)?;
+            Ok::<_, FleetError>(Some((record, shared)))
+        })?;
+        let Some((record, shared)) = removed else {
+            return Ok(None);
+        };
+        if !shared {
+            match std::fs::remove_file(self.artifact_path(&record.digest)?) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(record))
+    }
+
+    fn bundles(&self) -> Result<Vec<BundleRecord>> {
+        self.block(self.docs(
+            "SELECT doc FROM bundles ORDER BY (name || '@' || version) COLLATE \"C\"",
+            &[],
+        ))
+    }
+
+    fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
+        self.block(self.doc(
+            "SELECT doc FROM bundles WHERE name = $1 AND version = $2",
+            &[&name, &version],
+        ))
+    }
+
+    fn artifact_path(&self, digest: &str) -> Result<PathBuf> {
+        artifact_path_in(&self.artifacts, digest)
+    }
+
+    fn update_desired_with(
+        &self,
+        device: &str,
+        make: &mut dyn FnMut(Option<&DesiredRecord>) -> Result<DesiredRecord>,
+    ) -> Result<DesiredRecord> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            // A row not there yet cannot be locked: the device's name is.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('desired:' || $1))",
+                &[&device],
+            )
+            .await
+            .map_err(db)?;
+            let previous = match tx
+                .query_opt(
+                    "SELECT doc FROM desired WHERE device = $1 FOR UPDATE",
+                    &[&device],
+                )
+                .await
+                .map_err(db)?
+            {
+                Some(row) => Some(row.try_get::<_, Json<DesiredRecord>>(0).map_err(db)?.0),
+                None => None,
+            };
+            let next = make(previous.as_ref())?;
+            tx.execute(
+                "INSERT INTO desired (device, generation, doc) VALUES ($1, $2, $3) \
+                 ON CONFLICT (device) DO UPDATE SET generation = EXCLUDED.generation, doc = EXCLUDED.doc",
+                &[&device, &big(next.generation), &Json(&next)],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(next)
+        })
+    }
+
+    fn desired(&self, device: &str) -> Result<Option<DesiredRecord>> {
+        self.block(self.doc("SELECT doc FROM desired WHERE device = $1", &[&device]))
+    }
+
+    fn all_desired(&self) -> Result<Vec<DesiredRecord>> {
+        self.block(self.docs("SELECT doc FROM desired ORDER BY device", &[]))
+    }
+
+    fn record_deployment_with(
+        &self,
+        devices: &[DeviceId],
+        make: &mut dyn FnMut(&DeviceId, Option<&DesiredRecord>) -> Result<DesiredRecord>,
+        mut record: DeploymentRecord,
+    ) -> Result<(Vec<DesiredRecord>, DeploymentRecord)> {
+        let ids: Vec<&str> = devices.iter().map(DeviceId::as_str).collect();
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let mut previous: HashMap<String, DesiredRecord> = HashMap::new();
+            for row in tx
+                .query(
+                    "SELECT device, doc FROM desired WHERE device = ANY($1) ORDER BY device FOR UPDATE",
+                    &[&ids],
+                )
+                .await
+                .map_err(db)?
+            {
+                previous.insert(
+                    row.try_get(0).map_err(db)?,
+                    row.try_get::<_, Json<DesiredRecord>>(1).map_err(db)?.0,
+                );
+            }
+            let mut next = Vec::with_capacity(devices.len());
+            for device in devices {
+                next.push(make(device, previous.get(device.as_str()))?);
+            }
+            let id: i64 = tx
+                .query_one("SELECT nextval('ids')", &[])
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+            record.id = unbig(id);
+            let names: Vec<&str> = next.iter().map(|d| d.device.as_str()).collect();
+            let generations: Vec<i64> = next.iter().map(|d| big(d.generation)).collect();
+            let docs: Vec<String> = next
+                .iter()
+                .map(|d| serde_json::to_string(d).map_err(|e| FleetError::Corrupt(e.to_string())))
+                .collect::<Result<_>>()?;
+            tx.execute(
+                "INSERT INTO desired (device, generation, doc) \
+                 SELECT d, g, j::jsonb FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(d, g, j) \
+                 ON CONFLICT (device) DO UPDATE SET generation = EXCLUDED.generation, doc = EXCLUDED.doc",
+                &[&names, &generations, &docs],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO deployments (id, doc) VALUES ($1, $2)",
+                &[&id, &Json(&record)],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok((next, record))
+        })
+    }
+
+    fn recent_records(
+        &self,
+        stream: Stream,
+        device: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        let (table, _) = tables(stream);
+        let mut out = self.block(self.bodies(
+            &format!(
+                "SELECT body FROM {table} WHERE device = $1 AND time >= $2 \
+                 ORDER BY seq DESC, variant DESC LIMIT $3"
+            ),
+            &[&device, &big(since), &big(limit as u64)],
+        ))?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn next_rollout_id(&self) -> Result<u64> {
+        self.block(self.next_id())
+    }
+
+    fn put_rollout(&self, rollout: &outpost_proto::rest::RolloutRecord) -> Result<()> {
+        self.block(self.execute(
+            "INSERT INTO rollouts (id, doc) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&big(rollout.id), &Json(rollout)],
+        ))
+        .map(|_| ())
+    }
+
+    fn rollout(&self, id: u64) -> Result<Option<outpost_proto::rest::RolloutRecord>> {
+        self.block(self.doc("SELECT doc FROM rollouts WHERE id = $1", &[&big(id)]))
+    }
+
+    fn rollouts(&self) -> Result<Vec<outpost_proto::rest::RolloutRecord>> {
+        self.block(self.docs("SELECT doc FROM rollouts ORDER BY id", &[]))
+    }
+
+    fn next_firing_id(&self) -> Result<u64> {
+        self.block(self.next_id())
+    }
+
+    fn put_firing(&self, firing: &outpost_proto::rest::FiringRecord) -> Result<()> {
+        self.block(self.execute(
+            "INSERT INTO firings (id, doc) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&big(firing.id), &Json(firing)],
+        ))
+        .map(|_| ())
+    }
+
+    fn firings(&self, limit: usize) -> Result<Vec<outpost_proto::rest::FiringRecord>> {
+        let mut out: Vec<outpost_proto::rest::FiringRecord> = self.block(self.docs(
+            "SELECT doc FROM firings ORDER BY id DESC LIMIT $1",
+            &[&big(limit as u64)],
+        ))?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
+        self.block(self.docs("SELECT doc FROM deployments ORDER BY id", &[]))
+    }
+}
+
+#[cfg(test)]
+#[path = "store_pg_tests.rs"]
+mod tests;

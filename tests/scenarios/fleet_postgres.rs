@@ -1,0 +1,196 @@
+//! The fleet on PostgreSQL (`fleet serve --database`), as real processes on loopback: a
+//! throwaway PostgreSQL from Debian's package (initdb + pg_ctl as an unprivileged user),
+//! Mosquitto or the embedded broker, `outpost device run` agents. Replicas on one database
+//! each answer the whole API; the database going away mid-run loses nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+mod support;
+use outpost_testkit::postgres::Postgres;
+use support::*;
+
+/// The sequence numbers stored for `device` (telemetry and events share them).
+fn seqs(fleet: &Fleet, device: &str) -> BTreeSet<u64> {
+    let mut records = fleet.records("telemetry", device);
+    records.extend(fleet.records("events", device));
+    records.iter().map(|r| r["seq"].as_u64().unwrap()).collect()
+}
+
+/// Every sequence number from the first stored up to `max - slack` is stored.
+fn no_gaps(seqs: &BTreeSet<u64>, slack: u64) -> Result<(), String> {
+    let (Some(&min), Some(&max)) = (seqs.first(), seqs.last()) else {
+        return Err("no records".into());
+    };
+    match (min..=max.saturating_sub(slack)).find(|s| !seqs.contains(s)) {
+        Some(missing) => Err(format!("record {missing} of {min}..={max} is missing")),
+        None => Ok(()),
+    }
+}
+
+#[test]
+fn two_replicas_on_one_database_each_answer_the_whole_api() {
+    let Some(pg) = Postgres::start_or_skip("two replicas on one database") else {
+        return;
+    };
+    let d = bed("pg-replicas");
+    let dir = &d.0;
+    let database = pg.database().unwrap();
+    let broker = Mosquitto::start(dir);
+    let url = broker.url();
+    // One data directory (the fleet key and the bundle files), as a shared volume would be.
+    let replica = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--database",
+            database.as_str(),
+            "--broker",
+            url.as_str(),
+            "--replica",
+            name,
+        ];
+        args.extend(extra);
+        Fleet::launch(dir, &args)
+    };
+    let one = replica("replica-1", &[]);
+    let two = replica("replica-2", &["--ingest-only"]);
+    let devices: Vec<Device> = ["dev-a", "dev-b"]
+        .iter()
+        .map(|id| Device::start(dir, &device_config(dir, id, &url, &["lab"])))
+        .collect();
+    online(&one, &["dev-a", "dev-b"]);
+    online(&two, &["dev-a", "dev-b"]);
+
+    one.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let out = one.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@1.0.0",
+            "--tag",
+            "lab",
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    );
+    assert!(
+        out.contains("dev-a: applied") && out.contains("dev-b: applied"),
+        "{out}"
+    );
+    for device in &devices {
+        assert_eq!(device.digits(), Ok("1.0.0".into()));
+    }
+
+    // The secondary sees what the primary wrote: bundles, deployments, desired states.
+    let (status, bundles) = get_json(&format!("{}/api/v1/bundles", two.api));
+    assert_eq!(status, 200);
+    let digest = bundles[0]["digest"].as_str().unwrap().to_owned();
+    assert_eq!(bundles[0]["version"], "1.0.0");
+    let (_, deployments) = get_json(&format!("{}/api/v1/deployments", two.api));
+    assert_eq!(deployments.as_array().unwrap().len(), 1, "{deployments}");
+    eventually(secs(30), "both devices in sync on the secondary", || {
+        let (_, list) = get_json(&format!("{}/api/v1/devices?in_sync=true", two.api));
+        (list.as_array().map(Vec::len) == Some(2)).then_some(())
+    });
+    let artifact = outpost_testkit::get(&format!("{}/artifacts/{digest}", two.api));
+    assert_eq!(
+        artifact.status, 200,
+        "the secondary serves the bundle files too"
+    );
+
+    // The replicas split the telemetry between them (shared subscriptions) and store it in one
+    // database: each answers with all of it.
+    let (a, b) = eventually(secs(60), "a run of telemetry on both", || {
+        let (a, b) = (seqs(&one, "dev-a"), seqs(&two, "dev-a"));
+        (a.len() >= 40 && b.len() >= 40).then_some((a, b))
+    });
+    no_gaps(&a, 10).unwrap();
+    no_gaps(&b, 10).unwrap();
+    let common = a.len().min(b.len());
+    assert!(
+        a.iter().take(common).eq(b.iter().take(common)),
+        "the replicas answer with different records"
+    );
+    // Still refused by the secondary: it does not own deployments (until the role moves).
+    let (status, _) = get_json(&format!("{}/api/v1/fleet", two.api));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn the_database_going_away_mid_run_loses_nothing_and_comes_back_by_itself() {
+    let Some(pg) = Postgres::start_or_skip("database outage") else {
+        return;
+    };
+    let d = bed("pg-outage");
+    let dir = &d.0;
+
+    // Unreachable at start: a clear error, not a hang.
+    let closed = free_port();
+    let out = fails(
+        dir,
+        &[
+            "fleet",
+            "serve",
+            "--database",
+            &format!("postgres://outpost@127.0.0.1:{closed}/fleet"),
+            "--data-dir",
+            "refused-data",
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(
+        out.contains(&format!(
+            "cannot use the postgres at 127.0.0.1:{closed}/fleet"
+        )),
+        "{out}"
+    );
+
+    let database = pg.database().unwrap();
+    let fleet = Fleet::launch(dir, &["--database", &database]);
+    let _device = Device::start(dir, &device_config(dir, "dev-a", &fleet.broker, &[]));
+    online(&fleet, &["dev-a"]);
+    eventually(secs(60), "telemetry stored", || {
+        (seqs(&fleet, "dev-a").len() >= 10).then_some(())
+    });
+    let ready = |fleet: &Fleet| get_json(&format!("{}/readyz", fleet.api)).0;
+    assert_eq!(ready(&fleet), 200);
+
+    pg.kill().unwrap();
+    let (status, body) = get_json(&format!("{}/api/v1/devices", fleet.api));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("database:"),
+        "{body}"
+    );
+    assert_eq!(ready(&fleet), 503);
+    let (status, _) = get_json(&format!("{}/healthz", fleet.api));
+    assert_eq!(status, 200, "the process itself is alive");
+    // The device goes on sending meanwhile; nothing is acknowledged, so nothing is lost.
+    std::thread::sleep(secs(4));
+    pg.start_again().unwrap();
+
+    eventually(secs(60), "ready again", || {
+        (ready(&fleet) == 200).then_some(())
+    });
+    let before_outage_and_after = eventually(secs(60), "the backlog stored", || {
+        let stored = seqs(&fleet, "dev-a");
+        // 100 ms telemetry: the 4 s outage alone is some 40 records.
+        (stored.len() >= 70 && no_gaps(&stored, 10).is_ok()).then_some(stored)
+    });
+    no_gaps(&before_outage_and_after, 10).unwrap();
+    // It was the fleet that held the messages, and said so.
+    let log = fleet._proc.log.lock().unwrap().join("\n");
+    assert!(log.contains("holding messages unacknowledged"), "{log}");
+    assert!(log.contains("the store answers again"), "{log}");
+    let (status, devices) = get_json(&format!("{}/api/v1/devices", fleet.api));
+    assert_eq!(status, 200);
+    assert_eq!(devices[0]["id"], "dev-a", "{devices}");
+    let _: Value = devices;
+}
