@@ -194,3 +194,236 @@ fn the_database_going_away_mid_run_loses_nothing_and_comes_back_by_itself() {
     assert_eq!(devices[0]["id"], "dev-a", "{devices}");
     let _: Value = devices;
 }
+
+/// Watches every device's desired topic on `broker`: (device, generation) to each distinct
+/// signed payload seen.
+type Seen =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<(String, u64), BTreeSet<String>>>>;
+
+fn watch_desired(broker: &str) -> Seen {
+    let seen: Seen = Default::default();
+    let (client, mut connection) = mqtt_client(broker, "desired-watch");
+    client
+        .subscribe(
+            format!("{}/+/desired", outpost_proto::PREFIX),
+            rumqttc::QoS::AtLeastOnce,
+        )
+        .unwrap();
+    let out = seen.clone();
+    std::thread::spawn(move || {
+        let _client = client;
+        for event in connection.iter() {
+            let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event else {
+                if event.is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                continue;
+            };
+            let Ok(envelope) = outpost_proto::SignedDesired::from_slice(&p.payload) else {
+                continue;
+            };
+            let state: Value = serde_json::from_str(&envelope.payload).unwrap();
+            let key = (
+                state["device"].as_str().unwrap().to_owned(),
+                state["generation"].as_u64().unwrap(),
+            );
+            out.lock()
+                .unwrap()
+                .entry(key)
+                .or_default()
+                .insert(envelope.payload);
+        }
+    });
+    seen
+}
+
+fn publishing(fleet: &Fleet) -> bool {
+    get_json(&format!("{}/api/v1/fleet", fleet.api)).1["publishing"] == true
+}
+
+#[test]
+fn the_publishing_role_moves_when_its_replica_is_killed_mid_deployment() {
+    const DEVICES: usize = 200;
+    let Some(pg) = Postgres::start_or_skip("publishing role failover") else {
+        return;
+    };
+    let d = bed("pg-failover");
+    let dir = &d.0;
+    let database = pg.database().unwrap();
+    let broker = Mosquitto::start(dir);
+    let url = broker.url();
+    let replica = |name: &str| {
+        Fleet::launch(
+            dir,
+            &[
+                "--database",
+                database.as_str(),
+                "--broker",
+                url.as_str(),
+                "--replica",
+                name,
+            ],
+        )
+    };
+    let mut one = replica("replica-1");
+    eventually(secs(30), "the first replica publishing", || {
+        publishing(&one).then_some(())
+    });
+    let two = replica("replica-2");
+    assert!(!publishing(&two), "one replica at a time holds the role");
+    let seen = watch_desired(&url);
+
+    let mut sim = bin()
+        .current_dir(dir)
+        .args([
+            "fleet",
+            "simulate",
+            "--devices",
+            &DEVICES.to_string(),
+            "--fleet",
+            two.api.as_str(),
+            "--duration",
+            "150s",
+            "--interval",
+            "2s",
+            "--tag",
+            "sim",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(secs(60), "every virtual device online on both", || {
+        let count = |f: &Fleet| {
+            get_json(&format!(
+                "{}/api/v1/devices?status=online&limit=1000",
+                f.api
+            ))
+            .1
+            .as_array()
+            .map_or(0, Vec::len)
+        };
+        (count(&one) == DEVICES && count(&two) == DEVICES).then_some(())
+    });
+
+    one.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
+    let refused = fails(
+        dir,
+        &[
+            "fleet",
+            "push",
+            "digits-2.0.0.opb",
+            "--fleet",
+            two.api.as_str(),
+        ],
+    );
+    assert!(
+        refused.contains("does not hold the publishing role (`replica-1` does)"),
+        "{refused}"
+    );
+
+    // A deployment to every virtual device, and the replica that took it killed with -9 while
+    // it stores and publishes.
+    let mut deploy = bin()
+        .current_dir(dir)
+        .args([
+            "fleet",
+            "deploy",
+            "digits@1.0.0",
+            "--tag",
+            "sim",
+            "--fleet",
+            one.api.as_str(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    one._proc.kill9();
+    let killed = std::time::Instant::now();
+    let _ = deploy.wait();
+    let moved = eventually(secs(30), "the role moved to the other replica", || {
+        publishing(&two).then(|| killed.elapsed())
+    });
+    eprintln!("the publishing role moved {moved:?} after the kill");
+
+    // Recorded and published, or not at all.
+    let (_, deployments) = get_json(&format!("{}/api/v1/deployments", two.api));
+    let deployments = deployments.as_array().unwrap().clone();
+    let (_, views) = get_json(&format!("{}/api/v1/devices?tag=sim&limit=1000", two.api));
+    let with_desired = views
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["desired_generation"].is_null())
+        .count();
+    match deployments.len() {
+        0 => assert_eq!(with_desired, 0, "a desired state without its deployment"),
+        1 => {
+            assert_eq!(
+                with_desired, DEVICES,
+                "a deployment recorded for some devices only"
+            );
+            eventually(
+                secs(60),
+                "the recorded deployment applied on every device",
+                || {
+                    let (_, behind) = get_json(&format!(
+                        "{}/api/v1/devices?tag=sim&in_sync=false&limit=1000",
+                        two.api
+                    ));
+                    (behind.as_array().map(Vec::len) == Some(0)).then_some(())
+                },
+            );
+        }
+        n => panic!("{n} deployments from one request"),
+    }
+    eprintln!(
+        "the deployment was {} when its replica was killed",
+        if deployments.is_empty() {
+            "not recorded"
+        } else {
+            "recorded"
+        }
+    );
+
+    // The new holder deploys, and every device applies it.
+    two.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    let out = two.cli(
+        dir,
+        &[
+            "fleet",
+            "deploy",
+            "digits@2.0.0",
+            "--tag",
+            "sim",
+            "--wait",
+            "--timeout",
+            "120",
+            "--json",
+        ],
+    );
+    let out: Value = serde_json::from_str(&out).unwrap();
+    // Each device as [id, state].
+    let states = out["devices"].as_array().unwrap();
+    assert_eq!(states.len(), DEVICES, "{out}");
+    assert!(states.iter().all(|s| s[1] == "applied"), "{out}");
+
+    // Never two different desired states under one generation.
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() >= DEVICES,
+        "the watcher saw {} desired states",
+        seen.len()
+    );
+    for ((device, generation), payloads) in seen.iter() {
+        assert_eq!(
+            payloads.len(),
+            1,
+            "{device} generation {generation}: {payloads:?}"
+        );
+    }
+    let _ = sim.kill();
+    let _ = sim.wait();
+}

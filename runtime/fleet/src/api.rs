@@ -44,6 +44,7 @@ impl IntoResponse for FleetError {
             FleetError::NotFound(_) => StatusCode::NOT_FOUND,
             FleetError::Bundle(_) => StatusCode::UNPROCESSABLE_ENTITY,
             FleetError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FleetError::NotPublishing(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (
@@ -154,6 +155,8 @@ async fn fleet_info(State(fleet): Shared) -> Json<FleetInfo> {
         key_id: fleet.key_id().to_owned(),
         artifacts: fleet.artifact_base.clone(),
         broker_connected: fleet.metrics.broker_connected.load(Ordering::Relaxed),
+        publishing: fleet.leads(),
+        store: fleet.store.describe(),
     })
 }
 
@@ -732,6 +735,12 @@ async fn metrics(State(fleet): Shared) -> Result<Response, FleetError> {
         "Whether the fleet is connected to its MQTT broker.",
         "gauge",
         u8::from(m.broker_connected.load(Ordering::Relaxed)).to_string(),
+    );
+    gauge(
+        "outpost_fleet_publishing",
+        "Whether this replica holds the publishing role (signs and publishes desired states, takes deployments).",
+        "gauge",
+        u8::from(fleet.leads()).to_string(),
     );
     gauge(
         "outpost_fleet_records_total",

@@ -95,6 +95,10 @@ pub struct Fleet {
     pub device_quota_bytes: u64,
     /// Whether this replica only ingests (see [`FleetOptions::ingest_only`]).
     pub ingest_only: bool,
+    /// Whether this replica holds the publishing role now: always for the embedded store
+    /// (unless it only ingests), and for the replica holding the role's lock on a shared
+    /// database (see [`Fleet::leads`]).
+    pub(crate) leading: std::sync::atomic::AtomicBool,
     /// Whether only enrolled devices are registered and heard.
     pub require_enrolment: bool,
     /// The shared-subscription group replicas split telemetry and events in.
@@ -184,7 +188,9 @@ impl Fleet {
             logins,
             per_device_metrics,
         } = settings;
+        let leading = !ingest_only && !store.shared();
         Self {
+            leading: std::sync::atomic::AtomicBool::new(leading),
             store,
             key,
             replica,
@@ -216,6 +222,9 @@ impl Fleet {
     /// Re-signs (and publishes again) every desired state past half its validity, so devices
     /// that were offline for a while still accept them. Returns how many.
     pub fn refresh_desired(&self) -> usize {
+        if !self.leads() {
+            return 0;
+        }
         let now = now_secs();
         let half = self.desired_ttl.as_secs() / 2;
         let Ok(all) = self.store.all_desired() else {
@@ -253,12 +262,53 @@ impl Fleet {
         self.key.id()
     }
 
+    /// Whether this replica holds the publishing role: it signs and publishes desired states,
+    /// takes pushes and deployments, drives rollouts and evaluates rules. One replica at a
+    /// time does.
+    pub fn leads(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// On a shared database: takes the publishing role when no replica holds it (and then
+    /// publishes every stored desired state again: the replica before may have died between
+    /// storing one and publishing it), or gives it up when this replica's hold on it is gone.
+    /// Run every [`crate::ROLE_EVERY`].
+    pub(crate) fn hold_role(&self) {
+        use std::sync::atomic::Ordering;
+        if self.leads() {
+            if !self.store.still_leading() {
+                self.leading.store(false, Ordering::SeqCst);
+                tracing::warn!(replica = %self.replica, "lost the publishing role (its database connection ended); stopped publishing");
+            }
+            return;
+        }
+        match self.store.try_lead(&self.replica) {
+            Ok(true) => {
+                self.leading.store(true, Ordering::SeqCst);
+                let all = self.store.all_desired().unwrap_or_default();
+                tracing::info!(replica = %self.replica, desired = all.len(), "took the publishing role; publishing every desired state again");
+                for desired in &all {
+                    if let Err(e) = self.publish_desired(desired) {
+                        tracing::error!(device = %desired.device, error = %e, "cannot publish a desired state");
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot try for the publishing role"),
+        }
+    }
+
     pub(crate) fn owns_deployments(&self) -> Result<()> {
         if self.ingest_only {
             return Err(FleetError::BadRequest(format!(
                 "replica `{}` only ingests telemetry (--ingest-only); push and deploy through the primary replica",
                 self.replica
             )));
+        }
+        if !self.leads() {
+            return Err(FleetError::NotPublishing(
+                self.store.leader().ok().flatten(),
+            ));
         }
         Ok(())
     }

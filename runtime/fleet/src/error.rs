@@ -22,6 +22,10 @@ pub enum FleetError {
     /// The database (PostgreSQL) failed or cannot be reached; the request may succeed later.
     #[error("database: {0}")]
     Database(String),
+    /// This replica does not hold the publishing role (another replica on the same database
+    /// does, named when known): push, deploy and roll out through that one.
+    #[error("this replica does not hold the publishing role{}; send it to the replica that does", .0.as_ref().map(|h| format!(" (`{h}` does)")).unwrap_or_default())]
+    NotPublishing(Option<String>),
     /// Stored data could not be read back.
     #[error("corrupt state: {0}")]
     Corrupt(String),

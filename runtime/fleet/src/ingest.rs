@@ -52,7 +52,7 @@ impl Fleet {
                     d.last_seen = Some(now);
                 })
                 .map(|known| {
-                    if !known && !fleet.ingest_only {
+                    if !known && fleet.leads() {
                         fleet.clear_retained(topic);
                     }
                 }),
@@ -128,7 +128,7 @@ impl Fleet {
     /// the broker can), or the broker lost it. At most once per [`REPUBLISH_EVERY`] a device;
     /// a device that already has it sees a duplicate and does nothing.
     fn catch_up(&self, device: &DeviceId, accepted: Option<u64>, now: u64) {
-        if self.ingest_only {
+        if !self.leads() {
             return;
         }
         let Ok(Some(record)) = self.store.desired(device.as_str()) else {

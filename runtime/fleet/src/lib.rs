@@ -496,6 +496,9 @@ impl Server {
             stop_rx.clone(),
         ));
         let mut tasks = Vec::new();
+        if !fleet.ingest_only && fleet.store.shared() {
+            tasks.push(tokio::spawn(role_task(Arc::clone(&fleet), stop_rx.clone())));
+        }
         if !fleet.ingest_only {
             tasks.push(tokio::spawn(refresh_task(
                 Arc::clone(&fleet),
@@ -737,6 +740,25 @@ async fn rollout_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
         let fleet = Arc::clone(&fleet);
         if let Err(e) = tokio::task::spawn_blocking(move || fleet.tick_rollouts()).await {
             tracing::error!(error = %e, "the rollout driver failed");
+        }
+    }
+}
+
+/// How often a replica on a shared database tries for the publishing role, and checks it
+/// still holds the one it took: the role moves within about this (plus the time PostgreSQL
+/// takes to see the holder's connection end, at once for a process that died).
+pub const ROLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Takes and keeps the publishing role on a shared database (see [`Fleet::hold_role`]).
+async fn role_task(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let held = Arc::clone(&fleet);
+        if let Err(e) = tokio::task::spawn_blocking(move || held.hold_role()).await {
+            tracing::error!(error = %e, "the publishing role task failed");
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(ROLE_EVERY) => {}
         }
     }
 }

@@ -189,7 +189,7 @@ pub async fn run(
                         tracing::warn!(error = %e, "cannot announce the fleet's presence");
                     }
                     subscribed.send_replace(true);
-                    if !fleet.ingest_only {
+                    if fleet.leads() {
                         match fleet.store.all_desired() {
                             Ok(all) => backlog.extend(all.into_iter().filter_map(|desired| {
                                 match desired.envelope.to_vec() {

@@ -409,7 +409,7 @@ impl Fleet {
 
     /// Takes at most one decision on every unfinished rollout. The driver calls it every second.
     pub fn tick_rollouts(&self) {
-        if self.ingest_only {
+        if !self.leads() {
             return;
         }
         let Ok(_guard) = self.rolling.lock() else {

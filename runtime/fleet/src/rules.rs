@@ -661,6 +661,9 @@ impl Fleet {
     /// Evaluates every rule whose turn has come; fires those whose condition held long
     /// enough. Called every second by the fleet's rule task.
     pub fn tick_rules(self: &Arc<Self>) {
+        if !self.leads() {
+            return;
+        }
         let now = now_secs();
         for rule in self.rules.rules() {
             let spec = &rule.spec;

@@ -67,6 +67,22 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     fn check(&self) -> Result<()> {
         Ok(())
     }
+    /// Takes the publishing role (signing and publishing desired states, deployments,
+    /// rollouts, rules) for `replica` unless another process holds it; returns whether this
+    /// process holds it now. A store no other process shares gives it at once.
+    fn try_lead(&self, replica: &str) -> Result<bool> {
+        let _ = replica;
+        Ok(true)
+    }
+    /// Whether this process still holds the publishing role it took (false once its hold on
+    /// it is gone: it must then stop publishing, and its desired-state writes are refused).
+    fn still_leading(&self) -> bool {
+        true
+    }
+    /// The replica that holds the publishing role, as far as the store knows.
+    fn leader(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// A value of the meta table.
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Sets a value of the meta table.

@@ -41,12 +41,23 @@ use crate::store::{
 };
 
 /// The schema's migrations, in order: (version, SQL).
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql")),
+    (2, include_str!("../migrations/0002_publishing_role.sql")),
+];
 
 /// The advisory lock migrations are applied under.
 const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7401;
 /// The advisory lock retention runs under (one replica prunes at a time).
 const PRUNE_LOCK: i64 = 0x6f75_7470_6f73_7402;
+/// The session advisory lock of the publishing role.
+const ROLE_LOCK: i64 = 0x6f75_7470_6f73_7403;
+/// The transaction advisory lock every desired-state write takes: they happen one at a time
+/// across the replicas, as under the embedded store's write lock (a desired state not stored
+/// yet has no row to lock).
+const DESIRED_LOCK: i64 = 0x6f75_7470_6f73_7404;
+/// How soon the publishing role's connection notices a database gone silent (TCP keepalive).
+const ROLE_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// Seconds in a partition.
 const DAY: u64 = 86_400;
@@ -100,6 +111,12 @@ pub struct PgStore {
     shown: String,
     /// Day partitions known to exist (or that could not be made), by (table, day).
     partitions: Mutex<HashSet<(&'static str, u64)>>,
+    /// Where to connect the publishing role's own connection.
+    config: tokio_postgres::Config,
+    /// The connection holding the publishing role's lock, while this process holds it.
+    role: Mutex<Option<tokio_postgres::Client>>,
+    /// The role's epoch this process took (0: it does not hold the role).
+    epoch: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -150,6 +167,10 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("outpost-fleet");
         }
+        if config.get_options().is_none() {
+            // Not a notice per `CREATE … IF NOT EXISTS` in the fleet's log.
+            config.options("-c client_min_messages=warning");
+        }
         let shown = shown(&config);
         std::fs::create_dir_all(artifacts)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -158,7 +179,7 @@ impl PgStore {
             .enable_all()
             .build()?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -178,6 +199,9 @@ impl PgStore {
             artifacts: artifacts.to_owned(),
             shown,
             partitions: Mutex::new(HashSet::new()),
+            config,
+            role: Mutex::new(None),
+            epoch: std::sync::atomic::AtomicI64::new(0),
         };
         store.migrate().map_err(|e| match e {
             FleetError::Database(e) => {
@@ -384,6 +408,27 @@ impl PgStore {
     }
 }
 
+/// Refuses a write that would be published unless this process still holds the publishing
+/// role: under a share lock on the role's row, which a new holder's epoch bump waits for.
+async fn fence(tx: &deadpool_postgres::Transaction<'_>, epoch: i64) -> Result<()> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DESIRED_LOCK])
+        .await
+        .map_err(db)?;
+    let row = tx
+        .query_one(
+            "SELECT epoch, holder FROM leadership WHERE id = 1 FOR SHARE",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    let current: i64 = row.try_get(0).map_err(db)?;
+    if epoch == 0 || current != epoch {
+        let holder: Option<String> = row.try_get(1).map_err(db)?;
+        return Err(FleetError::NotPublishing(holder));
+    }
+    Ok(())
+}
+
 /// Devices read a page at a time.
 struct DevicePages<'a> {
     store: &'a PgStore,
@@ -431,6 +476,88 @@ impl FleetStore for PgStore {
 
     fn check(&self) -> Result<()> {
         PgStore::check(self)
+    }
+
+    fn try_lead(&self, replica: &str) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        let mut role = self
+            .role
+            .lock()
+            .map_err(|_| FleetError::Corrupt("role lock poisoned".into()))?;
+        if role.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(true);
+        }
+        *role = None;
+        self.epoch.store(0, Ordering::SeqCst);
+        let mut config = self.config.clone();
+        config
+            .keepalives(true)
+            .keepalives_idle(ROLE_KEEPALIVE)
+            .keepalives_interval(ROLE_KEEPALIVE)
+            .keepalives_retries(2)
+            .application_name("outpost-fleet role");
+        self.block(async {
+            let (client, connection) = config.connect(NoTls).await.map_err(db)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&ROLE_LOCK])
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+            if !locked {
+                return Ok(false);
+            }
+            let epoch: i64 = client
+                .query_one(
+                    "UPDATE leadership SET epoch = epoch + 1, holder = $1, since = $2 \
+                     WHERE id = 1 RETURNING epoch",
+                    &[&replica, &big(now_secs())],
+                )
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+            self.epoch.store(epoch, Ordering::SeqCst);
+            *role = Some(client);
+            tracing::info!(epoch, "holding the publishing role's lock");
+            Ok(true)
+        })
+    }
+
+    fn still_leading(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let Ok(mut role) = self.role.lock() else {
+            return false;
+        };
+        let alive = match role.as_ref() {
+            None => false,
+            Some(client) if client.is_closed() => false,
+            Some(client) => self.block(async {
+                tokio::time::timeout(TIMEOUT, client.simple_query("SELECT 1"))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }),
+        };
+        if !alive {
+            // Dropping the connection lets go of the lock, if the database still has it.
+            *role = None;
+            self.epoch.store(0, Ordering::SeqCst);
+        }
+        alive
+    }
+
+    fn leader(&self) -> Result<Option<String>> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT holder FROM leadership WHERE id = 1", &[])
+                .await
+                .map_err(db)?;
+            row.try_get(0).map_err(db)
+        })
     }
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -890,13 +1017,7 @@ impl FleetStore for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(db)?;
-            // A row not there yet cannot be locked: the device's name is.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('desired:' || $1))",
-                &[&device],
-            )
-            .await
-            .map_err(db)?;
+            fence(&tx, self.epoch.load(std::sync::atomic::Ordering::SeqCst)).await?;
             let previous = match tx
                 .query_opt(
                     "SELECT doc FROM desired WHERE device = $1 FOR UPDATE",
@@ -939,6 +1060,7 @@ impl FleetStore for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(db)?;
+            fence(&tx, self.epoch.load(std::sync::atomic::Ordering::SeqCst)).await?;
             let mut previous: HashMap<String, DesiredRecord> = HashMap::new();
             for row in tx
                 .query(
@@ -1013,12 +1135,19 @@ impl FleetStore for PgStore {
     }
 
     fn put_rollout(&self, rollout: &outpost_proto::rest::RolloutRecord) -> Result<()> {
-        self.block(self.execute(
-            "INSERT INTO rollouts (id, doc) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc",
-            &[&big(rollout.id), &Json(rollout)],
-        ))
-        .map(|_| ())
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            fence(&tx, self.epoch.load(std::sync::atomic::Ordering::SeqCst)).await?;
+            tx.execute(
+                "INSERT INTO rollouts (id, doc) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc",
+                &[&big(rollout.id), &Json(rollout)],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)
+        })
     }
 
     fn rollout(&self, id: u64) -> Result<Option<outpost_proto::rest::RolloutRecord>> {

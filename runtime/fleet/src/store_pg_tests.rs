@@ -238,3 +238,83 @@ fn two_replicas_store_a_record_delivered_to_both_once() {
     assert_eq!(count(&one, "SELECT count(*) FROM telemetry"), 50);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn desired_for(device: &str, generation: u64) -> DesiredRecord {
+    let key = outpost_bundle::SecretKey::generate().unwrap();
+    let id = DeviceId::new(device).unwrap();
+    let state = outpost_proto::DesiredState {
+        v: outpost_proto::PROTOCOL_VERSION,
+        device: id.clone(),
+        generation,
+        expires_at: 10,
+        deployments: vec![],
+    };
+    DesiredRecord {
+        device: id,
+        generation,
+        deployments: vec![],
+        expires_at: 10,
+        envelope: outpost_proto::SignedDesired::seal(&state, &key).unwrap(),
+    }
+}
+
+#[test]
+fn one_replica_holds_the_publishing_role_and_a_lost_hold_fences_its_writes() {
+    let Some(server) = server("role") else {
+        return;
+    };
+    let url = server.database().unwrap();
+    let dir = artifacts("role");
+    let one = PgStore::connect(&url, &dir).unwrap();
+    let two = PgStore::connect(&url, &dir).unwrap();
+    let (a, b): (&dyn FleetStore, &dyn FleetStore) = (&one, &two);
+
+    // Nobody writes desired states before taking the role.
+    let early = a.update_desired("d", |_| Ok(desired_for("d", 1)));
+    assert!(
+        matches!(early, Err(FleetError::NotPublishing(None))),
+        "{early:?}"
+    );
+
+    assert!(a.try_lead("replica-1").unwrap());
+    assert!(a.try_lead("replica-1").unwrap(), "taking it again keeps it");
+    assert!(!b.try_lead("replica-2").unwrap(), "one holder at a time");
+    assert_eq!(b.leader().unwrap().as_deref(), Some("replica-1"));
+    a.update_desired("d", |_| Ok(desired_for("d", 1))).unwrap();
+    let refused = b.update_desired("d", |_| Ok(desired_for("d", 2)));
+    assert!(
+        matches!(&refused, Err(FleetError::NotPublishing(Some(h))) if h == "replica-1"),
+        "{refused:?}"
+    );
+    assert!(a.still_leading());
+
+    // The holder's connection ends (as when its process dies): the role moves, and the old
+    // holder's writes are refused even before it notices.
+    sql(
+        &two,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'outpost-fleet role'",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !b.try_lead("replica-2").unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the role never moved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fenced = a.update_desired("d", |_| Ok(desired_for("d", 3)));
+    assert!(
+        matches!(&fenced, Err(FleetError::NotPublishing(Some(h))) if h == "replica-2"),
+        "{fenced:?}"
+    );
+    assert!(!a.still_leading(), "the old holder sees it lost the role");
+    b.update_desired("d", |previous| {
+        assert_eq!(
+            previous.map(|p| p.generation),
+            Some(1),
+            "the fenced write left nothing"
+        );
+        Ok(desired_for("d", 2))
+    })
+    .unwrap();
+    assert_eq!(a.desired("d").unwrap().unwrap().generation, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -343,6 +343,8 @@ macro_rules! sled_cases {
                 let url = server.database().unwrap();
                 let store: Store =
                     Box::new(crate::store_pg::PgStore::connect(&url, &dir).unwrap());
+                // Desired-state writes need the publishing role.
+                assert!(store.try_lead("suite").unwrap());
                 $case(&store);
                 drop(store);
                 let _ = std::fs::remove_dir_all(&dir);

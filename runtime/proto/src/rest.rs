@@ -22,6 +22,13 @@ pub struct FleetInfo {
     pub artifacts: String,
     /// Whether the replica is connected to the broker.
     pub broker_connected: bool,
+    /// Whether this replica holds the publishing role (one replica on a shared database
+    /// does; it takes pushes, deployments and rollouts).
+    #[serde(default)]
+    pub publishing: bool,
+    /// Where it keeps its state (`sled at DIR`, `postgres at HOST:PORT/DB`).
+    #[serde(default)]
+    pub store: String,
 }
 
 /// What the fleet knows about one device.
