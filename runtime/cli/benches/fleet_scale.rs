@@ -11,8 +11,9 @@
 //! - then, with 1,000 of them sending 10 batches a second, the highest rate the fleet stores.
 //!
 //! Run with: `cargo bench -p outpost-cli --bench fleet_scale --profile dev [-- CASE...]`,
-//! where a CASE is `embedded:N` or `mosquitto:N` (default: `embedded:1000 mosquitto:1000
-//! mosquitto:10000 embedded:10000`). The embedded broker holds three open files per device:
+//! where a CASE is `embedded:N`, `mosquitto:N` or `postgres:N` (Mosquitto, and the state in
+//! PostgreSQL) (default: `embedded:1000 mosquitto:1000
+//! mosquitto:10000 postgres:1000 postgres:10000 embedded:10000`). The embedded broker holds three open files per device:
 //! a case it cannot hold under this process's open-file limit is run with as many devices as
 //! fit, and says so.
 
@@ -143,7 +144,7 @@ fn start_mosquitto(dir: &Path) -> (Guard, String) {
 }
 
 /// Starts `outpost fleet serve`; returns it and its API URL.
-fn start_fleet(dir: &Path, broker: Option<&str>) -> (Guard, String) {
+fn start_fleet(dir: &Path, broker: Option<&str>, database: Option<&str>) -> (Guard, String) {
     let mut cmd = bin();
     cmd.current_dir(dir).args([
         "fleet",
@@ -153,6 +154,9 @@ fn start_fleet(dir: &Path, broker: Option<&str>) -> (Guard, String) {
         "--listen",
         "127.0.0.1:0",
     ]);
+    if let Some(url) = database {
+        cmd.args(["--database", url]);
+    }
     match broker {
         Some(b) => cmd.args(["--broker", b]),
         None => cmd.args(["--mqtt-listen", "127.0.0.1:0"]),
@@ -233,7 +237,7 @@ struct Row {
 fn run_case(root: &Path, bundle: &Path, case: &str) -> Row {
     let (kind, n) = case
         .split_once(':')
-        .expect("CASE is embedded:N or mosquitto:N");
+        .expect("CASE is embedded:N, mosquitto:N or postgres:N");
     let mut devices: u64 = n.parse().expect("N devices");
     let mut row = Row {
         case: kind.to_owned(),
@@ -255,13 +259,25 @@ fn run_case(root: &Path, bundle: &Path, case: &str) -> Row {
     row.devices = devices;
     let dir = root.join(format!("{kind}-{devices}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let (_broker, broker_url) = if kind == "mosquitto" {
+    let (_broker, broker_url) = if kind == "mosquitto" || kind == "postgres" {
         let (g, url) = start_mosquitto(&dir);
         (Some(g), Some(url))
     } else {
         (None, None)
     };
-    let (fleet, api) = start_fleet(&dir, broker_url.as_deref());
+    // `postgres:N`: Mosquitto and the state in a throwaway PostgreSQL (fsync off: what is
+    // measured is the fleet's work per record, not this machine's disk).
+    let database = (kind == "postgres").then(|| {
+        let server =
+            outpost_testkit::postgres::Postgres::start().expect("PostgreSQL for the postgres case");
+        let url = server.database().unwrap();
+        (server, url)
+    });
+    let (fleet, api) = start_fleet(
+        &dir,
+        broker_url.as_deref(),
+        database.as_ref().map(|(_, url)| url.as_str()),
+    );
     let pid = fleet.0.id();
     eprintln!("{kind}: {devices} devices");
 
@@ -346,6 +362,8 @@ fn main() {
             "embedded:1000",
             "mosquitto:1000",
             "mosquitto:10000",
+            "postgres:1000",
+            "postgres:10000",
             "embedded:10000",
         ]
         .map(String::from)

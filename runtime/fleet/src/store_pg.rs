@@ -386,6 +386,51 @@ impl PgStore {
             .collect()
     }
 
+    /// Applies `change` to a device's record under its row lock (made first when `create`);
+    /// `None` for a device not known and not made.
+    fn change_device(
+        &self,
+        id: &str,
+        create: bool,
+        change: &mut dyn FnMut(&mut DeviceRecord),
+    ) -> Result<Option<DeviceRecord>> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let select = tx
+                .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
+                .await
+                .map_err(db)?;
+            let mut row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
+            if row.is_none() && create {
+                let insert = tx
+                    .prepare_cached(
+                        "INSERT INTO devices (id, doc) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .await
+                    .map_err(db)?;
+                tx.execute(&insert, &[&id, &Json(new_device(id))])
+                    .await
+                    .map_err(db)?;
+                row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
+            }
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let mut record = row.try_get::<_, Json<DeviceRecord>>(0).map_err(db)?.0;
+            change(&mut record);
+            let update = tx
+                .prepare_cached("UPDATE devices SET doc = $2 WHERE id = $1")
+                .await
+                .map_err(db)?;
+            tx.execute(&update, &[&id, &Json(&record)])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(Some(record))
+        })
+    }
+
     fn device_page(&self, after: Option<&str>) -> Result<Vec<DeviceRecord>> {
         self.block(async {
             match after {
@@ -586,41 +631,8 @@ impl FleetStore for PgStore {
         id: &str,
         change: &mut dyn FnMut(&mut DeviceRecord),
     ) -> Result<DeviceRecord> {
-        self.block(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let select = tx
-                .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
-                .await
-                .map_err(db)?;
-            let mut row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
-            if row.is_none() {
-                let insert = tx
-                    .prepare_cached(
-                        "INSERT INTO devices (id, doc) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-                    )
-                    .await
-                    .map_err(db)?;
-                tx.execute(&insert, &[&id, &Json(new_device(id))])
-                    .await
-                    .map_err(db)?;
-                row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
-            }
-            let mut record = match row {
-                Some(row) => row.try_get::<_, Json<DeviceRecord>>(0).map_err(db)?.0,
-                None => new_device(id),
-            };
-            change(&mut record);
-            let update = tx
-                .prepare_cached("UPDATE devices SET doc = $2 WHERE id = $1")
-                .await
-                .map_err(db)?;
-            tx.execute(&update, &[&id, &Json(&record)])
-                .await
-                .map_err(db)?;
-            tx.commit().await.map_err(db)?;
-            Ok(record)
-        })
+        self.change_device(id, true, change)?
+            .ok_or_else(|| FleetError::Corrupt(format!("device `{id}` vanished while updated")))
     }
 
     fn update_known_device_with(
@@ -628,28 +640,7 @@ impl FleetStore for PgStore {
         id: &str,
         change: &mut dyn FnMut(&mut DeviceRecord),
     ) -> Result<bool> {
-        self.block(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let select = tx
-                .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
-                .await
-                .map_err(db)?;
-            let Some(row) = tx.query_opt(&select, &[&id]).await.map_err(db)? else {
-                return Ok(false);
-            };
-            let mut record = row.try_get::<_, Json<DeviceRecord>>(0).map_err(db)?.0;
-            change(&mut record);
-            let update = tx
-                .prepare_cached("UPDATE devices SET doc = $2 WHERE id = $1")
-                .await
-                .map_err(db)?;
-            tx.execute(&update, &[&id, &Json(&record)])
-                .await
-                .map_err(db)?;
-            tx.commit().await.map_err(db)?;
-            Ok(true)
-        })
+        Ok(self.change_device(id, false, change)?.is_some())
     }
 
     fn remove_device(&self, id: &str) -> Result<bool> {
