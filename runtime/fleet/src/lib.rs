@@ -497,6 +497,12 @@ impl Server {
         ));
         let mut tasks = Vec::new();
         if !fleet.ingest_only && fleet.store.shared() {
+            // Tried once before saying ready, so a lone replica takes deployments as soon as
+            // it says it is ready; then every ROLE_EVERY.
+            let first = Arc::clone(&fleet);
+            tokio::task::spawn_blocking(move || first.hold_role())
+                .await
+                .map_err(|e| FleetError::Config(format!("the publishing role: {e}")))?;
             tasks.push(tokio::spawn(role_task(Arc::clone(&fleet), stop_rx.clone())));
         }
         if !fleet.ingest_only {
