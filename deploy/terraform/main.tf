@@ -189,6 +189,20 @@ resource "kubernetes_deployment_v1" "fleet" {
               }
             }
           }
+          # Where the other replicas on the database reach this one: a replica without the
+          # publishing role forwards pushes and deployments to the one with it.
+          env {
+            name = "OUTPOST_POD_IP"
+            value_from {
+              field_ref {
+                field_path = "status.podIP"
+              }
+            }
+          }
+          env {
+            name  = "OUTPOST_ADVERTISE_URL"
+            value = "http://$(OUTPOST_POD_IP):7878"
+          }
 
           port {
             name           = "api"

@@ -308,19 +308,24 @@ fn the_publishing_role_moves_when_its_replica_is_killed_mid_deployment() {
     });
 
     one.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
-    let refused = fails(
-        dir,
-        &[
-            "fleet",
-            "push",
-            "digits-2.0.0.opb",
-            "--fleet",
-            two.api.as_str(),
-        ],
+    // A write sent to the replica without the role is forwarded to the one with it, and the
+    // answer says who served it.
+    two.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
+    let (_, bundles) = get_json(&format!("{}/api/v1/bundles", one.api));
+    assert_eq!(bundles.as_array().unwrap().len(), 2, "{bundles}");
+    let refused = outpost_testkit::post_json(
+        &format!("{}/api/v1/deployments", two.api),
+        &serde_json::json!({ "model": "nope", "version": "9.9.9", "all": true }),
+    );
+    assert_eq!(
+        refused.header("x-outpost-served-by"),
+        Some("replica-1"),
+        "{refused:?}"
     );
     assert!(
-        refused.contains("does not hold the publishing role (`replica-1` does)"),
-        "{refused}"
+        refused.text().contains("nope 9.9.9"),
+        "the holder's own answer: {}",
+        refused.text()
     );
 
     // A deployment to every virtual device, and the replica that took it killed with -9 while
@@ -390,7 +395,6 @@ fn the_publishing_role_moves_when_its_replica_is_killed_mid_deployment() {
     );
 
     // The new holder deploys, and every device applies it.
-    two.cli(dir, &["fleet", "push", "digits-2.0.0.opb"]);
     let out = two.cli(
         dir,
         &[

@@ -118,6 +118,7 @@ fn main() {
         per_device_metrics: false,
         database: None,
         artifacts_dir: None,
+        advertise_url: None,
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,

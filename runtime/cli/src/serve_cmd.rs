@@ -31,6 +31,12 @@ pub(crate) struct ServeArgs {
     /// need storage they all see here (files are named by digest and written once).
     #[arg(long, value_name = "DIR")]
     artifacts_dir: Option<PathBuf>,
+    /// Where the other replicas on the database reach this one's API, e.g.
+    /// http://10.0.0.7:7878 (also from OUTPOST_ADVERTISE_URL; default: http(s)://LISTEN unless
+    /// it is 0.0.0.0). A replica without the publishing role forwards writes to the one with
+    /// it there, so any replica takes a push or a deployment.
+    #[arg(long, env = "OUTPOST_ADVERTISE_URL", value_name = "URL")]
+    advertise_url: Option<String>,
     /// REST API and artifact address.
     #[arg(long, default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
@@ -202,6 +208,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         per_device_metrics: args.per_device_metrics,
         database: args.database.filter(|url| !url.trim().is_empty()),
         artifacts_dir: args.artifacts_dir,
+        advertise_url: args.advertise_url.filter(|url| !url.trim().is_empty()),
         rules: match &args.rules {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

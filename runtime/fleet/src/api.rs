@@ -32,7 +32,7 @@ use outpost_proto::rest::{
 
 use crate::domain::Fleet;
 use crate::error::FleetError;
-use crate::store::{DeviceRecord, Stream, now_secs};
+use crate::store::{DesiredRecord, DeviceRecord, Stream, now_secs};
 use outpost_proto::rest::DeployRequest;
 
 type Shared = State<Arc<Fleet>>;
@@ -45,6 +45,7 @@ impl IntoResponse for FleetError {
             FleetError::Bundle(_) => StatusCode::UNPROCESSABLE_ENTITY,
             FleetError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             FleetError::NotPublishing(_) => StatusCode::CONFLICT,
+            FleetError::Forward(_) => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (
@@ -121,6 +122,11 @@ pub fn router(fleet: Arc<Fleet>) -> axum::Router {
         .layer(DefaultBodyLimit::max(
             usize::try_from(fleet.max_bundle_bytes).unwrap_or(usize::MAX),
         ))
+        // Inside the token check: only authorised writes travel on.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&fleet),
+            crate::forward::writes_to_the_leader,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&fleet),
             |State(fleet): Shared,
@@ -162,12 +168,22 @@ async fn fleet_info(State(fleet): Shared) -> Json<FleetInfo> {
 
 pub use outpost_proto::rest::DeviceView;
 
-fn view(fleet: &Fleet, mut record: DeviceRecord) -> Result<DeviceView, FleetError> {
-    record.online = record.is_online(now_secs());
+fn view(fleet: &Fleet, record: DeviceRecord) -> Result<DeviceView, FleetError> {
     let desired = fleet.store.desired(&record.id)?;
+    let enrolled = fleet.is_enrolled(&record.id);
+    Ok(view_with(record, desired, enrolled))
+}
+
+/// A device's view from its record, its desired state and whether it is enrolled.
+fn view_with(
+    mut record: DeviceRecord,
+    desired: Option<DesiredRecord>,
+    enrolled: bool,
+) -> DeviceView {
+    record.online = record.is_online(now_secs());
     let desired_generation = desired.as_ref().map(|d| d.generation);
     let applied = record.reported.as_ref().and_then(|r| r.generation);
-    Ok(DeviceView {
+    DeviceView {
         in_sync: desired_generation.is_none() || applied == desired_generation,
         desired_generation,
         desired: desired
@@ -178,9 +194,9 @@ fn view(fleet: &Fleet, mut record: DeviceRecord) -> Result<DeviceView, FleetErro
                     .collect()
             })
             .unwrap_or_default(),
-        enrolled: fleet.is_enrolled(&record.id),
+        enrolled,
         record,
-    })
+    }
 }
 
 async fn devices(
@@ -218,6 +234,9 @@ async fn devices(
     Ok(response)
 }
 
+/// Devices whose desired states and credentials are read at once for a page of the list.
+const VIEW_CHUNK: usize = 256;
+
 /// One page of the device list, and the id to continue after when more may follow.
 fn device_page(
     fleet: &Fleet,
@@ -225,24 +244,47 @@ fn device_page(
 ) -> Result<(Vec<DeviceView>, Option<String>), FleetError> {
     let now = now_secs();
     let limit = query.limit.unwrap_or(usize::MAX);
+    let chunk_size = limit.saturating_add(1).min(VIEW_CHUNK);
     let mut page = Vec::new();
-    for record in fleet.store.devices_after(query.after.as_deref()) {
-        let record = record?;
-        if !query.admits(&record, now) {
-            continue;
+    let mut records = fleet.store.devices_after(query.after.as_deref());
+    loop {
+        // The next devices the filters admit, a chunk at a time, so that their desired states
+        // and credentials come in one read (one round trip on a database), not one a device.
+        let mut chunk = Vec::with_capacity(chunk_size);
+        for record in records.by_ref() {
+            let record = record?;
+            if query.admits(&record, now) {
+                chunk.push(record);
+                if chunk.len() == chunk_size {
+                    break;
+                }
+            }
         }
-        let view = view(fleet, record)?;
-        if query.in_sync.is_some_and(|want| view.in_sync != want) {
-            continue;
+        if chunk.is_empty() {
+            return Ok((page, None));
         }
-        if page.len() == limit {
-            // One more matches: the page is full and another follows.
-            let next = page.last().map(|v: &DeviceView| v.record.id.clone());
-            return Ok((page, next));
+        let extra = {
+            let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
+            fleet.store.desired_and_enrolled(&ids)?
+        };
+        for (record, (desired, enrolled)) in chunk.into_iter().zip(extra) {
+            let enrolled = enrolled
+                || fleet
+                    .logins
+                    .as_ref()
+                    .is_some_and(|l| l.contains(&record.id));
+            let view = view_with(record, desired, enrolled);
+            if query.in_sync.is_some_and(|want| view.in_sync != want) {
+                continue;
+            }
+            if page.len() == limit {
+                // One more matches: the page is full and another follows.
+                let next = page.last().map(|v: &DeviceView| v.record.id.clone());
+                return Ok((page, next));
+            }
+            page.push(view);
         }
-        page.push(view);
     }
-    Ok((page, None))
 }
 
 async fn device(
@@ -651,6 +693,7 @@ const HEARD_WITHIN: [u64; 4] = [60, 300, 3_600, 86_400];
 fn census(fleet: &Fleet) -> Result<Census, FleetError> {
     let now = now_secs();
     let mut c = Census::default();
+    let desired = fleet.store.desired_generations()?;
     for record in fleet.store.devices_after(None) {
         let d = record?;
         c.devices += 1;
@@ -658,9 +701,9 @@ fn census(fleet: &Fleet) -> Result<Census, FleetError> {
         c.dropped += d.dropped;
         let reported = d.reported.as_ref();
         c.failing += u64::from(reported.is_some_and(|r| r.last_error.is_some()));
-        if let Some(desired) = fleet.store.desired(&d.id)? {
+        if let Some(&generation) = desired.get(&d.id) {
             let applied = reported.and_then(|r| r.generation);
-            c.pending += u64::from(applied != Some(desired.generation));
+            c.pending += u64::from(applied != Some(generation));
         }
         let age = d.last_seen.map(|seen| now.saturating_sub(seen));
         if let Some(age) = age {

@@ -108,6 +108,8 @@ pub struct Fleet {
     /// Whether `/metrics` also has one series per device (see
     /// [`FleetOptions::per_device_metrics`](crate::FleetOptions::per_device_metrics)).
     pub per_device_metrics: bool,
+    /// Where the other replicas reach this one's API (recorded with the publishing role).
+    pub advertise: Option<String>,
     /// Counters.
     pub metrics: FleetMetrics,
     outbound: mpsc::UnboundedSender<Outbound>,
@@ -160,6 +162,8 @@ pub struct Settings {
     pub logins: Option<std::sync::Arc<crate::acl::LiveLogins>>,
     /// Whether `/metrics` also has one series per device.
     pub per_device_metrics: bool,
+    /// Where the other replicas reach this one's API.
+    pub advertise: Option<String>,
 }
 
 impl Fleet {
@@ -187,6 +191,7 @@ impl Fleet {
             share_group,
             logins,
             per_device_metrics,
+            advertise,
         } = settings;
         let leading = !ingest_only && !store.shared();
         Self {
@@ -209,6 +214,7 @@ impl Fleet {
             share_group,
             logins,
             per_device_metrics,
+            advertise,
             metrics: FleetMetrics::default(),
             outbound,
             republished: Mutex::new(HashMap::new()),
@@ -282,7 +288,10 @@ impl Fleet {
             }
             return;
         }
-        match self.store.try_lead(&self.replica) {
+        match self
+            .store
+            .try_lead(&self.replica, self.advertise.as_deref())
+        {
             Ok(true) => {
                 self.leading.store(true, Ordering::SeqCst);
                 let all = self.store.all_desired().unwrap_or_default();
@@ -307,7 +316,7 @@ impl Fleet {
         }
         if !self.leads() {
             return Err(FleetError::NotPublishing(
-                self.store.leader().ok().flatten(),
+                self.store.leader().ok().flatten().map(|l| l.replica),
             ));
         }
         Ok(())

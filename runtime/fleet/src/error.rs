@@ -26,6 +26,9 @@ pub enum FleetError {
     /// does, named when known): push, deploy and roll out through that one.
     #[error("this replica does not hold the publishing role{}; send it to the replica that does", .0.as_ref().map(|h| format!(" (`{h}` does)")).unwrap_or_default())]
     NotPublishing(Option<String>),
+    /// A write forwarded to the replica that holds the publishing role got no answer.
+    #[error("{0}")]
+    Forward(String),
     /// Stored data could not be read back.
     #[error("corrupt state: {0}")]
     Corrupt(String),

@@ -15,6 +15,7 @@ pub mod domain;
 mod drift;
 mod enrol;
 mod error;
+pub mod forward;
 pub mod gate;
 mod gate_room;
 mod ingest;
@@ -121,6 +122,12 @@ pub struct FleetOptions {
     /// Where bundle files are kept (default `<data-dir>/artifacts`): storage every replica on
     /// one database shares.
     pub artifacts_dir: Option<PathBuf>,
+    /// Where the other replicas on one database reach this one's API (`http://10.0.0.7:7878`):
+    /// recorded with the publishing role, so that a replica without the role forwards the
+    /// writes it is sent (push, deploy, rollouts, enrolment) to the one that has it. Default:
+    /// the listen address unless it is unspecified (0.0.0.0), when writes to a replica
+    /// without the role are refused with 409 and the name of the one that has it.
+    pub advertise_url: Option<String>,
 }
 
 /// The API's front door on its defaults: timeouts of [`outpost_http::Limits::default`] and a
@@ -451,6 +458,9 @@ impl Server {
                 format!("{scheme}://{shown}/artifacts")
             }
         };
+        let advertise = options.advertise_url.clone().or_else(|| {
+            (!api_addr.ip().is_unspecified()).then(|| format!("{scheme}://{api_addr}"))
+        });
         let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
         let fleet = Arc::new(Fleet::new(
             store,
@@ -475,6 +485,7 @@ impl Server {
                     .unwrap_or_else(|| outpost_proto::FLEET_GROUP.to_owned()),
                 logins: live_logins,
                 per_device_metrics: options.per_device_metrics,
+                advertise,
             },
             outbound_tx,
         ));

@@ -10,9 +10,11 @@
 //! The store is written on a blocking worker, never on the MQTT loop: the loop hands messages
 //! over a bounded channel (holding, in order, what does not fit while the worker is behind,
 //! and still serving the connection: pings, acknowledgements, publishes), the worker stores
-//! whatever has queued up, flushes once, and returns the messages it stored; only then does
-//! the loop acknowledge them, in the order they arrived. The broker sends no more than its
-//! window of unacknowledged messages, which bounds what the loop holds.
+//! whatever has queued up (each message one unit of the store: on a database, one
+//! transaction that does not wait for the disk), flushes once (one wait for the disk), and
+//! returns the messages it stored; only then does the loop acknowledge them, in the order
+//! they arrived. The broker sends no more than its window of unacknowledged messages, which
+//! bounds what the loop holds.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -111,7 +113,16 @@ fn store_batch(
     let mut pause = STORE_RETRY_FIRST;
     let mut outage: Option<std::time::Instant> = None;
     while let Some(message) = pending.front() {
-        if fleet.ingest(&message.topic, &message.payload) {
+        // One unit a message: on a database one transaction, none of it kept unless all of
+        // it was, and no wait for the disk until the flush of the whole batch.
+        let kept = fleet
+            .store
+            .unit(&mut || fleet.ingest(&message.topic, &message.payload))
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "a device message's unit failed");
+                false
+            });
+        if kept {
             done.extend(pending.pop_front());
             if let Some(since) = outage.take() {
                 tracing::info!(after = ?since.elapsed(), "the store answers again; storing and acknowledging");

@@ -69,9 +69,10 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     }
     /// Takes the publishing role (signing and publishing desired states, deployments,
     /// rollouts, rules) for `replica` unless another process holds it; returns whether this
-    /// process holds it now. A store no other process shares gives it at once.
-    fn try_lead(&self, replica: &str) -> Result<bool> {
-        let _ = replica;
+    /// process holds it now, and records `api`, where this replica answers its API, for the
+    /// others to forward writes to. A store no other process shares gives it at once.
+    fn try_lead(&self, replica: &str, api: Option<&str>) -> Result<bool> {
+        let _ = (replica, api);
         Ok(true)
     }
     /// Whether this process still holds the publishing role it took (false once its hold on
@@ -80,7 +81,7 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
         true
     }
     /// The replica that holds the publishing role, as far as the store knows.
-    fn leader(&self) -> Result<Option<String>> {
+    fn leader(&self) -> Result<Option<Leader>> {
         Ok(None)
     }
     /// A value of the meta table.
@@ -148,6 +149,13 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     fn prune(&self, stream: Stream, cutoff: u64, limit: usize) -> Result<usize>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
+    /// Runs `work` (what one device message writes) as one unit where the store has units:
+    /// all of it or none (`work` returning false, or a write in it failing, undoes it), and
+    /// durable by the next [`Self::flush`] rather than each write on its own. Returns whether
+    /// it was kept. The embedded store writes as it goes and makes it durable at the flush.
+    fn unit(&self, work: &mut dyn FnMut() -> bool) -> Result<bool> {
+        Ok(work())
+    }
     /// Adds a bundle file to the artifact store (idempotent) and records it.
     fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()>;
     /// Removes a bundle record, and its artifact file unless another record has the same
@@ -169,6 +177,23 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     fn desired(&self, device: &str) -> Result<Option<DesiredRecord>>;
     /// Every desired state.
     fn all_desired(&self) -> Result<Vec<DesiredRecord>>;
+    /// For each of `devices`, in order: its desired state, and whether it holds fleet-issued
+    /// credentials. What a page of the device list shows beside each record, in one read.
+    fn desired_and_enrolled(&self, devices: &[&str]) -> Result<Vec<(Option<DesiredRecord>, bool)>> {
+        devices
+            .iter()
+            .map(|d| Ok((self.desired(d)?, self.is_enrolled(d)?)))
+            .collect()
+    }
+    /// The generation of every device's desired state, by device: what the metrics' census
+    /// compares with each reported state.
+    fn desired_generations(&self) -> Result<std::collections::HashMap<String, u64>> {
+        Ok(self
+            .all_desired()?
+            .into_iter()
+            .map(|d| (d.device.as_str().to_owned(), d.generation))
+            .collect())
+    }
     /// Stores a deployment and the desired state it gives each of `devices`, all or nothing:
     /// `make` turns each device's previous desired state into its next one, for every device
     /// before anything is written, and one transaction then writes them all with the record.
@@ -203,6 +228,15 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     fn firings(&self, limit: usize) -> Result<Vec<outpost_proto::rest::FiringRecord>>;
     /// Every deployment, oldest first.
     fn deployments(&self) -> Result<Vec<DeploymentRecord>>;
+}
+
+/// The replica holding the publishing role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// Its name (`--replica`).
+    pub replica: String,
+    /// Where it answers its API, when it said (`--advertise-url`).
+    pub api: Option<String>,
 }
 
 /// The closure-taking methods in their convenient form (a closure by value, called once).

@@ -20,6 +20,7 @@
 //! When the database is unreachable every call fails with [`FleetError::Database`] (the API
 //! answers 503, ingestion stops acknowledging) and the pool connects again by itself.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use outpost_proto::{DeviceId, TelemetryRecord};
 use sha2::Digest;
 use tokio_postgres::NoTls;
@@ -35,7 +36,7 @@ use tokio_postgres::types::Json;
 
 use crate::error::{FleetError, Result};
 use crate::store::{
-    BundleRecord, Credential, DeploymentRecord, DesiredRecord, DeviceRecord, FleetStore,
+    BundleRecord, Credential, DeploymentRecord, DesiredRecord, DeviceRecord, FleetStore, Leader,
     MAX_VARIANTS, Put, StoredRecord, Stream, artifact_path_in, decode, encode, now_secs,
     write_artifact,
 };
@@ -44,6 +45,8 @@ use crate::store::{
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_publishing_role.sql")),
+    (3, include_str!("../migrations/0003_flush.sql")),
+    (4, include_str!("../migrations/0004_leader_api.sql")),
 ];
 
 /// The advisory lock migrations are applied under.
@@ -88,6 +91,149 @@ fn tables(stream: Stream) -> (&'static str, &'static str) {
     }
 }
 
+/// The connection units of writes ([`FleetStore::unit`]) run on: its own, not the pool's,
+/// with `synchronous_commit` off for the session, driven by a single-threaded runtime of its
+/// own on the thread that runs the unit. A round trip is then the database's alone, with no
+/// hand-over to the store's runtime thread and back (two thread wake-ups a statement, most of
+/// a statement's cost on a busy machine).
+struct UnitConnection {
+    runtime: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
+}
+
+/// What a statement in a unit sees: the unit connection's client, with a statement cache.
+struct UnitClient<'a>(&'a UnitConnection);
+
+impl std::ops::Deref for UnitClient<'_> {
+    type Target = tokio_postgres::Client;
+
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.0.client
+    }
+}
+
+impl UnitClient<'_> {
+    /// Like the pool's `prepare_cached`.
+    async fn prepare_cached(
+        &self,
+        sql: &str,
+    ) -> std::result::Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.0.statements.borrow().get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.0.client.prepare(sql).await?;
+        self.0
+            .statements
+            .borrow_mut()
+            .insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+}
+
+/// A unit open on a thread: its connection, inside a transaction, and whether a statement in
+/// it failed.
+struct Unit {
+    /// The address of the store it belongs to.
+    store: usize,
+    connection: UnitConnection,
+    failed: bool,
+}
+
+thread_local! {
+    /// The unit open on this thread, if any. A store call on this thread while it is open
+    /// runs its statements in the unit's transaction rather than in one of its own.
+    static UNIT: RefCell<Option<Unit>> = const { RefCell::new(None) };
+}
+
+/// Takes this thread's unit out when it ends, by [`OpenUnit::close`] or by a panic (its
+/// connection, inside a transaction, is then dropped).
+struct OpenUnit(usize);
+
+impl OpenUnit {
+    fn close(self) -> Option<Unit> {
+        let unit = UNIT.with(|unit| {
+            let mut unit = unit.borrow_mut();
+            if unit.as_ref().is_some_and(|u| u.store == self.0) {
+                unit.take()
+            } else {
+                None
+            }
+        });
+        std::mem::forget(self);
+        unit
+    }
+}
+
+impl Drop for OpenUnit {
+    fn drop(&mut self) {
+        let store = self.0;
+        let _ = UNIT.try_with(|unit| {
+            let mut unit = unit.borrow_mut();
+            if unit.as_ref().is_some_and(|u| u.store == store) {
+                unit.take();
+            }
+        });
+    }
+}
+
+/// Runs `$body`, an async block whose statements go to `$c`, in this thread's unit when one
+/// is open (on the unit's connection and runtime), else in a transaction of its own on a
+/// pooled connection, committed at the end.
+macro_rules! in_transaction {
+    ($store:expr, |$c:ident| $body:expr) => {{
+        match $store.take_unit() {
+            Some(mut unit) => {
+                let out: Result<_> = unit.connection.runtime.block_on(async {
+                    let $c = &UnitClient(&unit.connection);
+                    $body.await
+                });
+                if out.is_err() {
+                    unit.failed = true;
+                }
+                $store.give_back(unit);
+                out
+            }
+            None => $store.block(async {
+                let mut client = $store.client().await?;
+                let tx = client.transaction().await.map_err(db)?;
+                let out: Result<_> = {
+                    let $c = &tx;
+                    $body.await
+                };
+                let out = out?;
+                tx.commit().await.map_err(db)?;
+                Ok(out)
+            }),
+        }
+    }};
+}
+
+/// Runs `$body`, an async block whose statements go to `$c`, in this thread's unit when one
+/// is open (it then sees the unit's own writes), else on a pooled connection.
+macro_rules! reading {
+    ($store:expr, |$c:ident| $body:expr) => {{
+        match $store.take_unit() {
+            Some(mut unit) => {
+                let out: Result<_> = unit.connection.runtime.block_on(async {
+                    let $c = &UnitClient(&unit.connection);
+                    $body.await
+                });
+                if out.is_err() {
+                    unit.failed = true;
+                }
+                $store.give_back(unit);
+                out
+            }
+            None => $store.block(async {
+                let client = $store.client().await?;
+                let $c = &client;
+                $body.await
+            }),
+        }
+    }};
+}
+
 /// Wakes the thread that blocks on a future.
 struct Unpark(std::thread::Thread);
 
@@ -117,6 +263,12 @@ pub struct PgStore {
     role: Mutex<Option<tokio_postgres::Client>>,
     /// The role's epoch this process took (0: it does not hold the role).
     epoch: std::sync::atomic::AtomicI64,
+    /// This process's row in `outpost_flush`.
+    flush_id: i64,
+    /// Whether a unit committed without waiting for the disk since the last flush.
+    unflushed: std::sync::atomic::AtomicBool,
+    /// The connection units run on, between units (made on the first).
+    unit_connection: Mutex<Option<UnitConnection>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -130,6 +282,15 @@ impl std::fmt::Debug for PgStore {
 
 impl Drop for PgStore {
     fn drop(&mut self) {
+        // Runtimes must not be dropped on an async thread, where a store may well be.
+        if let Ok(mut slot) = self.unit_connection.lock()
+            && let Some(UnitConnection {
+                runtime, client, ..
+            }) = slot.take()
+        {
+            drop(client);
+            runtime.shutdown_background();
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -202,13 +363,23 @@ impl PgStore {
             config,
             role: Mutex::new(None),
             epoch: std::sync::atomic::AtomicI64::new(0),
+            flush_id: 0,
+            unflushed: std::sync::atomic::AtomicBool::new(false),
+            unit_connection: Mutex::new(None),
         };
-        store.migrate().map_err(|e| match e {
-            FleetError::Database(e) => {
-                FleetError::Config(format!("cannot use the {}: {e}", store.shown))
-            }
+        let mut store = store;
+        let named = store.shown.clone();
+        let unusable = move |e| match e {
+            FleetError::Database(e) => FleetError::Config(format!("cannot use the {named}: {e}")),
             other => other,
-        })?;
+        };
+        store.migrate().map_err(&unusable)?;
+        store.flush_id = big(store.block(store.next_id()).map_err(&unusable)?);
+        // Rows of processes gone a week: one a process, so they are few anyway.
+        let week_ago = big(now_secs().saturating_sub(7 * DAY));
+        store
+            .block(store.execute("DELETE FROM outpost_flush WHERE at < $1", &[&week_ago]))
+            .map_err(unusable)?;
         let today = now_secs() / DAY;
         for stream in [Stream::Telemetry, Stream::Events] {
             store.ensure_partition(tables(stream).0, today);
@@ -394,40 +565,87 @@ impl PgStore {
         create: bool,
         change: &mut dyn FnMut(&mut DeviceRecord),
     ) -> Result<Option<DeviceRecord>> {
-        self.block(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let select = tx
+        in_transaction!(self, |c| async {
+            let select = c
                 .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
                 .await
                 .map_err(db)?;
-            let mut row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
+            let mut row = c.query_opt(&select, &[&id]).await.map_err(db)?;
             if row.is_none() && create {
-                let insert = tx
+                let insert = c
                     .prepare_cached(
                         "INSERT INTO devices (id, doc) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
                     )
                     .await
                     .map_err(db)?;
-                tx.execute(&insert, &[&id, &Json(new_device(id))])
+                c.execute(&insert, &[&id, &Json(new_device(id))])
                     .await
                     .map_err(db)?;
-                row = tx.query_opt(&select, &[&id]).await.map_err(db)?;
+                row = c.query_opt(&select, &[&id]).await.map_err(db)?;
             }
             let Some(row) = row else {
                 return Ok(None);
             };
             let mut record = row.try_get::<_, Json<DeviceRecord>>(0).map_err(db)?.0;
             change(&mut record);
-            let update = tx
+            let update = c
                 .prepare_cached("UPDATE devices SET doc = $2 WHERE id = $1")
                 .await
                 .map_err(db)?;
-            tx.execute(&update, &[&id, &Json(&record)])
+            c.execute(&update, &[&id, &Json(&record)])
                 .await
                 .map_err(db)?;
-            tx.commit().await.map_err(db)?;
             Ok(Some(record))
+        })
+    }
+
+    /// The address that names this store in [`UNIT`].
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// This thread's open unit of this store, taken out for one call.
+    fn take_unit(&self) -> Option<Unit> {
+        UNIT.with(|unit| {
+            let mut unit = unit.borrow_mut();
+            if unit.as_ref().is_some_and(|u| u.store == self.address()) {
+                unit.take()
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Puts back what [`Self::take_unit`] took.
+    fn give_back(&self, unit: Unit) {
+        UNIT.with(|slot| *slot.borrow_mut() = Some(unit));
+    }
+
+    /// A new connection for units, on a runtime of its own.
+    fn unit_connection(&self) -> Result<UnitConnection> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut config = self.config.clone();
+        config.application_name("outpost-fleet ingest");
+        let client = runtime.block_on(async {
+            let (client, connection) = config.connect(NoTls).await.map_err(db)?;
+            // Polled whenever the unit's thread blocks on this runtime.
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            // Durable at the flush, not at each commit; and never an unbounded wait for a
+            // row another replica holds.
+            client
+                .batch_execute("SET synchronous_commit TO off; SET lock_timeout TO '10s'")
+                .await
+                .map_err(db)?;
+            Ok::<_, FleetError>(client)
+        })?;
+        Ok(UnitConnection {
+            runtime,
+            client,
+            statements: RefCell::new(HashMap::new()),
         })
     }
 
@@ -523,7 +741,7 @@ impl FleetStore for PgStore {
         PgStore::check(self)
     }
 
-    fn try_lead(&self, replica: &str) -> Result<bool> {
+    fn try_lead(&self, replica: &str, api: Option<&str>) -> Result<bool> {
         use std::sync::atomic::Ordering;
         let mut role = self
             .role
@@ -557,9 +775,9 @@ impl FleetStore for PgStore {
             }
             let epoch: i64 = client
                 .query_one(
-                    "UPDATE leadership SET epoch = epoch + 1, holder = $1, since = $2 \
+                    "UPDATE leadership SET epoch = epoch + 1, holder = $1, since = $2, api = $3 \
                      WHERE id = 1 RETURNING epoch",
-                    &[&replica, &big(now_secs())],
+                    &[&replica, &big(now_secs()), &api],
                 )
                 .await
                 .map_err(db)?
@@ -594,14 +812,16 @@ impl FleetStore for PgStore {
         alive
     }
 
-    fn leader(&self) -> Result<Option<String>> {
+    fn leader(&self) -> Result<Option<Leader>> {
         self.block(async {
             let client = self.client().await?;
             let row = client
-                .query_one("SELECT holder FROM leadership WHERE id = 1", &[])
+                .query_one("SELECT holder, api FROM leadership WHERE id = 1", &[])
                 .await
                 .map_err(db)?;
-            row.try_get(0).map_err(db)
+            let replica: Option<String> = row.try_get(0).map_err(db)?;
+            let api: Option<String> = row.try_get(1).map_err(db)?;
+            Ok(replica.map(|replica| Leader { replica, api }))
         })
     }
 
@@ -720,7 +940,21 @@ impl FleetStore for PgStore {
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
-        self.block(self.doc("SELECT doc FROM devices WHERE id = $1", &[&id]))
+        reading!(self, |c| async {
+            let statement = c
+                .prepare_cached("SELECT doc FROM devices WHERE id = $1")
+                .await
+                .map_err(db)?;
+            c.query_opt(&statement, &[&id])
+                .await
+                .map_err(db)?
+                .map(|row| {
+                    row.try_get::<_, Json<DeviceRecord>>(0)
+                        .map(|j| j.0)
+                        .map_err(db)
+                })
+                .transpose()
+        })
     }
 
     fn devices(&self) -> Result<Vec<DeviceRecord>> {
@@ -754,47 +988,39 @@ impl FleetStore for PgStore {
         let size = bytes.len() as u64;
         let received = now_secs();
         self.ensure_partition(table, received / DAY);
-        let insert_key = format!(
-            "INSERT INTO {keys} (device, seq, variant, sha256, size, received) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+        // The key and the record in one statement (one round trip): the record goes in only
+        // when its key did.
+        let insert = format!(
+            "WITH k AS (INSERT INTO {keys} (device, seq, variant, sha256, size, received) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING device, seq, variant) \
+             INSERT INTO {table} (device, seq, variant, time, received, body) \
+             SELECT device, seq, variant, $7, $6, $8 FROM k"
         );
         let select_key =
             format!("SELECT sha256 FROM {keys} WHERE device = $1 AND seq = $2 AND variant = $3");
-        let insert_record = format!(
-            "INSERT INTO {table} (device, seq, variant, time, received, body) \
-             VALUES ($1, $2, $3, $4, $5, $6)"
-        );
-        self.block(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let insert_key = tx.prepare_cached(&insert_key).await.map_err(db)?;
+        in_transaction!(self, |tx| async {
+            let insert = tx.prepare_cached(&insert).await.map_err(db)?;
             let select_key = tx.prepare_cached(&select_key).await.map_err(db)?;
-            let insert_record = tx.prepare_cached(&insert_record).await.map_err(db)?;
             let seq = big(record.seq);
             let size_col = i32::try_from(size).unwrap_or(i32::MAX);
             for variant in 0..i16::from(MAX_VARIANTS) {
                 let taken = tx
                     .execute(
-                        &insert_key,
-                        &[&device, &seq, &variant, &sha, &size_col, &big(received)],
-                    )
-                    .await
-                    .map_err(db)?;
-                if taken == 1 {
-                    tx.execute(
-                        &insert_record,
+                        &insert,
                         &[
                             &device,
                             &seq,
                             &variant,
-                            &big(record.time),
+                            &sha,
+                            &size_col,
                             &big(received),
+                            &big(record.time),
                             &bytes,
                         ],
                     )
                     .await
                     .map_err(db)?;
-                    tx.commit().await.map_err(db)?;
+                if taken == 1 {
                     let put = if variant == 0 {
                         Put::New
                     } else {
@@ -928,9 +1154,82 @@ impl FleetStore for PgStore {
         })
     }
 
+    /// Device messages are committed without waiting for the disk ([`FleetStore::unit`]);
+    /// one synchronous commit after them waits until the log holds all of them.
     fn flush(&self) -> Result<()> {
-        // Every write is a committed transaction by now.
-        Ok(())
+        use std::sync::atomic::Ordering;
+        if !self.unflushed.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let written = self.block(self.execute(
+            "INSERT INTO outpost_flush (id, n, at) VALUES ($1, 1, $2) \
+             ON CONFLICT (id) DO UPDATE SET n = outpost_flush.n + 1, at = $2",
+            &[&self.flush_id, &big(now_secs())],
+        ));
+        if written.is_err() {
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        written.map(|_| ())
+    }
+
+    /// One transaction on one connection for everything `work` writes on this thread,
+    /// committed without waiting for the disk (`synchronous_commit` off: [`Self::flush`]
+    /// makes it durable), or rolled back when `work` returns false or a statement in it
+    /// failed. Day partitions are made before it opens: making one while the unit holds a
+    /// lock on its table would wait for the unit itself.
+    fn unit(&self, work: &mut dyn FnMut() -> bool) -> Result<bool> {
+        let day = now_secs() / DAY;
+        for stream in [Stream::Telemetry, Stream::Events] {
+            self.ensure_partition(tables(stream).0, day);
+            self.ensure_partition(tables(stream).0, day + 1);
+        }
+        if UNIT.with(|unit| unit.borrow().is_some()) {
+            // Nested: part of the unit already open.
+            return Ok(work());
+        }
+        let taken = self
+            .unit_connection
+            .lock()
+            .map_err(|_| FleetError::Corrupt("unit connection lock poisoned".into()))?
+            .take()
+            .filter(|c| !c.client.is_closed());
+        let connection = match taken {
+            Some(connection) => connection,
+            None => self.unit_connection()?,
+        };
+        if let Err(e) = connection
+            .runtime
+            .block_on(connection.client.batch_execute("BEGIN"))
+        {
+            return Err(db(e));
+        }
+        UNIT.with(|unit| {
+            *unit.borrow_mut() = Some(Unit {
+                store: self.address(),
+                connection,
+                failed: false,
+            })
+        });
+        let open = OpenUnit(self.address());
+        let kept = work();
+        let Some(unit) = open.close() else {
+            return Err(FleetError::Corrupt("a unit of writes went missing".into()));
+        };
+        let keep = kept && !unit.failed;
+        let end = if keep { "COMMIT" } else { "ROLLBACK" };
+        let connection = unit.connection;
+        connection
+            .runtime
+            .block_on(connection.client.batch_execute(end))
+            .map_err(db)?;
+        if let Ok(mut slot) = self.unit_connection.lock() {
+            *slot = Some(connection);
+        }
+        if keep {
+            self.unflushed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(keep)
     }
 
     fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()> {
@@ -1034,11 +1333,72 @@ impl FleetStore for PgStore {
     }
 
     fn desired(&self, device: &str) -> Result<Option<DesiredRecord>> {
-        self.block(self.doc("SELECT doc FROM desired WHERE device = $1", &[&device]))
+        reading!(self, |c| async {
+            let statement = c
+                .prepare_cached("SELECT doc FROM desired WHERE device = $1")
+                .await
+                .map_err(db)?;
+            c.query_opt(&statement, &[&device])
+                .await
+                .map_err(db)?
+                .map(|row| {
+                    row.try_get::<_, Json<DesiredRecord>>(0)
+                        .map(|j| j.0)
+                        .map_err(db)
+                })
+                .transpose()
+        })
     }
 
     fn all_desired(&self) -> Result<Vec<DesiredRecord>> {
         self.block(self.docs("SELECT doc FROM desired ORDER BY device", &[]))
+    }
+
+    fn desired_and_enrolled(&self, devices: &[&str]) -> Result<Vec<(Option<DesiredRecord>, bool)>> {
+        self.block(async {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT ds.doc, c.device IS NOT NULL \
+                     FROM unnest($1::text[]) WITH ORDINALITY AS d(id, n) \
+                     LEFT JOIN desired ds ON ds.device = d.id \
+                     LEFT JOIN credentials c ON c.device = d.id \
+                     ORDER BY d.n",
+                )
+                .await
+                .map_err(db)?;
+            client
+                .query(&statement, &[&devices])
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|row| {
+                    let desired = row
+                        .try_get::<_, Option<Json<DesiredRecord>>>(0)
+                        .map_err(db)?
+                        .map(|j| j.0);
+                    Ok((desired, row.try_get::<_, bool>(1).map_err(db)?))
+                })
+                .collect()
+        })
+    }
+
+    fn desired_generations(&self) -> Result<HashMap<String, u64>> {
+        self.block(async {
+            let client = self.client().await?;
+            client
+                .query("SELECT device, generation FROM desired", &[])
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get::<_, String>(0).map_err(db)?,
+                        unbig(row.try_get::<_, i64>(1).map_err(db)?),
+                    ))
+                })
+                .collect()
+        })
     }
 
     fn record_deployment_with(

@@ -276,10 +276,22 @@ fn one_replica_holds_the_publishing_role_and_a_lost_hold_fences_its_writes() {
         "{early:?}"
     );
 
-    assert!(a.try_lead("replica-1").unwrap());
-    assert!(a.try_lead("replica-1").unwrap(), "taking it again keeps it");
-    assert!(!b.try_lead("replica-2").unwrap(), "one holder at a time");
-    assert_eq!(b.leader().unwrap().as_deref(), Some("replica-1"));
+    assert!(a.try_lead("replica-1", Some("http://127.0.0.1:1")).unwrap());
+    assert!(
+        a.try_lead("replica-1", Some("http://127.0.0.1:1")).unwrap(),
+        "taking it again keeps it"
+    );
+    assert!(
+        !b.try_lead("replica-2", None).unwrap(),
+        "one holder at a time"
+    );
+    assert_eq!(
+        b.leader().unwrap(),
+        Some(Leader {
+            replica: "replica-1".into(),
+            api: Some("http://127.0.0.1:1".into())
+        })
+    );
     a.update_desired("d", |_| Ok(desired_for("d", 1))).unwrap();
     let refused = b.update_desired("d", |_| Ok(desired_for("d", 2)));
     assert!(
@@ -296,7 +308,7 @@ fn one_replica_holds_the_publishing_role_and_a_lost_hold_fences_its_writes() {
          WHERE application_name = 'outpost-fleet role'",
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !b.try_lead("replica-2").unwrap() {
+    while !b.try_lead("replica-2", None).unwrap() {
         assert!(std::time::Instant::now() < deadline, "the role never moved");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -316,5 +328,96 @@ fn one_replica_holds_the_publishing_role_and_a_lost_hold_fences_its_writes() {
     })
     .unwrap();
     assert_eq!(a.desired("d").unwrap().unwrap().generation, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_unit_keeps_all_of_a_message_or_none_and_the_flush_makes_it_durable() {
+    let Some(server) = server("unit") else {
+        return;
+    };
+    let url = server.database().unwrap();
+    let dir = artifacts("unit");
+    let pg = PgStore::connect(&url, &dir).unwrap();
+    let store: &dyn FleetStore = &pg;
+    let write = |seq: u64| {
+        store.update_device("a", |d| d.records += 1).unwrap();
+        store
+            .put_record(Stream::Telemetry, "a", &record(seq, seq))
+            .unwrap();
+    };
+
+    // Given up: nothing of it stays.
+    let kept = store
+        .unit(&mut || {
+            write(1);
+            false
+        })
+        .unwrap();
+    assert!(!kept);
+    assert!(store.device("a").unwrap().is_none());
+    assert!(
+        store
+            .records(Stream::Telemetry, Some("a"), None, 10)
+            .unwrap()
+            .is_empty()
+    );
+
+    // A write in it that fails undoes the rest, though the work says keep.
+    let kept = store
+        .unit(&mut || {
+            write(1);
+            let failed = store.update_device("bad\0id", |_| {});
+            assert!(matches!(failed, Err(FleetError::Database(_))), "{failed:?}");
+            true
+        })
+        .unwrap();
+    assert!(!kept);
+    assert!(store.device("a").unwrap().is_none());
+
+    // Kept: seen at once by other connections, and on disk after the flush (the server is
+    // then stopped as a crash would stop it).
+    assert!(
+        store
+            .unit(&mut || {
+                write(1);
+                write(2);
+                true
+            })
+            .unwrap()
+    );
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT (doc->>'records')::bigint FROM devices WHERE id = 'a'"
+        ),
+        2
+    );
+    store.flush().unwrap();
+    server.kill().unwrap();
+    server.start_again().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.check().is_err() {
+        assert!(std::time::Instant::now() < deadline, "never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(store.device("a").unwrap().unwrap().records, 2);
+    let seqs: Vec<u64> = store
+        .records(Stream::Telemetry, Some("a"), None, 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.record.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+
+    // The connections the failed units used went back clean (or not at all): plain writes
+    // outside a unit still commit.
+    for n in 0..(POOL_SIZE as u64 * 2) {
+        store.update_device("b", |d| d.records = n).unwrap();
+    }
+    assert_eq!(
+        store.device("b").unwrap().unwrap().records,
+        POOL_SIZE as u64 * 2 - 1
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

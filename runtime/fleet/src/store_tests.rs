@@ -314,6 +314,70 @@ fn desired_states_ids_meta_and_recent_records(store: &Store) {
     );
 }
 
+/// What a page of the device list and the metrics' census read at once: in the order asked,
+/// unknown devices included, the same as one lookup at a time.
+fn a_page_of_desired_states_and_credentials_in_one_read(store: &Store) {
+    let (a, c) = (DeviceId::new("a").unwrap(), DeviceId::new("c").unwrap());
+    store.update_desired("a", |_| Ok(desired(&a, 3))).unwrap();
+    store.update_desired("c", |_| Ok(desired(&c, 5))).unwrap();
+    let credential = Credential {
+        sha256: "cd".repeat(32),
+        issued_at: 1,
+    };
+    store.put_credential("b", &credential).unwrap();
+    store.put_credential("c", &credential).unwrap();
+    let ids = ["c", "nobody", "a", "b"];
+    let page = store.desired_and_enrolled(&ids).unwrap();
+    let shown: Vec<(Option<u64>, bool)> = page
+        .iter()
+        .map(|(d, enrolled)| (d.as_ref().map(|d| d.generation), *enrolled))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (Some(5), true),
+            (None, false),
+            (Some(3), false),
+            (None, true)
+        ]
+    );
+    for (id, (desired, enrolled)) in ids.iter().zip(page) {
+        assert_eq!(desired, store.desired(id).unwrap(), "{id}");
+        assert_eq!(enrolled, store.is_enrolled(id).unwrap(), "{id}");
+    }
+    assert!(store.desired_and_enrolled(&[]).unwrap().is_empty());
+    let generations = store.desired_generations().unwrap();
+    assert_eq!(generations.len(), 2);
+    assert_eq!((generations["a"], generations["c"]), (3, 5));
+}
+
+/// A unit kept is stored like the writes in it one by one, on either store; reads in it see
+/// its own writes.
+fn a_kept_unit_is_stored(store: &Store) {
+    let kept = store
+        .unit(&mut || {
+            store.update_device("u", |d| d.records = 2).unwrap();
+            assert_eq!(store.device("u").unwrap().unwrap().records, 2);
+            let record = TelemetryRecord {
+                seq: 9,
+                time: 1,
+                body: serde_json::json!({}),
+            };
+            store.put_record(Stream::Telemetry, "u", &record).unwrap() == Put::New
+        })
+        .unwrap();
+    assert!(kept);
+    store.flush().unwrap();
+    assert_eq!(store.device("u").unwrap().unwrap().records, 2);
+    assert_eq!(
+        store
+            .records(Stream::Telemetry, Some("u"), None, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 macro_rules! sled_cases {
     ($($case:ident),* $(,)?) => {
         mod on_sled {
@@ -344,7 +408,7 @@ macro_rules! sled_cases {
                 let store: Store =
                     Box::new(crate::store_pg::PgStore::connect(&url, &dir).unwrap());
                 // Desired-state writes need the publishing role.
-                assert!(store.try_lead("suite").unwrap());
+                assert!(store.try_lead("suite", None).unwrap());
                 $case(&store);
                 drop(store);
                 let _ = std::fs::remove_dir_all(&dir);
@@ -361,4 +425,6 @@ sled_cases!(
     credentials_register_their_device,
     bundles_share_their_artifact_until_the_last_goes,
     desired_states_ids_meta_and_recent_records,
+    a_page_of_desired_states_and_credentials_in_one_read,
+    a_kept_unit_is_stored,
 );

@@ -34,6 +34,7 @@ fn options(dir: &std::path::Path) -> FleetOptions {
         per_device_metrics: false,
         database: None,
         artifacts_dir: None,
+        advertise_url: None,
         http: outpost_fleet::default_http_limits(),
         mqtt_tls: None,
         api_tls: None,
