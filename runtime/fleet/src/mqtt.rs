@@ -29,9 +29,12 @@ use crate::domain::{Fleet, Outbound};
 
 /// Messages handed to the store worker and not yet stored, at most.
 const INGEST_QUEUE: usize = 1024;
-/// Messages received and not yet handed to the store worker, at most, before the loop stops
-/// reading from the broker.
-const WAITING_MAX: usize = 4096;
+/// Bytes of messages received and not yet handed to the store worker, at most, before the
+/// loop stops reading from the broker. Generous: a loop that stops reading stops seeing the
+/// broker's answers to its pings too, and loses the connection after one keepalive; and a
+/// broker does send past its window (Mosquitto resends every retained presence and reported
+/// state when the fleet subscribes again: two messages a device).
+const WAITING_MAX_BYTES: usize = 64 << 20;
 /// Messages stored per flush, at most.
 const INGEST_BATCH: usize = 256;
 /// Desired states and cleared messages waiting for room in the MQTT queue, at most.
@@ -108,6 +111,27 @@ fn store_batch(
     batch: Vec<Publish>,
     stored: &mpsc::UnboundedSender<Vec<Publish>>,
 ) -> Option<Vec<Publish>> {
+    // The whole batch as one unit where the store has them (a database: one transaction, a
+    // round trip or two a message); else, or when that fails, one message at a time.
+    let mut ids: Vec<String> = batch
+        .iter()
+        .filter_map(|m| Topics::parse(&m.topic).map(|(id, _)| id.as_str().to_owned()))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let devices: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let all = fleet
+        .store
+        .unit_of_many(&devices, batch.len(), &mut |i| {
+            fleet.ingest(&batch[i].topic, &batch[i].payload)
+        })
+        .unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "a batch's unit failed; storing its messages one at a time");
+            false
+        });
+    if all {
+        return Some(batch);
+    }
     let mut done = Vec::with_capacity(batch.len());
     let mut pending: VecDeque<Publish> = batch.into();
     let mut pause = STORE_RETRY_FIRST;
@@ -170,12 +194,14 @@ pub async fn run(
     let mut backlog: VecDeque<Outbound> = VecDeque::new();
     // Messages stored and not yet acknowledged (the request queue was full).
     let mut acks: VecDeque<Publish> = VecDeque::new();
-    // Messages the worker had no room for yet, in arrival order. The broker sends no more
-    // than its window of unacknowledged messages (the fleet acknowledges only what it
-    // stored), so this stays small; the connection is still served meanwhile (pings,
-    // acknowledgements, publishes), so a slow store never looks like a dead fleet to the
-    // broker. Past WAITING_MAX (a broker that ignores its window) nothing more is read.
+    // Messages the worker had no room for yet, in arrival order. The broker sends new
+    // messages within its window of unacknowledged ones (the fleet acknowledges only what it
+    // stored), but not the retained ones it sends on a subscription; the connection is still
+    // served meanwhile (pings, acknowledgements, publishes), so a slow store never looks like
+    // a dead fleet to the broker. Past WAITING_MAX_BYTES nothing more is read.
     let mut waiting: VecDeque<Publish> = VecDeque::new();
+    let mut waiting_bytes = 0usize;
+    let size = |m: &Publish| m.topic.len() + m.payload.len();
     loop {
         tokio::select! {
             biased;
@@ -185,10 +211,11 @@ pub async fn run(
             }
             permit = ingest_tx.reserve(), if !waiting.is_empty() => {
                 if let (Ok(permit), Some(message)) = (permit, waiting.pop_front()) {
+                    waiting_bytes = waiting_bytes.saturating_sub(size(&message));
                     permit.send(message);
                 }
             }
-            event = mqtt.next(), if waiting.len() < WAITING_MAX => match event {
+            event = mqtt.next(), if waiting_bytes < WAITING_MAX_BYTES => match event {
                 SessionEvent::Connected => {
                     tracing::info!("fleet connected to the broker");
                     fleet.metrics.broker_connected.store(true, Ordering::Relaxed);
@@ -231,11 +258,15 @@ pub async fn run(
                     // acknowledged, and the broker delivers it again.
                     if !waiting.is_empty() {
                         // Behind others: order is kept.
+                        waiting_bytes += size(&message);
                         waiting.push_back(message);
                     } else {
                         match ingest_tx.try_send(message) {
                             Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(message)) => waiting.push_back(message),
+                            Err(mpsc::error::TrySendError::Full(message)) => {
+                                waiting_bytes += size(&message);
+                                waiting.push_back(message);
+                            }
                             Err(mpsc::error::TrySendError::Closed(_)) => {
                                 tracing::error!("the store worker stopped");
                                 break;
@@ -255,6 +286,7 @@ pub async fn run(
                     // The broker delivers what was not acknowledged again, on the next
                     // connection; acknowledging these there would name other messages.
                     waiting.clear();
+                    waiting_bytes = 0;
                     acks.clear();
                 }
             },

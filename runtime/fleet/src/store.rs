@@ -156,6 +156,21 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     fn unit(&self, work: &mut dyn FnMut() -> bool) -> Result<bool> {
         Ok(work())
     }
+    /// Runs `work(0)`, `work(1)`, … `work(n - 1)` (the messages of one batch, which write the
+    /// records of `devices`) as one unit where the store has units: kept only if every one
+    /// returned true and nothing in it failed, else none of it is; returns whether it was
+    /// kept. A store without units runs none of them and returns false: the caller then
+    /// stores them one at a time. After a unit not kept, so does the caller, running the
+    /// work again: what it counts in memory (metrics) counts such a batch twice.
+    fn unit_of_many(
+        &self,
+        devices: &[&str],
+        n: usize,
+        work: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<bool> {
+        let _ = (devices, n, work);
+        Ok(false)
+    }
     /// Adds a bundle file to the artifact store (idempotent) and records it.
     fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()>;
     /// Removes a bundle record, and its artifact file unless another record has the same

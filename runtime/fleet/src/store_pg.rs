@@ -138,6 +138,9 @@ struct Unit {
     store: usize,
     connection: UnitConnection,
     failed: bool,
+    /// Device records the unit holds the row lock of, as the unit left them: read again and
+    /// written by the unit only, until it ends.
+    devices: HashMap<String, DeviceRecord>,
 }
 
 thread_local! {
@@ -232,6 +235,77 @@ macro_rules! reading {
             }),
         }
     }};
+}
+
+/// A device's record in a unit: under its row lock, taken on the first read.
+fn device_in(unit: &mut Unit, id: &str) -> Result<Option<DeviceRecord>> {
+    if let Some(record) = unit.devices.get(id) {
+        return Ok(Some(record.clone()));
+    }
+    let connection = &unit.connection;
+    let record = connection.runtime.block_on(async {
+        let c = UnitClient(connection);
+        let select = c
+            .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
+            .await
+            .map_err(db)?;
+        c.query_opt(&select, &[&id])
+            .await
+            .map_err(db)?
+            .map(|row| {
+                row.try_get::<_, Json<DeviceRecord>>(0)
+                    .map(|j| j.0)
+                    .map_err(db)
+            })
+            .transpose()
+    })?;
+    if let Some(record) = &record {
+        unit.devices.insert(id.to_owned(), record.clone());
+    }
+    Ok(record)
+}
+
+/// [`PgStore::change_device`] in a unit: the record read once (or made), written at each
+/// change.
+fn change_device_in(
+    unit: &mut Unit,
+    id: &str,
+    create: bool,
+    change: &mut dyn FnMut(&mut DeviceRecord),
+) -> Result<Option<DeviceRecord>> {
+    let mut record = device_in(unit, id)?;
+    let connection = &unit.connection;
+    if record.is_none() && create {
+        record = connection.runtime.block_on(async {
+            let c = UnitClient(connection);
+            let insert = c
+                .prepare_cached(
+                    "INSERT INTO devices (id, doc) VALUES ($1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET doc = devices.doc RETURNING doc",
+                )
+                .await
+                .map_err(db)?;
+            let row = c
+                .query_one(&insert, &[&id, &Json(new_device(id))])
+                .await
+                .map_err(db)?;
+            Ok::<_, FleetError>(Some(row.try_get::<_, Json<DeviceRecord>>(0).map_err(db)?.0))
+        })?;
+    }
+    let Some(mut record) = record else {
+        return Ok(None);
+    };
+    change(&mut record);
+    connection.runtime.block_on(async {
+        let c = UnitClient(connection);
+        let update = c
+            .prepare_cached("UPDATE devices SET doc = $2 WHERE id = $1")
+            .await
+            .map_err(db)?;
+        c.execute(&update, &[&id, &Json(&record)]).await.map_err(db)
+    })?;
+    unit.devices.insert(id.to_owned(), record.clone());
+    Ok(Some(record))
 }
 
 /// Wakes the thread that blocks on a future.
@@ -565,6 +639,14 @@ impl PgStore {
         create: bool,
         change: &mut dyn FnMut(&mut DeviceRecord),
     ) -> Result<Option<DeviceRecord>> {
+        if let Some(mut unit) = self.take_unit() {
+            let out = change_device_in(&mut unit, id, create, change);
+            if out.is_err() {
+                unit.failed = true;
+            }
+            self.give_back(unit);
+            return out;
+        }
         in_transaction!(self, |c| async {
             let select = c
                 .prepare_cached("SELECT doc FROM devices WHERE id = $1 FOR UPDATE")
@@ -940,6 +1022,14 @@ impl FleetStore for PgStore {
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        if let Some(mut unit) = self.take_unit() {
+            let out = device_in(&mut unit, id);
+            if out.is_err() {
+                unit.failed = true;
+            }
+            self.give_back(unit);
+            return out;
+        }
         reading!(self, |c| async {
             let statement = c
                 .prepare_cached("SELECT doc FROM devices WHERE id = $1")
@@ -1178,58 +1268,19 @@ impl FleetStore for PgStore {
     /// failed. Day partitions are made before it opens: making one while the unit holds a
     /// lock on its table would wait for the unit itself.
     fn unit(&self, work: &mut dyn FnMut() -> bool) -> Result<bool> {
-        let day = now_secs() / DAY;
-        for stream in [Stream::Telemetry, Stream::Events] {
-            self.ensure_partition(tables(stream).0, day);
-            self.ensure_partition(tables(stream).0, day + 1);
-        }
-        if UNIT.with(|unit| unit.borrow().is_some()) {
-            // Nested: part of the unit already open.
-            return Ok(work());
-        }
-        let taken = self
-            .unit_connection
-            .lock()
-            .map_err(|_| FleetError::Corrupt("unit connection lock poisoned".into()))?
-            .take()
-            .filter(|c| !c.client.is_closed());
-        let connection = match taken {
-            Some(connection) => connection,
-            None => self.unit_connection()?,
-        };
-        if let Err(e) = connection
-            .runtime
-            .block_on(connection.client.batch_execute("BEGIN"))
-        {
-            return Err(db(e));
-        }
-        UNIT.with(|unit| {
-            *unit.borrow_mut() = Some(Unit {
-                store: self.address(),
-                connection,
-                failed: false,
-            })
-        });
-        let open = OpenUnit(self.address());
-        let kept = work();
-        let Some(unit) = open.close() else {
-            return Err(FleetError::Corrupt("a unit of writes went missing".into()));
-        };
-        let keep = kept && !unit.failed;
-        let end = if keep { "COMMIT" } else { "ROLLBACK" };
-        let connection = unit.connection;
-        connection
-            .runtime
-            .block_on(connection.client.batch_execute(end))
-            .map_err(db)?;
-        if let Ok(mut slot) = self.unit_connection.lock() {
-            *slot = Some(connection);
-        }
-        if keep {
-            self.unflushed
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        Ok(keep)
+        self.unit_locking(&[], work)
+    }
+
+    /// All of the batch in one unit, its devices' rows locked first, in one order (by id):
+    /// two replicas storing messages of the same devices then wait for each other, never
+    /// deadlock; and the unit reads each record once.
+    fn unit_of_many(
+        &self,
+        devices: &[&str],
+        n: usize,
+        work: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<bool> {
+        self.unit_locking(devices, &mut || (0..n).all(&mut *work))
     }
 
     fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()> {
@@ -1533,6 +1584,91 @@ impl FleetStore for PgStore {
 
     fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
         self.block(self.docs("SELECT doc FROM deployments ORDER BY id", &[]))
+    }
+}
+
+impl PgStore {
+    /// [`FleetStore::unit`], with the rows of `devices` locked (and read) first.
+    fn unit_locking(&self, devices: &[&str], work: &mut dyn FnMut() -> bool) -> Result<bool> {
+        let day = now_secs() / DAY;
+        for stream in [Stream::Telemetry, Stream::Events] {
+            self.ensure_partition(tables(stream).0, day);
+            self.ensure_partition(tables(stream).0, day + 1);
+        }
+        if UNIT.with(|unit| unit.borrow().is_some()) {
+            // Nested: part of the unit already open.
+            return Ok(work());
+        }
+        let taken = self
+            .unit_connection
+            .lock()
+            .map_err(|_| FleetError::Corrupt("unit connection lock poisoned".into()))?
+            .take()
+            .filter(|c| !c.client.is_closed());
+        let connection = match taken {
+            Some(connection) => connection,
+            None => self.unit_connection()?,
+        };
+        let locked = connection.runtime.block_on(async {
+            connection.client.batch_execute("BEGIN").await.map_err(db)?;
+            let mut locked = HashMap::new();
+            if devices.is_empty() {
+                return Ok::<_, FleetError>(locked);
+            }
+            let lock = UnitClient(&connection)
+                .prepare_cached(
+                    "SELECT id, doc FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                )
+                .await
+                .map_err(db)?;
+            for row in connection
+                .client
+                .query(&lock, &[&devices])
+                .await
+                .map_err(db)?
+            {
+                let id: String = row.try_get(0).map_err(db)?;
+                let doc = row.try_get::<_, Json<DeviceRecord>>(1).map_err(db)?.0;
+                locked.insert(id, doc);
+            }
+            Ok(locked)
+        });
+        let locked = match locked {
+            Ok(locked) => locked,
+            Err(e) => {
+                // Its transaction ends with it.
+                drop(connection);
+                return Err(e);
+            }
+        };
+        UNIT.with(|unit| {
+            *unit.borrow_mut() = Some(Unit {
+                store: self.address(),
+                connection,
+                failed: false,
+                devices: locked,
+            })
+        });
+        let open = OpenUnit(self.address());
+        let kept = work();
+        let Some(unit) = open.close() else {
+            return Err(FleetError::Corrupt("a unit of writes went missing".into()));
+        };
+        let keep = kept && !unit.failed;
+        let end = if keep { "COMMIT" } else { "ROLLBACK" };
+        let connection = unit.connection;
+        connection
+            .runtime
+            .block_on(connection.client.batch_execute(end))
+            .map_err(db)?;
+        if let Ok(mut slot) = self.unit_connection.lock() {
+            *slot = Some(connection);
+        }
+        if keep {
+            self.unflushed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(keep)
     }
 }
 

@@ -421,3 +421,69 @@ fn a_unit_keeps_all_of_a_message_or_none_and_the_flush_makes_it_durable() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_batch_is_one_unit_and_two_replicas_on_the_same_devices_never_deadlock() {
+    let Some(server) = server("batch-unit") else {
+        return;
+    };
+    let url = server.database().unwrap();
+    let dir = artifacts("batch-unit");
+    let one = PgStore::connect(&url, &dir).unwrap();
+    let two = PgStore::connect(&url, &dir).unwrap();
+    for store in [&one as &dyn FleetStore, &two] {
+        store.update_device("a", |_| {}).unwrap();
+        store.update_device("b", |_| {}).unwrap();
+    }
+
+    // One message of the batch failing undoes the whole batch.
+    let store: &dyn FleetStore = &one;
+    let kept = store
+        .unit_of_many(&["a", "b"], 3, &mut |i| {
+            store.update_device("a", |d| d.records += 1).unwrap();
+            i != 2
+        })
+        .unwrap();
+    assert!(!kept);
+    assert_eq!(store.device("a").unwrap().unwrap().records, 0);
+
+    // Kept: every message's writes, the record read once and changed by each.
+    let kept = store
+        .unit_of_many(&["a", "b"], 3, &mut |_| {
+            store.update_device("a", |d| d.records += 1).unwrap();
+            store
+                .update_device("new", |d| d.duplicates += 1)
+                .unwrap()
+                .duplicates
+                >= 1
+        })
+        .unwrap();
+    assert!(kept);
+    assert_eq!(store.device("a").unwrap().unwrap().records, 3);
+    assert_eq!(store.device("new").unwrap().unwrap().duplicates, 3);
+
+    // Two replicas writing a and b in opposite orders: the rows are locked up front, in one
+    // order, so the second waits for the first instead of the two deadlocking (which
+    // PostgreSQL would end by failing one of them after a second).
+    let barrier = std::sync::Barrier::new(2);
+    let run = |store: &PgStore, first: &str, second: &str| {
+        let store: &dyn FleetStore = store;
+        barrier.wait();
+        store.unit_of_many(&["a", "b"], 1, &mut |_| {
+            store.update_device(first, |d| d.records += 10).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            store.update_device(second, |d| d.records += 10).unwrap();
+            true
+        })
+    };
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| run(&one, "a", "b"));
+        let y = s.spawn(|| run(&two, "b", "a"));
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    assert!(x.unwrap() && y.unwrap(), "both batches kept");
+    let store: &dyn FleetStore = &one;
+    assert_eq!(store.device("a").unwrap().unwrap().records, 23);
+    assert_eq!(store.device("b").unwrap().unwrap().records, 20);
+    let _ = std::fs::remove_dir_all(&dir);
+}
