@@ -432,3 +432,65 @@ fn the_publishing_role_moves_when_its_replica_is_killed_mid_deployment() {
     let _ = sim.kill();
     let _ = sim.wait();
 }
+
+#[test]
+fn tls_to_the_database_is_verified_when_its_url_asks_for_it() {
+    let Some(pg) = Postgres::start_or_skip("TLS to the database") else {
+        return;
+    };
+    let d = bed("pg-tls");
+    let dir = &d.0;
+    let (ca, cert, key) = tls_files(dir, "pg");
+    let database = pg.database().unwrap();
+    pg.require_tls(&cert, &key).unwrap();
+    let serve = |url: &str, data: &str| {
+        fails(
+            dir,
+            &[
+                "fleet",
+                "serve",
+                "--database",
+                url,
+                "--data-dir",
+                data,
+                "--listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+            ],
+        )
+    };
+
+    // Plain, to a server that takes TLS only: its refusal, by name.
+    let out = serve(&database, "plain-data");
+    assert!(
+        out.contains("cannot use the postgres") && out.contains("no encryption"),
+        "{out}"
+    );
+    // TLS to a certificate no system CA signed: refused, saying why.
+    let out = serve(&format!("{database}?sslmode=require"), "untrusted-data");
+    assert!(out.contains("UnknownIssuer"), "{out}");
+    // A CA file that is not there.
+    let out = serve(
+        &format!("{database}?sslmode=require&sslrootcert=missing.pem"),
+        "missing-data",
+    );
+    assert!(
+        out.contains("TLS to the database (sslrootcert missing.pem)"),
+        "{out}"
+    );
+
+    // With the CA that signed it: the fleet serves, every connection over TLS (the server
+    // refuses any other), ingestion included.
+    let url = format!("{database}?sslmode=require&sslrootcert={}", ca.display());
+    let fleet = Fleet::launch(dir, &["--database", &url]);
+    let (status, info) = get_json(&format!("{}/api/v1/fleet", fleet.api));
+    assert_eq!(status, 200, "{info}");
+    assert!(info["store"].as_str().unwrap().ends_with("(TLS)"), "{info}");
+    let _device = Device::start(dir, &device_config(dir, "dev-a", &fleet.broker, &[]));
+    online(&fleet, &["dev-a"]);
+    eventually(secs(60), "telemetry stored over TLS", || {
+        (seqs(&fleet, "dev-a").len() >= 5).then_some(())
+    });
+    assert!(publishing(&fleet), "the role's own connection is TLS too");
+}

@@ -24,6 +24,7 @@ pub mod rollout;
 pub mod rules;
 pub mod store;
 pub mod store_pg;
+mod store_pg_tls;
 mod tls_listener;
 
 use std::future::Future;

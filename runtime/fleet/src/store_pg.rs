@@ -31,7 +31,8 @@ use std::time::Duration;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use outpost_proto::{DeviceId, TelemetryRecord};
 use sha2::Digest;
-use tokio_postgres::NoTls;
+
+use crate::store_pg_tls::{DatabaseTls, RustlsConnect};
 use tokio_postgres::types::Json;
 
 use crate::error::{FleetError, Result};
@@ -71,8 +72,20 @@ const POOL_SIZE: usize = 8;
 /// How long a call waits for a connection, or to make one.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn db(e: impl std::fmt::Display) -> FleetError {
-    FleetError::Database(e.to_string())
+/// A driver or pool error, with its causes (the driver's "error performing TLS handshake"
+/// says why only in its source).
+fn db(e: impl std::error::Error) -> FleetError {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    FleetError::Database(message)
 }
 
 /// u64 to bigint (saturating: every stored value fits in practice).
@@ -333,6 +346,8 @@ pub struct PgStore {
     partitions: Mutex<HashSet<(&'static str, u64)>>,
     /// Where to connect the publishing role's own connection.
     config: tokio_postgres::Config,
+    /// TLS to the database, when its URL asks for it.
+    tls: RustlsConnect,
     /// The connection holding the publishing role's lock, while this process holds it.
     role: Mutex<Option<tokio_postgres::Client>>,
     /// The role's epoch this process took (0: it does not hold the role).
@@ -393,7 +408,10 @@ impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL or a libpq key=value string),
     /// applies the migrations it lacks, and keeps bundle files in `artifacts`.
     pub fn connect(url: &str, artifacts: &Path) -> Result<Self> {
-        let mut config: tokio_postgres::Config = url
+        let tls = DatabaseTls::parse(url);
+        let connector = tls.connector()?;
+        let mut config: tokio_postgres::Config = tls
+            .url
             .parse()
             .map_err(|e| FleetError::Config(format!("the database URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
@@ -406,7 +424,14 @@ impl PgStore {
             // Not a notice per `CREATE … IF NOT EXISTS` in the fleet's log.
             config.options("-c client_min_messages=warning");
         }
-        let shown = shown(&config);
+        if !tls.wanted {
+            // The driver's default is `prefer`; without `sslmode` the connection stays plain.
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        let mut shown = shown(&config);
+        if tls.wanted {
+            shown.push_str(" (TLS)");
+        }
         std::fs::create_dir_all(artifacts)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -415,7 +440,7 @@ impl PgStore {
             .build()?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -435,6 +460,7 @@ impl PgStore {
             shown,
             partitions: Mutex::new(HashSet::new()),
             config,
+            tls: connector,
             role: Mutex::new(None),
             epoch: std::sync::atomic::AtomicI64::new(0),
             flush_id: 0,
@@ -515,7 +541,7 @@ impl PgStore {
                 }
                 tx.batch_execute(sql)
                     .await
-                    .map_err(|e| db(format!("migration {version}: {e}")))?;
+                    .map_err(|e| FleetError::Database(format!("migration {version}: {e}")))?;
                 tx.execute(
                     "INSERT INTO outpost_migrations (version, applied_at) VALUES ($1, $2)",
                     &[version, &big(now_secs())],
@@ -711,7 +737,7 @@ impl PgStore {
         let mut config = self.config.clone();
         config.application_name("outpost-fleet ingest");
         let client = runtime.block_on(async {
-            let (client, connection) = config.connect(NoTls).await.map_err(db)?;
+            let (client, connection) = config.connect(self.tls.clone()).await.map_err(db)?;
             // Polled whenever the unit's thread blocks on this runtime.
             tokio::spawn(async move {
                 let _ = connection.await;
@@ -842,7 +868,7 @@ impl FleetStore for PgStore {
             .keepalives_retries(2)
             .application_name("outpost-fleet role");
         self.block(async {
-            let (client, connection) = config.connect(NoTls).await.map_err(db)?;
+            let (client, connection) = config.connect(self.tls.clone()).await.map_err(db)?;
             tokio::spawn(async move {
                 let _ = connection.await;
             });

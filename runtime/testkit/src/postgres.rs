@@ -205,6 +205,33 @@ impl Postgres {
         .map(|_| ())
     }
 
+    /// Restarts the server speaking TLS with `cert` and `key` (PEM), and refusing every
+    /// connection that does not.
+    pub fn require_tls(&self, cert: &Path, key: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.join("data");
+        for (from, to, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+            let target = data.join(to);
+            std::fs::copy(from, &target).map_err(|e| format!("{}: {e}", from.display()))?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| e.to_string())?;
+            if let Some((uid, gid)) = self.user {
+                std::os::unix::fs::chown(&target, Some(uid), Some(gid))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(|e| e.to_string())?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).map_err(|e| e.to_string())?;
+        std::fs::write(&hba, format!("hostnossl all all all reject\n{rules}"))
+            .map_err(|e| e.to_string())?;
+        self.kill()?;
+        self.start_again()
+    }
+
     /// Starts the server again on the same port and data.
     pub fn start_again(&self) -> Result<(), String> {
         let options = format!(
