@@ -228,6 +228,28 @@ fn bad_pushes_and_deploys_get_clear_errors_and_artifacts_honour_range() {
     );
     // Deploying what was never pushed, to nobody, or with a malformed target.
     assert!(fail(&["fleet", "deploy", "digits@1.0.0", "--device", "x"]).contains("push it first"));
+    // A malformed query string: a 400 in the API's JSON shape, saying what was wrong.
+    for path in [
+        "devices?limit=many",
+        "telemetry?after=yesterday",
+        "firings?limit=-1",
+    ] {
+        let (status, body) = get_json(&format!("{}/api/v1/{path}", fleet.api));
+        assert_eq!(status, 400, "{path}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("invalid digit"), "{path}: {body}");
+    }
+    // And on a device's admin API.
+    admin_device_config(dir);
+    let (_device, admin) = start_admin_device(dir);
+    let refused = outpost_testkit::admin("GET", &format!("{admin}/admin/events?limit=all"), b"");
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("query: ")),
+        "{refused:?}"
+    );
     fleet.cli(dir, &["fleet", "push", "digits-1.0.0.opb"]);
     assert!(fail(&["fleet", "deploy", "digits@1.0.0"]).contains("no target devices"));
     assert!(

@@ -72,6 +72,15 @@ fn host_error(e: HostError) -> Response {
     error(status, e)
 }
 
+type QueryOf<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+/// The query, or what was wrong with it for a 400 in the API's JSON error shape (axum's own
+/// rejection is plain text).
+fn query_of<T>(q: QueryOf<T>) -> Result<T, String> {
+    q.map(|Query(q)| q)
+        .map_err(|e| format!("query: {}", e.body_text()))
+}
+
 /// The `Content-Length` a request declares, if it declares one.
 pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -327,8 +336,12 @@ struct BundleQuery {
 async fn admin_bundle(
     State(ctx): State<Ctx>,
     Path(name): Path<String>,
-    Query(q): Query<BundleQuery>,
+    q: QueryOf<BundleQuery>,
 ) -> Response {
+    let q = match query_of(q) {
+        Ok(q) => q,
+        Err(refused) => return error(StatusCode::BAD_REQUEST, refused),
+    };
     match ctx.device.state().bundle_of(&name, q.version.as_deref()) {
         Ok((record, bytes)) => {
             let version = HeaderValue::from_str(&record.version)
@@ -360,10 +373,14 @@ struct InstallQuery {
 
 async fn admin_install(
     State(ctx): State<Ctx>,
-    Query(q): Query<InstallQuery>,
+    q: QueryOf<InstallQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let q = match query_of(q) {
+        Ok(q) => q,
+        Err(refused) => return error(StatusCode::BAD_REQUEST, refused),
+    };
     let bytes = match read_body(&headers, body, ctx.limits.max_bundle_bytes).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -440,10 +457,11 @@ async fn admin_set_policy(
 }
 
 /// `GET /admin/events?limit=N`: what the device decided by itself, oldest first.
-async fn admin_events(
-    State(ctx): State<Ctx>,
-    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
-) -> Response {
+async fn admin_events(State(ctx): State<Ctx>, q: QueryOf<EventsQuery>) -> Response {
+    let q = match query_of(q) {
+        Ok(q) => q,
+        Err(refused) => return error(StatusCode::BAD_REQUEST, refused),
+    };
     let limit = q.limit.unwrap_or(100).min(crate::state::MAX_EVENTS);
     match ctx.device.events(limit) {
         Ok(events) => axum::Json(json!({ "events": events })).into_response(),

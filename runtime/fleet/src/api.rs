@@ -201,8 +201,9 @@ fn view_with(
 
 async fn devices(
     State(fleet): Shared,
-    Query(query): Query<DeviceQuery>,
+    query: QueryOf<DeviceQuery>,
 ) -> Result<Response, FleetError> {
+    let query = query_of(query, "the device list")?;
     if query.limit == Some(0) || query.limit.is_some_and(|l| l > MAX_DEVICE_PAGE) {
         return Err(FleetError::BadRequest(format!(
             "limit must be 1 to {MAX_DEVICE_PAGE}"
@@ -416,19 +417,26 @@ async fn rollout_op(
 
 async fn telemetry(
     State(fleet): Shared,
-    Query(q): Query<RecordQuery>,
+    q: QueryOf<RecordQuery>,
 ) -> Result<impl IntoResponse, FleetError> {
-    records(&fleet, Stream::Telemetry, q)
+    records(&fleet, Stream::Telemetry, query_of(q, "telemetry")?)
 }
 
 async fn events(
     State(fleet): Shared,
-    Query(q): Query<RecordQuery>,
+    q: QueryOf<RecordQuery>,
 ) -> Result<impl IntoResponse, FleetError> {
-    records(&fleet, Stream::Events, q)
+    records(&fleet, Stream::Events, query_of(q, "events")?)
 }
 
 type QueryOf<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+/// The query, or a 400 in the API's JSON shape that says what was wrong with it (axum's own
+/// rejection is plain text).
+fn query_of<T>(q: QueryOf<T>, what: &str) -> Result<T, FleetError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| FleetError::BadRequest(format!("{what}: {}", e.body_text())))
+}
 
 /// Runs `answer` on the query off the async threads; a malformed query is a 400 that says
 /// what `what` expects.
@@ -441,7 +449,7 @@ async fn monitor<Q, T: serde::Serialize + Send + 'static>(
 where
     Q: Send + 'static,
 {
-    let Query(q) = q.map_err(|e| FleetError::BadRequest(format!("{what}: {e}")))?;
+    let q = query_of(q, what)?;
     let answer = tokio::task::spawn_blocking(move || answer(&fleet, q))
         .await
         .map_err(|e| FleetError::Io(std::io::Error::other(e.to_string())))??;
@@ -555,8 +563,9 @@ struct FiringsQuery {
 /// `GET /api/v1/firings[?limit=N]`: the newest rule firings with their delivery attempts.
 async fn firings(
     State(fleet): Shared,
-    Query(q): Query<FiringsQuery>,
+    q: QueryOf<FiringsQuery>,
 ) -> Result<impl IntoResponse, FleetError> {
+    let q = query_of(q, "firings")?;
     Ok(Json(
         fleet.store.firings(q.limit.unwrap_or(100).min(10_000))?,
     ))
