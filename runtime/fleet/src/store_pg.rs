@@ -193,23 +193,25 @@ impl Drop for OpenUnit {
     }
 }
 
-/// Runs `$body`, an async block whose statements go to `$c`, in this thread's unit when one
-/// is open (on the unit's connection and runtime), else in a transaction of its own on a
-/// pooled connection, committed at the end.
+/// Runs `$body`, an async block whose statements go to `$c`, on this thread's unit (its
+/// connection and runtime) when one is open: `Some` of its result, else `None`.
+macro_rules! on_unit {
+    ($store:expr, |$c:ident| $body:expr) => {
+        $store.in_unit(|unit| {
+            unit.connection.runtime.block_on(async {
+                let $c = &UnitClient(&unit.connection);
+                $body.await
+            })
+        })
+    };
+}
+
+/// Runs `$body` on this thread's unit when one is open, else in a transaction of its own on
+/// a pooled connection, committed at the end.
 macro_rules! in_transaction {
     ($store:expr, |$c:ident| $body:expr) => {{
-        match $store.take_unit() {
-            Some(mut unit) => {
-                let out: Result<_> = unit.connection.runtime.block_on(async {
-                    let $c = &UnitClient(&unit.connection);
-                    $body.await
-                });
-                if out.is_err() {
-                    unit.failed = true;
-                }
-                $store.give_back(unit);
-                out
-            }
+        match on_unit!($store, |$c| $body) {
+            Some(out) => out,
             None => $store.block(async {
                 let mut client = $store.client().await?;
                 let tx = client.transaction().await.map_err(db)?;
@@ -225,22 +227,12 @@ macro_rules! in_transaction {
     }};
 }
 
-/// Runs `$body`, an async block whose statements go to `$c`, in this thread's unit when one
-/// is open (it then sees the unit's own writes), else on a pooled connection.
+/// Runs `$body` on this thread's unit when one is open (it then sees the unit's own
+/// writes), else on a pooled connection.
 macro_rules! reading {
     ($store:expr, |$c:ident| $body:expr) => {{
-        match $store.take_unit() {
-            Some(mut unit) => {
-                let out: Result<_> = unit.connection.runtime.block_on(async {
-                    let $c = &UnitClient(&unit.connection);
-                    $body.await
-                });
-                if out.is_err() {
-                    unit.failed = true;
-                }
-                $store.give_back(unit);
-                out
-            }
+        match on_unit!($store, |$c| $body) {
+            Some(out) => out,
             None => $store.block(async {
                 let client = $store.client().await?;
                 let $c = &client;
@@ -665,12 +657,7 @@ impl PgStore {
         create: bool,
         change: &mut dyn FnMut(&mut DeviceRecord),
     ) -> Result<Option<DeviceRecord>> {
-        if let Some(mut unit) = self.take_unit() {
-            let out = change_device_in(&mut unit, id, create, change);
-            if out.is_err() {
-                unit.failed = true;
-            }
-            self.give_back(unit);
+        if let Some(out) = self.in_unit(|unit| change_device_in(unit, id, create, change)) {
             return out;
         }
         in_transaction!(self, |c| async {
@@ -712,21 +699,23 @@ impl PgStore {
         std::ptr::from_ref(self) as usize
     }
 
-    /// This thread's open unit of this store, taken out for one call.
-    fn take_unit(&self) -> Option<Unit> {
-        UNIT.with(|unit| {
+    /// Runs `call` on this thread's open unit of this store, if there is one (marking the unit
+    /// failed when the call fails, so that it is rolled back).
+    fn in_unit<T>(&self, call: impl FnOnce(&mut Unit) -> Result<T>) -> Option<Result<T>> {
+        let mut unit = UNIT.with(|unit| {
             let mut unit = unit.borrow_mut();
             if unit.as_ref().is_some_and(|u| u.store == self.address()) {
                 unit.take()
             } else {
                 None
             }
-        })
-    }
-
-    /// Puts back what [`Self::take_unit`] took.
-    fn give_back(&self, unit: Unit) {
+        })?;
+        let out = call(&mut unit);
+        if out.is_err() {
+            unit.failed = true;
+        }
         UNIT.with(|slot| *slot.borrow_mut() = Some(unit));
+        Some(out)
     }
 
     /// A new connection for units, on a runtime of its own.
@@ -1048,12 +1037,7 @@ impl FleetStore for PgStore {
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
-        if let Some(mut unit) = self.take_unit() {
-            let out = device_in(&mut unit, id);
-            if out.is_err() {
-                unit.failed = true;
-            }
-            self.give_back(unit);
+        if let Some(out) = self.in_unit(|unit| device_in(unit, id)) {
             return out;
         }
         reading!(self, |c| async {
