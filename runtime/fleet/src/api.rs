@@ -269,11 +269,7 @@ fn device_page(
             fleet.store.desired_and_enrolled(&ids)?
         };
         for (record, (desired, enrolled)) in chunk.into_iter().zip(extra) {
-            let enrolled = enrolled
-                || fleet
-                    .logins
-                    .as_ref()
-                    .is_some_and(|l| l.contains(&record.id));
+            let enrolled = enrolled || fleet.has_login(&record.id);
             let view = view_with(record, desired, enrolled);
             if query.in_sync.is_some_and(|want| view.in_sync != want) {
                 continue;

@@ -33,8 +33,13 @@ impl Fleet {
 
     /// Whether `device` holds credentials: enrolled, or a login in the broker's login file.
     pub fn is_enrolled(&self, device: &str) -> bool {
+        self.has_login(device) || self.store.is_enrolled(device).unwrap_or(false)
+    }
+
+    /// Whether the embedded broker's login table has `device` (from `--mqtt-logins` or an
+    /// enrolment).
+    pub(crate) fn has_login(&self, device: &str) -> bool {
         self.logins.as_ref().is_some_and(|l| l.contains(device))
-            || self.store.is_enrolled(device).unwrap_or(false)
     }
 
     /// Issues `device` new broker credentials, registering it; earlier ones stop working at

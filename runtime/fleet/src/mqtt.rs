@@ -10,11 +10,11 @@
 //! The store is written on a blocking worker, never on the MQTT loop: the loop hands messages
 //! over a bounded channel (holding, in order, what does not fit while the worker is behind,
 //! and still serving the connection: pings, acknowledgements, publishes), the worker stores
-//! whatever has queued up (each message one unit of the store: on a database, one
-//! transaction that does not wait for the disk), flushes once (one wait for the disk), and
-//! returns the messages it stored; only then does the loop acknowledge them, in the order
-//! they arrived. The broker sends no more than its window of unacknowledged messages, which
-//! bounds what the loop holds.
+//! whatever has queued up (the whole batch one unit of the store: on a database, one
+//! transaction that does not wait for the disk; one message at a time if that fails),
+//! flushes once (one wait for the disk), and returns the messages it stored; only then does
+//! the loop acknowledge them, in the order they arrived. The broker's window of
+//! unacknowledged messages, and a bound in bytes past it, bound what the loop holds.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -227,21 +227,6 @@ macro_rules! in_transaction {
     }};
 }
 
-/// Runs `$body` on this thread's unit when one is open (it then sees the unit's own
-/// writes), else on a pooled connection.
-macro_rules! reading {
-    ($store:expr, |$c:ident| $body:expr) => {{
-        match on_unit!($store, |$c| $body) {
-            Some(out) => out,
-            None => $store.block(async {
-                let client = $store.client().await?;
-                let $c = &client;
-                $body.await
-            }),
-        }
-    }};
-}
-
 /// A device's record in a unit: under its row lock, taken on the first read.
 fn device_in(unit: &mut Unit, id: &str) -> Result<Option<DeviceRecord>> {
     if let Some(record) = unit.devices.get(id) {
@@ -1040,21 +1025,7 @@ impl FleetStore for PgStore {
         if let Some(out) = self.in_unit(|unit| device_in(unit, id)) {
             return out;
         }
-        reading!(self, |c| async {
-            let statement = c
-                .prepare_cached("SELECT doc FROM devices WHERE id = $1")
-                .await
-                .map_err(db)?;
-            c.query_opt(&statement, &[&id])
-                .await
-                .map_err(db)?
-                .map(|row| {
-                    row.try_get::<_, Json<DeviceRecord>>(0)
-                        .map(|j| j.0)
-                        .map_err(db)
-                })
-                .transpose()
-        })
+        self.block(self.doc("SELECT doc FROM devices WHERE id = $1", &[&id]))
     }
 
     fn devices(&self) -> Result<Vec<DeviceRecord>> {
@@ -1394,21 +1365,7 @@ impl FleetStore for PgStore {
     }
 
     fn desired(&self, device: &str) -> Result<Option<DesiredRecord>> {
-        reading!(self, |c| async {
-            let statement = c
-                .prepare_cached("SELECT doc FROM desired WHERE device = $1")
-                .await
-                .map_err(db)?;
-            c.query_opt(&statement, &[&device])
-                .await
-                .map_err(db)?
-                .map(|row| {
-                    row.try_get::<_, Json<DesiredRecord>>(0)
-                        .map(|j| j.0)
-                        .map_err(db)
-                })
-                .transpose()
-        })
+        self.block(self.doc("SELECT doc FROM desired WHERE device = $1", &[&device]))
     }
 
     fn all_desired(&self) -> Result<Vec<DesiredRecord>> {
