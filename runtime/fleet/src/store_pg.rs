@@ -1364,8 +1364,23 @@ impl FleetStore for PgStore {
         })
     }
 
+    /// On the unit's connection when one is open (a reported state's catch-up reads it while
+    /// the batch is stored: no hand-over to the pool's thread), else pooled.
     fn desired(&self, device: &str) -> Result<Option<DesiredRecord>> {
-        self.block(self.doc("SELECT doc FROM desired WHERE device = $1", &[&device]))
+        const SQL: &str = "SELECT doc FROM desired WHERE device = $1";
+        let in_unit = on_unit!(self, |c| async {
+            let statement = c.prepare_cached(SQL).await.map_err(db)?;
+            c.query_opt(&statement, &[&device])
+                .await
+                .map_err(db)?
+                .map(|row| {
+                    row.try_get::<_, Json<DesiredRecord>>(0)
+                        .map(|j| j.0)
+                        .map_err(db)
+                })
+                .transpose()
+        });
+        in_unit.unwrap_or_else(|| self.block(self.doc(SQL, &[&device])))
     }
 
     fn all_desired(&self) -> Result<Vec<DesiredRecord>> {
