@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{BundleError, Result};
 use crate::keys::{SecretKey, TrustStore};
 use crate::manifest::{
-    Api, Baseline, FORMAT_VERSION, FileEntry, MANIFEST_PATH, Manifest, ModelEntry, ResourceLimits,
+    Api, BackendKind, Baseline, FORMAT_VERSION, FileEntry, MANIFEST_PATH, Manifest, ModelEntry, ResourceLimits,
     SIGNATURE_PATH, Serving, TensorSpec,
 };
 use crate::tar::{EntryHeader, TarReader, TarWriter};
@@ -107,6 +107,8 @@ pub struct ModelInput {
     pub outputs: Vec<TensorSpec>,
     /// Exporter quirks the loader repairs in the file, recorded in the manifest.
     pub repairs: Vec<String>,
+    /// The backend the model requires, if any.
+    pub backend: Option<BackendKind>,
 }
 
 /// Everything a new bundle is made of; [`Bundle::build`] computes sizes, hashes and paths.
@@ -183,6 +185,7 @@ impl Bundle {
                 inputs: m.inputs,
                 outputs: m.outputs,
                 repairs: m.repairs,
+                backend: m.backend,
             });
             if files.insert(f.path.clone(), m.bytes).is_some() {
                 return Err(BundleError::InvalidManifest(format!(

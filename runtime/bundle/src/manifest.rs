@@ -90,6 +90,54 @@ pub struct ModelEntry {
     /// makes the same repairs when it loads the file as signed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repairs: Vec<String>,
+    /// The inference backend this model requires; absent, the device picks by its own order
+    /// of preference. A device that predates the field refuses the manifest rather than run
+    /// the model on a backend it was not meant for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+}
+
+/// An inference backend a bundle may require for one of its models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// tract: pure Rust, in every build.
+    Tract,
+    /// onnxruntime, loaded at run time from a library the device is given.
+    Onnxruntime,
+}
+
+impl BackendKind {
+    /// Every backend, in the default order of preference where both are available.
+    pub const ALL: [BackendKind; 2] = [BackendKind::Onnxruntime, BackendKind::Tract];
+
+    /// The name used in specs, manifests, configs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Tract => "tract",
+            BackendKind::Onnxruntime => "onnxruntime",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "tract" => Ok(BackendKind::Tract),
+            "onnxruntime" => Ok(BackendKind::Onnxruntime),
+            other => Err(format!(
+                "unknown backend `{other}` (known: tract, onnxruntime)"
+            )),
+        }
+    }
 }
 
 impl ModelEntry {

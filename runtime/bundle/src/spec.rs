@@ -100,6 +100,10 @@ pub struct SpecModel {
     /// Output tensors.
     #[serde(default)]
     pub outputs: Vec<TensorSpec>,
+    /// The inference backend the model requires (`"tract"` or `"onnxruntime"`); absent, the
+    /// device picks by its own order of preference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<crate::manifest::BackendKind>,
 }
 
 /// Why a spec cannot be turned into a bundle.
@@ -174,6 +178,7 @@ impl Spec {
                 inputs: m.inputs,
                 outputs: m.outputs,
                 repairs: Vec::new(),
+                backend: m.backend,
             });
         }
         let baseline = match self.baseline {

@@ -25,6 +25,7 @@ fn input(counter: u64) -> BuildInput {
             }],
             outputs: vec![],
             repairs: vec![],
+            backend: None,
         }],
         api: Default::default(),
         limits: Default::default(),

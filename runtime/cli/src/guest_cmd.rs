@@ -154,6 +154,7 @@ fn spec_for_onnx(name: &str, file: &Path, wasm: &str) -> Result<String> {
             path: "model.onnx".into(),
             inputs: inputs.clone(),
             outputs: outputs.clone(),
+            backend: None,
         }],
         api: Api {
             inputs,

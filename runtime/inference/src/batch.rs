@@ -393,6 +393,10 @@ impl Model for Batched {
         self.inner.outputs()
     }
 
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
     fn run(&self, inputs: Vec<Tensor>, cap: u64) -> Result<Vec<Tensor>, RunError> {
         let inputs = match_inputs(self.inner.inputs(), inputs, cap)?;
         let Some((group, rows)) = self.group_of(&inputs) else {
@@ -535,6 +539,9 @@ mod tests {
         }
         fn outputs(&self) -> &[Port] {
             &self.ports
+        }
+        fn backend(&self) -> &'static str {
+            "test"
         }
         fn run(&self, inputs: Vec<Tensor>, cap: u64) -> Result<Vec<Tensor>, RunError> {
             let x = match_inputs(&self.ports, inputs, cap)?.remove(0);
@@ -717,6 +724,9 @@ mod tests {
         }
         fn outputs(&self) -> &[Port] {
             &self.0
+        }
+        fn backend(&self) -> &'static str {
+            "test"
         }
         fn run(&self, _: Vec<Tensor>, _: u64) -> Result<Vec<Tensor>, RunError> {
             panic!("the backend fell over");

@@ -8,6 +8,8 @@ pub mod batch;
 mod external;
 #[cfg(feature = "tract")]
 mod inspect;
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
 #[cfg(feature = "tract")]
 mod repair;
 mod tensor;
@@ -80,6 +82,9 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 
     /// The model's outputs, in order.
     fn outputs(&self) -> &[Port];
+
+    /// The backend that runs it (`tract`, `onnxruntime`), for metadata and metrics.
+    fn backend(&self) -> &'static str;
 
     /// Runs the model once. Inputs are matched by name, or by position when every name is
     /// empty; each is checked against its port and against `cap` bytes before it is used, and

@@ -370,6 +370,10 @@ impl Model for TractModel {
         &self.inputs
     }
 
+    fn backend(&self) -> &'static str {
+        "tract"
+    }
+
     fn outputs(&self) -> &[Port] {
         &self.outputs
     }

@@ -71,6 +71,40 @@ pub fn python_with(modules: &str) -> Option<String> {
     None
 }
 
+/// The `libonnxruntime` shared library tests run the onnxruntime backend with:
+/// `ORT_DYLIB_PATH` when set, else the one inside the `onnxruntime` wheel of the Python in
+/// `OUTPOST_PYTHON`. `None` (with a note) when there is none, a panic instead when
+/// `OUTPOST_REQUIRE_ONNXRUNTIME` is set (`.ci/run` sets it).
+pub fn onnxruntime_library() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Some(path.into());
+    }
+    let python = std::env::var("OUTPOST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = "import glob, os, onnxruntime\n\
+                  d = os.path.join(os.path.dirname(onnxruntime.__file__), 'capi')\n\
+                  print(sorted(glob.glob(os.path.join(d, 'libonnxruntime.so.*')))[-1])";
+    let found = std::process::Command::new(&python)
+        .args(["-c", script])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from);
+    if found.is_none() {
+        assert!(
+            std::env::var_os("OUTPOST_REQUIRE_ONNXRUNTIME").is_none(),
+            "OUTPOST_REQUIRE_ONNXRUNTIME is set but neither ORT_DYLIB_PATH nor `{python}`'s \
+             onnxruntime wheel gives a libonnxruntime"
+        );
+        eprintln!(
+            "note: no libonnxruntime (set ORT_DYLIB_PATH or OUTPOST_PYTHON): the onnxruntime \
+             backend's cases are skipped"
+        );
+    }
+    found
+}
+
 /// A PNG of 8-bit samples, `channels` 1 (gray) or 3 (RGB) interleaved row by row, stored
 /// without compression: enough for tests to send real images.
 pub fn png_bytes(width: u32, height: u32, channels: u8, pixels: &[u8]) -> Vec<u8> {

@@ -24,7 +24,7 @@ mod oip;
 mod poll;
 pub mod postgres;
 
-pub use data::{Rng, npy_bytes, png_bytes, python_with, write_npy_f32};
+pub use data::{Rng, npy_bytes, onnxruntime_library, png_bytes, python_with, write_npy_f32};
 pub use dir::{KEEP_ENV, TempDir};
 pub use drift::{assert_psi_agrees, baseline_features, models_dir, numpy_psi, reference_psi};
 pub use http::{ADMIN_TOKEN, Reply, admin, agent, get, get_json, post, post_json, post_json_with};

@@ -78,6 +78,7 @@ pub fn hostile_input(timeout_ms: u64) -> BuildInput {
         inputs: Vec::new(),
         outputs: Vec::new(),
         repairs: Vec::new(),
+        backend: None,
     });
     input
 }
