@@ -3,9 +3,10 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use outpost_bundle::manifest::{Dim, TensorSpec};
+use outpost_bundle::manifest::{BackendKind, Dim, TensorSpec};
 use outpost_bundle::spec::{BaselineSpec, Spec};
 use outpost_bundle::{BuildInput, Bundle, ReadLimits, SecretKey, TrustStore, sha256_hex};
 use outpost_engine::Engine;
@@ -366,8 +367,12 @@ fn build_from_spec(spec_path: &Path, sample: Option<(&Path, usize)>) -> Result<B
                 input.guest_path.display()
             )
         })?;
-    let backend = outpost_inference::default_backend();
+    let tract = outpost_inference::default_backend();
     for m in &mut input.build.models {
+        if m.backend == Some(BackendKind::Onnxruntime) {
+            continue;
+        }
+        let backend = &tract;
         m.repairs = outpost_inference::repairs(&m.bytes)
             .map_err(anyhow::Error::msg)
             .with_context(|| {
@@ -382,6 +387,10 @@ fn build_from_spec(spec_path: &Path, sample: Option<(&Path, usize)>) -> Result<B
         }
     }
     for m in &input.build.models {
+        let backend = match m.backend {
+            Some(BackendKind::Onnxruntime) => onnxruntime_for(&m.name)?,
+            _ => Arc::clone(&tract),
+        };
         let cannot_load = || {
             format!(
                 "ONNX model `{}` cannot be loaded by {}",
@@ -439,6 +448,35 @@ fn build_from_spec(spec_path: &Path, sample: Option<(&Path, usize)>) -> Result<B
     let bundle = Bundle::build(input.build)
         .with_context(|| format!("cannot build a bundle from `{}`", spec_path.display()))?;
     Ok(bundle)
+}
+
+/// The onnxruntime backend `bundle build` checks a model with when its spec requires it: the
+/// library in `ORT_DYLIB_PATH`, as a device would load it.
+#[cfg(feature = "onnxruntime")]
+fn onnxruntime_for(model: &str) -> Result<Arc<dyn outpost_inference::Backend>> {
+    let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) else {
+        anyhow::bail!(
+            "ONNX model `{model}` requires the onnxruntime backend: set ORT_DYLIB_PATH to a \
+             libonnxruntime so that it can be checked as a device will load it"
+        );
+    };
+    let ort = outpost_inference::onnxruntime::Onnxruntime::load(
+        std::path::Path::new(&path),
+        outpost_inference::onnxruntime::OrtOptions {
+            threads: 1,
+            sessions: 1,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Arc::new(ort))
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+fn onnxruntime_for(model: &str) -> Result<Arc<dyn outpost_inference::Backend>> {
+    anyhow::bail!(
+        "ONNX model `{model}` requires the onnxruntime backend, which this build of outpost \
+         does not have (built without the `onnxruntime` feature)"
+    )
 }
 
 /// Builds a bundle with the generic guest around the ONNX model `file` (`bytes`): writes the

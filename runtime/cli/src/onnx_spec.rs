@@ -58,6 +58,10 @@ pub(crate) struct OnnxArgs {
     /// The --image input takes its channels in BGR order (models trained with OpenCV).
     #[arg(long, requires = "image")]
     pub image_bgr: bool,
+    /// Require this inference backend on the device (`tract` or `onnxruntime`); by default a
+    /// device runs the model on the first of its backends that loads it.
+    #[arg(long, value_name = "BACKEND", requires = "source")]
+    pub backend: Option<outpost_bundle::manifest::BackendKind>,
     /// Where to write the spec (default: next to the bundle, `NAME.bundle.toml`).
     #[arg(long, value_name = "FILE", requires = "source")]
     pub spec_out: Option<PathBuf>,
@@ -242,6 +246,7 @@ pub(crate) fn spec_for(
             path: relative_to(onnx, spec_path),
             inputs: inputs.clone(),
             outputs: outputs.clone(),
+            backend: args.backend,
         }],
         // The endpoint's tensors are the graph's.
         api: Api {

@@ -204,6 +204,7 @@ fn metadata_of(device: &Device, loaded: &Loaded) -> serde_json::Value {
             "version": loaded.version(),
             "raw_content_types": m.api.raw_content_types,
             "labels": m.labels,
+            "backends": loaded.backends,
         },
     })
 }
@@ -254,7 +255,7 @@ async fn repository_index(State(ctx): State<Ctx>) -> Response {
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.device.metrics.render() + &ctx.device.budget.render(),
+        ctx.device.metrics.render() + &ctx.device.budget.render() + &ctx.device.render_backends(),
     )
         .into_response()
 }

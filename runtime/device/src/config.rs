@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost_agent::{FleetConfig, FleetSection};
-use outpost_bundle::manifest::{Batching, CacheSpec, Serving, SessionSpec};
+use outpost_bundle::manifest::{BackendKind, Batching, CacheSpec, Serving, SessionSpec};
 use outpost_http::Limits;
 use serde::Deserialize;
 
@@ -84,6 +84,19 @@ session_memory_bytes = 268435456
 # cache = false
 # sessions = { max_sessions = 16, idle_timeout_s = 60 }
 
+# Inference backends for the bundles' ONNX models. tract is in every build; onnxruntime is used
+# when this build has it (the `onnxruntime` feature, on by default) and a library is given here
+# or in ORT_DYLIB_PATH — the one inside the `onnxruntime` wheel on PyPI works. A model whose
+# bundle requires a backend runs on that one or not at all; any other on the first here that
+# loads it.
+[inference]
+backends = ["onnxruntime", "tract"]
+# onnxruntime_library = "/usr/lib/libonnxruntime.so.1.32.0"
+# Threads one run of a model uses on onnxruntime, and the sessions kept per model (each runs
+# one request at a time and holds its own copy of the weights; default: cores, at most 4).
+onnxruntime_threads = 1
+# onnxruntime_sessions = 2
+
 # Fleet sync over MQTT. Without `broker` the device runs stand-alone (admin API and
 # `outpost device install` only).
 [fleet]
@@ -131,6 +144,76 @@ struct RawConfig {
     fleet: FleetSection,
     #[serde(default)]
     serving: BTreeMap<String, RawServing>,
+    #[serde(default)]
+    inference: RawInference,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInference {
+    backends: Option<Vec<String>>,
+    onnxruntime_library: Option<PathBuf>,
+    onnxruntime_threads: Option<usize>,
+    onnxruntime_sessions: Option<usize>,
+}
+
+/// The `[inference]` section: which backends, in which order, and onnxruntime's library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceConfig {
+    /// Backends in order of preference (no repeats, at least one).
+    pub backends: Vec<BackendKind>,
+    /// The onnxruntime shared library (else `ORT_DYLIB_PATH`).
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Threads per onnxruntime run (default 1).
+    pub onnxruntime_threads: Option<usize>,
+    /// onnxruntime sessions per model (default: cores, at most 4).
+    pub onnxruntime_sessions: Option<usize>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            backends: BackendKind::ALL.to_vec(),
+            onnxruntime_library: None,
+            onnxruntime_threads: None,
+            onnxruntime_sessions: None,
+        }
+    }
+}
+
+impl RawInference {
+    fn validate(self, base: &Path) -> Result<InferenceConfig> {
+        let mut backends = Vec::new();
+        for name in self.backends.unwrap_or_else(|| {
+            BackendKind::ALL.iter().map(|k| k.as_str().to_owned()).collect()
+        }) {
+            let kind: BackendKind = name
+                .parse()
+                .map_err(|e| HostError::Config(format!("inference.backends: {e}")))?;
+            if backends.contains(&kind) {
+                return Err(HostError::Config(format!(
+                    "inference.backends names `{kind}` twice"
+                )));
+            }
+            backends.push(kind);
+        }
+        if backends.is_empty() {
+            return Err(HostError::Config(
+                "inference.backends must name at least one backend".into(),
+            ));
+        }
+        if self.onnxruntime_threads == Some(0) || self.onnxruntime_sessions == Some(0) {
+            return Err(HostError::Config(
+                "inference.onnxruntime_threads and onnxruntime_sessions must be at least 1".into(),
+            ));
+        }
+        Ok(InferenceConfig {
+            backends,
+            onnxruntime_library: self.onnxruntime_library.map(|p| base.join(p)),
+            onnxruntime_threads: self.onnxruntime_threads,
+            onnxruntime_sessions: self.onnxruntime_sessions,
+        })
+    }
 }
 
 /// A part of `[serving.NAME]`: `false` (off) or its settings.
@@ -314,6 +397,8 @@ pub struct Config {
     pub fleet: Option<FleetConfig>,
     /// Per model, how its bundle's `[serving]` is overridden.
     pub serving: BTreeMap<String, ServingOverride>,
+    /// Inference backends.
+    pub inference: InferenceConfig,
 }
 
 impl Config {
@@ -409,6 +494,7 @@ impl Config {
             ));
         }
         let fleet = raw.fleet.validate(base).map_err(HostError::Config)?;
+        let inference = raw.inference.validate(base)?;
         let (http, admin_http) = raw.http.validate()?;
         let max_request_bytes = raw.max_request_bytes.unwrap_or(8 << 20);
         let max_response_bytes = raw.max_response_bytes.unwrap_or(32 << 20);
@@ -438,6 +524,7 @@ impl Config {
             max_bundle_bytes: raw.max_bundle_bytes.unwrap_or(256 << 20),
             guest_caps: caps,
             serving,
+            inference,
         })
     }
 

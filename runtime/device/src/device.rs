@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use outpost_bundle::manifest::Serving;
 use outpost_engine::{CallError, CallLimits, CallOutput, Engine, Guest, GuestContext, Payload};
-use outpost_inference::{Backend, BatchConfig, Batched, Tensor};
+use outpost_inference::{BatchConfig, Batched, Tensor};
 
 use crate::config::{Config, GuestCaps, ServingOverride};
 use crate::error::{HostError, InferError, Result};
@@ -35,6 +35,8 @@ pub struct Loaded {
     /// Batching, caching and sessions as served: the bundle's `[serving]`, overridden by the
     /// device configuration and lowered to its caps.
     pub serving: Serving,
+    /// The backend serving each of its ONNX models, by model name.
+    pub backends: BTreeMap<String, &'static str>,
     cache: Option<ResponseCache>,
     /// Requests running in this version's guest now: a batching model runs at once when all
     /// of them already wait in its queue, since no other call can join.
@@ -155,7 +157,7 @@ impl Slot {
 #[derive(Debug)]
 pub struct Device {
     engine: Engine,
-    backend: Arc<dyn Backend>,
+    backends: crate::backends::Backends,
     state: State,
     trust: TrustStore,
     caps: GuestCaps,
@@ -219,7 +221,7 @@ impl Device {
         let metrics = Arc::new(Metrics::default());
         let device = Self {
             engine,
-            backend: outpost_inference::default_backend(),
+            backends: crate::backends::Backends::new(&config.inference),
             state,
             trust,
             caps: config.guest_caps,
@@ -616,6 +618,10 @@ impl Device {
         in_flight: Arc<AtomicUsize>,
     ) -> Arc<Loaded> {
         let (name, version) = (&record.name, &record.version);
+        let backends = models
+            .iter()
+            .map(|(onnx, m)| (onnx.clone(), m.backend()))
+            .collect();
         let l = manifest.limits;
         let context = GuestContext {
             label: format!("{name} {version}"),
@@ -641,9 +647,52 @@ impl Device {
             guest,
             context: Arc::new(context),
             serving,
+            backends,
             cache,
             in_flight,
         })
+    }
+
+    /// `/metrics` lines for the inference backends: whether each configured one is usable,
+    /// and which one serves each ONNX model of every loaded version.
+    pub fn render_backends(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP outpost_backend_available Whether a configured inference backend is usable (1) or not (0)."
+        );
+        let _ = writeln!(out, "# TYPE outpost_backend_available gauge");
+        for (kind, why) in self.backends.availability() {
+            let _ = writeln!(
+                out,
+                "outpost_backend_available{{backend=\"{kind}\"}} {}",
+                u8::from(why.is_none())
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP outpost_model_backend The inference backend serving an ONNX model of a loaded version (always 1)."
+        );
+        let _ = writeln!(out, "# TYPE outpost_model_backend gauge");
+        let Ok(slots) = self.slots.read() else {
+            return out;
+        };
+        let mut lines = Vec::new();
+        for (name, slot) in slots.iter() {
+            for (version, loaded) in &slot.resident {
+                for (onnx, backend) in &loaded.backends {
+                    lines.push(format!(
+                        "outpost_model_backend{{model=\"{name}\",version=\"{version}\",onnx=\"{onnx}\",backend=\"{backend}\"}} 1"
+                    ));
+                }
+            }
+        }
+        lines.sort();
+        for l in lines {
+            let _ = writeln!(out, "{l}");
+        }
+        out
     }
 
     /// Ends the streaming sessions idle past their timeout, freeing their instances (the
@@ -725,9 +774,9 @@ impl Device {
                 reason,
             };
             let model = self
-                .backend
-                .load(bytes, &entry.inputs)
-                .map_err(|e| onnx_error(e.to_string()))?;
+                .backends
+                .load(entry, bytes)
+                .map_err(onnx_error)?;
             // `bundle build` checked the whole declaration against the graph; the inputs are
             // checked again here, for a bundle made by other tools (the outputs of a model
             // loaded with pinned inputs are narrower than the graph's, so not those).

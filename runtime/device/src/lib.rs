@@ -8,6 +8,7 @@
 
 pub mod api;
 mod api_infer;
+mod backends;
 mod budget;
 pub mod config;
 pub mod contract;
