@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 use crate::error::{BundleError, Result};
 use crate::keys::{SecretKey, TrustStore};
 use crate::manifest::{
-    Api, BackendKind, Baseline, FORMAT_VERSION, FileEntry, MANIFEST_PATH, Manifest, ModelEntry, ResourceLimits,
-    SIGNATURE_PATH, Serving, TensorSpec,
+    Api, BackendKind, Baseline, FORMAT_VERSION, FileEntry, MANIFEST_PATH, Manifest, ModelEntry,
+    ResourceLimits, SIGNATURE_PATH, Serving, TensorSpec,
 };
 use crate::tar::{EntryHeader, TarReader, TarWriter};
 

@@ -65,6 +65,12 @@ fn main() {
 
     // Raw tract, in process.
     let digits_model = Tract.load(outpost_examples::DIGITS_ONNX, &[]).unwrap();
+    // `cargo bench --bench serving -- backends`: only tract against onnxruntime.
+    if std::env::args().skip(1).any(|a| a == "backends") {
+        backends_side_by_side(&PathBuf::from(env!("CARGO_BIN_EXE_outpost")), &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     // `cargo bench --bench serving -- batch`: only the batch jobs.
     if std::env::args().skip(1).any(|a| a == "batch") {
         batch_against_raw(
@@ -255,7 +261,154 @@ fn main() {
         size as f64 / 1e6
     );
     batch_against_raw(&bin, &dir, &digits_model);
+    backends_side_by_side(&bin, &dir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where `models/published/fetch.py` keeps the published models.
+fn published_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("OUTPOST_PUBLISHED_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+    cache.join("outpost/published")
+}
+
+/// tract against onnxruntime, one thread each, on the digits MLP and the published PP-LCNet
+/// CNN (when fetched): raw in process, and through a device (the `--onnx` bundle's generic
+/// guest) on each backend, per call, from one run.
+fn backends_side_by_side(bin: &std::path::Path, dir: &std::path::Path) {
+    use outpost_inference::onnxruntime::{Onnxruntime, OrtOptions};
+    let Some(library) = outpost_testkit::onnxruntime_library() else {
+        println!("onnxruntime side by side: skipped (no libonnxruntime; set ORT_DYLIB_PATH)");
+        return;
+    };
+    let ort = Onnxruntime::load(
+        &library,
+        OrtOptions {
+            threads: 1,
+            sessions: 1,
+        },
+    )
+    .unwrap();
+    println!("onnxruntime {} from {}", ort.version(), library.display());
+    let key = SecretKey::from_seed(&[3; 32]);
+    let mut trust = TrustStore::new();
+    trust.allow(key.public(), ["*"]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let orientation = published_dir().join("orientation.onnx");
+    let mut workloads: Vec<(&str, Vec<u8>, &str, Vec<u64>, &str, usize)> = vec![(
+        "digits MLP",
+        outpost_examples::DIGITS_ONNX.to_vec(),
+        "input",
+        vec![1, 64],
+        "input=1,64",
+        ITERATIONS,
+    )];
+    match std::fs::read(&orientation) {
+        Ok(bytes) => workloads.push((
+            "PP-LCNet CNN 224×224",
+            bytes,
+            "x",
+            vec![1, 3, 224, 224],
+            "x=1,3,224,224",
+            60,
+        )),
+        Err(_) => println!(
+            "PP-LCNet: skipped ({} missing; run models/published/fetch.py)",
+            orientation.display()
+        ),
+    }
+    for (label, bytes, input, shape, pin, n) in workloads {
+        let declared = vec![outpost_bundle::manifest::TensorSpec {
+            name: input.into(),
+            datatype: DataType::F32,
+            shape: shape
+                .iter()
+                .map(|&d| outpost_bundle::manifest::Dim::Fixed(d))
+                .collect(),
+        }];
+        let tensor = || vec![f32_tensor(input, shape.clone(), 0.25)];
+        let raw_tract_model = Tract.load(&bytes, &declared).unwrap();
+        let raw_tract = median_us(n, || {
+            raw_tract_model.run(tensor(), 1 << 30).unwrap();
+        });
+        let raw_ort_model = ort.load(&bytes, &declared).unwrap();
+        let raw_ort = median_us(n, || {
+            raw_ort_model.run(tensor(), 1 << 30).unwrap();
+        });
+        // The same file as a bundle, served by a device on each backend.
+        let work = dir.join(format!("backends-{}", input));
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("model.onnx"), &bytes).unwrap();
+        let out = Command::new(bin)
+            .args([
+                "bundle",
+                "build",
+                "--onnx",
+                "model.onnx",
+                "--name",
+                "m",
+                "--version",
+                "1.0.0",
+                "--input-shape",
+                pin,
+                "--out",
+                "m.opb",
+            ])
+            .current_dir(&work)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut b = Bundle::read(
+            &std::fs::read(work.join("m.opb")).unwrap()[..],
+            &outpost_bundle::ReadLimits::default(),
+        )
+        .unwrap();
+        b.sign(&key);
+        let bundle = b.to_bytes();
+        let mut served = Vec::new();
+        for (state, backends) in [("tract", "[\"tract\"]"), ("ort", "[\"onnxruntime\"]")] {
+            let config = Config::from_toml(
+                &format!(
+                    "data_dir = \"state-{state}\"\nlisten = \"127.0.0.1:0\"\n\
+                     [guest_caps]\nmax_tensor_bytes = 67108864\n\
+                     [inference]\nbackends = {backends}\nonnxruntime_library = \"{}\"\n\
+                     onnxruntime_threads = 1\nonnxruntime_sessions = 1\n",
+                    library.display()
+                ),
+                &work,
+            )
+            .unwrap();
+            let device = Arc::new(Device::with_trust(&config, trust.clone()).unwrap());
+            device.install_and_activate(&bundle).unwrap();
+            served.push(median_us(n, || {
+                rt.block_on(device.infer("m", None, Payload::Tensors(tensor())))
+                    .unwrap();
+            }));
+        }
+        println!(
+            "{label:<22} raw tract {raw_tract:>9.1} µs  raw onnxruntime {raw_ort:>9.1} µs  ({:.2}× tract's speed)",
+            raw_tract / raw_ort
+        );
+        println!(
+            "{label:<22} device on tract {:>9.1} µs ({:.2}× raw)  device on onnxruntime {:>9.1} µs ({:.2}× raw; {:.2}× the device on tract's speed)",
+            served[0],
+            raw_tract / served[0],
+            served[1],
+            raw_ort / served[1],
+            served[0] / served[1]
+        );
+    }
 }
 
 /// `outpost batch` on every core against raw tract on the same cores, items per second.

@@ -52,8 +52,11 @@ fn build(dir: &Path, version: &str, backend: Option<&str>, ort: Option<&Path>) -
         String::from_utf8_lossy(&out.stderr)
     );
     let key = SecretKey::from_seed(&[9; 32]);
-    let mut b = Bundle::read(&fs::read(dir.join(&out_name)).unwrap()[..], &ReadLimits::default())
-        .unwrap();
+    let mut b = Bundle::read(
+        &fs::read(dir.join(&out_name)).unwrap()[..],
+        &ReadLimits::default(),
+    )
+    .unwrap();
     b.sign(&key);
     b.to_bytes()
 }
@@ -138,8 +141,18 @@ fn a_device_serves_on_onnxruntime_and_refuses_what_it_cannot_run() {
     let refused = outpost(
         dir.path(),
         &[
-            "bundle", "build", "--onnx", "digits.onnx", "--name", "digits", "--version", "2.0.0",
-            "--backend", "onnxruntime", "--out", "no.opb",
+            "bundle",
+            "build",
+            "--onnx",
+            "digits.onnx",
+            "--name",
+            "digits",
+            "--version",
+            "2.0.0",
+            "--backend",
+            "onnxruntime",
+            "--out",
+            "no.opb",
         ],
         None,
     );
@@ -168,8 +181,14 @@ fn a_device_serves_on_onnxruntime_and_refuses_what_it_cannot_run() {
     assert_eq!(backend_of(&without.url), "tract");
     answers_like_the_reference(&without.url);
     let metrics = get(&format!("{}/metrics", without.url)).text();
-    assert!(metrics.contains("outpost_backend_available{backend=\"onnxruntime\"} 0"), "{metrics}");
-    assert!(metrics.contains("outpost_backend_available{backend=\"tract\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("outpost_backend_available{backend=\"onnxruntime\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outpost_backend_available{backend=\"tract\"} 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains(
             "outpost_model_backend{model=\"digits\",version=\"1.0.0\",onnx=\"model\",backend=\"tract\"} 1"
@@ -177,7 +196,11 @@ fn a_device_serves_on_onnxruntime_and_refuses_what_it_cannot_run() {
         "{metrics}"
     );
     // A bundle that requires onnxruntime is refused with the reason; 1.0.0 keeps serving.
-    let e = without.device.install_and_activate(&required).unwrap_err().to_string();
+    let e = without
+        .device
+        .install_and_activate(&required)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("requires the onnxruntime backend"), "{e}");
     assert!(e.contains("no ELF header"), "{e}");
     assert_eq!(
@@ -200,7 +223,10 @@ fn a_device_serves_on_onnxruntime_and_refuses_what_it_cannot_run() {
     assert_eq!(backend_of(&with.url), "onnxruntime");
     answers_like_the_reference(&with.url);
     let metrics = get(&format!("{}/metrics", with.url)).text();
-    assert!(metrics.contains("outpost_backend_available{backend=\"onnxruntime\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("outpost_backend_available{backend=\"onnxruntime\"} 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains(
             "outpost_model_backend{model=\"digits\",version=\"2.0.0\",onnx=\"model\",backend=\"onnxruntime\"} 1"

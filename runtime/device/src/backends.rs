@@ -8,10 +8,13 @@ use outpost_inference::{Backend, Model};
 
 use crate::config::InferenceConfig;
 
+/// A backend ready to load models, or the reason it cannot.
+type Usable = Result<Arc<dyn Backend>, String>;
+
 /// Every backend the configuration names, each usable or with the reason it is not.
 #[derive(Debug)]
 pub(crate) struct Backends {
-    order: Vec<(BackendKind, Result<Arc<dyn Backend>, String>)>,
+    order: Vec<(BackendKind, Usable)>,
 }
 
 impl Backends {
@@ -31,7 +34,9 @@ impl Backends {
                     Err(why) if config.onnxruntime_library.is_some() => {
                         tracing::error!(backend = %kind, "inference backend unavailable: {why}")
                     }
-                    Err(why) => tracing::info!(backend = %kind, "inference backend unavailable: {why}"),
+                    Err(why) => {
+                        tracing::info!(backend = %kind, "inference backend unavailable: {why}")
+                    }
                 }
                 (kind, backend)
             })
@@ -95,7 +100,11 @@ fn onnxruntime(config: &InferenceConfig) -> Result<Arc<dyn Backend>, String> {
     let path = config
         .onnxruntime_library
         .clone()
-        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()).map(Into::into))
+        .or_else(|| {
+            std::env::var_os("ORT_DYLIB_PATH")
+                .filter(|p| !p.is_empty())
+                .map(Into::into)
+        })
         .ok_or_else(|| {
             "no library given (set `[inference] onnxruntime_library` or ORT_DYLIB_PATH)".to_string()
         })?;

@@ -185,7 +185,10 @@ impl RawInference {
     fn validate(self, base: &Path) -> Result<InferenceConfig> {
         let mut backends = Vec::new();
         for name in self.backends.unwrap_or_else(|| {
-            BackendKind::ALL.iter().map(|k| k.as_str().to_owned()).collect()
+            BackendKind::ALL
+                .iter()
+                .map(|k| k.as_str().to_owned())
+                .collect()
         }) {
             let kind: BackendKind = name
                 .parse()

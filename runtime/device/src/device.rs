@@ -773,10 +773,7 @@ impl Device {
                 onnx: entry.name.clone(),
                 reason,
             };
-            let model = self
-                .backends
-                .load(entry, bytes)
-                .map_err(onnx_error)?;
+            let model = self.backends.load(entry, bytes).map_err(onnx_error)?;
             // `bundle build` checked the whole declaration against the graph; the inputs are
             // checked again here, for a bundle made by other tools (the outputs of a model
             // loaded with pinned inputs are narrower than the graph's, so not those).

@@ -282,8 +282,7 @@ fn port_of(name: &str, ty: &ValueType) -> Result<(Port, Vec<String>), String> {
     else {
         return Err(format!("`{name}` is not a tensor ({ty})"));
     };
-    let datatype =
-        datatype_of(*ty).ok_or_else(|| format!("`{name}` has unsupported type {ty}"))?;
+    let datatype = datatype_of(*ty).ok_or_else(|| format!("`{name}` has unsupported type {ty}"))?;
     let dims = shape
         .iter()
         .map(|&d| u64::try_from(d).ok())
@@ -310,7 +309,10 @@ impl OrtModel {
             let (mut port, symbols) = port_of(outlet.name(), outlet.dtype())?;
             // A dimension the declaration fixes is fixed for the session too (onnxruntime
             // then plans for that size); the other inputs' ports say what the graph says.
-            if let Some(d) = declared.get(i).filter(|d| d.shape.len() == port.shape.len()) {
+            if let Some(d) = declared
+                .get(i)
+                .filter(|d| d.shape.len() == port.shape.len())
+            {
                 for (j, dim) in d.shape.iter().enumerate() {
                     if let (Dim::Fixed(n), None) = (dim, port.shape[j]) {
                         port.shape[j] = Some(*n);
@@ -407,11 +409,12 @@ fn to_ort(t: &Tensor) -> Result<DynValue, String> {
         };
     }
     match t.datatype {
-        DataType::Bool => {
-            ort::value::Tensor::from_array((shape, t.data.iter().map(|&b| b != 0).collect::<Vec<bool>>()))
-                .map(|v| v.into_dyn())
-                .map_err(e)
-        }
+        DataType::Bool => ort::value::Tensor::from_array((
+            shape,
+            t.data.iter().map(|&b| b != 0).collect::<Vec<bool>>(),
+        ))
+        .map(|v| v.into_dyn())
+        .map_err(e),
         DataType::U8 => ort::value::Tensor::from_array((shape, t.data.clone()))
             .map(|v| v.into_dyn())
             .map_err(e),
@@ -454,16 +457,21 @@ fn to_ort(t: &Tensor) -> Result<DynValue, String> {
 fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, String> {
     let e = |e: ort::Error| format!("output `{name}`: {e}");
     let ValueType::Tensor { ty, .. } = value.dtype() else {
-        return Err(format!("output `{name}` is not a tensor ({})", value.dtype()));
+        return Err(format!(
+            "output `{name}` is not a tensor ({})",
+            value.dtype()
+        ));
     };
-    let datatype = datatype_of(*ty)
-        .ok_or_else(|| format!("output `{name}` has unsupported type {ty}"))?;
+    let datatype =
+        datatype_of(*ty).ok_or_else(|| format!("output `{name}` has unsupported type {ty}"))?;
     macro_rules! bytes {
         ($t:ty) => {{
             let (shape, data) = value.try_extract_tensor::<$t>().map_err(e)?;
             (
                 shape.to_vec(),
-                data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                data.iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
             )
         }};
     }

@@ -3,6 +3,8 @@
 //! found (`ORT_DYLIB_PATH`, or the `onnxruntime` wheel of `OUTPOST_PYTHON`); `.ci/run` sets
 //! `OUTPOST_REQUIRE_ONNXRUNTIME` so that they cannot be skipped there.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use outpost_bundle::manifest::{DataType, Dim, TensorSpec};
@@ -138,7 +140,11 @@ fn a_lookup_past_its_table_is_a_fault_not_a_crash_on_every_backend() {
             shape: vec![v.len() as u64],
             data: v.iter().flat_map(|i| i.to_le_bytes()).collect(),
         };
-        assert!(model.run(vec![ids(&[0, 1])], 1 << 20).is_ok(), "{}", backend.name());
+        assert!(
+            model.run(vec![ids(&[0, 1])], 1 << 20).is_ok(),
+            "{}",
+            backend.name()
+        );
         let past = model.run(vec![ids(&[1_000_000])], 1 << 20);
         assert!(
             matches!(past, Err(RunError::Fault(_))),
@@ -156,7 +162,10 @@ fn onnxruntime_runs_an_operator_tract_lacks() {
     let Some(ort) = onnxruntime() else { return };
     let model = ort.load(&imputer, &[]).unwrap();
     let out = model
-        .run(vec![f32_tensor("x", vec![2, 2], &[1.0, 2.5, -3.0, 4.0])], 1 << 20)
+        .run(
+            vec![f32_tensor("x", vec![2, 2], &[1.0, 2.5, -3.0, 4.0])],
+            1 << 20,
+        )
         .unwrap();
     // Its placeholder is 0 (the attribute's default) and no input holds one: all pass through.
     assert_eq!(out[0].shape, [2, 2]);
@@ -175,7 +184,11 @@ fn a_declared_size_fixes_the_open_dimension_on_onnxruntime() {
     assert_eq!(model.inputs()[0].shape, [Some(1), Some(64)]);
     let two = model.run(vec![f32_tensor("input", vec![2, 64], &[0.0; 128])], 1 << 20);
     assert!(matches!(two, Err(RunError::Input(_))), "{two:?}");
-    assert!(model.run(vec![f32_tensor("input", vec![1, 64], &[0.0; 64])], 1 << 20).is_ok());
+    assert!(
+        model
+            .run(vec![f32_tensor("input", vec![1, 64], &[0.0; 64])], 1 << 20)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -217,15 +230,21 @@ fn a_library_that_is_not_onnxruntime_is_refused_by_name() {
         assert!(e.0.contains(want), "{e}");
     }
     // An ELF library of this machine that is not onnxruntime: the test binary's own libc.
-    if let Some(libc) = ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6"]
-        .iter()
-        .find(|p| std::path::Path::new(p).exists())
+    if let Some(libc) = [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/aarch64-linux-gnu/libc.so.6",
+    ]
+    .iter()
+    .find(|p| std::path::Path::new(p).exists())
     {
         let e = Onnxruntime::load(std::path::Path::new(libc), OrtOptions::default()).unwrap_err();
         assert!(e.0.contains("OrtGetApiBase"), "{e}");
     }
     // One for another architecture, when a cross toolchain left one here.
-    for other in ["/usr/aarch64-linux-gnu/lib/libc.so.6", "/usr/x86_64-linux-gnu/lib/libc.so.6"] {
+    for other in [
+        "/usr/aarch64-linux-gnu/lib/libc.so.6",
+        "/usr/x86_64-linux-gnu/lib/libc.so.6",
+    ] {
         let path = std::path::Path::new(other);
         if path.exists() && !other.contains(std::env::consts::ARCH) {
             let e = Onnxruntime::load(path, OrtOptions::default()).unwrap_err();
