@@ -302,29 +302,46 @@ fn backends_side_by_side(bin: &std::path::Path, dir: &std::path::Path) {
         .build()
         .unwrap();
     let orientation = published_dir().join("orientation.onnx");
-    let mut workloads: Vec<(&str, Vec<u8>, &str, Vec<u64>, &str, usize)> = vec![(
-        "digits MLP",
-        outpost_examples::DIGITS_ONNX.to_vec(),
-        "input",
-        vec![1, 64],
-        "input=1,64",
-        ITERATIONS,
-    )];
+    /// One model of the comparison: its label, file, input, shape, `--input-shape` and runs.
+    struct Workload {
+        label: &'static str,
+        bytes: Vec<u8>,
+        input: &'static str,
+        shape: Vec<u64>,
+        pin: &'static str,
+        n: usize,
+    }
+    let mut workloads = vec![Workload {
+        label: "digits MLP",
+        bytes: outpost_examples::DIGITS_ONNX.to_vec(),
+        input: "input",
+        shape: vec![1, 64],
+        pin: "input=1,64",
+        n: ITERATIONS,
+    }];
     match std::fs::read(&orientation) {
-        Ok(bytes) => workloads.push((
-            "PP-LCNet CNN 224×224",
+        Ok(bytes) => workloads.push(Workload {
+            label: "PP-LCNet CNN 224×224",
             bytes,
-            "x",
-            vec![1, 3, 224, 224],
-            "x=1,3,224,224",
-            60,
-        )),
+            input: "x",
+            shape: vec![1, 3, 224, 224],
+            pin: "x=1,3,224,224",
+            n: 60,
+        }),
         Err(_) => println!(
             "PP-LCNet: skipped ({} missing; run models/published/fetch.py)",
             orientation.display()
         ),
     }
-    for (label, bytes, input, shape, pin, n) in workloads {
+    for Workload {
+        label,
+        bytes,
+        input,
+        shape,
+        pin,
+        n,
+    } in workloads
+    {
         let declared = vec![outpost_bundle::manifest::TensorSpec {
             name: input.into(),
             datatype: DataType::F32,
