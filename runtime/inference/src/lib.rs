@@ -160,6 +160,18 @@ fn check_ports(kind: &str, graph: &[Port], declared: &[TensorSpec]) -> Result<()
     Ok(())
 }
 
+/// A backend's output, refused as the model's fault when it is larger than `cap` bytes.
+pub(crate) fn check_output(t: Tensor, cap: u64) -> Result<Tensor, RunError> {
+    if t.data.len() as u64 > cap {
+        return Err(RunError::Fault(format!(
+            "output `{}` is {} bytes, above the limit of {cap}",
+            t.name,
+            t.data.len()
+        )));
+    }
+    Ok(t)
+}
+
 /// Puts `inputs` in the order of `ports` (by name, or by position when every name is empty)
 /// and checks each against its port and `cap`. Backends call this before they run.
 pub fn match_inputs(

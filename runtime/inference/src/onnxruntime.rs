@@ -539,14 +539,7 @@ impl Model for OrtModel {
                     fault(format!("onnxruntime returned no output `{}`", port.name))
                 })?;
                 let t = from_ort(&port.name, &value).map_err(fault)?;
-                if t.data.len() as u64 > cap {
-                    return Err(fault(format!(
-                        "output `{}` is {} bytes, above the limit of {cap}",
-                        port.name,
-                        t.data.len()
-                    )));
-                }
-                result.push(t);
+                result.push(crate::check_output(t, cap)?);
             }
             Ok(result)
         })();

@@ -410,14 +410,7 @@ impl Model for TractModel {
         let mut result = Vec::with_capacity(outputs.len());
         for (port, value) in self.outputs.iter().zip(outputs) {
             let t = from_tract(&port.name, &value).map_err(fault)?;
-            if t.data.len() as u64 > cap {
-                return Err(fault(format!(
-                    "output `{}` is {} bytes, above the limit of {cap}",
-                    port.name,
-                    t.data.len()
-                )));
-            }
-            result.push(t);
+            result.push(crate::check_output(t, cap)?);
         }
         Ok(result)
     }
